@@ -1,0 +1,22 @@
+VENV ?= .venv
+export VENV
+
+.PHONY: setup demo test bench clean
+
+setup:
+	@bash scripts/setup.sh
+
+# The main job: set up, prepare the embedded model once, run the demo pipeline end to end.
+demo: setup
+	$(VENV)/bin/cai models prepare smollm2
+	$(VENV)/bin/cai run pipelines/demo.yaml
+
+# The whole test suite, slow end-to-end tests included.
+test: setup
+	$(VENV)/bin/python -m pytest -q
+
+bench: setup
+	$(VENV)/bin/python benchmarks/engine_overhead.py
+
+clean:
+	rm -rf runs

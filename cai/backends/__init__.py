@@ -1,0 +1,7 @@
+"""Generation backends. Importing this package registers every built-in backend type by name;
+engine libraries themselves are imported only when a backend is created."""
+
+from cai.backends import local_vllm  # noqa: F401  (registers "vllm")
+from cai.backends.base import Backend, BackendSpec, ChatRequest, Completion, create, registered_types
+
+__all__ = ["Backend", "BackendSpec", "ChatRequest", "Completion", "create", "registered_types"]

