@@ -51,19 +51,27 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from cai import config, constitution, prompts
     from cai.files import load_yaml
 
+    PIPELINE_ONLY_KEYS = _pipeline_only_keys()
+
     path = Path(args.file)
     if path.suffix == ".jsonl":
         n = len(prompts.load(path))
         print(f"{path}: ok (prompt set, {n} prompts)")
         return EXIT_OK
     doc = load_yaml(path)
-    if isinstance(doc, dict) and ("stages" in doc or "backends" in doc):
+    if isinstance(doc, dict) and set(doc) & PIPELINE_ONLY_KEYS:
         cfg = config.load(path)
         print(f"{path}: ok (pipeline {cfg.name!r}: {len(cfg.stages)} stages, {len(cfg.prompts)} prompts, constitution {cfg.constitution.name!r})")
     else:
         c = constitution.from_dict(doc, str(path))
         print(f"{path}: ok (constitution {c.name!r} v{c.version}, {len(c.principles)} principles, hash {c.hash})")
     return EXIT_OK
+
+
+def _pipeline_only_keys() -> set[str]:
+    from cai.files import schema
+
+    return set(schema("pipeline")["properties"]) - set(schema("constitution")["properties"])
 
 
 def cmd_import(args: argparse.Namespace) -> int:
@@ -91,9 +99,16 @@ def cmd_models_prepare(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+class OneLineErrors(argparse.ArgumentParser):
+    """Usage mistakes follow the same rule as bad files: one line on stderr, exit 2."""
+
+    def error(self, message: str):
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cai", description="Constitutional AI data and training toolkit")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = OneLineErrors(prog="cai", description="Constitutional AI data and training toolkit")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineErrors)
 
     p = sub.add_parser("run", help="run a pipeline file (resumes when its run directory exists)")
     p.add_argument("pipeline")
@@ -114,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_import)
 
     p = sub.add_parser("models", help="embedded models")
-    models_sub = p.add_subparsers(dest="models_command", required=True)
+    models_sub = p.add_subparsers(dest="models_command", required=True, parser_class=OneLineErrors)
     q = models_sub.add_parser("prepare", help="convert an embedded model into a safetensors checkpoint in $CAI_HOME")
     q.add_argument("name", choices=["smollm2"])
     q.set_defaults(func=cmd_models_prepare)

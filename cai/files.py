@@ -53,42 +53,73 @@ def schema(name: str) -> dict:
     return json.loads(resources.files("cai.schemas").joinpath(f"{name}.json").read_text())
 
 
+# JSON Schema counts 2.0 as an integer; a count or a seed given as 2.0 is a typo to report, not to
+# carry into range() or an engine.
+_STRICT_TYPES = jsonschema.Draft202012Validator.TYPE_CHECKER.redefine(
+    "integer", lambda _checker, value: isinstance(value, int) and not isinstance(value, bool)
+)
+_Validator = jsonschema.validators.extend(jsonschema.Draft202012Validator, type_checker=_STRICT_TYPES)
+
+
 def validate(data: Any, schema_name: str, file: str, line: int | None = None) -> None:
     """Validate against a packaged JSON Schema; the most specific error becomes an InputError."""
-    validator = jsonschema.Draft202012Validator(schema(schema_name))
-    errors = list(validator.iter_errors(data))
+    _check_text(data, [], file, line)
+    errors = list(_Validator(schema(schema_name)).iter_errors(data))
     if not errors:
         return
     error = _most_specific(errors)
     raise InputError(file, field_path(error.absolute_path), _describe(error), line=line)
 
 
+def _check_text(data: Any, path: list, file: str, line: int | None) -> None:
+    """Escapes such as \\ud800 parse into strings that are not Unicode text; nothing downstream can hash
+    or write them, so they are reported here with their field."""
+    if isinstance(data, str):
+        try:
+            data.encode("utf-8")
+        except UnicodeEncodeError:
+            raise InputError(file, field_path(path), "not valid Unicode text (a lone surrogate escape)", line=line) from None
+    elif isinstance(data, dict):
+        for key, value in data.items():
+            _check_text(key, path, file, line)
+            _check_text(value, [*path, key], file, line)
+    elif isinstance(data, list):
+        for index, value in enumerate(data):
+            _check_text(value, [*path, index], file, line)
+
+
+def _only_type_alternatives(error: jsonschema.ValidationError) -> bool:
+    return error.validator in ("oneOf", "anyOf") and all(c.validator == "type" and not c.relative_path for c in error.context)
+
+
 def _most_specific(errors: list[jsonschema.ValidationError]) -> jsonschema.ValidationError:
-    # Errors inside if/then or anyOf branches carry the deepest path; the deepest is the one a user can fix.
+    # Errors inside if/then or oneOf branches carry the deepest path: the deepest is the one a user can
+    # fix. At equal depth a wrong type comes first, since every other complaint there follows from it.
     flat = []
     for error in errors:
         stack = [error]
         while stack:
             e = stack.pop()
-            if e.context:
+            if e.context and not _only_type_alternatives(e):
                 stack.extend(e.context)
             else:
                 flat.append(e)
-    return max(flat, key=lambda e: (len(e.absolute_path), e.validator != "type"))
+    return max(flat, key=lambda e: (len(e.absolute_path), e.validator == "type" or _only_type_alternatives(e)))
 
 
 def _describe(error: jsonschema.ValidationError) -> str:
     v, value = error.validator, error.instance
     if v == "additionalProperties":
         allowed = sorted(error.schema.get("properties", {}))
-        extra = sorted(set(value) - set(allowed)) if isinstance(value, dict) else []
+        extra = sorted((set(value) - set(allowed)), key=str) if isinstance(value, dict) else []
         return f"unknown key {extra[0]!r}" + (f" (allowed: {', '.join(allowed)})" if allowed else "") if extra else error.message
     if v == "required":
         return error.message.replace(" is a required property", " is required")
-    if v == "type":
-        expected = error.validator_value
-        expected = " or ".join(expected) if isinstance(expected, list) else expected
-        return f"expected {expected}, got {_type_name(value)}"
+    if v == "type" or _only_type_alternatives(error):
+        alternatives = [error] if v == "type" else error.context
+        expected = [t for e in alternatives for t in (e.validator_value if isinstance(e.validator_value, list) else [e.validator_value])]
+        names = {"object": "mapping", "array": "list"}
+        return f"expected {' or '.join(names.get(t, t) for t in expected)}, got {_type_name(value)}"
     if v == "minItems" and error.validator_value == 1:
         return "must not be empty"
     if v == "pattern" and error.validator_value == r"\S":

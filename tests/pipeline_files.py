@@ -1,0 +1,35 @@
+"""Pipeline files for tests: the shipped constitution and prompts on the tiny model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_pipeline(folder: Path, model: Path, batch_size: int = 4, rounds: int = 2, **extra) -> Path:
+    doc = {
+        "name": "tiny",
+        "seed": 7,
+        "constitution": str(ROOT / "constitutions" / "harmless.yaml"),
+        "prompts": [str(ROOT / "prompts" / "red_team_demo.jsonl")],
+        "backends": {
+            "local": {
+                "type": "vllm",
+                "model": str(model),
+                "options": {"max_model_len": 2048, "kv_cache_memory_bytes": 256 << 20},
+            }
+        },
+        "roles": {"responder": "local", "critic": "local", "reviser": "local"},
+        "stages": [
+            {"type": "respond", "max_tokens": 8, "temperature": 0.8},
+            {"type": "critique_revise", "rounds": rounds, "few_shot": 1, "max_tokens": 8, "temperature": 0.8},
+        ],
+        "batch_size": batch_size,
+        **extra,
+    }
+    path = folder / "tiny.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path

@@ -1,0 +1,156 @@
+"""Whole pipelines on the real vLLM engine with the tiny model: outputs, provenance, datasets, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from cai import constitution
+from cai.cli import main
+from cai.store import read_shards
+from conftest import ROOT
+from pipeline_files import tiny_pipeline
+
+
+def lines(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_model, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("finished")
+    pipeline = tiny_pipeline(folder, tiny_model)
+    run_dir = folder / "run"
+    assert main(["run", str(pipeline), "--limit", "10", "--run-dir", str(run_dir), "--quiet"]) == 0
+    return pipeline, run_dir
+
+
+def test_rows_carry_rounds_and_provenance(finished_run):
+    _, run_dir = finished_run
+    harmless = constitution.load(ROOT / "constitutions" / "harmless.yaml")
+    ids = {p.id for p in harmless.principles}
+    rows = lines(run_dir / "datasets" / "rows.jsonl")
+    prompts = [json.loads(x) for x in (ROOT / "prompts" / "red_team_demo.jsonl").read_text().splitlines()][:10]
+    assert [r["source_id"] for r in rows] == [p["id"] for p in prompts]  # input order, all rows
+    for row in rows:
+        assert len(row["rounds"]) == 2
+        assert row["principle_ids"] == [r["principle_id"] for r in row["rounds"]]
+        assert set(row["principle_ids"]) <= ids
+        assert row["revision"] == row["rounds"][-1]["revision"]
+        assert row["constitution_hash"] == harmless.hash and row["seed"] == 7 and row["pipeline"] == "tiny"
+        assert row["models"] == {k: row["models"]["responder"] for k in ("responder", "critic", "reviser")}
+    # principles are drawn per row, so ten rows by two rounds use several of them
+    assert len({pid for r in rows for pid in r["principle_ids"]}) > 3
+
+
+def test_sft_dataset_round_trips_through_datasets(finished_run):
+    from datasets import load_from_disk
+
+    _, run_dir = finished_run
+    ds = load_from_disk(str(run_dir / "datasets" / "sft"))
+    records = lines(run_dir / "datasets" / "sft.jsonl")
+    rows = {r["id"]: r for r in lines(run_dir / "datasets" / "rows.jsonl")}
+    assert ds.num_rows == len(records) == sum(not r["flags"] for r in rows.values())
+    for item, record in zip(ds, records):
+        assert item["messages"] == record["messages"]
+        assert item["id"] == record["id"]
+        row = rows[record["id"]]
+        assert item["messages"] == [*row["messages"], {"role": "assistant", "content": row["revision"]}]
+        assert item["principle_ids"] == row["principle_ids"]
+
+
+def test_manifest_records_the_run(finished_run):
+    pipeline, run_dir = finished_run
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["seed"] == 7 and manifest["config"]["name"] == "tiny"
+    assert manifest["constitution"]["hash"] == constitution.load(ROOT / "constitutions" / "harmless.yaml").hash
+    assert {"torch", "transformers", "datasets"} <= set(manifest["versions"])
+    assert manifest["invocations"][0]["limit"] == 10
+
+
+def test_finished_run_replays_from_cache_without_an_engine(finished_run, capsys):
+    pipeline, run_dir = finished_run
+    before = (run_dir / "datasets" / "sft.jsonl").read_text()
+    started = time.monotonic()
+    assert main(["run", str(pipeline), "--limit", "10", "--run-dir", str(run_dir), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "rows done: 10/10" in out and "tokens generated: 0" in out
+    assert (run_dir / "datasets" / "sft.jsonl").read_text() == before
+    assert time.monotonic() - started < 60  # no engine start (a fail-safe bound, not a timing claim)
+
+
+def test_raising_the_limit_extends_the_run(finished_run, tmp_path, tiny_model):
+    pipeline, run_dir = finished_run
+    assert main(["run", str(pipeline), "--limit", "12", "--run-dir", str(run_dir), "--quiet"]) == 0
+    ids = [r["id"] for r in read_shards(run_dir / "critique_revise")]
+    assert len(ids) == len(set(ids)) == 12
+
+
+def test_changed_config_refuses_the_old_run_dir(finished_run, capsys):
+    pipeline, run_dir = finished_run
+    code = main(["run", str(pipeline), "--run-dir", str(run_dir), "--set", "seed=8", "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith(str(run_dir / "manifest.json")) and "--run-dir" in err
+
+
+def run_cli(pipeline: Path, run_dir: Path, limit: int) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "cai.cli", "run", str(pipeline), "--limit", str(limit), "--run-dir", str(run_dir), "--quiet"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # the engine's worker processes die with the group
+    )
+
+
+def wait_for_rows(run_dir: Path, stage: str, at_least: int, proc: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if sum(1 for _ in read_shards(run_dir / stage)) >= at_least:
+            return
+        if proc.poll() is not None:
+            pytest.fail(f"run ended before {at_least} {stage} rows: {proc.stderr.read()[-2000:]}")
+        time.sleep(0.2)
+    pytest.fail(f"no {at_least} {stage} rows within {timeout} s")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["kill-9", "ctrl-c"])
+def test_resume_after_interruption_matches_an_uninterrupted_run(tiny_model, tmp_path, sig):
+    pipeline = tiny_pipeline(tmp_path, tiny_model)
+    reference, interrupted = tmp_path / "reference", tmp_path / "interrupted"
+    proc = run_cli(pipeline, reference, 16)
+    assert proc.wait(timeout=600) == 0, proc.stderr.read()[-2000:]
+
+    proc = run_cli(pipeline, interrupted, 16)
+    wait_for_rows(interrupted, "critique_revise", 4, proc)  # mid-stage: one batch of four written
+    os.killpg(proc.pid, sig) if sig == signal.SIGKILL else proc.send_signal(sig)
+    code = proc.wait(timeout=120)
+    if sig == signal.SIGKILL:
+        os.killpg(proc.pid, signal.SIGKILL) if _group_alive(proc.pid) else None
+    else:
+        assert code == 130 and "rerun the same command to resume" in proc.stderr.read()
+    partial = sum(1 for _ in read_shards(interrupted / "critique_revise"))
+    assert 4 <= partial < 16
+
+    proc = run_cli(pipeline, interrupted, 16)
+    assert proc.wait(timeout=600) == 0, proc.stderr.read()[-2000:]
+    ids = [r["id"] for r in read_shards(interrupted / "critique_revise")]
+    assert len(ids) == 16 and not [i for i, n in Counter(ids).items() if n > 1]
+    for name in ("rows.jsonl", "sft.jsonl"):
+        assert (interrupted / "datasets" / name).read_text() == (reference / "datasets" / name).read_text()
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
