@@ -158,6 +158,9 @@ def _run_stage(stage, ctx: StageContext, rows, store: RunStore, batch_size: int,
     stage_summary = StageSummary(ctx.stage_name, done=len(rows) - len(todo))
     summary.stages.append(stage_summary)
     writer = store.stage_writer(ctx.stage_name)
+    for role in stage.roles if todo else ():
+        # Start engines before the clock so rows/s and tokens/s measure generation, not start-up.
+        ctx.backends[role].start()
     started = time.monotonic()
     with StageProgress(ctx.stage_name, total=len(rows), done=stage_summary.done, enabled=show_progress) as progress:
         try:

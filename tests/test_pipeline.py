@@ -154,3 +154,19 @@ def _group_alive(pgid: int) -> bool:
         return True
     except ProcessLookupError:
         return False
+
+
+def test_failed_rows_are_reported_and_retried(tiny_model, tmp_path, capsys):
+    prompts = tmp_path / "prompts.jsonl"
+    long_prompt = " ".join(f"word{i}" for i in range(3000))  # past the 2048-token model limit
+    prompts.write_text("".join(json.dumps({"id": i, "prompt": p}) + "\n" for i, p in enumerate(["Hello?", long_prompt, "How are you?"])))
+    pipeline = tiny_pipeline(tmp_path, tiny_model, rounds=1, prompts=[str(prompts)])
+    run_dir = tmp_path / "run"
+    for attempt in (1, 2):
+        assert main(["run", str(pipeline), "--run-dir", str(run_dir), "--quiet"]) == 1
+        out = capsys.readouterr().out
+        assert "rows done: 2/3, rows failed: 1" in out and "failures.jsonl" in out
+        failures = [json.loads(x) for x in (run_dir / "failures.jsonl").read_text().splitlines()]
+        assert len(failures) == attempt  # retried on the rerun, and logged again
+        assert all(f["stage"] == "respond" and "limit is 2048" in f["reason"] for f in failures)
+    assert [r["source_id"] for r in lines(run_dir / "datasets" / "rows.jsonl")] == ["0", "2"]

@@ -37,8 +37,8 @@ class CachedBackend:
     def identity(self) -> dict[str, Any]:
         return self._identity
 
-    @property
-    def engine(self) -> Backend:
+    def start(self) -> Backend:
+        """The engine, created on first use."""
         if self._backend is None:
             self._backend = self._factory()
         return self._backend
@@ -49,7 +49,7 @@ class CachedBackend:
     def complete(self, requests: Sequence[ChatRequest]) -> list[Completion]:
         keys = [self._key("complete", {"request": r.to_dict()}) for r in requests]
         misses = [i for i, k in enumerate(keys) if k not in self._cache]
-        fresh = self.engine.complete([requests[i] for i in misses]) if misses else []
+        fresh = self.start().complete([requests[i] for i in misses]) if misses else []
         self._writer.append({"key": keys[i], "completion": c.to_dict()} for i, c in zip(misses, fresh) if c.ok)
         for i, c in zip(misses, fresh):
             if c.ok:
@@ -66,7 +66,7 @@ class CachedBackend:
     def choice_logprobs(self, requests: Sequence[ChatRequest], choices: Sequence[str]) -> list[dict[str, float]]:
         keys = [self._key("choice_logprobs", {"request": r.to_dict(), "choices": list(choices)}) for r in requests]
         misses = [i for i, k in enumerate(keys) if k not in self._cache]
-        fresh = self.engine.choice_logprobs([requests[i] for i in misses], choices) if misses else []
+        fresh = self.start().choice_logprobs([requests[i] for i in misses], choices) if misses else []
         self._writer.append({"key": keys[i], "completion": lp} for i, lp in zip(misses, fresh))
         for i, lp in zip(misses, fresh):
             self._cache[keys[i]] = lp
