@@ -1,0 +1,1 @@
+"""cai: constitutions in, critique-revision SFT data and AI-feedback preferences out."""

@@ -7,9 +7,10 @@ import os
 import sys
 from pathlib import Path
 
+from cai.backends.base import BackendStartError
 from cai.errors import InputError
 
-EXIT_OK, EXIT_ROWS_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130  # FAILED: rows failed, or an engine did not start
 
 
 def _positive_int(text: str) -> int:
@@ -25,7 +26,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = config.load(args.pipeline, args.set)
     summary = pipeline.run(cfg, run_dir=args.run_dir, limit=args.limit, show_progress=not args.quiet)
     _print_summary(summary)
-    return EXIT_OK if summary.ok else EXIT_ROWS_FAILED
+    return EXIT_OK if summary.ok else EXIT_FAILED
 
 
 def _print_summary(summary) -> None:
@@ -145,6 +146,9 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as exc:
         print(exc.render(), file=sys.stderr)
         return EXIT_BAD_INPUT
+    except BackendStartError as exc:
+        print(f"cai {args.command}: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     except KeyboardInterrupt:
         print("interrupted: rerun the same command to resume", file=sys.stderr)
         return EXIT_INTERRUPTED

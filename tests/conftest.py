@@ -1,15 +1,12 @@
 from __future__ import annotations
 
-import json
 import os
-import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
-sys.path.insert(0, str(Path(__file__).parent))
 
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 
@@ -36,7 +33,3 @@ def cai_home(tmp_path_factory) -> Path:
     os.environ["CAI_HOME"] = str(home)
     return home
 
-
-def write_jsonl(path: Path, rows: list) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path

@@ -170,3 +170,12 @@ def test_failed_rows_are_reported_and_retried(tiny_model, tmp_path, capsys):
         assert len(failures) == attempt  # retried on the rerun, and logged again
         assert all(f["stage"] == "respond" and "limit is 2048" in f["reason"] for f in failures)
     assert [r["source_id"] for r in lines(run_dir / "datasets" / "rows.jsonl")] == ["0", "2"]
+
+
+def test_engine_that_cannot_start_is_one_line(tmp_path, capsys):
+    not_a_model = tmp_path / "empty-model"
+    not_a_model.mkdir()
+    pipeline = tiny_pipeline(tmp_path, not_a_model)
+    assert main(["run", str(pipeline), "--limit", "2", "--run-dir", str(tmp_path / "run"), "--quiet"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("cai run: backend 'local' (vllm, model ") and "failed to start" in err

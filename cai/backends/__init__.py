@@ -2,6 +2,6 @@
 engine libraries themselves are imported only when a backend is created."""
 
 from cai.backends import local_vllm  # noqa: F401  (registers "vllm")
-from cai.backends.base import Backend, BackendSpec, ChatRequest, Completion, create, registered_types
+from cai.backends.base import Backend, BackendSpec, BackendStartError, ChatRequest, Completion, create
 
-__all__ = ["Backend", "BackendSpec", "ChatRequest", "Completion", "create", "registered_types"]
+__all__ = ["Backend", "BackendSpec", "BackendStartError", "ChatRequest", "Completion", "create"]

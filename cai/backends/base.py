@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
+from cai.registry import Registry
+
 Message = dict[str, str]
 
 
@@ -97,21 +99,18 @@ class BackendSpec:
         return {"type": self.type, "model": self.model, "options": self.options}
 
 
-BackendFactory = Callable[[BackendSpec], Backend]
-_REGISTRY: dict[str, BackendFactory] = {}
+class BackendStartError(Exception):
+    """A declared backend could not start (model missing, engine refused); the message says which."""
 
 
-def register(type_name: str) -> Callable[[BackendFactory], BackendFactory]:
-    def decorator(factory: BackendFactory) -> BackendFactory:
-        _REGISTRY[type_name] = factory
-        return factory
-
-    return decorator
-
-
-def registered_types() -> list[str]:
-    return sorted(_REGISTRY)
+BACKENDS: Registry[Callable[[BackendSpec], Backend]] = Registry("backend type")
+register = BACKENDS.register
 
 
 def create(spec: BackendSpec) -> Backend:
-    return _REGISTRY[spec.type](spec)
+    factory = BACKENDS[spec.type]
+    try:
+        return factory(spec)
+    except Exception as exc:  # engines raise anything from ValueError to RuntimeError; all mean the same here
+        detail = " ".join(str(exc).split()) or type(exc).__name__
+        raise BackendStartError(f"backend {spec.name!r} ({spec.type}, model {spec.model!r}) failed to start: {detail}") from exc

@@ -13,7 +13,12 @@ CPU_DEFAULTS: dict[str, Any] = {
     "kv_cache_memory_bytes": 2 << 30,  # a fixed KV cache: vLLM refuses to start if a fraction of RAM is not free
     "enforce_eager": True,  # measured here: same tokens/s as compiled, and the engine starts in ~35 s, not ~140 s
 }
-COMMON_DEFAULTS: dict[str, Any] = {"enable_prefix_caching": True, "trust_remote_code": False, "seed": 0}
+COMMON_DEFAULTS: dict[str, Any] = {
+    "enable_prefix_caching": True,  # critique and revision prompts of a row share the whole conversation
+    "trust_remote_code": False,
+    "load_format": "safetensors",  # never unpickle .bin weights
+    "seed": 0,
+}
 
 
 class LocalVLLM:

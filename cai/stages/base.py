@@ -7,6 +7,7 @@ from typing import Any, Callable, Protocol
 
 from cai.backends.base import Backend
 from cai.constitution import Constitution
+from cai.registry import Registry
 
 Row = dict[str, Any]
 
@@ -33,17 +34,9 @@ class Stage(Protocol):
     def run(self, rows: list[Row], ctx: StageContext) -> StageResult: ...
 
 
-StageFactory = Callable[[dict[str, Any]], Stage]
-_REGISTRY: dict[str, StageFactory] = {}
-
-
-def register(type_name: str) -> Callable[[StageFactory], StageFactory]:
-    def decorator(factory: StageFactory) -> StageFactory:
-        _REGISTRY[type_name] = factory
-        return factory
-
-    return decorator
+STAGES: Registry[Callable[[dict[str, Any]], Stage]] = Registry("stage type")
+register = STAGES.register
 
 
 def build(type_name: str, params: dict[str, Any]) -> Stage:
-    return _REGISTRY[type_name](params)
+    return STAGES[type_name](params)
