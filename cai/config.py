@@ -124,13 +124,15 @@ def load(path: str | Path, overrides: list[str] = ()) -> PipelineConfig:
     backends = {}
     for backend_name, b in doc["backends"].items():
         model = b["model"]
-        if model not in EMBEDDED and looks_like_path(model) and not resolve_path(model, file).is_dir():
+        local = b["type"] == "vllm"  # an API backend's model is a name the server knows, never a path here
+        if local and model not in EMBEDDED and looks_like_path(model) and not resolve_path(model, file).is_dir():
             raise InputError(name, f"backends.{backend_name}.model", f"model folder not found: {model}")
         backends[backend_name] = BackendSpec(
             name=backend_name,
             type=b["type"],
             model=model,
             options=dict(b.get("options", {})),
+            settings={k: v for k, v in b.items() if k not in ("type", "model", "options")},
             base_dirs=(str(file.parent.resolve()), str(Path.cwd())),
         )
     roles = dict(doc["roles"])

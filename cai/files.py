@@ -101,10 +101,20 @@ def _most_specific(errors: list[jsonschema.ValidationError]) -> jsonschema.Valid
         while stack:
             e = stack.pop()
             if e.context and not _only_type_alternatives(e):
-                stack.extend(e.context)
+                # Of a oneOf's branches, those whose type fits the value say what is wrong with it.
+                fitting = [c for c in e.context if not (c.validator == "type" and c.absolute_path == e.absolute_path)]
+                stack.extend(fitting or e.context)
             else:
                 flat.append(e)
     return max(flat, key=lambda e: (len(e.absolute_path), e.validator == "type" or _only_type_alternatives(e)))
+
+
+PATTERN_MEANING = {
+    r"\S": "must not be blank",
+    r"^https?://\S+$": "must be an http:// or https:// URL",
+    r"^[A-Za-z_][A-Za-z0-9_]*$": "must be the name of an environment variable",
+    r"^[A-Za-z0-9][A-Za-z0-9._-]*$": "must start with a letter or digit and hold only letters, digits, '.', '_' and '-'",
+}
 
 
 def _describe(error: jsonschema.ValidationError) -> str:
@@ -122,8 +132,8 @@ def _describe(error: jsonschema.ValidationError) -> str:
         return f"expected {' or '.join(names.get(t, t) for t in expected)}, got {_type_name(value)}"
     if v == "minItems" and error.validator_value == 1:
         return "must not be empty"
-    if v == "pattern" and error.validator_value == r"\S":
-        return "must not be blank"
+    if v == "pattern":
+        return PATTERN_MEANING.get(error.validator_value, f"must match {error.validator_value}") + (f", got {value!r}" if value.strip() else "")
     if v == "exclusiveMinimum":
         return f"must be greater than {error.validator_value}, got {value}"
     if v == "enum":

@@ -295,6 +295,20 @@ CASES = [
         id="constitution-is-directory-run",
     ),
     pytest.param(pipeline_case(put("backends.local.model", "./no-such-model"), ": backends.local.model: ", "no-such-model", command="run"), id="model-folder-missing-run"),
+    pytest.param(pipeline_case(put("backends.api", {"type": "openai", "model": "m"}), ": backends.api: ", "'base_url' is required"), id="openai-no-base-url"),
+    pytest.param(
+        pipeline_case(put("backends.api", {"type": "openai", "model": "m", "base_url": "localhost:8000"}), ": backends.api.base_url: ", "localhost:8000"),
+        id="openai-base-url-not-http",
+    ),
+    pytest.param(
+        pipeline_case(put("backends.api", {"type": "openai", "model": "m", "base_url": "http://h/v1", "api_key": "sk-x"}), ": backends.api: ", "unknown key 'api_key'", command="run"),
+        id="openai-key-in-file-run",
+    ),
+    pytest.param(
+        pipeline_case(put("backends.api", {"type": "openai", "model": "m", "base_url": "http://h/v1", "max_concurrency": 0}), ": backends.api.max_concurrency: ", "0"),
+        id="openai-zero-concurrency",
+    ),
+    pytest.param(pipeline_case(put("backends.local.options", None), ": backends.local.options: ", "expected mapping"), id="vllm-options-null"),
     pytest.param(pipeline_case(BINARY, ": ", "binary", command="run"), id="pipeline-binary-run"),
     pytest.param(pipeline_case(NOT_UTF8, ": ", "UTF-8"), id="pipeline-not-utf8"),
     pytest.param(argument_case(lambda ws: ws.folder("pipelines"), "run", "directory"), id="run-directory"),

@@ -91,7 +91,8 @@ class BackendSpec:
     name: str
     type: str
     model: str
-    options: dict[str, Any] = field(default_factory=dict)
+    options: dict[str, Any] = field(default_factory=dict)  # change outputs: part of the call-cache key
+    settings: dict[str, Any] = field(default_factory=dict)  # how to reach and pace it (URLs, limits): not in the key
     base_dirs: tuple[str, ...] = ()  # where a relative local model path is looked up, in order
 
     def identity(self) -> dict[str, Any]:

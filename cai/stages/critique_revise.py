@@ -83,7 +83,7 @@ class CritiqueRevise:
                     for row, critique in zip(live, critiques)
                 ]
             )
-            ok_rows, ok_critiques = [], []
+            ok_rows = []
             for row, critique, revision in zip(live, critiques, revisions):
                 if not revision.ok:
                     result.failures.append({"id": row["id"], "reason": f"reviser (round {round_index + 1}): {revision.error}"})

@@ -1,0 +1,61 @@
+"""The real vLLM OpenAI-compatible server on 127.0.0.1, for tests of the API backend."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+API_KEY = "sk-cai-test-0123456789abcdef"
+SERVED_NAME = "tiny"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class VLLMServer:
+    def __init__(self, model: Path, log: Path):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/v1"
+        self.log = log
+        command = [
+            sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+            "--model", str(model), "--served-model-name", SERVED_NAME,
+            "--host", "127.0.0.1", "--port", str(self.port),
+            "--dtype", "float32", "--max-model-len", "2048", "--enforce-eager",
+            "--kv-cache-memory-bytes", str(256 << 20), "--api-key", API_KEY, "--seed", "0",
+        ]  # fmt: skip
+        self.proc = subprocess.Popen(
+            command, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True,
+            env={**os.environ, "VLLM_LOGGING_LEVEL": "WARNING"},
+        )  # fmt: skip
+
+    def wait_healthy(self, timeout: float = 300) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"vLLM server exited: {self.log.read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.5)
+        raise RuntimeError(f"vLLM server not healthy in {timeout} s: {self.log.read_text()[-3000:]}")
+
+    def stop(self) -> None:
+        import signal
+
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=30)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            os.killpg(self.proc.pid, signal.SIGKILL)

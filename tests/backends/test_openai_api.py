@@ -1,0 +1,214 @@
+"""The OpenAI-compatible backend against the real vLLM server (through a fault-injecting proxy where
+the test is about faults). No mock of the API anywhere."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from api_server import API_KEY, SERVED_NAME, VLLMServer
+from cai.backends import BackendSpec, ChatRequest, create
+from cai.backends.openai_api import TokenBucket, backoff_delay
+from cai.cli import main
+from cai.store import read_shards
+from fault_proxy import FaultProxy
+from pipeline_files import tiny_pipeline
+
+KEY_ENV = "CAI_TEST_API_KEY"
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model, tmp_path_factory):
+    log = tmp_path_factory.mktemp("server") / "vllm-server.log"
+    srv = VLLMServer(tiny_model, log)
+    try:
+        srv.wait_healthy()
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.fixture(autouse=True)
+def api_key(monkeypatch):
+    monkeypatch.setenv(KEY_ENV, API_KEY)
+
+
+def api_backend(url: str, **settings) -> dict:
+    return {"type": "openai", "model": SERVED_NAME, "base_url": url, "api_key_env": KEY_ENV, "max_concurrency": 8, **settings}
+
+
+def spec(url: str, **settings) -> BackendSpec:
+    b = api_backend(url, **settings)
+    return BackendSpec(name="api", type="openai", model=SERVED_NAME, settings={k: v for k, v in b.items() if k not in ("type", "model")})
+
+
+def ask(text: str, **kw) -> ChatRequest:
+    return ChatRequest(messages=({"role": "user", "content": text},), **{"max_tokens": 8, **kw})
+
+
+def lines(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_batch_with_usage(server):
+    backend = create(spec(server.url))
+    out = backend.complete([ask(f"question {i}") for i in range(5)] + [ask("sample", temperature=1.0, seed=3, n=2)])
+    assert all(c.ok for c in out)
+    assert all(c.completion_tokens == 8 for c in out[:5]) and out[5].completion_tokens == 16
+    assert len(out[5].texts) == 2 and all(c.prompt_tokens > 3 for c in out)
+
+
+def test_client_errors_fail_at_once_with_the_servers_message(server):
+    out = create(spec(server.url)).complete([ask("word " * 3000), ask("fine")])
+    assert not out[0].ok and out[0].error.startswith("HTTP 400:") and "gave up" not in out[0].error
+    assert out[1].ok
+
+
+@pytest.mark.parametrize(
+    "url, settings, says",
+    [
+        ("http://127.0.0.1:9/v1", {}, "cannot reach http://127.0.0.1:9/v1"),
+        (None, {"api_key_env": "CAI_TEST_WRONG_KEY"}, "refused the API key from $CAI_TEST_WRONG_KEY (HTTP 401)"),
+        (None, {"api_key_env": "CAI_TEST_UNSET_KEY"}, "environment variable CAI_TEST_UNSET_KEY (api_key_env) is not set"),
+        (None, {"model": "no-such-model"}, "does not serve model 'no-such-model' (it serves: tiny)"),
+    ],
+    ids=["wrong-url", "wrong-key", "unset-key", "unknown-model"],
+)
+def test_start_check_fails_in_one_line_before_any_row(server, tiny_model, tmp_path, capsys, monkeypatch, url, settings, says):
+    monkeypatch.setenv("CAI_TEST_WRONG_KEY", "sk-wrong")
+    backend = api_backend(url or server.url, **settings)
+    pipeline = tiny_pipeline(tmp_path, tiny_model, backends={"api": backend}, roles={"responder": "api", "critic": "api", "reviser": "api"})
+    run_dir = tmp_path / "run"
+    assert main(["run", str(pipeline), "--limit", "2", "--run-dir", str(run_dir), "--quiet"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "failed to start" in err and says in err
+    assert not (run_dir / "respond").exists()
+
+
+def run_pipeline(tmp_path: Path, model: Path, backend: dict, name: str, *args: str) -> tuple[int, Path]:
+    folder = tmp_path / name
+    folder.mkdir()
+    pipeline = tiny_pipeline(folder, model, rounds=1, backends={"b": backend}, roles={"responder": "b", "critic": "b", "reviser": "b"})
+    run_dir = folder / "run"
+    return main(["run", str(pipeline), "--run-dir", str(run_dir), "--quiet", *args]), run_dir
+
+
+def test_parity_with_the_local_engine_at_temperature_zero(server, tiny_model, tmp_path):
+    greedy = ["--limit", "6", "--set", "stages.0.temperature=0", "--set", "stages.1.temperature=0"]
+    local = {"type": "vllm", "model": str(tiny_model), "options": {"max_model_len": 2048, "kv_cache_memory_bytes": 256 << 20}}
+    code_local, local_dir = run_pipeline(tmp_path, tiny_model, local, "local", *greedy)
+    code_api, api_dir = run_pipeline(tmp_path, tiny_model, api_backend(server.url), "api", *greedy)
+    assert code_local == code_api == 0
+    texts = lambda d: [(r["response"], r["rounds"]) for r in lines(d / "datasets" / "rows.jsonl")]  # noqa: E731
+    assert texts(api_dir) == texts(local_dir)
+    assert [r["principle_ids"] for r in lines(api_dir / "datasets" / "rows.jsonl")] == [r["principle_ids"] for r in lines(local_dir / "datasets" / "rows.jsonl")]
+
+
+def test_flaky_server_loses_no_row_and_resume_retries_only_failures(server, tiny_model, tmp_path, capsys):
+    proxy = FaultProxy(server.port, rate=0.3, seed=1, stall_s=4.0)
+    try:
+        backend = api_backend(proxy.url, timeout_s=2.0, max_retries=2)
+        code, run_dir = run_pipeline(tmp_path, tiny_model, backend, "flaky", "--limit", "16")
+        assert set(proxy.injected) == {"429", "500", "503", "stall", "drop", "truncate"}
+        rows = [r["id"] for r in lines(run_dir / "datasets" / "rows.jsonl")]
+        failed = {f["id"] for f in lines(run_dir / "failures.jsonl")}
+        assert len(rows) == len(set(rows)) and not failed & set(rows)
+        assert len(rows) + len(failed) == 16  # every input row is somewhere, once
+        assert code == (1 if failed else 0)
+        assert all("gave up after 3 attempts" in f["reason"] for f in lines(run_dir / "failures.jsonl"))
+
+        calls_before = sum(1 for _ in read_shards(run_dir / "calls"))
+        proxy.rate, proxy.forwarded = 0.0, []
+        code, run_dir = run_pipeline_again(run_dir)
+        assert code == 0
+        # only calls that never succeeded went to the server again
+        assert len(proxy.forwarded) == sum(1 for _ in read_shards(run_dir / "calls")) - calls_before
+        assert len(proxy.forwarded) <= 3 * len(failed)
+        assert len(lines(run_dir / "datasets" / "rows.jsonl")) == 16
+    finally:
+        proxy.close()
+    capsys.readouterr()
+
+
+def run_pipeline_again(run_dir: Path) -> tuple[int, Path]:
+    pipeline = run_dir.parent / "tiny.yaml"
+    return main(["run", str(pipeline), "--run-dir", str(run_dir), "--quiet", "--limit", "16"]), run_dir
+
+
+def test_a_row_that_always_fails_is_reported_not_dropped(server, tiny_model, tmp_path, capsys):
+    proxy = FaultProxy(server.port)
+    try:
+        prompts = tmp_path / "prompts.jsonl"
+        prompts.write_text("".join(json.dumps({"id": i, "prompt": p}) + "\n" for i, p in enumerate(["Hi.", "ALWAYS_FAIL here", "Bye."])))
+        pipeline = tiny_pipeline(
+            tmp_path, tiny_model, rounds=1, prompts=[str(prompts)],
+            backends={"api": api_backend(proxy.url, max_retries=2)}, roles={"responder": "api", "critic": "api", "reviser": "api"},
+        )  # fmt: skip
+        assert main(["run", str(pipeline), "--run-dir", str(tmp_path / "run"), "--quiet"]) == 1
+        assert "rows done: 2/3, rows failed: 1" in capsys.readouterr().out
+        [failure] = lines(tmp_path / "run" / "failures.jsonl")
+        assert failure["reason"] == "responder: gave up after 3 attempts: HTTP 500: injected 500"
+        assert proxy.injected["500"] == 3
+    finally:
+        proxy.close()
+
+
+def test_the_key_never_reaches_disk_or_output(server, tiny_model, tmp_path, capsys):
+    code, run_dir = run_pipeline(tmp_path, tiny_model, api_backend(server.url), "secrets", "--limit", "3")
+    assert code == 0
+    captured = capsys.readouterr()
+    assert API_KEY not in captured.out + captured.err
+    for path in run_dir.rglob("*"):
+        if path.is_file():
+            assert API_KEY.encode() not in path.read_bytes(), path
+    assert KEY_ENV in (run_dir / "manifest.json").read_text()  # the variable's name is recorded, not its value
+
+
+def test_choice_logprobs_match_the_local_engine(server, tiny_model):
+    import openai
+
+    request = ask("Answer with one letter.")
+    client = openai.OpenAI(base_url=server.url, api_key=API_KEY)
+    raw = client.chat.completions.create(
+        model=SERVED_NAME, messages=list(request.messages), max_tokens=1, temperature=0, logprobs=True, top_logprobs=10
+    )
+    # At temperature 0 the list is the top 10 (vLLM puts a sampled token first, which at 1.0 may lie outside)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    top = [t.token for t in raw.choices[0].logprobs.content[0].top_logprobs]
+    # tokens that decode to text and encode back to themselves (not a byte fragment or '')
+    single = [t for t in top if len(tokenizer.encode(t, add_special_tokens=False)) == 1]
+    choices = single[:2] + ["not-a-single-token-choice"]
+    api = create(spec(server.url)).choice_logprobs([request], choices)[0]
+    local = create(BackendSpec(name="l", type="vllm", model=str(tiny_model), options={"max_model_len": 2048, "kv_cache_memory_bytes": 256 << 20}))
+    try:
+        exact = local.choice_logprobs([request], choices[:2])[0]
+    finally:
+        local.close()
+    for choice in choices[:2]:
+        assert math.isclose(api[choice], exact[choice], abs_tol=1e-3), (choice, api[choice], exact[choice])
+    assert api["not-a-single-token-choice"] == float("-inf")
+
+
+def test_token_bucket_paces_after_the_burst():
+    now = [0.0]
+    bucket = TokenBucket(60, clock=lambda: now[0])  # one a second, bursts of 60
+    for _ in range(60):
+        assert bucket.wait_time(1) == 0
+        bucket.take(1)
+    assert bucket.wait_time(1) == pytest.approx(1.0)
+    now[0] = 0.5
+    assert bucket.wait_time(1) == pytest.approx(0.5)
+    assert bucket.wait_time(1000) == pytest.approx(59.5)  # more than the capacity waits for a full bucket
+
+
+def test_backoff_honours_retry_after_and_caps():
+    import random
+
+    rng = random.Random(0)
+    assert all(0 <= backoff_delay(a, None, 30, rng) <= min(30, 0.5 * 2**a) for a in range(10))
+    assert backoff_delay(0, 7.0, 30, rng) == 7.0
