@@ -36,8 +36,8 @@ def _print_summary(summary) -> None:
     for s in summary.stages:
         print(f"  {s.name:<18} {s.done}/{summary.input_rows} rows ({s.new} new, {s.failed} failed), {s.tokens} tokens, {s.seconds:.1f} s")
     print(
-        f"rows done: {done}/{summary.input_rows}, rows failed: {failed}, tokens generated: {summary.tokens}, "
-        f"calls replayed from cache: {summary.cached_calls}, time: {summary.seconds:.1f} s"
+        f"rows done: {done}/{summary.input_rows}, rows failed: {failed}, tokens generated: {summary.tokens} "
+        f"(prompt tokens: {summary.prompt_tokens}), calls replayed from cache: {summary.cached_calls}, time: {summary.seconds:.1f} s"
     )
     exported = summary.exported
     print(

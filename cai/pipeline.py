@@ -43,6 +43,7 @@ class RunSummary:
     failed_ids: set[str] = field(default_factory=set)
     seconds: float = 0.0
     tokens: int = 0
+    prompt_tokens: int = 0
     cached_calls: int = 0
 
     @property
@@ -147,6 +148,7 @@ def run(config: PipelineConfig, run_dir: Path | None = None, limit: int | None =
         for backend in shared.values():
             backend.close()
     summary.tokens = sum(b.stats.completion_tokens for b in shared.values())
+    summary.prompt_tokens = sum(b.stats.prompt_tokens for b in shared.values())
     summary.cached_calls = sum(b.stats.cached_calls for b in shared.values())
     summary.seconds = time.monotonic() - started
     return summary

@@ -18,8 +18,12 @@ HOP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "content-length"
 
 
 class FaultProxy:
-    def __init__(self, upstream_port: int, rate: float = 0.0, seed: int = 0, stall_s: float = 6.0, always_fail_marker: str = "ALWAYS_FAIL"):
+    def __init__(
+        self, upstream_port: int, rate: float = 0.0, seed: int = 0, stall_s: float = 6.0,
+        always_fail_marker: str = "ALWAYS_FAIL", delay_s: float = 0.0,
+    ):  # fmt: skip
         self.upstream_port = upstream_port
+        self.delay_s = delay_s  # added to every forwarded answer: a slow server
         self.rate = rate
         self.stall_s = stall_s
         self.marker = always_fail_marker.encode()
@@ -84,6 +88,7 @@ class FaultProxy:
         conn.request(req.command, req.path, body=body or None, headers=headers)
         response = conn.getresponse()
         payload = response.read()
+        time.sleep(self.delay_s)
         out_headers = {k: v for k, v in response.getheaders() if k.lower() not in HOP_HEADERS}
         conn.close()
         return response.status, out_headers, payload

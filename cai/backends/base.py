@@ -67,6 +67,9 @@ class Completion:
         )
 
 
+OnDone = Callable[[int, Completion], None]
+
+
 @runtime_checkable
 class Backend(Protocol):
     """A generation engine. Calls take a whole batch so engines can schedule it at once."""
@@ -74,8 +77,11 @@ class Backend(Protocol):
     def identity(self) -> dict[str, Any]:
         """What determines outputs (type, model, options that change texts): the call cache key's prefix."""
 
-    def complete(self, requests: Sequence[ChatRequest]) -> list[Completion]:
-        """One Completion per request, in order. A request that fails carries `error`; others still succeed."""
+    def complete(self, requests: Sequence[ChatRequest], on_done: OnDone | None = None) -> list[Completion]:
+        """One Completion per request, in order. A request that fails carries `error`; others still succeed.
+
+        Backends whose requests finish one by one call `on_done(index, completion)` as each does, so the
+        call cache keeps it even if the process dies before the batch ends."""
 
     def choice_logprobs(self, requests: Sequence[ChatRequest], choices: Sequence[str]) -> list[dict[str, float]]:
         """For each request, the log-probability of each choice string as the assistant's reply."""

@@ -46,7 +46,8 @@ class LocalVLLM:
             [dict(m) for m in request.messages], add_generation_prompt=True, tokenize=True, return_dict=False
         )
 
-    def complete(self, requests: Sequence[ChatRequest]) -> list[Completion]:
+    def complete(self, requests: Sequence[ChatRequest], on_done=None) -> list[Completion]:
+        # The offline engine returns a batch at once: the caller records it whole, on_done is not needed.
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 

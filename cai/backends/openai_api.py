@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from cai.backends.base import BackendSpec, ChatRequest, Completion, register
+from cai.backends.base import BackendSpec, ChatRequest, Completion, OnDone, register
 
 RETRY_STATUS = {408, 409, 429}  # and every 5xx
 # vLLM serves at most 20 log-probabilities per position by default; OpenAI allows 20 too.
@@ -163,8 +163,8 @@ class OpenAIBackend:
 
     # -- the sync protocol over one event loop per batch
 
-    def complete(self, requests: Sequence[ChatRequest]) -> list[Completion]:
-        return asyncio.run(self._gather([self._complete_one for _ in requests], requests))
+    def complete(self, requests: Sequence[ChatRequest], on_done: OnDone | None = None) -> list[Completion]:
+        return asyncio.run(self._gather([self._complete_one for _ in requests], requests, on_done))
 
     def choice_logprobs(self, requests: Sequence[ChatRequest], choices: Sequence[str]) -> list[dict[str, float]]:
         """Log-probability of each choice as the reply's first token, from the server's top log-probs.
@@ -179,7 +179,7 @@ class OpenAIBackend:
             raise RuntimeError(f"choice log-probabilities failed: {failed[0].error}")
         return results
 
-    async def _gather(self, calls, requests):
+    async def _gather(self, calls, requests, on_done: OnDone | None = None):
         import openai
 
         clients = [
@@ -188,7 +188,14 @@ class OpenAIBackend:
         ]
         semaphore = asyncio.Semaphore(self.settings.max_concurrency)
         try:
-            return await asyncio.gather(*(self._with_retries(call, clients, semaphore, r) for call, r in zip(calls, requests)))
+
+            async def run(index, call, request):
+                result = await self._with_retries(call, clients, semaphore, request)
+                if on_done is not None:
+                    on_done(index, result)
+                return result
+
+            return await asyncio.gather(*(run(i, call, r) for i, (call, r) in enumerate(zip(calls, requests))))
         finally:
             for client in clients:
                 await client.close()

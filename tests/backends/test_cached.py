@@ -12,7 +12,7 @@ class CountingEngine:
     def __init__(self):
         self.sent: list[str] = []
 
-    def complete(self, requests):
+    def complete(self, requests, on_done=None):
         self.sent.extend(r.messages[0]["content"] for r in requests)
         return [
             Completion(error="flaky") if "fail" in r.messages[0]["content"] else Completion(texts=(r.messages[0]["content"].upper(),), completion_tokens=1, finish_reasons=("stop",))
@@ -74,3 +74,27 @@ def test_key_covers_sampling_and_backend(tmp_path):
     backend.complete([req("a")])
     backend.complete([ChatRequest(messages=({"role": "user", "content": "a"},), seed=2)])
     assert engines[0].sent == ["a", "a"]  # another seed is another call
+
+
+class DiesMidBatch(CountingEngine):
+    """Reports each request as it finishes, then dies before the batch ends (a kill, say)."""
+
+    def complete(self, requests, on_done=None):
+        for index, completion in enumerate(super().complete(requests[:2])):
+            on_done(index, completion)
+        raise KeyboardInterrupt
+
+
+def test_calls_finished_before_a_crash_are_kept(tmp_path):
+    store = RunStore(tmp_path)
+    dying = CachedBackend({"type": "test"}, DiesMidBatch, store, store.cached_calls())
+    try:
+        dying.complete([req("a"), req("b"), req("c")])
+    except KeyboardInterrupt:
+        pass
+    dying.close()
+    store = RunStore(tmp_path)
+    engine = CountingEngine()
+    resumed = CachedBackend({"type": "test"}, lambda: engine, store, store.cached_calls())
+    assert [c.text for c in resumed.complete([req("a"), req("b"), req("c")])] == ["A", "B", "C"]
+    assert engine.sent == ["c"]

@@ -5,6 +5,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -133,6 +138,29 @@ def test_flaky_server_loses_no_row_and_resume_retries_only_failures(server, tiny
     capsys.readouterr()
 
 
+def test_killed_run_does_not_resend_calls_that_finished(server, tiny_model, tmp_path):
+    proxy = FaultProxy(server.port, delay_s=0.3)
+    try:
+        backend = api_backend(proxy.url, max_concurrency=2)
+        pipeline = tiny_pipeline(tmp_path, tiny_model, rounds=1, batch_size=16, backends={"api": backend}, roles={"responder": "api", "critic": "api", "reviser": "api"})
+        run_dir = tmp_path / "run"
+        argv = ["run", str(pipeline), "--limit", "16", "--run-dir", str(run_dir), "--quiet"]
+        proc = subprocess.Popen([sys.executable, "-m", "cai.cli", *argv], start_new_session=True, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 120
+        while len(proxy.forwarded) < 6 and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        assert not list(read_shards(run_dir / "respond"))  # killed inside the first batch
+        kept = sum(1 for _ in read_shards(run_dir / "calls"))
+        assert kept >= 4
+        proxy.forwarded = []
+        assert main(argv) == 0
+        assert len(proxy.forwarded) == 16 * 3 - kept  # 16 answers, 16 critiques, 16 revisions in all
+    finally:
+        proxy.close()
+
+
 def run_pipeline_again(run_dir: Path) -> tuple[int, Path]:
     pipeline = run_dir.parent / "tiny.yaml"
     return main(["run", str(pipeline), "--run-dir", str(run_dir), "--quiet", "--limit", "16"]), run_dir
@@ -160,6 +188,7 @@ def test_the_key_never_reaches_disk_or_output(server, tiny_model, tmp_path, caps
     code, run_dir = run_pipeline(tmp_path, tiny_model, api_backend(server.url), "secrets", "--limit", "3")
     assert code == 0
     captured = capsys.readouterr()
+    assert "tokens generated: " in captured.out and "(prompt tokens: 0)" not in captured.out  # usage reaches the summary
     assert API_KEY not in captured.out + captured.err
     for path in run_dir.rglob("*"):
         if path.is_file():
