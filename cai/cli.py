@@ -40,10 +40,11 @@ def _print_summary(summary) -> None:
         f"(prompt tokens: {summary.prompt_tokens}), calls replayed from cache: {summary.cached_calls}, time: {summary.seconds:.1f} s"
     )
     exported = summary.exported
-    print(
-        f"datasets: {summary.run_dir / 'datasets'} (sft: {exported.get('sft', 0)} rows, "
-        f"flagged and left out: {exported.get('flagged', 0)}; all rows: rows.jsonl)"
-    )
+    if "preferences" in exported:
+        detail = f"preferences: {exported['preferences']} pairs, left out: {exported['ties']} ties, {exported['invalid']} invalid"
+    else:
+        detail = f"sft: {exported.get('sft', 0)} rows, flagged and left out: {exported.get('flagged', 0)}"
+    print(f"datasets: {summary.run_dir / 'datasets'} ({detail}; all rows: rows.jsonl)")
     if failed:
         print(f"failures: {summary.run_dir / 'failures.jsonl'} (rerun the same command to retry them)")
 

@@ -168,6 +168,9 @@ def load(path: str | Path, overrides: list[str] = ()) -> PipelineConfig:
         output_dir=Path(output["dir"]).expanduser() if "dir" in output else None,  # relative to where cai runs
     )
     config.constitution = constitution_mod.load(constitution_path)
+    for stage in stages:
+        if stage.type == "compare" and not any(p.comparison for p in config.constitution.principles):
+            raise InputError(str(constitution_path), "principles", f"stage {stage.name!r} compares answers, but no principle has a 'comparison' question")
     config.prompts = prompts_mod.load_many(prompt_paths)
     return config
 

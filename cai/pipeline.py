@@ -15,7 +15,7 @@ from cai import backends
 from cai.backends.cached import CachedBackend
 from cai.config import PipelineConfig
 from cai.errors import InputError
-from cai.export import export_sft
+from cai.export import export
 from cai.files import content_hash, sha256_file
 from cai.progress import StageProgress
 from cai.stages import StageContext, build
@@ -143,7 +143,7 @@ def run(config: PipelineConfig, run_dir: Path | None = None, limit: int | None =
             stage = build(stage_config.type, stage_config.params)
             ctx = StageContext(config.seed, stage_config.name, config.constitution, role_backends, models)
             rows = _run_stage(stage, ctx, rows, store, config.batch_size, summary, show_progress)
-        summary.exported = export_sft(rows, store.datasets_dir)
+        summary.exported = export(rows, store.datasets_dir)
     finally:
         for backend in shared.values():
             backend.close()

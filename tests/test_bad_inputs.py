@@ -205,6 +205,11 @@ def _add_backend_key(doc: dict) -> None:
     doc["backends"]["local"]["bogus"] = 1
 
 
+def _with_compare(doc: dict) -> None:
+    doc["roles"]["judge"] = "local"
+    doc["stages"].append({"type": "compare"})
+
+
 def _make_cdir(ws: Workspace) -> None:
     ws.folder("cdir")
 
@@ -309,6 +314,15 @@ CASES = [
         id="openai-zero-concurrency",
     ),
     pytest.param(pipeline_case(put("backends.local.options", None), ": backends.local.options: ", "expected mapping"), id="vllm-options-null"),
+    pytest.param(pipeline_case(put("stages.1", {"type": "compare"}), ": roles: ", "needs the role 'judge'"), id="compare-without-judge"),
+    pytest.param(
+        pipeline_case(
+            _with_compare, ": principles: ", "no principle has a 'comparison'", command="run", setup=lambda ws: ws.constitution()
+        ),
+        id="compare-constitution-without-comparisons-run",
+    ),
+    pytest.param(pipeline_case(put("stages.1", {"type": "compare", "pairing": "best"}), ": stages[1].pairing: ", "initial_vs_revision"), id="compare-bad-pairing"),
+    pytest.param(pipeline_case(put("stages.0.samples", 0), ": stages[0].samples: ", "0"), id="respond-zero-samples"),
     pytest.param(pipeline_case(BINARY, ": ", "binary", command="run"), id="pipeline-binary-run"),
     pytest.param(pipeline_case(NOT_UTF8, ": ", "UTF-8"), id="pipeline-not-utf8"),
     pytest.param(argument_case(lambda ws: ws.folder("pipelines"), "run", "directory"), id="run-directory"),

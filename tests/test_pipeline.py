@@ -179,3 +179,33 @@ def test_engine_that_cannot_start_is_one_line(tmp_path, capsys):
     assert main(["run", str(pipeline), "--limit", "2", "--run-dir", str(tmp_path / "run"), "--quiet"]) == 1
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and err.startswith("cai run: backend 'local' (vllm, model ") and "failed to start" in err
+
+
+def test_ai_feedback_pipeline_exports_trl_preferences(tiny_model, tmp_path, capsys):
+    from datasets import load_from_disk
+
+    pipeline = tiny_pipeline(
+        tmp_path,
+        tiny_model,
+        roles={"responder": "local", "judge": "local"},
+        stages=[
+            {"type": "respond", "samples": 3, "max_tokens": 8, "temperature": 1.0},
+            {"type": "compare", "ensemble": 2, "tie_threshold": 0.0},  # a random judge is near 0.5 everywhere
+        ],
+    )
+    run_dir = tmp_path / "run"
+    assert main(["run", str(pipeline), "--limit", "4", "--run-dir", str(run_dir), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    rows = lines(run_dir / "datasets" / "rows.jsonl")
+    pairs = [p for r in rows for p in r["pairs"]]
+    assert all(len(r["responses"]) == 3 for r in rows) and len(pairs) <= 4 * 3
+    records = lines(run_dir / "datasets" / "preferences.jsonl")
+    labels = [p["label"] for p in pairs]
+    assert len(records) == labels.count("a") + labels.count("b") > 0
+    assert f"preferences: {len(records)} pairs, left out: {labels.count('tie')} ties, {labels.count('invalid')} invalid" in out
+    ds = load_from_disk(str(run_dir / "datasets" / "preferences"))
+    assert {"prompt", "chosen", "rejected", "label_prob", "margin", "principle_ids", "votes", "position_consistent", "group_id"} <= set(ds.column_names)
+    for item in ds:
+        assert item["chosen"] != item["rejected"] and item["label_prob"] > 0.5
+        assert item["prompt"][-1]["role"] == "user" and item["chosen"][0]["role"] == "assistant"
+        assert len(item["principle_ids"]) == 2

@@ -16,6 +16,7 @@ class Respond:
     temperature: float = 0.7
     top_p: float = 1.0
     system_prompt: str | None = None
+    samples: int = 1  # K > 1 keeps K seeded answers in `responses` (for AI-feedback pairs); `response` is the first
     roles: tuple[str, ...] = ("responder",)
 
     def run(self, rows: list[Row], ctx: StageContext) -> StageResult:
@@ -31,6 +32,7 @@ class Respond:
                     temperature=self.temperature,
                     top_p=self.top_p,
                     seed=derive_seed(ctx.run_seed, row["id"], ctx.stage_name),
+                    n=self.samples,
                 )
             )
         result = StageResult()
@@ -43,6 +45,7 @@ class Respond:
                 {
                     **row,
                     "response": completion.text.strip(),
+                    **({"responses": [t.strip() for t in completion.texts]} if self.samples > 1 else {}),
                     "response_finish_reason": completion.finish_reasons[0],
                     "models": {**row.get("models", {}), "responder": ctx.models["responder"]},
                 }

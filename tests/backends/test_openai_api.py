@@ -66,6 +66,17 @@ def test_batch_with_usage(server):
     assert len(out[5].texts) == 2 and all(c.prompt_tokens > 3 for c in out)
 
 
+def test_requests_spread_over_several_base_urls(server):
+    proxies = [FaultProxy(server.port), FaultProxy(server.port)]
+    try:
+        backend = create(spec(server.url, base_url=[p.url for p in proxies]))
+        assert all(c.ok for c in backend.complete([ask(f"q{i}") for i in range(8)]))
+        assert [len(p.forwarded) for p in proxies] == [4, 4]
+    finally:
+        for p in proxies:
+            p.close()
+
+
 def test_client_errors_fail_at_once_with_the_servers_message(server):
     out = create(spec(server.url)).complete([ask("word " * 3000), ask("fine")])
     assert not out[0].ok and out[0].error.startswith("HTTP 400:") and "gave up" not in out[0].error
