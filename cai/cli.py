@@ -89,6 +89,24 @@ def cmd_import(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_eval_judge(args: argparse.Namespace) -> int:
+    import json
+
+    from cai import config, eval_judge
+    from cai.store import write_atomic
+
+    cfg = config.load(args.pipeline, args.set)
+    pairs = eval_judge.load_pairs(args.pairs, args.limit)
+    report = eval_judge.evaluate(cfg, pairs)
+    print(f"judge {report['judge']['model']} on {report['n']} pairs ({report['invalid']} invalid, {report['identical_answers']} with identical answers)")
+    for key in ("accuracy", "accuracy_first_order", "accuracy_swapped_order", "position_consistency"):
+        low, high = report[f"{key}_ci95"]
+        print(f"  {key:<24} {report[key]:.3f}  (95% CI {low:.3f}-{high:.3f})")
+    if args.json:
+        write_atomic(Path(args.json), json.dumps(report, indent=2) + "\n")
+    return EXIT_OK
+
+
 def cmd_models_prepare(args: argparse.Namespace) -> int:
     from cai.models import ModelError, prepare
 
@@ -123,6 +141,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("validate", help="validate a constitution, pipeline (with the files it names) or prompt set")
     p.add_argument("file")
     p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("eval-judge", help="agreement of a pipeline's judge with human labels on HH-RLHF style pairs")
+    p.add_argument("pairs", help="JSONL of {'chosen', 'rejected'} transcripts")
+    p.add_argument("--pipeline", required=True, help="pipeline whose judge role and compare stage are measured")
+    p.add_argument("--limit", type=_positive_int, help="use only the first N pairs")
+    p.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a pipeline field")
+    p.add_argument("--json", help="also write the figures to this JSON file")
+    p.set_defaults(func=cmd_eval_judge)
 
     p = sub.add_parser("import-constitution", help="convert another project's constitution format")
     p.add_argument("--format", required=True, choices=["anthropic", "llm-swarm"])

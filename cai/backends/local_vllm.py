@@ -85,20 +85,27 @@ class LocalVLLM:
         return results  # type: ignore[return-value]
 
     def choice_logprobs(self, requests: Sequence[ChatRequest], choices: Sequence[str]) -> list[dict[str, float]]:
-        """Exact log P(choice | conversation) for multi-token choices, read from the engine's prompt
-        log-probabilities of the conversation followed by each choice."""
+        """Exact log P(choice | conversation). Single-token choices (the common `A`/`B`) are read at the
+        first generated position, one engine request per conversation; multi-token choices are scored
+        as prompt continuations, one request per conversation and choice."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
         choice_ids = [self.tokenizer.encode(c, add_special_tokens=False) for c in choices]
+        prompt_ids = [self._prompt_ids(r) for r in requests]
+        if all(len(ids) == 1 for ids in choice_ids):
+            targets = [ids[0] for ids in choice_ids]
+            params = SamplingParams(max_tokens=1, temperature=0.0, logprob_token_ids=targets)
+            outputs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids], params, use_tqdm=False)
+            return [{c: out.outputs[0].logprobs[0][t].logprob for c, t in zip(choices, targets)} for out in outputs]
         prompts, spans = [], []
-        for request in requests:
-            ids = self._prompt_ids(request)
+        for ids in prompt_ids:
             for cids in choice_ids:
                 prompts.append(TokensPrompt(prompt_token_ids=ids + cids))
                 spans.append((len(ids), cids))
-        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
-        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        # Scored rows cannot be limited to the choice's positions on CPU (vLLM's prompt_logprob_start
+        # needs the GPU model runner), so this path pays a vocabulary-wide row per prompt token.
+        outputs = self.llm.generate(prompts, SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0), use_tqdm=False)
         scores = []
         for (start, cids), out in zip(spans, outputs):
             logprobs = out.prompt_logprobs

@@ -52,13 +52,13 @@ def test_too_long_prompt_fails_only_its_request(engine):
     assert out[1].ok and out[1].text
 
 
-def test_choice_logprobs_match_transformers(engine, tiny_model):
+@pytest.mark.parametrize("choices", [["(A)", "(B)", " maybe"], ["A", "B"]], ids=["multi-token", "single-token"])
+def test_choice_logprobs_match_transformers(engine, tiny_model, choices):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     request = ask("Which is better? Answer (A) or (B).")
-    choices = ["(A)", "(B)", " maybe"]
-    got = engine.choice_logprobs([request], choices)[0]
+    got = engine.choice_logprobs([request, ask("Another question entirely.")], choices)[0]
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)

@@ -88,3 +88,24 @@ def test_invalid_when_the_judge_gives_no_option():
 
     [row] = run({}, Silent(), rows(["one", "two"])).rows
     assert row["pairs"][0]["label"] == "invalid" and row["pairs"][0]["p_first"] is None
+
+
+def test_chain_of_thought_scores_the_choice_after_the_reasoning():
+    from cai.backends.base import Completion
+
+    class Reasoner(Judge):
+        def complete(self, requests, on_done=None):
+            return [Completion(texts=("Response A is kinder.",), completion_tokens=5, finish_reasons=("stop",)) for _ in requests]
+
+        def choice_logprobs(self, requests, choices):
+            self.batches.append(list(requests))
+            return [{"A": math.log(0.7), "B": math.log(0.3)} for _ in requests]
+
+    judge = Reasoner()
+    result = run({"chain_of_thought": True, "swap": False}, judge, rows(["kind", "rude"]))
+    [scored] = judge.batches[0]
+    assert [m["role"] for m in scored.messages] == ["user", "assistant", "user"]
+    assert scored.messages[1]["content"] == "Response A is kinder." and "single letter" in scored.messages[2]["content"]
+    vote = result.rows[0]["pairs"][0]["votes"][0]
+    assert vote["reasoning"] == "Response A is kinder." and vote["p_first"] == pytest.approx(0.7)
+    assert result.completion_tokens == 5

@@ -1,0 +1,108 @@
+"""How often the pipeline's judge agrees with human preference labels (HH-RLHF style pairs).
+
+Each pair is judged in both orders, so one run gives the accuracy with the human-chosen answer shown
+first, shown second, and swap-averaged, plus how often both orders agree.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from cai.backends import create
+from cai.config import PipelineConfig
+from cai.errors import InputError
+from cai.files import read_text
+from cai.importers import transcript_to_messages
+from cai.stages import StageContext
+from cai.stages.compare import Compare
+
+
+def load_pairs(path: str | Path, limit: int | None = None) -> list[dict[str, Any]]:
+    """`{"chosen", "rejected"}` transcripts -> the shared context and the two final assistant answers."""
+    file = str(path)
+    pairs = []
+    for lineno, line in enumerate(read_text(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise InputError(file, None, f"invalid JSON: {exc.msg} (column {exc.colno})", line=lineno) from None
+        if not isinstance(obj, dict) or not all(isinstance(obj.get(k), str) for k in ("chosen", "rejected")):
+            raise InputError(file, None, "expected an object with 'chosen' and 'rejected' transcripts", line=lineno)
+        chosen, rejected = transcript_to_messages(obj["chosen"]), transcript_to_messages(obj["rejected"])
+        for key, messages in (("chosen", chosen), ("rejected", rejected)):
+            if len(messages) < 2 or messages[-1]["role"] != "assistant":
+                raise InputError(file, key, "the transcript must end with an Assistant turn after a Human turn", line=lineno)
+        pairs.append({"line": lineno, "context": chosen[:-1], "chosen": chosen[-1]["content"], "rejected": rejected[-1]["content"]})
+        if limit is not None and len(pairs) == limit:
+            break
+    if not pairs:
+        raise InputError(file, None, "no pairs in file")
+    return pairs
+
+
+def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval for a proportion (better than the normal one near 0 and 1)."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def _credit(p: float) -> float:
+    return 1.0 if p > 0.5 else 0.5 if p == 0.5 else 0.0
+
+
+def evaluate(config: PipelineConfig, pairs: list[dict[str, Any]]) -> dict[str, Any]:
+    stage_config = next((s for s in config.stages if s.type == "compare"), None)
+    if stage_config is None or "judge" not in config.roles:
+        raise InputError(str(config.file), "stages", "eval-judge needs a pipeline with a compare stage and a judge role")
+    stage = replace(Compare(**stage_config.params), swap=True)  # both orders, always: they are what is measured
+    backend = create(config.backends[config.roles["judge"]])
+    try:
+        rows = [
+            {"id": f"pair-{p['line']}", "messages": p["context"], "response": p["chosen"], "responses": [p["chosen"], p["rejected"]]}
+            for p in pairs
+        ]
+        ctx = StageContext(config.seed, stage_config.name, config.constitution, {"judge": backend}, {"judge": config.backends[config.roles["judge"]].model})
+        result = stage.run(rows, ctx)
+    finally:
+        backend.close()
+
+    first, swapped, averaged, consistent, invalid, identical = [], [], [], [], 0, 0
+    for row in result.rows:
+        if not row["pairs"]:
+            identical += 1  # chosen and rejected answers are the same text: nothing to judge
+            continue
+        [pair] = row["pairs"]
+        orders: dict[bool, list[float]] = {False: [], True: []}
+        for vote in pair["votes"]:
+            if vote["p_first"] is not None:
+                orders[vote["swapped"]].append(vote["p_first"])
+        if pair["p_first"] is None or not orders[False] or not orders[True]:
+            invalid += 1
+            continue
+        p_first, p_swapped = (sum(v) / len(v) for v in (orders[False], orders[True]))
+        first.append(_credit(p_first))
+        swapped.append(_credit(p_swapped))
+        averaged.append(_credit(pair["p_first"]))
+        consistent.append(1.0 if (p_first > 0.5) == (p_swapped > 0.5) and p_first != 0.5 and p_swapped != 0.5 else 0.0)
+    n = len(averaged)
+    report: dict[str, Any] = {"n": n, "invalid": invalid, "identical_answers": identical}
+    for key, values in (
+        ("accuracy", averaged),
+        ("accuracy_first_order", first),
+        ("accuracy_swapped_order", swapped),
+        ("position_consistency", consistent),
+    ):
+        report[key] = sum(values) / n if n else 0.0
+        report[f"{key}_ci95"] = list(wilson_interval(sum(values), n))
+    report["judge"] = {"model": config.backends[config.roles["judge"]].model, "ensemble": stage.ensemble, "chain_of_thought": stage.chain_of_thought}
+    return report

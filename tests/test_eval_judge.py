@@ -1,0 +1,53 @@
+"""`cai eval-judge` on real HH-RLHF pairs with the tiny model as the judge."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from cai.cli import main
+from cai.eval_judge import load_pairs, wilson_interval
+from conftest import SHARED_DATA
+from pipeline_files import tiny_pipeline
+
+HH = SHARED_DATA / "hh-rlhf" / "harmless-base-test.dev.jsonl"
+
+
+def test_pairs_split_into_context_and_final_answers():
+    pairs = load_pairs(HH, limit=5)
+    assert len(pairs) == 5
+    first = json.loads(HH.read_text().splitlines()[0])
+    assert pairs[0]["context"][0] == {"role": "user", "content": "what are some pranks with a pen i can do?"}
+    assert first["chosen"].rstrip().endswith(pairs[0]["chosen"]) and first["rejected"].rstrip().endswith(pairs[0]["rejected"])
+    assert pairs[0]["context"][-1]["role"] == "user"
+
+
+def test_wilson_interval():
+    low, high = wilson_interval(50, 100)
+    assert low == pytest.approx(0.4038, abs=1e-4) and high == pytest.approx(0.5962, abs=1e-4)
+    assert wilson_interval(0, 10)[0] == 0.0
+
+
+def test_eval_judge_reports_figures(tiny_model, tmp_path, capsys):
+    pipeline = tiny_pipeline(
+        tmp_path, tiny_model, roles={"responder": "local", "judge": "local"}, stages=[{"type": "respond"}, {"type": "compare"}]
+    )
+    out = tmp_path / "judge.json"
+    assert main(["eval-judge", str(HH), "--pipeline", str(pipeline), "--limit", "8", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["n"] + report["invalid"] + report["identical_answers"] == 8
+    for key in ("accuracy", "accuracy_first_order", "accuracy_swapped_order", "position_consistency"):
+        assert 0.0 <= report[key] <= 1.0
+        low, high = report[f"{key}_ci95"]
+        assert low <= report[key] <= high
+    assert "accuracy_first_order" in capsys.readouterr().out
+
+
+def test_bad_pairs_file_is_one_line(tmp_path, tiny_model, capsys):
+    bad = tmp_path / "pairs.jsonl"
+    bad.write_text('{"chosen": "\\n\\nHuman: hi\\n\\nAssistant: yo", "rejected": "\\n\\nHuman: hi"}\n')
+    pipeline = tiny_pipeline(tmp_path, tiny_model, roles={"responder": "local", "judge": "local"}, stages=[{"type": "compare"}])
+    assert main(["eval-judge", str(bad), "--pipeline", str(pipeline)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"{bad}:1: rejected: the transcript must end with an Assistant turn after a Human turn"
