@@ -6,7 +6,6 @@ first, shown second, and swap-averaged, plus how often both orders agree.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import replace
 from pathlib import Path
@@ -15,7 +14,7 @@ from typing import Any
 from cai.backends import create
 from cai.config import PipelineConfig
 from cai.errors import InputError
-from cai.files import read_text
+from cai.files import jsonl_records, read_text
 from cai.importers import transcript_to_messages
 from cai.stages import StageContext
 from cai.stages.compare import Compare
@@ -25,13 +24,7 @@ def load_pairs(path: str | Path, limit: int | None = None) -> list[dict[str, Any
     """`{"chosen", "rejected"}` transcripts -> the shared context and the two final assistant answers."""
     file = str(path)
     pairs = []
-    for lineno, line in enumerate(read_text(path).splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise InputError(file, None, f"invalid JSON: {exc.msg} (column {exc.colno})", line=lineno) from None
+    for lineno, obj in jsonl_records(file, read_text(path)):
         if not isinstance(obj, dict) or not all(isinstance(obj.get(k), str) for k in ("chosen", "rejected")):
             raise InputError(file, None, "expected an object with 'chosen' and 'rejected' transcripts", line=lineno)
         chosen, rejected = transcript_to_messages(obj["chosen"]), transcript_to_messages(obj["rejected"])

@@ -7,7 +7,7 @@ import json
 from functools import cache
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import jsonschema
 import yaml
@@ -32,6 +32,17 @@ def read_text(path: str | Path) -> str:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise InputError(str(p), None, f"not UTF-8 text (byte {exc.start})") from None
+
+
+def jsonl_records(path: str | Path, text: str) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed value) for each non-blank line of a user's JSONL file."""
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            yield lineno, json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise InputError(str(path), None, f"invalid JSON: {exc.msg} (column {exc.colno})", line=lineno) from None
 
 
 def load_yaml(path: str | Path) -> Any:

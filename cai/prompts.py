@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from cai.errors import InputError
-from cai.files import content_hash, read_text, validate
+from cai.files import content_hash, jsonl_records, read_text, validate
 
 Message = dict[str, str]
 
@@ -26,13 +25,7 @@ def load(path: str | Path) -> list[Prompt]:
     prompts: list[Prompt] = []
     seen_ids: dict[str, int] = {}
     seen_rows: dict[str, int] = {}
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise InputError(file, None, f"invalid JSON: {exc.msg} (column {exc.colno})", line=lineno) from None
+    for lineno, obj in jsonl_records(file, text):
         if isinstance(obj, dict) and "prompt" in obj and "messages" in obj:
             raise InputError(file, None, "give either 'prompt' or 'messages', not both", line=lineno)
         if isinstance(obj, dict) and "prompt" not in obj and "messages" not in obj:
