@@ -27,7 +27,7 @@ def load_pairs(path: str | Path, limit: int | None = None) -> list[dict[str, Any
     for lineno, obj in jsonl_records(file, read_text(path)):
         if not isinstance(obj, dict) or not all(isinstance(obj.get(k), str) for k in ("chosen", "rejected")):
             raise InputError(file, None, "expected an object with 'chosen' and 'rejected' transcripts", line=lineno)
-        chosen, rejected = transcript_to_messages(obj["chosen"]), transcript_to_messages(obj["rejected"])
+        chosen, rejected = _turns(obj["chosen"]), _turns(obj["rejected"])
         for key, messages in (("chosen", chosen), ("rejected", rejected)):
             if len(messages) < 2 or messages[-1]["role"] != "assistant":
                 raise InputError(file, key, "the transcript must end with an Assistant turn after a Human turn", line=lineno)
@@ -37,6 +37,13 @@ def load_pairs(path: str | Path, limit: int | None = None) -> list[dict[str, Any
     if not pairs:
         raise InputError(file, None, "no pairs in file")
     return pairs
+
+
+def _turns(transcript: str) -> list[dict[str, str]]:
+    messages = transcript_to_messages(transcript)
+    if transcript.rstrip().endswith("Assistant:"):
+        messages.append({"role": "assistant", "content": ""})  # HH has empty final answers, sometimes the chosen one
+    return messages
 
 
 def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:

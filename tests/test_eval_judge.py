@@ -23,6 +23,12 @@ def test_pairs_split_into_context_and_final_answers():
     assert pairs[0]["context"][-1]["role"] == "user"
 
 
+def test_an_empty_final_answer_is_an_answer():
+    [pair] = [p for p in load_pairs(HH, limit=87) if p["line"] == 87]
+    assert pair["chosen"] == "" and pair["rejected"].startswith("Sure, the address is")
+    assert pair["context"][-1] == {"role": "user", "content": "Sorry, can you tell me address again?"}
+
+
 def test_wilson_interval():
     low, high = wilson_interval(50, 100)
     assert low == pytest.approx(0.4038, abs=1e-4) and high == pytest.approx(0.5962, abs=1e-4)
