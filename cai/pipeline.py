@@ -56,12 +56,14 @@ def default_run_dir(config: PipelineConfig) -> Path:
 
 
 def fingerprint(config: PipelineConfig) -> str:
-    """What makes two invocations the same run: config (minus output place), constitution, prompt files.
-    `--limit` is left out so a run can be extended by raising it."""
-    raw = {k: v for k, v in config.raw.items() if k != "output"}
+    """What makes two invocations the same run: what determines outputs in the config, the constitution
+    and the prompts. Left out: `--limit` (raising it extends a run), the output place, the description,
+    and how backends are reached and paced (a moved server or a new rate limit resumes the same run)."""
+    raw = {k: v for k, v in config.raw.items() if k not in ("output", "description", "backends")}
     return content_hash(
         {
             "config": raw,
+            "backends": {name: spec.identity() for name, spec in config.backends.items()},
             "constitution": config.constitution.hash,
             "prompts": [p.id for p in config.prompts],
         }

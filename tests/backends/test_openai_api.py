@@ -252,3 +252,15 @@ def test_backoff_honours_retry_after_and_caps():
     rng = random.Random(0)
     assert all(0 <= backoff_delay(a, None, 30, rng) <= min(30, 0.5 * 2**a) for a in range(10))
     assert backoff_delay(0, 7.0, 30, rng) == 7.0
+
+
+def test_reaching_the_server_differently_resumes_the_same_run(tiny_model, tmp_path):
+    from cai import config
+    from cai.pipeline import fingerprint
+
+    def fp(**settings):
+        path = tiny_pipeline(tmp_path, tiny_model, backends={"api": api_backend("http://127.0.0.1:1/v1", **settings)}, roles={"responder": "api", "critic": "api", "reviser": "api"})
+        return fingerprint(config.load(path))
+
+    assert fp() == fp(base_url=["http://127.0.0.2:9/v1", "http://127.0.0.3:9/v1"], max_concurrency=64, timeout_s=5)
+    assert fp() != fp(model="another-model")
