@@ -53,7 +53,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from cai import config, constitution, prompts
     from cai.files import load_yaml
 
-    PIPELINE_ONLY_KEYS = _pipeline_only_keys()
+    pipeline_keys = _pipeline_only_keys()
 
     path = Path(args.file)
     if path.suffix == ".jsonl":
@@ -61,7 +61,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
         print(f"{path}: ok (prompt set, {n} prompts)")
         return EXIT_OK
     doc = load_yaml(path)
-    if isinstance(doc, dict) and set(doc) & PIPELINE_ONLY_KEYS:
+    if isinstance(doc, dict) and set(doc) & pipeline_keys:
         cfg = config.load(path)
         print(f"{path}: ok (pipeline {cfg.name!r}: {len(cfg.stages)} stages, {len(cfg.prompts)} prompts, constitution {cfg.constitution.name!r})")
     else:
