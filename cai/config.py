@@ -169,8 +169,8 @@ def load(path: str | Path, overrides: list[str] = ()) -> PipelineConfig:
     )
     config.constitution = constitution_mod.load(constitution_path)
     for stage in stages:
-        if stage.type == "compare" and not any(p.comparison for p in config.constitution.principles):
-            raise InputError(str(constitution_path), "principles", f"stage {stage.name!r} compares answers, but no principle has a 'comparison' question")
+        if stage.type in ("compare", "score") and not any(p.comparison for p in config.constitution.principles):
+            raise InputError(str(constitution_path), "principles", f"stage {stage.name!r} judges answers, but no principle has a 'comparison' question")
     config.prompts = prompts_mod.load_many(prompt_paths)
     return config
 

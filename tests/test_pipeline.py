@@ -209,3 +209,16 @@ def test_ai_feedback_pipeline_exports_trl_preferences(tiny_model, tmp_path, caps
         assert item["chosen"] != item["rejected"] and item["label_prob"] > 0.5
         assert item["prompt"][-1]["role"] == "user" and item["chosen"][0]["role"] == "assistant"
         assert len(item["principle_ids"]) == 2
+
+
+def test_direct_scores_on_the_real_engine(tiny_model, tmp_path):
+    pipeline = tiny_pipeline(
+        tmp_path,
+        tiny_model,
+        roles={"responder": "local", "judge": "local"},
+        stages=[{"type": "respond", "samples": 2, "max_tokens": 8, "temperature": 1.0}, {"type": "score"}],
+    )
+    assert main(["run", str(pipeline), "--limit", "3", "--run-dir", str(tmp_path / "run"), "--quiet"]) == 0
+    rows = lines(tmp_path / "run" / "datasets" / "rows.jsonl")
+    scores = [s["score"] for r in rows for s in r["scores"]]
+    assert len(scores) == 6 and all(1.0 <= s <= 10.0 for s in scores)

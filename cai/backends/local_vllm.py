@@ -85,33 +85,31 @@ class LocalVLLM:
         return results  # type: ignore[return-value]
 
     def choice_logprobs(self, requests: Sequence[ChatRequest], choices: Sequence[str]) -> list[dict[str, float]]:
-        """Exact log P(choice | conversation). Single-token choices (the common `A`/`B`) are read at the
-        first generated position, one engine request per conversation; multi-token choices are scored
-        as prompt continuations, one request per conversation and choice."""
+        """Exact log P(choice | conversation). Single-token choices (`A`/`B`, `1`..`9`) are read at the
+        first generated position, one engine request per conversation for all of them; multi-token
+        choices (`10`, `(A)`) are scored as prompt continuations, one request per conversation and choice."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        choice_ids = [self.tokenizer.encode(c, add_special_tokens=False) for c in choices]
+        choice_ids = {c: self.tokenizer.encode(c, add_special_tokens=False) for c in choices}
+        single = {c: ids[0] for c, ids in choice_ids.items() if len(ids) == 1}
+        multi = {c: ids for c, ids in choice_ids.items() if len(ids) != 1}
         prompt_ids = [self._prompt_ids(r) for r in requests]
-        if all(len(ids) == 1 for ids in choice_ids):
-            targets = [ids[0] for ids in choice_ids]
-            params = SamplingParams(max_tokens=1, temperature=0.0, logprob_token_ids=targets)
+        scores: list[dict[str, float]] = [{} for _ in requests]
+        if single:
+            params = SamplingParams(max_tokens=1, temperature=0.0, logprob_token_ids=list(single.values()))
             outputs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids], params, use_tqdm=False)
-            return [{c: out.outputs[0].logprobs[0][t].logprob for c, t in zip(choices, targets)} for out in outputs]
-        prompts, spans = [], []
-        for ids in prompt_ids:
-            for cids in choice_ids:
-                prompts.append(TokensPrompt(prompt_token_ids=ids + cids))
-                spans.append((len(ids), cids))
-        # Scored rows cannot be limited to the choice's positions on CPU (vLLM's prompt_logprob_start
-        # needs the GPU model runner), so this path pays a vocabulary-wide row per prompt token.
-        outputs = self.llm.generate(prompts, SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0), use_tqdm=False)
-        scores = []
-        for (start, cids), out in zip(spans, outputs):
-            logprobs = out.prompt_logprobs
-            scores.append(sum(logprobs[start + k][tok].logprob for k, tok in enumerate(cids)))
-        per_request = len(choices)
-        return [dict(zip(choices, scores[i : i + per_request])) for i in range(0, len(scores), per_request)]
+            for score, out in zip(scores, outputs):
+                score.update({c: out.outputs[0].logprobs[0][t].logprob for c, t in single.items()})
+        if multi:
+            # vLLM can limit scored prompt rows only on its GPU model runner (prompt_logprob_start), so
+            # this path pays a vocabulary-wide row per prompt token.
+            jobs = [(r, c, len(ids)) for r, ids in enumerate(prompt_ids) for c in multi]
+            prompts = [TokensPrompt(prompt_token_ids=prompt_ids[r] + multi[c]) for r, c, _ in jobs]
+            outputs = self.llm.generate(prompts, SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0), use_tqdm=False)
+            for (r, c, start), out in zip(jobs, outputs):
+                scores[r][c] = sum(out.prompt_logprobs[start + k][t].logprob for k, t in enumerate(multi[c]))
+        return [{c: score[c] for c in choices} for score in scores]
 
     def close(self) -> None:
         engine = getattr(self.llm, "llm_engine", None)

@@ -52,7 +52,9 @@ def test_too_long_prompt_fails_only_its_request(engine):
     assert out[1].ok and out[1].text
 
 
-@pytest.mark.parametrize("choices", [["(A)", "(B)", " maybe"], ["A", "B"]], ids=["multi-token", "single-token"])
+@pytest.mark.parametrize(
+    "choices", [["(A)", "(B)", " maybe"], ["A", "B"], ["A", "(B)"]], ids=["multi-token", "single-token", "mixed"]
+)
 def test_choice_logprobs_match_transformers(engine, tiny_model, choices):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
