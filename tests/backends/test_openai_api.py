@@ -264,3 +264,19 @@ def test_reaching_the_server_differently_resumes_the_same_run(tiny_model, tmp_pa
 
     assert fp() == fp(base_url=["http://127.0.0.2:9/v1", "http://127.0.0.3:9/v1"], max_concurrency=64, timeout_s=5)
     assert fp() != fp(model="another-model")
+
+
+def test_unanswerable_judge_calls_fail_their_rows_not_the_run(server, tiny_model, tmp_path, capsys):
+    proxy = FaultProxy(server.port, always_fail_marker="top_logprobs")  # only the judge's scoring calls
+    try:
+        backend = api_backend(proxy.url, max_retries=1)
+        pipeline = tiny_pipeline(
+            tmp_path, tiny_model, batch_size=2, backends={"api": backend}, roles={"responder": "api", "judge": "api"},
+            stages=[{"type": "respond", "samples": 2, "max_tokens": 8, "temperature": 1.0}, {"type": "compare", "swap": False}],
+        )  # fmt: skip
+        assert main(["run", str(pipeline), "--limit", "4", "--run-dir", str(tmp_path / "run"), "--quiet"]) == 1
+        assert "rows done: 0/4, rows failed: 4" in capsys.readouterr().out
+        failures = lines(tmp_path / "run" / "failures.jsonl")
+        assert len(failures) == 4 and all(f["stage"] == "compare" and "choice log-probabilities failed" in f["reason"] for f in failures)
+    finally:
+        proxy.close()
