@@ -12,6 +12,10 @@ CPU_DEFAULTS: dict[str, Any] = {
     "dtype": "float32",  # bf16 matmuls are several times slower on CPUs without AMX
     "kv_cache_memory_bytes": 2 << 30,  # a fixed KV cache: vLLM refuses to start if a fraction of RAM is not free
     "enforce_eager": True,  # measured here: same tokens/s as compiled, and the engine starts in ~35 s, not ~140 s
+    # With chunked prefill, a seeded request whose prompt is split over steps makes vLLM 0.32 rewind its
+    # sampling generator, which CPU generators cannot do ("CPU Generator does not use offset"): the
+    # engine dies on any large batch of long seeded prompts. Whole-prompt prefill avoids it.
+    "enable_chunked_prefill": False,
 }
 COMMON_DEFAULTS: dict[str, Any] = {
     "enable_prefix_caching": True,  # critique and revision prompts of a row share the whole conversation
