@@ -46,20 +46,19 @@ class CachedBackend:
     def _key(self, kind: str, payload: dict[str, Any]) -> str:
         return content_hash({"backend": self._identity, "kind": kind, **payload}, length=32)
 
-    def _record(self, key: str, completion: Completion) -> None:
-        if completion.ok and key not in self._cache:
-            self._cache[key] = completion.to_dict()
-            self._writer.append([{"key": key, "completion": self._cache[key]}])
+    def _record(self, finished: list[tuple[str, Completion]]) -> None:
+        """Cache the successes not cached yet, in one write."""
+        new = [(key, c.to_dict()) for key, c in finished if c.ok and key not in self._cache]
+        self._cache.update(new)
+        self._writer.append({"key": key, "completion": c} for key, c in new)
 
     def complete(self, requests: Sequence[ChatRequest]) -> list[Completion]:
         keys = [self._key("complete", {"request": r.to_dict()}) for r in requests]
         misses = [i for i, k in enumerate(keys) if k not in self._cache]
         # Calls that finish one by one are recorded as they finish; a whole batch is recorded in one write.
-        on_done = lambda j, completion: self._record(keys[misses[j]], completion)  # noqa: E731
+        on_done = lambda j, completion: self._record([(keys[misses[j]], completion)])  # noqa: E731
         fresh = self.start().complete([requests[i] for i in misses], on_done) if misses else []
-        new = [(keys[i], c) for i, c in zip(misses, fresh) if c.ok and keys[i] not in self._cache]
-        self._writer.append({"key": k, "completion": c.to_dict()} for k, c in new)
-        self._cache.update((k, c.to_dict()) for k, c in new)
+        self._record([(keys[i], c) for i, c in zip(misses, fresh)])
         by_index = dict(zip(misses, fresh))
         results = [by_index[i] if i in by_index else Completion.from_dict(self._cache[keys[i]]) for i in range(len(requests))]
         self.stats.calls += len(requests)
