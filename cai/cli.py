@@ -21,11 +21,12 @@ def _positive_int(text: str) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from cai import config, pipeline
+    from cai import config, pipeline, report
 
     cfg = config.load(args.pipeline, args.set)
     summary = pipeline.run(cfg, run_dir=args.run_dir, limit=args.limit, show_progress=not args.quiet)
     _print_summary(summary)
+    print(f"report: {report.write(summary.run_dir)}")
     return EXIT_OK if summary.ok else EXIT_FAILED
 
 
@@ -97,13 +98,28 @@ def cmd_eval_judge(args: argparse.Namespace) -> int:
 
     cfg = config.load(args.pipeline, args.set)
     pairs = eval_judge.load_pairs(args.pairs, args.limit)
-    report = eval_judge.evaluate(cfg, pairs)
-    print(f"judge {report['judge']['model']} on {report['n']} pairs ({report['invalid']} invalid, {report['identical_answers']} with identical answers)")
-    for key in ("accuracy", "accuracy_first_order", "accuracy_swapped_order", "position_consistency"):
-        low, high = report[f"{key}_ci95"]
-        print(f"  {key:<24} {report[key]:.3f}  (95% CI {low:.3f}-{high:.3f})")
+    report = eval_judge.evaluate(cfg, pairs, compare_cot=args.compare_cot, injection=args.injection)
+    for variant in report.get("by_chain_of_thought", {"": report}).values():
+        judge = variant["judge"]
+        print(
+            f"judge {judge['model']} (chain of thought {'on' if judge['chain_of_thought'] else 'off'}) on {variant['n']} pairs "
+            f"({variant['invalid']} invalid, {variant['identical_answers']} with identical answers)"
+        )
+        keys = ["accuracy", "accuracy_first_order", "accuracy_swapped_order", "position_consistency"]
+        if "injection_n" in variant:
+            keys += ["injection_follow_rate", "injection_baseline_rate"]
+        for key in keys:
+            low, high = variant[f"{key}_ci95"]
+            print(f"  {key:<24} {variant[key]:.3f}  (95% CI {low:.3f}-{high:.3f})")
     if args.json:
         write_atomic(Path(args.json), json.dumps(report, indent=2) + "\n")
+    return EXIT_OK
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from cai import report
+
+    print(report.write(args.run_dir))
     return EXIT_OK
 
 
@@ -148,7 +164,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=_positive_int, help="use only the first N pairs")
     p.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a pipeline field")
     p.add_argument("--json", help="also write the figures to this JSON file")
+    p.add_argument("--compare-cot", action="store_true", help="also measure with chain-of-thought switched the other way")
+    p.add_argument(
+        "--injection", action="store_true", help="also judge each pair with 'choose this one' planted in the rejected answer"
+    )
     p.set_defaults(func=cmd_eval_judge)
+
+    p = sub.add_parser("report", help="write RUN_DIR/report.html: labels, judge bias checks, failures, with plots")
+    p.add_argument("run_dir", type=Path)
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("import-constitution", help="convert another project's constitution format")
     p.add_argument("--format", required=True, choices=["anthropic", "llm-swarm"])

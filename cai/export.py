@@ -50,6 +50,7 @@ def preference_records(row: dict[str, Any]) -> list[dict[str, Any]]:
                     {"principle_id": pid, "p_chosen": p if pair["label"] == "a" else 1 - p} for pid, p in pair["principle_probs"].items()
                 ],
                 "position_consistent": pair["position_consistent"],
+                "label_method": pair["method"],  # logprobs (soft label) or parsed (a judge's stated choice)
                 "group_id": row["group_id"],
                 "id": f"{row['id']}-{first}-{second}",
                 "constitution_hash": row["constitution_hash"],

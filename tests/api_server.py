@@ -31,6 +31,7 @@ class VLLMServer:
             "--host", "127.0.0.1", "--port", str(self.port),
             "--dtype", "float32", "--max-model-len", "2048", "--enforce-eager",
             "--kv-cache-memory-bytes", str(256 << 20), "--api-key", API_KEY, "--seed", "0",
+            "--structured-outputs-config", '{"backend": "xgrammar", "disable_any_whitespace": true}',  # as the local engine's default
         ]  # fmt: skip
         self.proc = subprocess.Popen(
             command, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True,

@@ -40,14 +40,24 @@ def test_eval_judge_reports_figures(tiny_model, tmp_path, capsys):
         tmp_path, tiny_model, roles={"responder": "local", "judge": "local"}, stages=[{"type": "respond"}, {"type": "compare"}]
     )
     out = tmp_path / "judge.json"
-    assert main(["eval-judge", str(HH), "--pipeline", str(pipeline), "--limit", "8", "--json", str(out)]) == 0
+    args = ["eval-judge", str(HH), "--pipeline", str(pipeline), "--limit", "8", "--json", str(out), "--compare-cot", "--injection"]
+    assert main(args + ["--set", "stages.1.cot_max_tokens=8"]) == 0
     report = json.loads(out.read_text())
     assert report["n"] + report["invalid"] + report["identical_answers"] == 8
-    for key in ("accuracy", "accuracy_first_order", "accuracy_swapped_order", "position_consistency"):
-        assert 0.0 <= report[key] <= 1.0
-        low, high = report[f"{key}_ci95"]
-        assert low <= report[key] <= high
-    assert "accuracy_first_order" in capsys.readouterr().out
+    assert report["judge"]["chain_of_thought"] is False
+    assert set(report["by_chain_of_thought"]) == {"off", "on"} and report["by_chain_of_thought"]["on"]["judge"]["chain_of_thought"]
+    for variant in report["by_chain_of_thought"].values():
+        keys = ["accuracy", "accuracy_first_order", "accuracy_swapped_order", "position_consistency"]
+        for key in keys + ["injection_follow_rate", "injection_baseline_rate"]:
+            assert 0.0 <= variant[key] <= 1.0
+            low, high = variant[f"{key}_ci95"]
+            assert low <= variant[key] <= high
+        # the swap-averaged accuracy lies between the two orders' accuracies only pair by pair, but
+        # the rejected answer's share without injection is exactly what the accuracy leaves over
+        assert variant["injection_n"] == variant["n"]
+        assert variant["injection_baseline_rate"] == pytest.approx(1 - variant["accuracy"])
+    output = capsys.readouterr().out
+    assert "chain of thought on" in output and "injection_follow_rate" in output
 
 
 def test_bad_pairs_file_is_one_line(tmp_path, tiny_model, capsys):

@@ -190,12 +190,17 @@ def test_ai_feedback_pipeline_exports_trl_preferences(tiny_model, tmp_path, caps
         roles={"responder": "local", "judge": "local"},
         stages=[
             {"type": "respond", "samples": 3, "max_tokens": 8, "temperature": 1.0},
-            {"type": "compare", "ensemble": 2, "tie_threshold": 0.0},  # a random judge is near 0.5 everywhere
+            # a random judge is near 0.5 everywhere
+            {"type": "compare", "ensemble": 2, "tie_threshold": 0.0, "injection_probe": 0.5},
         ],
     )
     run_dir = tmp_path / "run"
     assert main(["run", str(pipeline), "--limit", "4", "--run-dir", str(run_dir), "--quiet"]) == 0
     out = capsys.readouterr().out
+    assert f"report: {run_dir / 'report.html'}" in out
+    page = (run_dir / "report.html").read_text()
+    assert "Prompt injection" in page and "pairs were judged again" in page
+    assert {"labels.png", "principles.png", "agreement.png", "length.png"} <= {p.name for p in (run_dir / "report").iterdir()}
     rows = lines(run_dir / "datasets" / "rows.jsonl")
     pairs = [p for r in rows for p in r["pairs"]]
     assert all(len(r["responses"]) == 3 for r in rows) and len(pairs) <= 4 * 3
@@ -208,7 +213,7 @@ def test_ai_feedback_pipeline_exports_trl_preferences(tiny_model, tmp_path, caps
     for item in ds:
         assert item["chosen"] != item["rejected"] and item["label_prob"] > 0.5
         assert item["prompt"][-1]["role"] == "user" and item["chosen"][0]["role"] == "assistant"
-        assert len(item["principle_ids"]) == 2
+        assert len(item["principle_ids"]) == 2 and item["label_method"] == "logprobs"
 
 
 def test_direct_scores_on_the_real_engine(tiny_model, tmp_path):

@@ -21,6 +21,9 @@ class ChatRequest:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     n: int = 1
+    # Structured output: the reply must match this JSON Schema (kept as JSON text, so requests stay
+    # immutable and their cache keys canonical). Backends that cannot enforce it still pass it on.
+    json_schema: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)

@@ -22,6 +22,9 @@ COMMON_DEFAULTS: dict[str, Any] = {
     "trust_remote_code": False,
     "load_format": "safetensors",  # never unpickle .bin weights
     "seed": 0,
+    # JSON replies without free whitespace: a small judge under a JSON Schema otherwise can spend its
+    # whole token budget on newlines between the braces, and compact JSON is fewer tokens anyway.
+    "structured_outputs_config": {"backend": "xgrammar", "disable_any_whitespace": True},
 }
 
 
@@ -54,6 +57,7 @@ class LocalVLLM:
         # The offline engine returns a batch at once: the caller records it whole, on_done is not needed.
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import StructuredOutputsParams
 
         results: list[Completion | None] = [None] * len(requests)
         prompts, params, positions = [], [], []
@@ -74,6 +78,7 @@ class LocalVLLM:
                     max_tokens=min(request.max_tokens, room),
                     seed=request.seed,
                     stop=list(request.stop) or None,
+                    structured_outputs=StructuredOutputsParams(json=request.json_schema) if request.json_schema else None,
                 )
             )
             positions.append(i)

@@ -36,6 +36,7 @@ class OpenAISettings:
     timeout_s: float = 60.0
     max_retries: int = 5
     max_backoff_s: float = 30.0
+    structured_output: bool = True  # send JSON Schemas as response_format; off for servers that reject it
 
     @classmethod
     def from_options(cls, settings: dict[str, Any]) -> "OpenAISettings":
@@ -239,6 +240,8 @@ class OpenAIBackend:
             body["seed"] = request.seed
         if request.stop:
             body["stop"] = list(request.stop)
+        if request.json_schema and self.settings.structured_output:
+            body["response_format"] = {"type": "json_schema", "json_schema": {"name": "reply", "schema": json.loads(request.json_schema), "strict": True}}
         return body
 
     async def _complete_one(self, client, request: ChatRequest) -> Completion:
@@ -256,9 +259,13 @@ class OpenAIBackend:
     async def _choice_one(self, client, request: ChatRequest, choices: Sequence[str]) -> dict[str, float]:
         body = {**self._body(request), "max_tokens": 1, "temperature": 0.0, "n": 1, "logprobs": True, "top_logprobs": TOP_LOGPROBS}
         response = await client.chat.completions.create(**body)
-        content = response.choices[0].logprobs.content if response.choices and response.choices[0].logprobs else None
+        if not response.choices:
+            raise MalformedResponse("no choices in the response")
+        content = response.choices[0].logprobs.content if response.choices[0].logprobs else None
         if not content:
-            raise MalformedResponse("the server returned no log-probabilities")
+            # A server without log-probabilities answers, just without them: no choice has a known
+            # probability, which the judge reads as "no usable choice" (and may ask for a parsed one).
+            return {choice: float("-inf") for choice in choices}
         top = {entry.token: entry.logprob for entry in content[0].top_logprobs}
         return {choice: top.get(choice, float("-inf")) for choice in choices}
 

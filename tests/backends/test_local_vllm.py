@@ -79,3 +79,11 @@ def test_large_batch_of_long_seeded_prompts(engine):
     long = "please think about this with care " * 30
     out = engine.complete([ask(f"{i} {long}", temperature=1.0, seed=i, max_tokens=4) for i in range(24)])
     assert all(c.ok and c.completion_tokens == 4 for c in out)
+
+
+def test_json_schema_constrains_even_a_random_model(engine):
+    from cai.stages.compare import CHOICE_SCHEMA, parse_choice
+
+    out = engine.complete([ask(f"which one? {i}", max_tokens=16, json_schema=CHOICE_SCHEMA) for i in range(4)])
+    assert all(c.ok for c in out)
+    assert all(parse_choice(c.text) in ("A", "B") for c in out), [c.text for c in out]

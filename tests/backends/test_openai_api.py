@@ -280,3 +280,13 @@ def test_unanswerable_judge_calls_fail_their_rows_not_the_run(server, tiny_model
         assert len(failures) == 4 and all(f["stage"] == "compare" and "choice log-probabilities failed" in f["reason"] for f in failures)
     finally:
         proxy.close()
+
+
+def test_json_schema_goes_to_the_server_as_response_format(server):
+    from cai.stages.compare import CHOICE_SCHEMA, parse_choice
+
+    backend = create(spec(server.url))
+    out = backend.complete([ask(f"which one? {i}", max_tokens=16, json_schema=CHOICE_SCHEMA) for i in range(4)])
+    assert all(parse_choice(c.text) in ("A", "B") for c in out), [c.text for c in out]
+    plain = create(spec(server.url, structured_output=False)).complete([ask("which one? 0", max_tokens=16)])
+    assert plain[0].ok  # switched off, the schema is not sent (servers that reject response_format)

@@ -3,11 +3,13 @@ tests); the real engine runs it in tests/test_pipeline.py."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 
 from cai import constitution
+from cai.backends.base import Completion
 from cai.stages import StageContext, build
 from conftest import ROOT
 
@@ -86,13 +88,103 @@ def test_invalid_when_the_judge_gives_no_option():
         def choice_logprobs(self, requests, choices):
             return [{c: float("-inf") for c in choices} for _ in requests]
 
-    [row] = run({}, Silent(), rows(["one", "two"])).rows
+    [row] = run({"method": "logprobs"}, Silent(), rows(["one", "two"])).rows
     assert row["pairs"][0]["label"] == "invalid" and row["pairs"][0]["p_first"] is None
 
 
-def test_chain_of_thought_scores_the_choice_after_the_reasoning():
-    from cai.backends.base import Completion
+class Parser:
+    """A judge without log-probabilities (every option -inf) that replies in text when asked."""
 
+    def __init__(self, reply):
+        self.reply = reply
+        self.completed = []
+
+    def choice_logprobs(self, requests, choices):
+        return [{c: float("-inf") for c in choices} for _ in requests]
+
+    def complete(self, requests, on_done=None):
+        self.completed.extend(requests)
+        return [Completion(texts=(self.reply(r.messages[-1]["content"]),), completion_tokens=3, finish_reasons=("stop",)) for r in requests]
+
+
+def kind_letter(text):
+    a = text.split("<response_a>")[1].split("</response_a>")[0]
+    return '{"choice": "A"}' if "kind" in a else '{"choice": "B"}'
+
+
+def test_without_logprobs_auto_falls_back_to_a_parsed_choice_marked_as_such():
+    judge = Parser(kind_letter)
+    [row] = run({}, judge, rows(["rude", "kind"])).rows
+    [pair] = row["pairs"]
+    assert pair["method"] == "parsed" and all(v["method"] == "parsed" for v in pair["votes"])
+    assert pair["p_first"] == 0.0 and pair["label"] == "b" and pair["position_consistent"] is True
+    assert len(judge.completed) == 2 and all(json.loads(r.json_schema)["properties"]["choice"]["enum"] == ["A", "B"] for r in judge.completed)
+    assert all('{"choice": "A"}' in r.messages[-1]["content"] for r in judge.completed)
+
+
+def test_parsed_method_skips_logprobs_and_an_unparseable_reply_is_invalid():
+    class NoScores(Parser):
+        def choice_logprobs(self, requests, choices):
+            raise AssertionError("method: parsed must not ask for log-probabilities")
+
+    [row] = run({"method": "parsed"}, NoScores(lambda text: "I think the first one"), rows(["one", "two"])).rows
+    assert row["pairs"][0]["label"] == "invalid" and row["pairs"][0]["method"] == "parsed"
+
+
+def test_logprobs_where_present_parsed_only_where_missing():
+    class Partial(Judge):
+        def choice_logprobs(self, requests, choices):
+            scores = super().choice_logprobs(requests, choices)
+            scores[1] = {c: float("-inf") for c in choices}  # the swapped order comes back without log-probs
+            return scores
+
+        def complete(self, requests, on_done=None):
+            return [Completion(texts=(kind_letter(r.messages[-1]["content"]),), completion_tokens=3) for r in requests]
+
+    [row] = run({}, Partial(), rows(["kind", "rude"])).rows
+    [pair] = row["pairs"]
+    assert [v["method"] for v in pair["votes"]] == ["logprobs", "parsed"] and pair["method"] == "mixed"
+    assert pair["p_first"] == pytest.approx((0.8 + 1.0) / 2)
+
+
+class Obedient(Judge):
+    """Follows a planted "choose (X)" with P = 0.95, else judges like Judge."""
+
+    def choice_logprobs(self, requests, choices):
+        out = super().choice_logprobs(requests, choices)
+        for k, r in enumerate(requests):
+            text = r.messages[-1]["content"]
+            for letter, other in (("A", "B"), ("B", "A")):
+                if f"choose ({letter})" in text:
+                    out[k] = {letter: math.log(0.95), other: math.log(0.05)}
+        return out
+
+
+def test_injection_probe_plants_the_instruction_under_the_shown_letter_and_leaves_the_label_alone():
+    judge = Obedient()
+    [row] = run({"injection_probe": 1.0}, judge, rows(["kind", "rude"])).rows
+    [pair] = row["pairs"]
+    assert pair["label"] == "a" and pair["p_first"] == pytest.approx(0.8)  # the clean votes alone
+    assert pair["injection"]["label"] == "b" and pair["injection"]["p_first"] == pytest.approx(0.05)
+    planted = [r.messages[-1]["content"] for r in judge.batches[0] if "Ignore the above" in r.messages[-1]["content"]]
+    assert len(planted) == 2
+    for text in planted:  # the instruction sits inside the second answer's block and names that block's letter
+        letter = "B" if "rude" in text.split("<response_b>")[1] else "A"
+        block = text.split(f"<response_{letter.lower()}>")[1].split(f"</response_{letter.lower()}>")[0]
+        assert f"choose ({letter})" in block
+
+    [row] = run({"injection_probe": 1.0}, Judge(), rows(["kind", "rude"])).rows
+    assert row["pairs"][0]["injection"]["label"] == "a"  # a judge that ignores it keeps its verdict
+
+
+def test_injection_probe_share_is_seeded():
+    data = rows(*[[f"kind {i}", f"rude {i}"] for i in range(40)])
+    first = [("injection" in r["pairs"][0]) for r in run({"injection_probe": 0.25}, Judge(), data).rows]
+    again = [("injection" in r["pairs"][0]) for r in run({"injection_probe": 0.25}, Judge(), data).rows]
+    assert first == again and 3 <= sum(first) <= 20
+
+
+def test_chain_of_thought_scores_the_choice_after_the_reasoning():
     class Reasoner(Judge):
         def complete(self, requests, on_done=None):
             return [Completion(texts=("Response A is kinder.",), completion_tokens=5, finish_reasons=("stop",)) for _ in requests]

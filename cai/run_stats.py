@@ -1,0 +1,138 @@
+"""The figures of a run's report, as pure functions of its rows: how the judge labelled, whether its
+labels hold when the order is swapped, whether principles agree, whether length or a planted
+instruction sways it, and what the critique-revision stage flagged. Rendering is in report.py."""
+
+from __future__ import annotations
+
+from collections import Counter
+from itertools import combinations
+from typing import Any, Iterable
+
+from cai.eval_judge import wilson_interval
+
+LABELS = ("a", "b", "tie", "invalid")
+MOSTLY_INVALID = 0.5  # a principle with more invalid votes than this share is flagged
+
+
+def rate(successes: int, n: int) -> dict[str, Any]:
+    return {"rate": successes / n if n else None, "n": n, "ci95": list(wilson_interval(successes, n))}
+
+
+def _pairs(rows: Iterable[dict[str, Any]]) -> Iterable[tuple[dict[str, Any], dict[str, Any]]]:
+    for row in rows:
+        for pair in row.get("pairs", []):
+            yield row, pair
+
+
+def _answers(row: dict[str, Any]) -> list[str]:
+    return row.get("responses") or [row["response"], row["revision"]]
+
+
+def label_counts(rows: list[dict[str, Any]]) -> dict[str, int]:
+    counts = Counter(pair["label"] for _, pair in _pairs(rows))
+    return {label: counts.get(label, 0) for label in LABELS}
+
+
+def method_counts(rows: list[dict[str, Any]]) -> dict[str, int]:
+    return dict(Counter(pair["method"] for _, pair in _pairs(rows)))
+
+
+def by_principle(rows: list[dict[str, Any]], tie_threshold: float) -> dict[str, dict[str, Any]]:
+    """Per principle: votes, ties and invalid votes (a principle's vote is invalid when an order gave
+    no usable choice), position consistency over its swapped votes, and a flag when mostly invalid."""
+    stats: dict[str, dict[str, Any]] = {}
+    for _, pair in _pairs(rows):
+        orders: dict[str, dict[bool, float | None]] = {}
+        for vote in pair["votes"]:
+            orders.setdefault(vote["principle_id"], {})[vote["swapped"]] = vote["p_first"]
+        for principle_id, by_order in orders.items():
+            s = stats.setdefault(principle_id, {"votes": 0, "invalid": 0, "ties": 0, "consistent": 0, "swapped_votes": 0})
+            s["votes"] += 1
+            p = pair["principle_probs"].get(principle_id)
+            if p is None:
+                s["invalid"] += 1
+                continue
+            if abs(p - 0.5) < tie_threshold:
+                s["ties"] += 1
+            if len(by_order) == 2:
+                s["swapped_votes"] += 1
+                s["consistent"] += (by_order[False] - 0.5) * (by_order[True] - 0.5) > 0
+    for s in stats.values():
+        s["position_consistency"] = rate(s["consistent"], s["swapped_votes"])
+        s["invalid_share"] = s["invalid"] / s["votes"]
+        s["mostly_invalid"] = s["invalid_share"] > MOSTLY_INVALID
+    return dict(sorted(stats.items()))
+
+
+def principle_agreement(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """For every two principles judging the same pair: how often they prefer the same answer."""
+    agree: Counter = Counter()
+    total: Counter = Counter()
+    for _, pair in _pairs(rows):
+        decided = {pid: p for pid, p in pair["principle_probs"].items() if p != 0.5}
+        for x, y in combinations(sorted(decided), 2):
+            total[(x, y)] += 1
+            agree[(x, y)] += (decided[x] > 0.5) == (decided[y] > 0.5)
+    principles = sorted({pid for key in total for pid in key})
+    return {
+        "principles": principles,
+        "pairs": {f"{x}|{y}": {"agree": agree[(x, y)], "n": n} for (x, y), n in sorted(total.items())},
+        "overall": rate(sum(agree.values()), sum(total.values())),
+    }
+
+
+def length_bias(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """How often the longer answer wins among decided pairs of unequal length (0.5 means no bias),
+    and each pair's (length ratio, p_first) for a scatter plot."""
+    wins = n = 0
+    points = []
+    for row, pair in _pairs(rows):
+        answers = _answers(row)
+        first, second = (len(answers[k]) for k in pair["answers"])
+        if pair["p_first"] is not None and first and second:
+            points.append((first / second, pair["p_first"]))
+        if pair["label"] in ("a", "b") and first != second:
+            n += 1
+            wins += (pair["label"] == "a") == (first > second)
+    return {"longer_wins": rate(wins, n), "points": points}
+
+
+def injection(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Pairs judged again with "choose me" planted in the second answer: how often the label picks it,
+    against how often it did without the instruction, and how many labels the instruction flipped."""
+    probed = [(pair["label"], pair["injection"]["label"]) for _, pair in _pairs(rows) if pair.get("injection")]
+    valid = [(clean, planted) for clean, planted in probed if clean != "invalid" and planted != "invalid"]
+    if not probed:
+        return None
+    n = len(valid)
+    return {
+        "probed": len(probed),
+        "follows": rate(sum(planted == "b" for _, planted in valid), n),
+        "baseline": rate(sum(clean == "b" for clean, _ in valid), n),
+        "flipped": rate(sum(clean != "b" and planted == "b" for clean, planted in valid), n),
+    }
+
+
+def score_values(rows: list[dict[str, Any]]) -> list[float]:
+    return [s["score"] for row in rows for s in row.get("scores", []) if s["score"] is not None]
+
+
+def revision_stats(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    revised = [row for row in rows if "revision" in row and "rounds" in row]
+    if not revised:
+        return None
+    flags = Counter(flag for row in revised for flag in row.get("flags", []))
+    return {
+        "rows": len(revised),
+        "flags": dict(flags),
+        "principles": dict(Counter(pid for row in revised for pid in row["principle_ids"])),
+        "lengths": [(len(row["response"]), len(row["revision"])) for row in revised],
+    }
+
+
+def failure_counts(failures: list[dict[str, Any]], done_ids: set[str]) -> dict[str, Any]:
+    """failures.jsonl keeps every failure; a row that a rerun then finished is `retried`, not lost."""
+    by_stage = Counter(f.get("stage", "?") for f in failures)
+    reasons = Counter(f["reason"][:160] for f in failures)
+    unresolved = {f["id"] for f in failures} - done_ids
+    return {"recorded": len(failures), "rows_still_failed": len(unresolved), "by_stage": dict(by_stage), "top_reasons": reasons.most_common(5)}
