@@ -1,6 +1,7 @@
 """An HTTP proxy for tests that sits in front of a real server and injects faults at chosen rates:
 429 with Retry-After, 500, 503, a stall past the client's time-out, a dropped connection, and a
-200 whose JSON body is cut short. Requests whose body holds `always_fail_marker` always get a 500."""
+200 whose JSON body is cut short. Requests whose body holds `always_fail_marker` always get a 500.
+With `strip_logprobs`, answers lose their log-probabilities, like servers that do not give them."""
 
 from __future__ import annotations
 
@@ -20,8 +21,9 @@ HOP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "content-length"
 class FaultProxy:
     def __init__(
         self, upstream_port: int, rate: float = 0.0, seed: int = 0, stall_s: float = 6.0,
-        always_fail_marker: str = "ALWAYS_FAIL", delay_s: float = 0.0,
+        always_fail_marker: str = "ALWAYS_FAIL", delay_s: float = 0.0, strip_logprobs: bool = False,
     ):  # fmt: skip
+        self.strip_logprobs = strip_logprobs
         self.upstream_port = upstream_port
         self.delay_s = delay_s  # added to every forwarded answer: a slow server
         self.rate = rate
@@ -75,6 +77,11 @@ class FaultProxy:
             req.connection.shutdown(socket.SHUT_RDWR)
             return
         status, headers, payload = self.forward(req, body)
+        if self.strip_logprobs and status == 200 and req.command == "POST":
+            answer = json.loads(payload)
+            for choice in answer.get("choices", []):
+                choice["logprobs"] = None
+            payload = json.dumps(answer).encode()
         if fault == "truncate":
             payload = payload[: len(payload) // 2]
         self.reply(req, status, payload, headers)

@@ -290,3 +290,23 @@ def test_json_schema_goes_to_the_server_as_response_format(server):
     assert all(parse_choice(c.text) in ("A", "B") for c in out), [c.text for c in out]
     plain = create(spec(server.url, structured_output=False)).complete([ask("which one? 0", max_tokens=16)])
     assert plain[0].ok  # switched off, the schema is not sent (servers that reject response_format)
+
+
+def test_a_server_without_logprobs_gets_parsed_choices_marked_as_such(server, tiny_model, tmp_path):
+    proxy = FaultProxy(server.port, strip_logprobs=True)
+    try:
+        pipeline = tiny_pipeline(
+            tmp_path, tiny_model, backends={"api": api_backend(proxy.url)}, roles={"responder": "api", "judge": "api"},
+            stages=[{"type": "respond", "samples": 2, "max_tokens": 8, "temperature": 1.0}, {"type": "compare", "tie_threshold": 0.0}],
+        )  # fmt: skip
+        assert main(["run", str(pipeline), "--limit", "3", "--run-dir", str(tmp_path / "run"), "--quiet"]) == 0
+        pairs = [p for r in lines(tmp_path / "run" / "datasets" / "rows.jsonl") for p in r["pairs"]]
+        assert pairs and all(p["method"] == "parsed" and p["label"] in ("a", "b", "tie") for p in pairs)
+        # every vote is a stated choice: 1.0 or 0.0 for the first answer, averaged over the two orders
+        assert all(v["p_first"] in (0.0, 1.0) for p in pairs for v in p["votes"])
+        asked = [json.loads(b) for b in proxy.forwarded if b"response_format" in b]
+        assert len(asked) == 2 * len(pairs) and all(a["response_format"]["type"] == "json_schema" for a in asked)
+        records = lines(tmp_path / "run" / "datasets" / "preferences.jsonl")
+        assert all(r["label_method"] == "parsed" for r in records)
+    finally:
+        proxy.close()
