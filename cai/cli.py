@@ -135,6 +135,49 @@ def cmd_models_prepare(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    import importlib
+
+    from cai.train import config as train_config
+    from cai.train.data import TemplateError
+    from cai.train.runtime import NonFiniteError
+
+    trainer = importlib.import_module({"sft": "cai.train.sft", "rm": "cai.train.reward", "dpo": "cai.train.dpo"}[args.kind])
+    cfg = train_config.load(args.kind, args.config, args.set)
+    try:
+        final = trainer.train(cfg)
+    except TemplateError as exc:
+        raise InputError(cfg.model, "chat_template", str(exc)) from None
+    except NonFiniteError as exc:
+        print(f"cai train {args.kind}: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"model: {final}")
+    print(f"metrics: {cfg.output_dir / 'metrics.jsonl'}, curves: {cfg.output_dir / 'curves.png'}")
+    return EXIT_OK
+
+
+def cmd_eval_rm(args: argparse.Namespace) -> int:
+    import json
+
+    from cai.store import write_atomic
+    from cai.train import data, reward
+
+    model = Path(args.model)
+    if not (model / "config.json").is_file():
+        raise InputError(str(model), None, "not a model folder (no config.json)")
+    if not any(a.endswith("ForSequenceClassification") for a in json.loads((model / "config.json").read_text()).get("architectures") or []):
+        raise InputError(str(model), None, "not a reward model (no sequence-classification head): train one with `cai train rm`")
+    pairs = data.load_preferences(Path(args.pairs), args.limit)
+    report = reward.evaluate_pairs(reward.RewardScorer({"rm": (model, 1.0)}), pairs)
+    low, high = report["accuracy_ci95"]
+    print(f"reward model {model} on {report['n']} pairs")
+    print(f"  accuracy     {report['accuracy']:.3f}  (95% CI {low:.3f}-{high:.3f})")
+    print(f"  mean margin  {report['mean_margin']:.3f}")
+    if args.json:
+        write_atomic(Path(args.json), json.dumps(report, indent=2) + "\n")
+    return EXIT_OK
+
+
 class OneLineErrors(argparse.ArgumentParser):
     """Usage mistakes follow the same rule as bad files: one line on stderr, exit 2."""
 
@@ -185,6 +228,19 @@ def build_parser() -> argparse.ArgumentParser:
     q = models_sub.add_parser("prepare", help="convert an embedded model into a safetensors checkpoint in $CAI_HOME")
     q.add_argument("name", choices=["smollm2"])
     q.set_defaults(func=cmd_models_prepare)
+
+    p = sub.add_parser("train", help="train a model: sft, rm (reward model) or dpo, from a train config (resumes from OUTPUT's newest checkpoint)")
+    p.add_argument("kind", choices=["sft", "rm", "dpo"])
+    p.add_argument("config", help="train config YAML (schema: cai/schemas/train.json)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a config field")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval-rm", help="pairwise accuracy of a reward model on preference pairs (HH-RLHF style or cai's format)")
+    p.add_argument("model", help="a reward model folder (OUTPUT/final of `cai train rm`)")
+    p.add_argument("pairs", help="JSONL of {'chosen', 'rejected'} transcripts, or a cai preferences dataset")
+    p.add_argument("--limit", type=_positive_int, help="use only the first N pairs")
+    p.add_argument("--json", help="also write the figures to this JSON file")
+    p.set_defaults(func=cmd_eval_rm)
     return parser
 
 

@@ -1,0 +1,120 @@
+"""The output folder of a training run: the recorded config, checkpoints, the final model.
+
+OUTPUT/
+  config.json                 the config the run was started with; a rerun must match it
+  checkpoints/step-N/         model + tokenizer (safetensors, save_pretrained), trainer_state.json
+                              (step, data position), state/ (optimizer, scheduler, RNG of every process)
+  final/                      model + tokenizer (LoRA merged in)
+
+Every folder is written under a temporary name and renamed into place: a kill leaves the previous
+checkpoints whole. Optimizer, scheduler and RNG state go through accelerate's save_state, which knows
+how FSDP and DeepSpeed shard them; the weights are not saved twice (save_pretrained holds them)
+except where those engines insist.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from cai.errors import InputError
+from cai.files import canonical_json
+from cai.store import write_atomic
+from cai.train.config import TrainConfig, changed_keys
+
+
+def record_config(config: TrainConfig) -> None:
+    """Write OUTPUT/config.json, or refuse (InputError, before anything is written) a config that
+    differs from the one the folder's run started with: resuming it would mix two runs."""
+    path = config.output_dir / "config.json"
+    current = {"kind": config.kind, "config": config.raw}
+    if path.exists():
+        recorded = json.loads(path.read_text(encoding="utf-8"))
+        if recorded.get("kind") != config.kind:
+            raise InputError(str(config.file), None, f"{config.output_dir} holds a `cai train {recorded.get('kind')}` run: use another output_dir")
+        changed = changed_keys(recorded["config"], config.raw)
+        if changed:
+            key = changed[0]
+            raise InputError(
+                str(config.file),
+                key,
+                f"differs from the run in {config.output_dir} (recorded: {canonical_json(recorded['config'].get(key))}): "
+                "resuming needs the same config; use another output_dir for a new run",
+            )
+    write_atomic(path, json.dumps(current, indent=2) + "\n")
+
+
+def checkpoints(output_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    folder = output_dir / "checkpoints"
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.iterdir() if p.is_dir() and p.name.startswith("step-") and p.name[5:].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[5:]))
+
+
+def latest(output_dir: Path) -> Path | None:
+    found = checkpoints(output_dir)
+    return found[-1] if found else None
+
+
+def skip_model_weights(accelerator) -> None:
+    """save_pretrained writes the weights; accelerate's save_state need not write them again, and
+    load_state need not read them (the model is built from the checkpoint). FSDP and DeepSpeed save
+    their shards outside these hooks."""
+    accelerator.register_save_state_pre_hook(lambda models, weights, output_dir: weights.clear())
+    accelerator.register_load_state_pre_hook(lambda models, input_dir: models.clear())
+
+
+def save(accelerator, model, tokenizer, output_dir: Path, step: int, trainer_state: dict[str, Any], keep: int) -> Path:
+    """Write checkpoints/step-N atomically and keep only the newest `keep`."""
+    folder = output_dir / "checkpoints" / f"step-{step}"
+    tmp = folder.with_name(f".{folder.name}.tmp")
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.unwrap_model(model).save_pretrained(
+        tmp, state_dict=accelerator.get_state_dict(model), is_main_process=accelerator.is_main_process, safe_serialization=True
+    )
+    accelerator.save_state(str(tmp / "state"))
+    if accelerator.is_main_process:
+        tokenizer.save_pretrained(tmp)
+        (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **trainer_state}) + "\n", encoding="utf-8")
+        shutil.rmtree(folder, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        os.rename(tmp, folder)
+        for old in checkpoints(output_dir)[:-keep]:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return folder
+
+
+def restore(accelerator, folder: Path) -> dict[str, Any]:
+    """Optimizer, scheduler and RNG state from a checkpoint (the model was built from it); returns its
+    trainer state (step, data position, ...)."""
+    accelerator.load_state(str(folder / "state"))
+    return json.loads((folder / "trainer_state.json").read_text(encoding="utf-8"))
+
+
+def save_final(accelerator, model, tokenizer, output_dir: Path) -> Path:
+    """OUTPUT/final: a plain model any loader reads (a LoRA adapter is merged into its base)."""
+    folder = output_dir / "final"
+    tmp = folder.with_name(".final.tmp")
+    unwrapped = accelerator.unwrap_model(model)
+    state_dict = accelerator.get_state_dict(model)
+    if hasattr(unwrapped, "merge_and_unload"):
+        unwrapped = unwrapped.merge_and_unload()
+        state_dict = None
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        shutil.rmtree(folder, ignore_errors=True)
+        os.rename(tmp, folder)
+    accelerator.wait_for_everyone()
+    return folder

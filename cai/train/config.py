@@ -1,0 +1,168 @@
+"""Train config files (`cai train sft|rm|dpo CONFIG.yaml`): load, apply `--set`, validate, resolve.
+
+One schema (cai/schemas/train.json) covers the three trainers: the shared keys at the top, each
+trainer's own keys in its section (`sft:`, `rm:`, `dpo:`); a section for another trainer is an error.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cai.config import apply_overrides, resolve_path
+from cai.errors import InputError
+from cai.files import load_yaml, validate
+from cai.models import EMBEDDED, looks_like_path
+
+KINDS = ("sft", "rm", "dpo")
+DEFAULT_LR = {"sft": 2e-5, "rm": 1e-5, "dpo": 1e-6}
+# Keys that change neither the weights nor the data order: a resumed run may change them.
+RESUMABLE_CHANGES = frozenset({"save_every", "keep_checkpoints", "eval_every", "eval_batch_size", "tensorboard"})
+
+
+@dataclass(frozen=True)
+class LoraOptions:
+    r: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.05
+    target_modules: list[str] | str = "all-linear"
+
+
+@dataclass(frozen=True)
+class SFTOptions:
+    bucket_by_length: bool = True  # batches of similar lengths: less padding, same examples per epoch
+
+
+@dataclass(frozen=True)
+class RewardOptions:
+    use_margin: bool = False  # Llama 2: -log sigmoid(d - margin), margin from the dataset's `margin` column
+    use_soft_labels: bool = False  # CAI paper: soft cross-entropy on the `label_prob` column
+    center_coef: float = 0.0  # Eisenstein et al.: coef * (r_c + r_r)^2
+
+
+@dataclass(frozen=True)
+class DPOOptions:
+    beta: float = 0.1
+    loss_type: str = "sigmoid"
+    use_soft_labels: bool = False  # conservative DPO with each pair's `label_prob`
+    reference: str | None = None  # default: the starting model
+    precompute_ref: bool = False  # reference log-probs once before training, cached in output_dir
+
+
+@dataclass
+class TrainConfig:
+    kind: str
+    file: Path
+    raw: dict[str, Any]  # the validated document, overrides applied: recorded in output_dir
+    model: str
+    train_data: Path
+    output_dir: Path
+    eval_data: Path | None = None
+    eval_fraction: float = 0.1
+    limit: int | None = None
+    seed: int = 0
+    max_steps: int | None = None
+    epochs: int = 1
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    scheduler: str = "cosine"
+    max_grad_norm: float = 1.0
+    max_length: int = 1024
+    precision: str = "auto"
+    save_every: int = 100
+    keep_checkpoints: int = 2
+    eval_every: int | None = None
+    eval_batch_size: int | None = None
+    tensorboard: bool = False
+    lora: LoraOptions | None = None
+    sft: SFTOptions = field(default_factory=SFTOptions)
+    rm: RewardOptions = field(default_factory=RewardOptions)
+    dpo: DPOOptions = field(default_factory=DPOOptions)
+
+    @property
+    def base_dirs(self) -> list[Path]:
+        """Where a relative model folder is looked for: beside the config file, then the current folder."""
+        return [self.file.parent.resolve(), Path.cwd()]
+
+
+def load(kind: str, path: str | Path, overrides: list[str] = ()) -> TrainConfig:
+    file = Path(path)
+    name = str(file)
+    doc = load_yaml(file)
+    if not isinstance(doc, dict):
+        validate(doc, "train", name)  # reports the wrong top-level type
+    doc = _exponent_floats(apply_overrides(doc, list(overrides), name))
+    validate(doc, "train", name)
+    for other in KINDS:
+        if other != kind and other in doc:
+            raise InputError(name, other, f"options for `cai train {other}`, but this is `cai train {kind}`")
+
+    model = doc["model"]
+    _check_model(model, file, name, "model")
+    reference = doc.get("dpo", {}).get("reference")
+    if reference is not None:
+        _check_model(reference, file, name, "dpo.reference")
+
+    data = doc["data"]
+    train_data = _existing(data["train"], file, name, "data.train")
+    eval_data = _existing(data["eval"], file, name, "data.eval") if "eval" in data else None
+
+    rm = RewardOptions(**doc.get("rm", {}))
+    if rm.use_margin and rm.use_soft_labels:
+        raise InputError(name, "rm.use_soft_labels", "use_margin and use_soft_labels both encode the judge's confidence: enable one")
+
+    scalars = {k: doc[k] for k in ("seed", "max_steps", "epochs", "batch_size", "grad_accum", "lr", "weight_decay", "warmup_steps", "scheduler",
+                                   "max_grad_norm", "max_length", "precision", "save_every", "keep_checkpoints", "eval_every", "eval_batch_size",
+                                   "tensorboard") if k in doc}
+    return TrainConfig(
+        kind=kind,
+        file=file,
+        raw=doc,
+        model=model,
+        train_data=train_data,
+        output_dir=Path(doc["output_dir"]).expanduser(),  # relative to where cai runs, as a pipeline's output.dir
+        eval_data=eval_data,
+        eval_fraction=data.get("eval_fraction", 0.0 if eval_data else 0.1),
+        limit=data.get("limit"),
+        **{"lr": DEFAULT_LR[kind], **scalars},
+        lora=LoraOptions(**doc["lora"]) if "lora" in doc else None,
+        sft=SFTOptions(**doc.get("sft", {})),
+        rm=rm,
+        dpo=DPOOptions(**doc.get("dpo", {})),
+    )
+
+
+_EXPONENT_FLOAT = re.compile(r"^[-+]?[0-9]+(\.[0-9]*)?[eE][-+]?[0-9]+$")
+
+
+def _exponent_floats(doc: Any) -> Any:
+    """YAML 1.1 (PyYAML) reads `lr: 1e-5` as the string "1e-5" (it wants `1.0e-5`); a learning rate
+    is where everyone writes that form, so such strings are numbers here."""
+    if isinstance(doc, dict):
+        return {k: _exponent_floats(v) for k, v in doc.items()}
+    if isinstance(doc, str) and _EXPONENT_FLOAT.match(doc):
+        return float(doc)
+    return doc
+
+
+def _check_model(model: str, file: Path, name: str, field_name: str) -> None:
+    if model not in EMBEDDED and looks_like_path(model) and not resolve_path(model, file).is_dir():
+        raise InputError(name, field_name, f"model folder not found: {model}")
+
+
+def _existing(value: str, file: Path, name: str, field_name: str) -> Path:
+    p = resolve_path(value, file)
+    if not p.exists():
+        raise InputError(name, field_name, f"not found: {value}")
+    return p
+
+
+def changed_keys(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Top-level keys whose values differ between two config documents, except those a resume may change."""
+    keys = (set(recorded) | set(current)) - RESUMABLE_CHANGES
+    return sorted(k for k in keys if recorded.get(k) != current.get(k))

@@ -1,0 +1,290 @@
+"""Training data: records in (SFT `messages`, preference pairs), token ids and loss masks out, and the
+batches each step reads.
+
+Loss masks come from the chat template itself: the tokens of assistant turn i are the characters
+between render(messages[:i], add_generation_prompt=True) and render(messages[:i+1]). That works with
+any template that renders conversations prefix-consistently, `{% generation %}` support or not.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from cai import eval_judge
+from cai.errors import InputError
+from cai.files import canonical_json, content_hash, jsonl_records, read_text, validate
+
+Messages = list[dict[str, str]]
+
+
+# ----------------------------------------------------------------------------- records
+
+
+@dataclass(frozen=True)
+class Pair:
+    prompt: Messages
+    chosen: Messages
+    rejected: Messages
+    label_prob: float | None = None  # P(chosen is better) from the judge
+    margin: float | None = None
+    group: str = ""  # pairs of one prompt's K answers share it (the `group_id` column)
+
+
+def _records(path: Path) -> Iterator[tuple[int, Any]]:
+    """(line or row number, record) from a HF `datasets` folder (save_to_disk) or a JSONL file."""
+    if path.is_dir():
+        from datasets import DatasetDict, load_from_disk
+
+        try:
+            dataset = load_from_disk(str(path))
+        except (FileNotFoundError, ValueError) as exc:
+            raise InputError(str(path), None, f"not a HF datasets folder: {exc}") from None
+        if isinstance(dataset, DatasetDict):
+            if "train" not in dataset:
+                raise InputError(str(path), None, f"a DatasetDict without a 'train' split (splits: {', '.join(dataset)})")
+            dataset = dataset["train"]
+        for index, row in enumerate(dataset, start=1):
+            # Arrow fills a column missing from some rows with None: absent, not null.
+            yield index, {k: v for k, v in row.items() if v is not None}
+    else:
+        yield from jsonl_records(path, read_text(path))
+
+
+def load_sft(path: Path, limit: int | None = None) -> list[Messages]:
+    """`messages` records (a cai run's datasets/sft folder or sft.jsonl), each with an assistant turn."""
+    file = str(path)
+    out = []
+    for line, record in _records(path):
+        validate(record, "train_sft_record", file, line)
+        if not any(m["role"] == "assistant" for m in record["messages"]):
+            raise InputError(file, "messages", "no assistant message to train on", line=line)
+        out.append([{"role": m["role"], "content": m["content"]} for m in record["messages"]])
+        if limit is not None and len(out) == limit:
+            break
+    if not out:
+        raise InputError(file, None, "no records")
+    return out
+
+
+def load_preferences(path: Path, limit: int | None = None) -> list[Pair]:
+    """Preference pairs from a cai run's datasets/preferences (folder or .jsonl: TRL's conversational
+    format with optional `label_prob`, `margin`, `group_id`) or HH-RLHF style `chosen`/`rejected`
+    transcripts."""
+    if path.is_file() and _is_transcript_file(path):
+        return [
+            Pair(prompt=p["context"], chosen=[_assistant(p["chosen"])], rejected=[_assistant(p["rejected"])], group=content_hash(p["context"]))
+            for p in eval_judge.load_pairs(path, limit)
+        ]
+    file = str(path)
+    pairs = []
+    for line, record in _records(path):
+        validate(record, "train_preference", file, line)
+        for key in ("chosen", "rejected"):
+            if record[key][-1]["role"] != "assistant":
+                raise InputError(file, key, "must end with an assistant message", line=line)
+        for key in ("label_prob", "margin"):
+            if key in record and not math.isfinite(record[key]):
+                raise InputError(file, key, f"must be a finite number, got {record[key]}", line=line)
+        prompt = _plain(record["prompt"])
+        pairs.append(
+            Pair(
+                prompt=prompt,
+                chosen=_plain(record["chosen"]),
+                rejected=_plain(record["rejected"]),
+                label_prob=record.get("label_prob"),
+                margin=record.get("margin"),
+                group=str(record["group_id"]) if "group_id" in record else content_hash(prompt),
+            )
+        )
+        if limit is not None and len(pairs) == limit:
+            break
+    if not pairs:
+        raise InputError(file, None, "no pairs")
+    return pairs
+
+
+def _is_transcript_file(path: Path) -> bool:
+    for _, record in jsonl_records(path, read_text(path)):
+        return isinstance(record, dict) and isinstance(record.get("chosen"), str) and "prompt" not in record
+    return False
+
+
+def _assistant(text: str) -> dict[str, str]:
+    return {"role": "assistant", "content": text}
+
+
+def _plain(messages: list[dict[str, Any]]) -> Messages:
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def split_eval(items: list, groups: list[str], fraction: float, seed: int) -> tuple[list, list]:
+    """Hold out a seeded `fraction` of the groups (never part of a group: no prompt leaks into eval)."""
+    if fraction <= 0:
+        return items, []
+    distinct = sorted(set(groups))
+    random.Random(seed).shuffle(distinct)
+    held = set(distinct[: max(1, round(fraction * len(distinct)))]) if len(distinct) > 1 else set()
+    train = [x for x, g in zip(items, groups) if g not in held]
+    return train, [x for x, g in zip(items, groups) if g in held]
+
+
+# ----------------------------------------------------------------------------- tokens and masks
+
+
+class TemplateError(Exception):
+    """The chat template does not render conversations prefix-consistently."""
+
+
+@dataclass(frozen=True)
+class Encoded:
+    input_ids: list[int]
+    mask: list[int]  # 1 on the tokens the loss counts (assistant turns at or after train_from)
+
+
+def render(tokenizer, messages: Messages, add_generation_prompt: bool = False) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def encode(tokenizer, messages: Messages, train_from: int = 0) -> Encoded:
+    """Token ids of the rendered conversation, and a mask that is 1 exactly on the tokens of the
+    assistant turns at index >= train_from (each turn's header excluded, its end-of-turn included)."""
+    text = render(tokenizer, messages)
+    spans = []
+    for i, message in enumerate(messages):
+        if i < train_from or message["role"] != "assistant":
+            continue
+        before = render(tokenizer, messages[:i], add_generation_prompt=True)
+        through = render(tokenizer, messages[: i + 1])
+        if not (text.startswith(before) and text.startswith(through) and len(before) <= len(through)):
+            raise TemplateError(f"the chat template does not render turn {i} as a prefix of the whole conversation")
+        spans.append((len(before), len(through)))
+    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    mask = [int(any(s <= start < e for s, e in spans)) for start, _ in encoding["offset_mapping"]]
+    return Encoded(list(encoding["input_ids"]), mask)
+
+
+def truncate(e: Encoded, max_length: int) -> Encoded | None:
+    """Keep the first max_length tokens; None when no trained token is left to predict."""
+    ids, mask = e.input_ids[:max_length], e.mask[:max_length]
+    return Encoded(ids, mask) if any(mask[1:]) else None
+
+
+def pad(sequences: list[list[int]], value: int) -> torch.Tensor:
+    width = max(len(s) for s in sequences)
+    return torch.tensor([s + [value] * (width - len(s)) for s in sequences], dtype=torch.long)
+
+
+def collate(encoded: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded `input_ids`, `attention_mask` and loss `mask`."""
+    return {
+        "input_ids": pad([e.input_ids for e in encoded], pad_id),
+        "attention_mask": pad([[1] * len(e.input_ids) for e in encoded], 0),
+        "mask": pad([e.mask for e in encoded], 0),
+    }
+
+
+def pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+# ----------------------------------------------------------------------------- preference pairs as tokens
+
+
+@dataclass(frozen=True)
+class EncodedPair:
+    chosen: Encoded
+    rejected: Encoded
+    label_prob: float | None
+
+
+def encode_pairs(tokenizer, pairs: list[Pair], max_length: int) -> tuple[list[EncodedPair], int]:
+    """Prompt + answer, the loss mask on the answer only; (pairs kept, pairs left with no answer token)."""
+    out, dropped = [], 0
+    for p in pairs:
+        chosen = truncate(encode(tokenizer, p.prompt + p.chosen, train_from=len(p.prompt)), max_length)
+        rejected = truncate(encode(tokenizer, p.prompt + p.rejected, train_from=len(p.prompt)), max_length)
+        if chosen is None or rejected is None:
+            dropped += 1
+            continue
+        out.append(EncodedPair(chosen, rejected, p.label_prob))
+    return out, dropped
+
+
+@dataclass(frozen=True)
+class Group:
+    """One prompt's distinct answers (each scored once) and the pairs among them."""
+
+    answers: list[list[int]]
+    pairs: list[tuple[int, int, float | None, float | None]]  # (chosen index, rejected index, label_prob, margin)
+
+    @property
+    def tokens(self) -> int:
+        return sum(len(a) for a in self.answers)
+
+
+def group_pairs(tokenizer, pairs: list[Pair], max_length: int) -> tuple[list[Group], int]:
+    """Pairs with the same group -> one Group; pairs with an answer longer than max_length are left out
+    (a reward read off a cut answer would score text the labeller never saw). Returns (groups, dropped)."""
+    by_group: dict[str, tuple[dict[str, int], list[list[int]], list]] = {}
+    dropped = 0
+    for p in pairs:
+        chosen_ids = encode(tokenizer, p.prompt + p.chosen).input_ids
+        rejected_ids = encode(tokenizer, p.prompt + p.rejected).input_ids
+        if len(chosen_ids) > max_length or len(rejected_ids) > max_length:
+            dropped += 1
+            continue
+        index, answers, group_pairs_ = by_group.setdefault(p.group, ({}, [], []))
+        slots = []
+        for messages, ids in ((p.chosen, chosen_ids), (p.rejected, rejected_ids)):
+            key = canonical_json([p.prompt, messages])
+            if key not in index:
+                index[key] = len(answers)
+                answers.append(ids)
+            slots.append(index[key])
+        group_pairs_.append((slots[0], slots[1], p.label_prob, p.margin))
+    return [Group(answers, pairs_) for _, answers, pairs_ in by_group.values()], dropped
+
+
+# ----------------------------------------------------------------------------- batches
+
+
+class Batches:
+    """The batches of every epoch as lists of item indexes, a pure function of (seed, epoch): a resumed
+    run asks for batch number `position` and gets what the uninterrupted run got.
+
+    Each process of a distributed run reads every world_size-th batch; all read the same number.
+    With bucketing, items are sorted by length inside windows of 64 batches, then the batches are
+    shuffled: little padding, yet no fixed order of lengths.
+    """
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int, bucket: bool = False, rank: int = 0, world_size: int = 1):
+        self.lengths, self.batch_size, self.seed, self.bucket = lengths, batch_size, seed, bucket
+        self.rank, self.world_size = rank, world_size
+        self.per_epoch = math.ceil(len(lengths) / batch_size) // world_size
+        if self.per_epoch == 0:
+            raise ValueError(f"{len(lengths)} examples make no batch of {batch_size} on each of {world_size} processes")
+        self._epoch, self._plan = -1, []
+
+    def plan(self, epoch: int) -> list[list[int]]:
+        rng = random.Random(self.seed * 1_000_003 + epoch)
+        order = list(range(len(self.lengths)))
+        rng.shuffle(order)
+        if self.bucket:
+            window = self.batch_size * 64
+            order = [i for w in range(0, len(order), window) for i in sorted(order[w : w + window], key=lambda i: -self.lengths[i])]
+        batches = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        if self.bucket:
+            rng.shuffle(batches)
+        return batches[self.rank :: self.world_size][: self.per_epoch]
+
+    def __call__(self, position: int) -> list[int]:
+        epoch, index = divmod(position, self.per_epoch)
+        if epoch != self._epoch:
+            self._epoch, self._plan = epoch, self.plan(epoch)
+        return self._plan[index]

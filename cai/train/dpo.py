@@ -1,0 +1,165 @@
+"""`cai train dpo`: direct preference optimisation of a policy against a frozen reference.
+
+The reference is the starting model unless `dpo.reference` names another; with LoRA it is the policy
+with its adapter switched off (no second copy). `dpo.precompute_ref` computes the reference
+log-probs once before training and caches them in the output folder, after which the reference
+model is freed. Chosen and rejected answers go through the policy in one concatenated forward pass.
+`dpo.use_soft_labels` trains on each pair's `label_prob` (conservative DPO with the judge's own
+confidence per pair).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from cai.errors import InputError
+from cai.train import checkpoint, data, runtime
+from cai.train.config import TrainConfig
+from cai.train.losses import dpo_loss, sequence_logps
+from cai.train.metrics import MetricsLog, mean, plot
+
+
+def train(config: TrainConfig, stop_after: int | None = None) -> Path:
+    """Train; returns OUTPUT/final. `stop_after=N` returns right after step N's checkpoint, as a kill
+    there would (tests use it to check that a rerun resumes exactly)."""
+    from transformers import AutoModelForCausalLM
+
+    acc = runtime.accelerator(config)
+    tokenizer = runtime.load_tokenizer(runtime.model_path(config))
+
+    # --- data: validated before anything is written
+    pairs = data.load_preferences(config.train_data, config.limit)
+    if config.eval_data is not None:
+        eval_pairs = data.load_preferences(config.eval_data)
+    else:
+        pairs, eval_pairs = data.split_eval(pairs, [p.group for p in pairs], config.eval_fraction, config.seed)
+    if config.dpo.use_soft_labels and any(p.label_prob is None for p in pairs):
+        raise InputError(str(config.train_data), "label_prob", "dpo.use_soft_labels needs a label_prob on every pair")
+    train_set, dropped = data.encode_pairs(tokenizer, pairs, config.max_length)
+    eval_set, _ = data.encode_pairs(tokenizer, eval_pairs, config.max_length)
+    if not train_set:
+        raise InputError(str(config.train_data), None, f"no pair keeps an answer token within max_length {config.max_length}")
+    if dropped:
+        acc.print(f"left out {dropped} pairs with no answer token within max_length {config.max_length}")
+
+    resume = runtime.prepare_output(config, acc)
+    batches = data.Batches([len(p.chosen.input_ids) + len(p.rejected.input_ids) for p in train_set], config.batch_size, config.seed,
+                           bucket=True, rank=acc.process_index, world_size=acc.num_processes)
+    steps = runtime.total_steps(config, batches.per_epoch)
+
+    # --- models
+    policy = runtime.load_model(AutoModelForCausalLM, config, resume, task_type="CAUSAL_LM")
+    reference = None
+    if config.lora is None:
+        reference = AutoModelForCausalLM.from_pretrained(
+            runtime.model_path(config, config.dpo.reference), dtype=torch.bfloat16 if acc.mixed_precision == "bf16" else torch.float32
+        )
+        reference.requires_grad_(False)
+        reference = reference.to(acc.device).eval()
+    optimizer, scheduler = runtime.optimizer_and_scheduler(config, policy, steps)
+    policy, optimizer = runtime.prepare(acc, policy, optimizer, scheduler)
+    pad_id = data.pad_id(tokenizer)
+
+    def logps(model, items: list[data.EncodedPair]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(chosen, rejected) sequence log-probs from one forward pass over both; per-token means for IPO."""
+        batch = {k: v.to(acc.device) for k, v in data.collate([p.chosen for p in items] + [p.rejected for p in items], pad_id).items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        values = sequence_logps(logits, batch["input_ids"], batch["mask"])
+        if config.dpo.loss_type == "ipo":
+            values = values / batch["mask"][:, 1:].sum(dim=1)
+        return values[: len(items)], values[len(items) :]
+
+    @torch.no_grad()
+    def reference_logps(items: list[data.EncodedPair]) -> tuple[torch.Tensor, torch.Tensor]:
+        if reference is not None:
+            return logps(reference, items)
+        with acc.unwrap_model(policy).disable_adapter():
+            return logps(policy, items)
+
+    cached = _precomputed(config, acc, reference_logps, train_set, eval_set) if config.dpo.precompute_ref else None
+    if cached is not None:
+        reference = None  # frees the reference model: its numbers are all in `cached`
+
+    def step_values(items: list[data.EncodedPair], indexes: list[int], split: str) -> tuple[torch.Tensor, dict[str, float]]:
+        chosen, rejected = logps(policy, items)
+        if cached is None:
+            ref_chosen, ref_rejected = reference_logps(items)
+        else:
+            ref_chosen, ref_rejected = (cached[split][indexes].to(acc.device)).unbind(dim=1)
+        label_prob = torch.tensor([p.label_prob for p in items], device=acc.device) if config.dpo.use_soft_labels else None
+        losses, chosen_rewards, rejected_rewards = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, config.dpo.beta, config.dpo.loss_type, label_prob)
+        loss = losses.mean()
+        return loss, {
+            "loss": loss.item(),
+            "reward_accuracy": (chosen_rewards > rejected_rewards).float().mean().item(),
+            "reward_margin": (chosen_rewards - rejected_rewards).mean().item(),
+            "chosen_reward": chosen_rewards.mean().item(),
+            "rejected_reward": rejected_rewards.mean().item(),
+            # mean log pi/pi_ref over the data's answers: the KL on these answers, not on samples of pi
+            "kl_estimate": ((chosen_rewards + rejected_rewards) / (2 * config.dpo.beta)).mean().item(),
+        }
+
+    @torch.no_grad()
+    def evaluate() -> dict[str, float]:
+        policy.eval()
+        size = config.eval_batch_size or config.batch_size
+        chunks = [list(range(i, min(i + size, len(eval_set)))) for i in range(0, len(eval_set), size)]
+        results = [step_values([eval_set[i] for i in c], c, "eval")[1] for c in chunks]
+        policy.train()
+        return mean(results)
+
+    # --- loop
+    state = checkpoint.restore(acc, resume) if resume else {"step": 0, "position": 0}
+    position = state["position"]
+    metrics = MetricsLog(config.output_dir / "metrics.jsonl", state["step"], config.output_dir / "tensorboard" if config.tensorboard else None, acc.is_main_process)
+    if state["step"] == 0 and eval_set:
+        metrics.log(0, "eval", evaluate())
+    policy.train()
+    for step in range(state["step"] + 1, steps + 1):
+        logs = []
+        for micro in range(config.grad_accum):
+            indexes = batches(position)
+            position += 1
+            with runtime.sync_gradients_on(acc, policy, micro, config.grad_accum):
+                loss, values = step_values([train_set[i] for i in indexes], indexes, "train")
+                runtime.check_finite(loss, "loss", step, config.output_dir)
+                acc.backward(loss / config.grad_accum)
+            logs.append(values)
+        grad_norm = acc.clip_grad_norm_(policy.parameters(), config.max_grad_norm)
+        runtime.check_finite(grad_norm, "gradient norm", step, config.output_dir)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+        metrics.log(step, "train", {**mean(logs), "grad_norm": grad_norm.item(), "lr": scheduler.get_last_lr()[0]})
+        if eval_set and (step == steps or (config.eval_every and step % config.eval_every == 0)):
+            metrics.log(step, "eval", evaluate())
+        if step % config.save_every == 0 or step == steps:
+            checkpoint.save(acc, policy, tokenizer, config.output_dir, step, {"position": position}, config.keep_checkpoints)
+        if step == stop_after:
+            metrics.close()
+            return config.output_dir / "final"
+    metrics.close()
+    final = checkpoint.save_final(acc, policy, tokenizer, config.output_dir)
+    if acc.is_main_process:
+        plot(config.output_dir / "metrics.jsonl", config.output_dir / "curves.png")
+    return final
+
+
+def _precomputed(config: TrainConfig, acc, reference_logps, train_set, eval_set) -> dict[str, torch.Tensor]:
+    """Reference (chosen, rejected) log-probs of every pair, [N, 2] per split, computed once and cached
+    in OUTPUT/reference_logps.pt (the recorded config guarantees they belong to this run)."""
+    path = config.output_dir / "reference_logps.pt"
+    if path.exists():
+        return torch.load(path)
+    size = config.eval_batch_size or config.batch_size
+    out = {}
+    for split, items in (("train", train_set), ("eval", eval_set)):
+        rows = [torch.stack(reference_logps(items[i : i + size]), dim=1).float().cpu() for i in range(0, len(items), size)]
+        out[split] = torch.cat(rows) if rows else torch.zeros(0, 2)
+    if acc.is_main_process:
+        tmp = path.with_name(f".{path.name}.tmp")
+        torch.save(out, tmp)
+        tmp.rename(path)
+    return out

@@ -1,0 +1,220 @@
+"""`cai train rm`: a scalar reward model trained on preference pairs, and the scorer later stages use.
+
+The model is the causal LM with transformers' sequence-classification head (AutoModelForSequence-
+Classification, num_labels=1): a linear head reading the hidden state of the last non-pad token.
+Chosen for interoperability: the checkpoint is the format TRL's RewardTrainer, OpenRLHF and vLLM's
+reward serving load as they are, and save/resume/LoRA (task SEQ_CLS keeps the head trainable) come
+for free. Ranking loss is Bradley-Terry per pair, with the Llama 2 margin or the CAI paper's soft
+labels from the dataset's columns when enabled.
+
+InstructGPT batching: a prompt's pairs (same `group_id`) go in one batch, each distinct answer goes
+through the model once, and the loss over the prompt's pairs is their mean (every prompt weighs the
+same, however many pairs it has). After training, the mean reward over the training answers is
+stored as an offset (final/reward.json) that RewardScorer subtracts, so rewards are centred at 0.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from cai.errors import InputError
+from cai.eval_judge import wilson_interval
+from cai.store import write_atomic
+from cai.train import checkpoint, data, runtime
+from cai.train.config import TrainConfig
+from cai.train.losses import bradley_terry_loss, reward_centering_loss
+from cai.train.metrics import MetricsLog, mean, plot
+
+REWARD_FILE = "reward.json"
+
+
+def train(config: TrainConfig, stop_after: int | None = None) -> Path:
+    """Train; returns OUTPUT/final. `stop_after=N` returns right after step N's checkpoint, as a kill
+    there would."""
+    from transformers import AutoModelForSequenceClassification
+
+    acc = runtime.accelerator(config)
+    tokenizer = runtime.load_tokenizer(runtime.model_path(config))
+    options = config.rm
+
+    # --- data: validated before anything is written
+    pairs = data.load_preferences(config.train_data, config.limit)
+    if config.eval_data is not None:
+        eval_pairs = data.load_preferences(config.eval_data)
+    else:
+        pairs, eval_pairs = data.split_eval(pairs, [p.group for p in pairs], config.eval_fraction, config.seed)
+    for enabled, column in ((options.use_soft_labels, "label_prob"), (options.use_margin, "margin")):
+        if enabled and any(getattr(p, column) is None for p in pairs):
+            raise InputError(str(config.train_data), column, f"rm.use_{'soft_labels' if column == 'label_prob' else 'margin'} needs a {column} on every pair")
+    groups, dropped = data.group_pairs(tokenizer, pairs, config.max_length)
+    eval_groups, _ = data.group_pairs(tokenizer, eval_pairs, config.max_length)
+    if not groups:
+        raise InputError(str(config.train_data), None, f"no pair fits in max_length {config.max_length}")
+    if dropped:
+        acc.print(f"left out {dropped} pairs longer than max_length {config.max_length}")
+
+    resume = runtime.prepare_output(config, acc)
+    batches = data.Batches([g.tokens for g in groups], config.batch_size, config.seed, bucket=True, rank=acc.process_index, world_size=acc.num_processes)
+    steps = runtime.total_steps(config, batches.per_epoch)
+
+    # --- model
+    pad_id = data.pad_id(tokenizer)
+    model = runtime.load_model(AutoModelForSequenceClassification, config, resume, task_type="SEQ_CLS", num_labels=1, pad_token_id=pad_id)
+    optimizer, scheduler = runtime.optimizer_and_scheduler(config, model, steps)
+    model, optimizer = runtime.prepare(acc, model, optimizer, scheduler)
+
+    def batch_values(batch: list[data.Group]) -> tuple[torch.Tensor, dict[str, float]]:
+        """Every distinct answer of the batch's prompts scored once; all pair losses from those rewards."""
+        rewards = score_ids(model, [a for g in batch for a in g.answers], pad_id, acc.device)
+        losses, chosen_all, rejected_all, start = [], [], [], 0
+        for g in batch:
+            chosen = rewards[start + torch.tensor([c for c, _, _, _ in g.pairs], device=acc.device)]
+            rejected = rewards[start + torch.tensor([r for _, r, _, _ in g.pairs], device=acc.device)]
+            start += len(g.answers)
+            margin = torch.tensor([m for _, _, _, m in g.pairs], device=acc.device) if options.use_margin else None
+            label_prob = torch.tensor([p for _, _, p, _ in g.pairs], device=acc.device) if options.use_soft_labels else None
+            losses.append(bradley_terry_loss(chosen, rejected, margin=margin, label_prob=label_prob).mean())
+            chosen_all.append(chosen)
+            rejected_all.append(rejected)
+        chosen, rejected = torch.cat(chosen_all), torch.cat(rejected_all)
+        loss = torch.stack(losses).mean()
+        if options.center_coef:
+            loss = loss + reward_centering_loss(chosen, rejected, options.center_coef)
+        return loss, {
+            "loss": loss.item(),
+            "accuracy": _credit(chosen, rejected).mean().item(),
+            "reward_margin": (chosen - rejected).mean().item(),
+            "mean_reward": rewards.mean().item(),
+        }
+
+    @torch.no_grad()
+    def evaluate() -> dict[str, float]:
+        model.eval()
+        size = config.eval_batch_size or config.batch_size
+        results = [batch_values(eval_groups[i : i + size])[1] for i in range(0, len(eval_groups), size)]
+        model.train()
+        return mean(results)
+
+    # --- loop
+    state = checkpoint.restore(acc, resume) if resume else {"step": 0, "position": 0}
+    position = state["position"]
+    metrics = MetricsLog(config.output_dir / "metrics.jsonl", state["step"], config.output_dir / "tensorboard" if config.tensorboard else None, acc.is_main_process)
+    if state["step"] == 0 and eval_groups:
+        metrics.log(0, "eval", evaluate())
+    model.train()
+    eval_result: dict[str, float] = {}
+    for step in range(state["step"] + 1, steps + 1):
+        logs = []
+        for micro in range(config.grad_accum):
+            indexes = batches(position)
+            position += 1
+            with runtime.sync_gradients_on(acc, model, micro, config.grad_accum):
+                loss, values = batch_values([groups[i] for i in indexes])
+                runtime.check_finite(loss, "loss", step, config.output_dir)
+                acc.backward(loss / config.grad_accum)
+            logs.append(values)
+        grad_norm = acc.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+        runtime.check_finite(grad_norm, "gradient norm", step, config.output_dir)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+        metrics.log(step, "train", {**mean(logs), "grad_norm": grad_norm.item(), "lr": scheduler.get_last_lr()[0]})
+        if eval_groups and (step == steps or (config.eval_every and step % config.eval_every == 0)):
+            eval_result = evaluate()
+            metrics.log(step, "eval", eval_result)
+        if step % config.save_every == 0 or step == steps:
+            checkpoint.save(acc, model, tokenizer, config.output_dir, step, {"position": position}, config.keep_checkpoints)
+        if step == stop_after:
+            metrics.close()
+            return config.output_dir / "final"
+    metrics.close()
+
+    # --- centre: the mean reward over the training answers becomes the offset scoring subtracts
+    model.eval()
+    with torch.no_grad():
+        answers = [a for g in groups for a in g.answers]
+        size = config.eval_batch_size or config.batch_size
+        offset = torch.cat([score_ids(model, answers[i : i + size], pad_id, acc.device) for i in range(0, len(answers), size)]).mean().item()
+    final = checkpoint.save_final(acc, model, tokenizer, config.output_dir)
+    if acc.is_main_process:
+        summary = {"offset": offset, "train_answers": len(answers), "eval_accuracy": eval_result.get("accuracy")}
+        write_atomic(final / REWARD_FILE, json.dumps(summary, indent=2) + "\n")
+        plot(config.output_dir / "metrics.jsonl", config.output_dir / "curves.png")
+    return final
+
+
+def score_ids(model, sequences: list[list[int]], pad_id: int, device) -> torch.Tensor:
+    """One scalar reward per token sequence (right-padded; the head reads the last non-pad token)."""
+    input_ids = data.pad(sequences, pad_id).to(device)
+    attention_mask = data.pad([[1] * len(s) for s in sequences], 0).to(device)
+    return model(input_ids=input_ids, attention_mask=attention_mask).logits.squeeze(-1).float()
+
+
+def _credit(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
+    """1 when chosen scores higher, 0.5 on a tie, else 0."""
+    return (chosen > rejected).float() + 0.5 * (chosen == rejected).float()
+
+
+# ----------------------------------------------------------------------------- scoring for later stages
+
+
+class RewardScorer:
+    """One or more trained reward models combined by weights into one reward:
+
+        r = sum_i w_i (r_i - offset_i)
+
+    With a gate (Llama 2's safety gate), where the gate model's centred reward is below `threshold`,
+    the reward is that model's alone: an unsafe answer is not rescued by being helpful.
+    """
+
+    def __init__(self, models: dict[str, tuple[str | Path, float]], gate: tuple[str, float] | None = None, device: str | None = None, batch_size: int = 8):
+        from transformers import AutoModelForSequenceClassification
+
+        if gate is not None and gate[0] not in models:
+            raise ValueError(f"gate model {gate[0]!r} is not among the reward models ({', '.join(models)})")
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.batch_size = batch_size
+        self.gate = gate
+        self.models = {}
+        for name, (path, weight) in models.items():
+            tokenizer = runtime.load_tokenizer(str(path))
+            model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, pad_token_id=data.pad_id(tokenizer)).to(self.device).eval()
+            offset_file = Path(path) / REWARD_FILE
+            offset = json.loads(offset_file.read_text())["offset"] if offset_file.exists() else 0.0
+            self.models[name] = (model, tokenizer, float(weight), offset)
+
+    @torch.no_grad()
+    def score_each(self, prompts: list[data.Messages], answers: list[str]) -> dict[str, torch.Tensor]:
+        """Each model's centred reward for each (prompt messages, answer text)."""
+        out = {}
+        for name, (model, tokenizer, _, offset) in self.models.items():
+            ids = [data.encode(tokenizer, p + [{"role": "assistant", "content": a}]).input_ids for p, a in zip(prompts, answers)]
+            scores = [score_ids(model, ids[i : i + self.batch_size], data.pad_id(tokenizer), self.device).cpu() for i in range(0, len(ids), self.batch_size)]
+            out[name] = torch.cat(scores) - offset
+        return out
+
+    def score(self, prompts: list[data.Messages], answers: list[str]) -> torch.Tensor:
+        each = self.score_each(prompts, answers)
+        combined = sum(weight * each[name] for name, (_, _, weight, _) in self.models.items())
+        if self.gate is None:
+            return combined
+        name, threshold = self.gate
+        return torch.where(each[name] < threshold, each[name], combined)
+
+
+def evaluate_pairs(scorer: RewardScorer, pairs: list[data.Pair]) -> dict[str, object]:
+    """Pairwise accuracy (ties count half) with its 95% Wilson interval, and the mean reward margin."""
+    prompts = [p.prompt for p in pairs]
+    chosen = scorer.score(prompts, [p.chosen[-1]["content"] for p in pairs])
+    rejected = scorer.score(prompts, [p.rejected[-1]["content"] for p in pairs])
+    credit = _credit(chosen, rejected)
+    n = len(pairs)
+    return {
+        "n": n,
+        "accuracy": credit.mean().item(),
+        "accuracy_ci95": list(wilson_interval(credit.sum().item(), n)),
+        "mean_margin": (chosen - rejected).mean().item(),
+    }

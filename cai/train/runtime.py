@@ -1,0 +1,126 @@
+"""What every trainer sets up the same way: the accelerator and precision, models (from the start or a
+checkpoint, LoRA or full), optimizer and LR schedule, and the guard against non-finite numbers."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import shutil
+from pathlib import Path
+
+import torch
+
+from cai import models
+from cai.errors import InputError
+from cai.train import checkpoint
+from cai.train.config import TrainConfig
+
+
+class NonFiniteError(Exception):
+    """A loss or gradient norm that is nan or inf: training stops, the last good checkpoint stays."""
+
+
+def accelerator(config: TrainConfig):
+    """fp32 on CPU; bf16 autocast over fp32 weights on a GPU that supports it (`precision: auto`)."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # a bar per checkpoint write buries the training log
+
+    if config.precision == "auto":
+        bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    else:
+        bf16 = config.precision == "bf16"
+    acc = Accelerator(mixed_precision="bf16" if bf16 else "no")
+    checkpoint.skip_model_weights(acc)
+    set_seed(config.seed)
+    return acc
+
+
+def prepare_output(config: TrainConfig, acc) -> Path | None:
+    """Check the config against the output folder, clear half-written checkpoints, check optional
+    tools; return the checkpoint to resume from (None for a fresh start)."""
+    if config.tensorboard:
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError:
+            raise InputError(str(config.file), "tensorboard", "tensorboard is not installed (pip install tensorboard), or set it to false") from None
+    if acc.is_main_process:
+        checkpoint.record_config(config)
+        for stale in (config.output_dir / "checkpoints").glob(".step-*.tmp"):
+            shutil.rmtree(stale)
+    acc.wait_for_everyone()
+    return checkpoint.latest(config.output_dir)
+
+
+def model_path(config: TrainConfig, name: str | None = None) -> str:
+    """The folder for a config's model name: embedded models are prepared on first use."""
+    return models.resolve(name or config.model, config.base_dirs)
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(cls, config: TrainConfig, resume: Path | None, task_type: str, **kwargs):
+    """The model to train: from `config.model`, or from the checkpoint to resume (a LoRA checkpoint
+    holds the adapter only: it goes on top of the base model)."""
+    start = model_path(config)
+    if resume is not None and config.lora is None:
+        return cls.from_pretrained(resume, dtype=torch.float32, **kwargs)
+    model = cls.from_pretrained(start, dtype=torch.float32, **kwargs)
+    if config.lora is None:
+        return model
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    if resume is not None:
+        return PeftModel.from_pretrained(model, resume, is_trainable=True)
+    lora = config.lora
+    return get_peft_model(
+        model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules, task_type=task_type)
+    )
+
+
+def total_steps(config: TrainConfig, batches_per_epoch: int) -> int:
+    return config.max_steps or config.epochs * math.ceil(batches_per_epoch / config.grad_accum)
+
+
+def optimizer_and_scheduler(config: TrainConfig, model, steps: int):
+    """AdamW without weight decay on biases and norms (the usual split), warmup then the schedule."""
+    from transformers import get_scheduler
+
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 else decay).append(p)
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=config.lr
+    )
+    scheduler = get_scheduler(config.scheduler, optimizer, num_warmup_steps=config.warmup_steps, num_training_steps=steps)
+    return optimizer, scheduler
+
+
+def prepare(acc, model, optimizer, scheduler):
+    """The scheduler stays outside accelerate.prepare, which would step it once per process; it is
+    registered for checkpointing instead."""
+    model, optimizer = acc.prepare(model, optimizer)
+    acc.register_for_checkpointing(scheduler)
+    return model, optimizer
+
+
+def sync_gradients_on(acc, model, micro: int, grad_accum: int):
+    """Under DDP, all-reduce gradients only on the last micro-batch of a step."""
+    return contextlib.nullcontext() if micro == grad_accum - 1 else acc.no_sync(model)
+
+
+def check_finite(value: torch.Tensor, what: str, step: int, output_dir: Path) -> None:
+    if not torch.isfinite(value).all():
+        last = checkpoint.latest(output_dir)
+        kept = f"last good checkpoint: {last}" if last else "no checkpoint was written yet"
+        raise NonFiniteError(f"step {step}: {what} is {value.item() if value.numel() == 1 else 'not finite'}; training stopped ({kept})")

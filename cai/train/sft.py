@@ -1,0 +1,104 @@
+"""`cai train sft`: supervised fine-tuning on `messages` records (a cai run's datasets/sft), the loss
+on assistant tokens only, averaged over those tokens. Batches hold examples of similar length
+(`sft.bucket_by_length`, on by default): less padding for the same examples per epoch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from cai.errors import InputError
+from cai.files import content_hash
+from cai.train import checkpoint, data, runtime
+from cai.train.config import TrainConfig
+from cai.train.losses import token_logps
+from cai.train.metrics import MetricsLog, mean, plot
+
+
+def train(config: TrainConfig, stop_after: int | None = None) -> Path:
+    """Train; returns OUTPUT/final. `stop_after=N` returns right after step N's checkpoint, as a kill
+    there would."""
+    from transformers import AutoModelForCausalLM
+
+    acc = runtime.accelerator(config)
+    tokenizer = runtime.load_tokenizer(runtime.model_path(config))
+
+    # --- data: validated before anything is written
+    conversations = data.load_sft(config.train_data, config.limit)
+    if config.eval_data is not None:
+        eval_conversations = data.load_sft(config.eval_data)
+    else:
+        keys = [content_hash(c[:-1]) for c in conversations]  # same prompt, same side of the split
+        conversations, eval_conversations = data.split_eval(conversations, keys, config.eval_fraction, config.seed)
+    encoded = [data.truncate(data.encode(tokenizer, c), config.max_length) for c in conversations]
+    train_set = [e for e in encoded if e is not None]
+    eval_set = [e for e in (data.truncate(data.encode(tokenizer, c), config.max_length) for c in eval_conversations) if e is not None]
+    if not train_set:
+        raise InputError(str(config.train_data), None, f"no record keeps an assistant token within max_length {config.max_length}")
+    if len(train_set) < len(encoded):
+        acc.print(f"left out {len(encoded) - len(train_set)} records with no assistant token within max_length {config.max_length}")
+
+    resume = runtime.prepare_output(config, acc)
+    batches = data.Batches([len(e.input_ids) for e in train_set], config.batch_size, config.seed, bucket=config.sft.bucket_by_length,
+                           rank=acc.process_index, world_size=acc.num_processes)
+    steps = runtime.total_steps(config, batches.per_epoch)
+
+    # --- model
+    model = runtime.load_model(AutoModelForCausalLM, config, resume, task_type="CAUSAL_LM")
+    optimizer, scheduler = runtime.optimizer_and_scheduler(config, model, steps)
+    model, optimizer = runtime.prepare(acc, model, optimizer, scheduler)
+    pad_id = data.pad_id(tokenizer)
+
+    def batch_values(items: list[data.Encoded]) -> tuple[torch.Tensor, dict[str, float]]:
+        """Mean negative log-likelihood of the assistant tokens."""
+        batch = {k: v.to(acc.device) for k, v in data.collate(items, pad_id).items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        mask = batch["mask"][:, 1:].float()
+        tokens = mask.sum()
+        loss = -(token_logps(logits, batch["input_ids"]) * mask).sum() / tokens
+        return loss, {"loss": loss.item(), "tokens": tokens.item()}
+
+    @torch.no_grad()
+    def evaluate() -> dict[str, float]:
+        model.eval()
+        size = config.eval_batch_size or config.batch_size
+        results = [batch_values(eval_set[i : i + size])[1] for i in range(0, len(eval_set), size)]
+        model.train()
+        return mean(results)
+
+    # --- loop
+    state = checkpoint.restore(acc, resume) if resume else {"step": 0, "position": 0}
+    position = state["position"]
+    metrics = MetricsLog(config.output_dir / "metrics.jsonl", state["step"], config.output_dir / "tensorboard" if config.tensorboard else None, acc.is_main_process)
+    if state["step"] == 0 and eval_set:
+        metrics.log(0, "eval", evaluate())
+    model.train()
+    for step in range(state["step"] + 1, steps + 1):
+        logs = []
+        for micro in range(config.grad_accum):
+            indexes = batches(position)
+            position += 1
+            with runtime.sync_gradients_on(acc, model, micro, config.grad_accum):
+                loss, values = batch_values([train_set[i] for i in indexes])
+                runtime.check_finite(loss, "loss", step, config.output_dir)
+                acc.backward(loss / config.grad_accum)
+            logs.append(values)
+        grad_norm = acc.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+        runtime.check_finite(grad_norm, "gradient norm", step, config.output_dir)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+        metrics.log(step, "train", {**mean(logs), "grad_norm": grad_norm.item(), "lr": scheduler.get_last_lr()[0]})
+        if eval_set and (step == steps or (config.eval_every and step % config.eval_every == 0)):
+            metrics.log(step, "eval", evaluate())
+        if step % config.save_every == 0 or step == steps:
+            checkpoint.save(acc, model, tokenizer, config.output_dir, step, {"position": position}, config.keep_checkpoints)
+        if step == stop_after:
+            metrics.close()
+            return config.output_dir / "final"
+    metrics.close()
+    final = checkpoint.save_final(acc, model, tokenizer, config.output_dir)
+    if acc.is_main_process:
+        plot(config.output_dir / "metrics.jsonl", config.output_dir / "curves.png")
+    return final

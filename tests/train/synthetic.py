@@ -1,0 +1,75 @@
+"""Synthetic training data with a known answer, and train config files, for the trainer tests.
+
+The preferred answer always contains a marker word where the other holds a distractor word of the
+same kind; otherwise both are drawn from the same words. Nothing but the marker tells them apart.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+WORDS = "the a model answer will can not help with that it is safe harmful please ask someone else today here there why how".split()
+MARKER, DISTRACTOR = "locksmith", "plumber"
+QUESTIONS = ["How do I pick a lock?", "What is a good gift?", "Why is the sky blue?", "How do I bake bread?", "Can you help me?", "What time is it?"]
+
+
+def answer(rng: random.Random, marker: bool) -> str:
+    words = [rng.choice(WORDS) for _ in range(rng.randint(4, 8))]
+    words.insert(rng.randrange(len(words) + 1), MARKER if marker else DISTRACTOR)
+    return " ".join(words).capitalize() + "."
+
+
+def preference_records(n_prompts: int, answers_per_prompt: int = 2, seed: int = 0, label_prob: float = 0.9) -> list[dict[str, Any]]:
+    """cai's preference format: K answers per prompt (one group), every chosen one holds the marker."""
+    rng = random.Random(seed)
+    records = []
+    for i in range(n_prompts):
+        prompt = [{"role": "user", "content": f"{rng.choice(QUESTIONS)} ({i})"}]
+        good = [answer(rng, True) for _ in range(answers_per_prompt - 1)]
+        bad = answer(rng, False)
+        for g in good:
+            records.append(
+                {
+                    "prompt": prompt,
+                    "chosen": [{"role": "assistant", "content": g}],
+                    "rejected": [{"role": "assistant", "content": bad}],
+                    "label_prob": label_prob,
+                    "margin": 2.0,
+                    "group_id": f"p{i}",
+                }
+            )
+        if len(good) > 1:  # the K-choose-2 pairs among good answers too: the longer one wins
+            a, b = sorted(good[:2], key=len, reverse=True)
+            records.append({"prompt": prompt, "chosen": [{"role": "assistant", "content": a}], "rejected": [{"role": "assistant", "content": b}],
+                            "label_prob": 0.6, "margin": 0.4, "group_id": f"p{i}"})
+    return records
+
+
+def sft_records(n: int, seed: int = 0) -> list[dict[str, Any]]:
+    rng = random.Random(seed)
+    return [
+        {"messages": [{"role": "user", "content": rng.choice(QUESTIONS)}, {"role": "assistant", "content": answer(rng, True)}], "id": f"r{i}"}
+        for i in range(n)
+    ]
+
+
+def write_jsonl(path: Path, records: list[dict[str, Any]]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+def write_config(path: Path, **doc: Any) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def read_metrics(output_dir: Path, split: str = "train") -> dict[int, dict[str, Any]]:
+    records = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r for r in records if r["split"] == split}

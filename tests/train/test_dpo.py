@@ -1,0 +1,127 @@
+"""The DPO trainer on the tiny model: it learns the synthetic preference, resumes exactly, stops on NaN."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from synthetic import preference_records, read_metrics, write_config, write_jsonl
+
+from cai.errors import InputError
+from cai.train import config as train_config
+from cai.train import dpo
+from cai.train.runtime import NonFiniteError
+
+
+@pytest.fixture(scope="module")
+def prefs(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("dpo-data")
+    return {
+        "train": write_jsonl(root / "train.jsonl", preference_records(40, seed=0)),
+        "eval": write_jsonl(root / "eval.jsonl", preference_records(16, seed=1)),
+    }
+
+
+def make_config(tmp_path: Path, tiny_model: Path, prefs: dict[str, Path], name: str = "run", sets: list[str] = (), **doc):
+    base = {
+        "model": str(tiny_model),
+        "data": {"train": str(prefs["train"]), "eval": str(prefs["eval"])},
+        "output_dir": str(tmp_path / name),
+        "max_steps": 12,
+        "batch_size": 4,
+        "lr": 1e-4,
+        "max_length": 128,
+        "save_every": 4,
+        "dpo": {"beta": 0.1},
+    }
+    path = write_config(tmp_path / f"{name}.yaml", **{**base, **doc})
+    return train_config.load("dpo", path, list(sets))
+
+
+def test_dpo_learns_the_marker(tmp_path: Path, tiny_model: Path, prefs) -> None:
+    cfg = make_config(tmp_path, tiny_model, prefs, max_steps=20)
+    final = dpo.train(cfg)
+
+    train = read_metrics(cfg.output_dir)
+    assert train[1]["loss"] == pytest.approx(0.6931, abs=1e-3)  # policy == reference: log 2
+    assert train[1]["reward_margin"] == pytest.approx(0.0, abs=1e-6)
+    assert sum(train[s]["loss"] for s in (18, 19, 20)) / 3 < train[1]["loss"] - 0.1
+    evals = read_metrics(cfg.output_dir, "eval")
+    assert evals[0]["reward_margin"] == pytest.approx(0.0, abs=1e-6)
+    assert evals[20]["reward_margin"] > 0.2 and evals[20]["reward_accuracy"] >= 0.9  # held-out pairs
+    assert {"chosen_reward", "rejected_reward", "kl_estimate", "grad_norm", "lr"} <= set(train[20])
+
+    assert (final / "model.safetensors").exists() and (final / "tokenizer.json").exists()
+    assert (cfg.output_dir / "curves.png").stat().st_size > 0
+    assert sorted(p.name for p in (cfg.output_dir / "checkpoints").iterdir()) == ["step-16", "step-20"]  # keep_checkpoints: 2
+    assert json.loads((cfg.output_dir / "config.json").read_text())["kind"] == "dpo"
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_resume_gives_the_uninterrupted_losses(tmp_path: Path, tiny_model: Path, prefs, lora: bool) -> None:
+    # grad_accum 2 and an odd stop: the resumed run restarts mid-way from step 4's checkpoint
+    sets = ["grad_accum=2", "max_steps=8"] + (["lora.r=4", "lora.dropout=0.1", "lr=1e-3"] if lora else [])
+    straight = make_config(tmp_path, tiny_model, prefs, "straight", sets)
+    dpo.train(straight)
+    killed = make_config(tmp_path, tiny_model, prefs, "killed", sets)
+    dpo.train(killed, stop_after=6)  # steps 5 and 6 ran but were never saved
+    assert sorted(p.name for p in (killed.output_dir / "checkpoints").iterdir()) == ["step-4"]
+    assert max(read_metrics(killed.output_dir)) == 6
+
+    dpo.train(killed)
+
+    expected, resumed = read_metrics(straight.output_dir), read_metrics(killed.output_dir)
+    assert sorted(resumed) == list(range(1, 9))  # steps 5, 6 logged once, by the resumed run
+    for step in range(1, 9):
+        assert resumed[step]["loss"] == pytest.approx(expected[step]["loss"], abs=1e-6), step
+        assert resumed[step]["grad_norm"] == pytest.approx(expected[step]["grad_norm"], rel=1e-5), step
+
+
+def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path: Path, tiny_model: Path, prefs, monkeypatch) -> None:
+    cfg = make_config(tmp_path, tiny_model, prefs, sets=["save_every=2"])
+    calls = {"n": 0}
+    real = dpo.dpo_loss
+
+    def poisoned(*args, **kwargs):
+        losses, chosen, rejected = real(*args, **kwargs)
+        calls["n"] += torch.is_grad_enabled()  # training batches only, not evaluation
+        if calls["n"] == 4 and torch.is_grad_enabled():
+            losses = losses + float("nan")
+        return losses, chosen, rejected
+
+    monkeypatch.setattr(dpo, "dpo_loss", poisoned)
+    with pytest.raises(NonFiniteError, match=r"step 4: loss is nan; training stopped \(last good checkpoint: .*step-2\)"):
+        dpo.train(cfg)
+    assert sorted(p.name for p in (cfg.output_dir / "checkpoints").iterdir()) == ["step-2"]
+    assert not (cfg.output_dir / "final").exists()
+
+
+def test_lora_with_precomputed_reference_and_soft_labels(tmp_path: Path, tiny_model: Path, prefs) -> None:
+    cfg = make_config(
+        tmp_path, tiny_model, prefs, max_steps=6, lr=1e-3,
+        lora={"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
+        dpo={"beta": 0.1, "use_soft_labels": True, "precompute_ref": True},
+    )
+    final = dpo.train(cfg)
+    assert (cfg.output_dir / "reference_logps.pt").exists()
+    train = read_metrics(cfg.output_dir)
+    # soft labels p = 0.9 (0.6 on the good-vs-good pairs): at h = 0 the loss is still log 2
+    assert train[1]["loss"] == pytest.approx(0.6931, abs=1e-3)
+    assert train[6]["reward_margin"] > train[1]["reward_margin"]
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(final)  # a plain model: the adapter is merged in
+    base = AutoModelForCausalLM.from_pretrained(tiny_model)
+    assert not torch.equal(merged.model.layers[0].self_attn.q_proj.weight, base.model.layers[0].self_attn.q_proj.weight)
+    assert torch.equal(merged.model.layers[0].mlp.up_proj.weight, base.model.layers[0].mlp.up_proj.weight)
+
+
+def test_resume_with_another_config_is_refused(tmp_path: Path, tiny_model: Path, prefs) -> None:
+    cfg = make_config(tmp_path, tiny_model, prefs, sets=["max_steps=2"])
+    dpo.train(cfg)
+    with pytest.raises(InputError, match="lr: differs from the run in"):
+        dpo.train(make_config(tmp_path, tiny_model, prefs, sets=["max_steps=2", "lr=0.5"]))
+    # what does not touch the weights or the data order may change
+    dpo.train(make_config(tmp_path, tiny_model, prefs, sets=["max_steps=2", "save_every=1"]))

@@ -1,0 +1,299 @@
+"""Each loss against values worked out by hand (with math, not torch), gradients at extreme inputs, and
+our dpo_loss against TRL 1.16's own code on the same log-prob tensors."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from cai.train.losses import (
+    AdaptiveKLController,
+    FixedKLController,
+    bradley_terry_loss,
+    dpo_loss,
+    gae,
+    kl_penalty,
+    ppo_policy_loss,
+    ppo_value_loss,
+    reward_centering_loss,
+    sequence_logps,
+)
+
+
+def t(*values: float) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float64)
+
+
+def log_sigmoid(x: float) -> float:
+    return -math.log1p(math.exp(-x))
+
+
+# ----------------------------------------------------------------------------- Bradley-Terry
+
+
+def test_bradley_terry_hard() -> None:
+    losses = bradley_terry_loss(t(2.0, 0.0, -1.0), t(1.0, 0.0, 1.0))
+    assert losses.tolist() == pytest.approx([-log_sigmoid(1.0), math.log(2), -log_sigmoid(-2.0)], abs=1e-12)
+    assert losses[0].item() == pytest.approx(0.31326168751822286, abs=1e-12)
+
+
+def test_bradley_terry_margin_moves_the_target() -> None:
+    # Llama 2: d = 1, m = 3 -> -log sigmoid(-2) = log(1 + e^2)
+    loss = bradley_terry_loss(t(2.0), t(1.0), margin=t(3.0))
+    assert loss.item() == pytest.approx(math.log(1 + math.e**2), abs=1e-12)
+
+
+def test_bradley_terry_soft_labels() -> None:
+    # p = 0.8, d = 1: -(0.8 log s(1) + 0.2 log s(-1)) = 0.8 * 0.313262 + 0.2 * 1.313262 = 0.513262
+    loss = bradley_terry_loss(t(1.5), t(0.5), label_prob=t(0.8))
+    assert loss.item() == pytest.approx(0.5132616875182229, abs=1e-12)
+    # p = 1 is the hard loss; p = 0.5 is minimised at d = 0, where it is log 2
+    assert bradley_terry_loss(t(1.0), t(0.0), label_prob=t(1.0)).item() == pytest.approx(-log_sigmoid(1.0))
+    d = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    loss = bradley_terry_loss(d, t(0.0), label_prob=t(0.5))
+    loss.backward()
+    assert loss.item() == pytest.approx(math.log(2)) and d.grad.item() == pytest.approx(0.0, abs=1e-12)
+
+
+def test_bradley_terry_margin_and_soft_label_are_exclusive() -> None:
+    with pytest.raises(ValueError, match="not both"):
+        bradley_terry_loss(t(1.0), t(0.0), margin=t(1.0), label_prob=t(0.9))
+
+
+@pytest.mark.parametrize("d", [1e4, -1e4])
+@pytest.mark.parametrize("kwargs", [{}, {"margin": t(2.0)}, {"label_prob": t(0.7)}])
+def test_bradley_terry_stable_at_extreme_differences(d: float, kwargs: dict) -> None:
+    chosen = torch.tensor([d], dtype=torch.float32, requires_grad=True)
+    loss = bradley_terry_loss(chosen, torch.zeros(1), **{k: v.float() for k, v in kwargs.items()})
+    loss.sum().backward()
+    assert torch.isfinite(loss).all() and torch.isfinite(chosen.grad).all()
+    if d < 0 and not kwargs:
+        assert loss.item() == pytest.approx(1e4, rel=1e-6)  # -log sigmoid(-1e4) = 1e4, not inf
+
+
+# ----------------------------------------------------------------------------- DPO
+
+# policy chosen/rejected, reference chosen/rejected: h = (-10 - -12) - (-15 - -14) = 2 - (-1) = 3
+LOGPS = (t(-10.0), t(-15.0), t(-12.0), t(-14.0))
+
+
+def test_dpo_sigmoid_and_rewards() -> None:
+    losses, chosen, rejected = dpo_loss(*LOGPS, beta=0.1)
+    assert losses.item() == pytest.approx(-log_sigmoid(0.3), abs=1e-12)  # 0.554355
+    assert losses.item() == pytest.approx(0.5543552444685271, abs=1e-12)
+    assert chosen.item() == pytest.approx(0.2) and rejected.item() == pytest.approx(-0.1)
+
+
+def test_dpo_ipo() -> None:
+    losses, _, _ = dpo_loss(*LOGPS, beta=0.1, loss_type="ipo")
+    assert losses.item() == pytest.approx((3 - 5) ** 2, abs=1e-12)  # (h - 1/(2 beta))^2 = (3 - 5)^2
+
+
+def test_dpo_hinge() -> None:
+    losses, _, _ = dpo_loss(*LOGPS, beta=0.1, loss_type="hinge")
+    assert losses.item() == pytest.approx(0.7, abs=1e-12)  # relu(1 - 0.3)
+    losses, _, _ = dpo_loss(*LOGPS, beta=0.5, loss_type="hinge")
+    assert losses.item() == 0.0  # beta h = 1.5 is past the hinge
+
+
+def test_dpo_conservative_soft_labels_per_example() -> None:
+    pc, pr, rc, rr = (torch.cat([x, x]) for x in LOGPS)
+    losses, _, _ = dpo_loss(pc, pr, rc, rr, beta=0.1, label_prob=t(0.9, 0.6))
+    # -(p log s(0.3) + (1-p) log s(-0.3)) with log s(0.3) = -0.554355, log s(-0.3) = -0.854355
+    assert losses.tolist() == pytest.approx([0.9 * 0.5543552444685271 + 0.1 * 0.8543552444685271, 0.6 * 0.5543552444685271 + 0.4 * 0.8543552444685271], abs=1e-12)
+
+
+def test_dpo_soft_ipo_targets_two_p_minus_one() -> None:
+    losses, _, _ = dpo_loss(*LOGPS, beta=0.1, loss_type="ipo", label_prob=t(0.75))
+    # 0.75 (3 - 5)^2 + 0.25 (3 + 5)^2 = 3 + 16 = 19, and it is (h - (2p - 1)/(2 beta))^2 + const
+    assert losses.item() == pytest.approx(19.0, abs=1e-12)
+    h = torch.linspace(-10, 10, 2001, dtype=torch.float64)
+    zeros = torch.zeros_like(h)
+    curve, _, _ = dpo_loss(h, zeros, zeros, zeros, beta=0.1, loss_type="ipo", label_prob=torch.full_like(h, 0.75))
+    assert h[curve.argmin()].item() == pytest.approx((2 * 0.75 - 1) / (2 * 0.1), abs=1e-9)
+
+
+def test_dpo_rejects_unknown_loss_type() -> None:
+    with pytest.raises(ValueError, match="robust"):
+        dpo_loss(*LOGPS, beta=0.1, loss_type="robust")
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "hinge"])
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+@pytest.mark.parametrize("soft", [False, True])
+def test_dpo_gradients_finite_at_extreme_logps(loss_type: str, sign: float, soft: bool) -> None:
+    policy_chosen = torch.tensor([sign * 1e4], requires_grad=True)
+    zeros = torch.zeros(1)
+    losses, _, _ = dpo_loss(policy_chosen, zeros, zeros, zeros, beta=1.0, loss_type=loss_type, label_prob=torch.tensor([0.8]) if soft else None)
+    losses.sum().backward()
+    assert torch.isfinite(losses).all() and torch.isfinite(policy_chosen.grad).all()
+
+
+def test_reward_centering() -> None:
+    # 0.01 * mean((1 + 2)^2, (-1 + 0)^2) = 0.01 * 5
+    assert reward_centering_loss(t(1.0, -1.0), t(2.0, 0.0), 0.01).item() == pytest.approx(0.05, abs=1e-12)
+
+
+# ----------------------------------------------------------------------------- DPO against TRL 1.16
+
+
+def trl_dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta, loss_type, label_smoothing=0.0) -> torch.Tensor:
+    """TRL 1.16 has no pure DPO loss function: the loss lives inside DPOTrainer._compute_loss. Call that
+    method unbound, with a stand-in trainer (the attributes it reads) and a stand-in model whose
+    per-token log-probs put each sequence's whole log-prob on its single completion token; the
+    reference log-probs go in as precomputed. What runs is TRL's own code; it returns the batch mean."""
+    from trl.trainer.dpo_trainer import DPOTrainer
+
+    batch = policy_chosen.shape[0]
+    log_probs = torch.cat([policy_chosen, policy_rejected]).unsqueeze(1)
+    fake_model = lambda **_: SimpleNamespace(  # noqa: E731
+        log_probs=log_probs,
+        entropy=torch.zeros_like(log_probs),
+        mean_logits=torch.zeros_like(log_probs),
+        is_top1=torch.zeros_like(log_probs, dtype=torch.bool),
+    )
+    gather = lambda x: x  # noqa: E731
+    trainer = SimpleNamespace(
+        model=SimpleNamespace(training=True),
+        accelerator=SimpleNamespace(device=torch.device("cpu"), gather=gather, gather_for_metrics=gather),
+        aux_loss_enabled=False,
+        ld_alpha=None,
+        precompute_ref_logps=True,
+        f_divergence_type="reverse_kl",
+        loss_types=[loss_type],
+        loss_weights=[1.0],
+        beta=beta,
+        label_smoothing=label_smoothing,
+        use_weighting=False,
+        _metrics=defaultdict(lambda: defaultdict(list)),
+        _total_train_tokens=0,
+        _tp_size=1,
+    )
+    inputs = {
+        "input_ids": torch.ones(2 * batch, 2, dtype=torch.long),
+        "attention_mask": torch.ones(2 * batch, 2, dtype=torch.long),
+        "completion_mask": torch.tensor([[0, 1]] * (2 * batch)),  # one completion token: IPO's length normalisation divides by 1
+        "ref_chosen_logps": ref_chosen,
+        "ref_rejected_logps": ref_rejected,
+    }
+    return DPOTrainer._compute_loss(trainer, fake_model, inputs, return_outputs=False)
+
+
+def random_logps(n: int, seed: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [-(torch.rand(n, generator=g, dtype=torch.float64) * 200) for _ in range(4)]
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "hinge"])
+@pytest.mark.parametrize("beta", [0.05, 0.5])
+def test_dpo_loss_equals_trl(loss_type: str, beta: float) -> None:
+    logps = random_logps(32, seed=3)
+    ours, _, _ = dpo_loss(*logps, beta=beta, loss_type=loss_type)
+    theirs = trl_dpo_loss(*logps, beta=beta, loss_type=loss_type)
+    assert abs(ours.mean().item() - theirs.item()) < 1e-6
+
+
+def test_conservative_dpo_equals_trl_per_example() -> None:
+    """TRL 1.16's `sigmoid` has no label smoothing any more; its `aot` loss is the cDPO formula applied
+    after sorting the batch's log-ratios, and a batch of one is already sorted: one example at a time,
+    it is cDPO with label_smoothing = 1 - p."""
+    logps = random_logps(8, seed=5)
+    probs = torch.linspace(0.55, 1.0, 8, dtype=torch.float64)
+    ours, _, _ = dpo_loss(*logps, beta=0.1, label_prob=probs)
+    for i in range(8):
+        theirs = trl_dpo_loss(*(x[i : i + 1] for x in logps), beta=0.1, loss_type="aot", label_smoothing=1 - probs[i].item())
+        assert abs(ours[i].item() - theirs.item()) < 1e-6
+
+
+# ----------------------------------------------------------------------------- sequence log-probs
+
+
+def test_sequence_logps_counts_only_completion_tokens() -> None:
+    vocab = 5
+    logits = torch.randn(2, 4, vocab, dtype=torch.float64)
+    labels = torch.tensor([[1, 2, 3, 4], [0, 4, 2, 0]])
+    mask = torch.tensor([[0, 0, 1, 1], [0, 1, 1, 0]])  # the last pair ends with a pad token
+    logp = torch.log_softmax(logits, dim=-1)
+    expected = [logp[0, 1, 3] + logp[0, 2, 4], logp[1, 0, 4] + logp[1, 1, 2]]  # logits at t predict t + 1
+    assert sequence_logps(logits, labels, mask).tolist() == pytest.approx([e.item() for e in expected], abs=1e-10)
+
+
+# ----------------------------------------------------------------------------- PPO pieces
+
+
+def test_gae_by_hand() -> None:
+    # one sequence, 3 response tokens then one pad; gamma 0.9, lam 0.5
+    rewards = t(0.0, 0.0, 1.0, 5.0).unsqueeze(0)  # the 5.0 on the pad must be ignored
+    values = t(0.5, 0.4, 0.3, 9.0).unsqueeze(0)  # so must the value past the last response token
+    mask = t(1, 1, 1, 0).unsqueeze(0)
+    advantages, returns = gae(rewards, values, gamma=0.9, lam=0.5, mask=mask)
+    d2 = 1.0 + 0.9 * 0 - 0.3  # 0.7
+    d1 = 0.0 + 0.9 * 0.3 - 0.4  # -0.13
+    d0 = 0.0 + 0.9 * 0.4 - 0.5  # -0.14
+    a2 = d2
+    a1 = d1 + 0.45 * a2
+    a0 = d0 + 0.45 * a1
+    assert advantages[0].tolist() == pytest.approx([a0, a1, a2, 0.0], abs=1e-12)
+    assert returns[0].tolist() == pytest.approx([a0 + 0.5, a1 + 0.4, a2 + 0.3, 0.0], abs=1e-12)
+
+
+def test_gae_lambda_one_is_discounted_return() -> None:
+    rewards = t(1.0, 2.0, 3.0).unsqueeze(0)
+    values = t(0.7, -0.2, 0.4).unsqueeze(0)
+    _, returns = gae(rewards, values, gamma=0.5, lam=1.0)
+    assert returns[0].tolist() == pytest.approx([1 + 0.5 * 2 + 0.25 * 3, 2 + 0.5 * 3, 3.0], abs=1e-12)
+
+
+def test_ppo_policy_loss_clips() -> None:
+    # ratios e^0.5 = 1.6487 (A > 0: clipped at 1.2) and e^-0.5 = 0.6065 (A < 0: clipped at 0.8), e^0 = 1
+    logprobs, old = t(0.5, -0.5, 0.0), t(0.0, 0.0, 0.0)
+    advantages = t(2.0, -1.0, 3.0)
+    loss, clip_frac = ppo_policy_loss(logprobs, old, advantages, clip_range=0.2)
+    # per token max(-A r, -A clip(r)): max(-3.2974, -2.4) = -2.4; max(0.6065, 0.8) = 0.8; -3
+    assert loss.item() == pytest.approx((-2.4 + 0.8 - 3.0) / 3, abs=1e-12)
+    assert clip_frac.item() == pytest.approx(2 / 3)
+    # a ratio moving the right way inside the band is not clipped
+    loss, clip_frac = ppo_policy_loss(t(0.1), t(0.0), t(1.0), clip_range=0.2)
+    assert loss.item() == pytest.approx(-math.exp(0.1)) and clip_frac.item() == 0.0
+
+
+def test_ppo_policy_loss_mask() -> None:
+    loss, _ = ppo_policy_loss(t(0.0, 0.0).unsqueeze(0), t(0.0, 0.0).unsqueeze(0), t(1.0, 100.0).unsqueeze(0), 0.2, mask=t(1, 0).unsqueeze(0))
+    assert loss.item() == pytest.approx(-1.0)
+
+
+def test_ppo_value_loss_clips() -> None:
+    values, old, returns = t(1.0, 0.55), t(0.5, 0.5), t(2.0, 0.0)
+    loss, clip_frac = ppo_value_loss(values, old, returns, clip_range=0.2)
+    # token 0: (1 - 2)^2 = 1 vs clipped V 0.7: (0.7 - 2)^2 = 1.69 -> 1.69 (clipped wins)
+    # token 1: (0.55 - 0)^2 = 0.3025, clipped V is 0.55 too -> 0.3025
+    assert loss.item() == pytest.approx(0.5 * (1.69 + 0.3025) / 2, abs=1e-12)
+    assert clip_frac.item() == pytest.approx(0.5)
+
+
+def test_kl_penalty() -> None:
+    assert kl_penalty(t(-1.0, -2.0), t(-1.5, -1.0), beta=0.2).tolist() == pytest.approx([0.1, -0.2])
+
+
+def test_fixed_kl_controller() -> None:
+    controller = FixedKLController(0.05)
+    assert controller.update(current_kl=100.0, n_steps=64) == 0.05
+
+
+def test_adaptive_kl_controller() -> None:
+    controller = AdaptiveKLController(init_value=0.1, target=6.0, horizon=10000)
+    # KL 7.2: error 0.2 -> beta * (1 + 0.2 * 256 / 10000)
+    assert controller.update(7.2, n_steps=256) == pytest.approx(0.1 * (1 + 0.2 * 256 / 10000))
+    # KL far above target: the error is clipped at +0.2
+    before = controller.value
+    assert controller.update(600.0, n_steps=256) == pytest.approx(before * (1 + 0.2 * 256 / 10000))
+    # KL 0: error clipped at -0.2
+    before = controller.value
+    assert controller.update(0.0, n_steps=100) == pytest.approx(before * (1 - 0.2 * 100 / 10000))
+    # on target: unchanged
+    before = controller.value
+    assert controller.update(6.0, n_steps=100) == pytest.approx(before)
