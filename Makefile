@@ -1,7 +1,7 @@
 VENV ?= .venv
 export VENV
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo demo-train test bench clean
 
 setup:
 	@bash scripts/setup.sh
@@ -10,6 +10,11 @@ setup:
 demo: setup
 	$(VENV)/bin/cai models prepare smollm2
 	$(VENV)/bin/cai run pipelines/demo.yaml
+
+# The whole chain on the embedded model: SL-CAI data, SFT, RL-CAI labels, reward model, DPO.
+demo-train: setup
+	$(VENV)/bin/cai models prepare smollm2
+	$(VENV)/bin/cai run pipelines/demo_train.yaml
 
 # The whole test suite, slow end-to-end tests included.
 test: setup

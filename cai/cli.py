@@ -21,8 +21,10 @@ def _positive_int(text: str) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from cai import config, pipeline, report
+    from cai import chain, config, pipeline, report
 
+    if chain.is_chain(args.pipeline):
+        return chain.run(chain.load(args.pipeline, args.set, workdir=args.run_dir, limit=args.limit), quiet=args.quiet)
     cfg = config.load(args.pipeline, args.set)
     summary = pipeline.run(cfg, run_dir=args.run_dir, limit=args.limit, show_progress=not args.quiet)
     _print_summary(summary)
@@ -62,7 +64,12 @@ def cmd_validate(args: argparse.Namespace) -> int:
         print(f"{path}: ok (prompt set, {n} prompts)")
         return EXIT_OK
     doc = load_yaml(path)
-    if isinstance(doc, dict) and set(doc) & pipeline_keys:
+    if isinstance(doc, dict) and "steps" in doc:
+        from cai import chain
+
+        c = chain.load(path)
+        print(f"{path}: ok (chain {c.name!r}: {', '.join(s.name for s in c.steps)}; writes to {c.workdir})")
+    elif isinstance(doc, dict) and set(doc) & pipeline_keys:
         cfg = config.load(path)
         print(f"{path}: ok (pipeline {cfg.name!r}: {len(cfg.stages)} stages, {len(cfg.prompts)} prompts, constitution {cfg.constitution.name!r})")
     else:
@@ -189,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = OneLineErrors(prog="cai", description="Constitutional AI data and training toolkit")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineErrors)
 
-    p = sub.add_parser("run", help="run a pipeline file (resumes when its run directory exists)")
+    p = sub.add_parser("run", help="run a pipeline or chain file (resumes when its run directory exists)")
     p.add_argument("pipeline")
     p.add_argument("--run-dir", type=Path, help="run directory (default: the pipeline's output.dir, else runs/NAME)")
     p.add_argument("--limit", type=_positive_int, help="use only the first N prompts")
@@ -197,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("validate", help="validate a constitution, pipeline (with the files it names) or prompt set")
+    p = sub.add_parser("validate", help="validate a constitution, pipeline (with the files it names), chain or prompt set")
     p.add_argument("file")
     p.set_defaults(func=cmd_validate)
 

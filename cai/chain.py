@@ -1,0 +1,120 @@
+"""Chains: pipeline runs and trainings in order, each step reading what earlier steps wrote (for
+example SL-CAI data -> SFT -> RL-CAI labels from the SFT model -> reward model -> DPO).
+
+A chain file (a `steps:` list) runs with `cai run` like a pipeline. Each step is the very command a
+user would type, `cai run PIPELINE --run-dir DIR` or `cai train KIND CONFIG --set output_dir=DIR`,
+with DIR a folder of the chain's workdir named after the step; `${step}` in a later step's `set` is
+that folder. Rerunning the chain skips the steps that finished with the same command and resumes
+the one that did not, as its own command does; a finished step whose command changed is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from cai.config import apply_overrides, resolve_path
+from cai.errors import InputError
+from cai.files import load_yaml, validate
+from cai.store import write_atomic
+
+STEP_REF = re.compile(r"\$\{([^}]*)\}")
+STATE_FILE = "chain.json"
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str
+    argv: tuple[str, ...]  # the cai command line, without display flags
+
+
+@dataclass(frozen=True)
+class Chain:
+    file: Path
+    name: str
+    workdir: Path
+    steps: tuple[Step, ...]
+
+
+def is_chain(path: str | Path) -> bool:
+    doc = load_yaml(Path(path))
+    return isinstance(doc, dict) and "steps" in doc
+
+
+def load(path: str | Path, overrides: list[str] = (), workdir: Path | None = None, limit: int | None = None) -> Chain:
+    file = Path(path)
+    name = str(file)
+    doc = apply_overrides(load_yaml(file), list(overrides), name)
+    validate(doc, "chain", name)
+    root = (workdir or Path(doc.get("workdir", f"runs/{doc['name']}")).expanduser()).resolve()
+    folders: dict[str, Path] = {}
+    steps = []
+    for index, spec in enumerate(doc["steps"]):
+        where = f"steps[{index}]"
+        if spec["name"] in folders:
+            raise InputError(name, f"{where}.name", f"a second step named {spec['name']!r}")
+        sets = [_expand(text, folders, name, f"{where}.set") for text in spec.get("set", [])]
+        folder = root / spec["name"]
+        if "run" in spec:
+            pipeline = _existing(spec["run"], file, name, f"{where}.run")
+            argv = ["run", str(pipeline), "--run-dir", str(folder)]
+            step_limit = limit or spec.get("limit")
+            if step_limit is not None:
+                argv += ["--limit", str(step_limit)]
+        else:
+            config = _existing(spec["config"], file, name, f"{where}.config")
+            argv = ["train", spec["train"], str(config)]
+            sets.append(f"output_dir={folder}")  # last: the chain decides where each step writes
+        for text in sets:
+            argv += ["--set", text]
+        steps.append(Step(spec["name"], tuple(argv)))
+        folders[spec["name"]] = folder
+    return Chain(file=file, name=doc["name"], workdir=root, steps=tuple(steps))
+
+
+def _expand(text: str, folders: dict[str, Path], file: str, where: str) -> str:
+    def folder(match: re.Match) -> str:
+        if match.group(1) not in folders:
+            raise InputError(file, where, f"${{{match.group(1)}}} names no earlier step")
+        return str(folders[match.group(1)])
+
+    return STEP_REF.sub(folder, text)
+
+
+def _existing(value: str, file: Path, name: str, where: str) -> Path:
+    path = resolve_path(value, file)
+    if not path.is_file():
+        raise InputError(name, where, f"file not found: {value}")
+    return path.resolve()
+
+
+def run(chain: Chain, quiet: bool = False) -> int:
+    """Run the steps in order; stop at the first that fails, with its exit code."""
+    from cai.cli import main
+
+    state_path = chain.workdir / STATE_FILE
+    state: dict[str, Any] = json.loads(state_path.read_text(encoding="utf-8")) if state_path.exists() else {"steps": {}}
+    for number, step in enumerate(chain.steps, 1):
+        recorded = state["steps"].get(step.name)
+        if recorded is not None and recorded["argv"] == list(step.argv):
+            print(f"[{number}/{len(chain.steps)}] {step.name}: done earlier, skipped")
+            continue
+        if recorded is not None:
+            # Its outputs were made another way, and later steps were built on them: redoing only this
+            # one would leave a chain whose parts disagree.
+            later = [str(chain.workdir / s.name) for s in chain.steps[number - 1 :]]
+            raise InputError(str(chain.file), f"steps[{number - 1}]", f"changed since it ran: delete {', '.join(later)} to run it and the steps after it again")
+        print(f"[{number}/{len(chain.steps)}] {step.name}: cai {' '.join(step.argv)}", flush=True)
+        code = main([*step.argv, *(["--quiet"] if quiet and step.argv[0] == "run" else [])])
+        if code != 0:
+            print(f"chain {chain.name}: step {step.name} stopped with exit {code}; rerun the same command to resume it")
+            return code
+        state["steps"][step.name] = {"argv": list(step.argv), "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        chain.workdir.mkdir(parents=True, exist_ok=True)
+        write_atomic(state_path, json.dumps(state, indent=2) + "\n")
+    print(f"chain {chain.name}: {len(chain.steps)} steps done in {chain.workdir}")
+    return 0

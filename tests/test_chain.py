@@ -1,0 +1,94 @@
+"""Chains on the tiny model: SL-CAI data -> SFT -> RL-CAI labels from the SFT model -> RM -> DPO, each
+step the same command a user types, resumed and skipped on reruns."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from cai.cli import main
+from pipeline_files import tiny_pipeline
+
+TRAIN = {"seed": 3, "max_steps": 2, "batch_size": 2, "max_length": 256, "save_every": 1, "lr": 1.0e-4}
+
+
+def write(path, doc):
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+@pytest.fixture
+def chain_file(tmp_path, tiny_model):
+    (tmp_path / "sl").mkdir()
+    (tmp_path / "rl").mkdir()
+    sl = tiny_pipeline(tmp_path / "sl", tiny_model, rounds=1)
+    rl = tiny_pipeline(
+        tmp_path / "rl", tiny_model, roles={"responder": "local", "judge": "local"},
+        stages=[{"type": "respond", "samples": 2, "max_tokens": 8, "temperature": 1.0}, {"type": "compare", "tie_threshold": 0.0}],
+    )  # fmt: skip
+    # Each config names its data and model as a user would; the chain replaces them with its steps' outputs.
+    configs = {
+        kind: write(tmp_path / f"{kind}.yaml", {"model": str(tiny_model), "data": {"train": str(sl), "eval_fraction": 0.0}, "output_dir": "unused", **TRAIN})
+        for kind in ("sft", "rm", "dpo")
+    }
+    return write(
+        tmp_path / "chain.yaml",
+        {
+            "name": "tiny_chain",
+            "workdir": str(tmp_path / "work"),
+            "steps": [
+                {"name": "sl", "run": str(sl), "limit": 4},
+                {"name": "sft", "train": "sft", "config": str(configs["sft"]), "set": ["data.train=${sl}/datasets/sft.jsonl"]},
+                {"name": "rl", "run": str(rl), "limit": 4, "set": ["backends.local.model=${sft}/final"]},
+                {"name": "rm", "train": "rm", "config": str(configs["rm"]), "set": ["model=${sft}/final", "data.train=${rl}/datasets/preferences.jsonl"]},
+                {"name": "dpo", "train": "dpo", "config": str(configs["dpo"]), "set": ["model=${sft}/final", "data.train=${rl}/datasets/preferences.jsonl"]},
+            ],
+        },
+    )
+
+
+def test_chain_runs_every_step_on_earlier_outputs_then_skips_them(chain_file, tmp_path, capsys):
+    assert main(["run", str(chain_file), "--quiet"]) == 0
+    work = tmp_path / "work"
+    state = json.loads((work / "chain.json").read_text())
+    assert list(state["steps"]) == ["sl", "sft", "rl", "rm", "dpo"]
+    rl_manifest = json.loads((work / "rl" / "manifest.json").read_text())
+    assert rl_manifest["config"]["backends"]["local"]["model"] == str(work / "sft" / "final")  # answers came from the SFT model
+    assert (work / "rl" / "report.html").exists() and (work / "sl" / "datasets" / "sft.jsonl").exists()
+    for step in ("sft", "rm", "dpo"):
+        assert (work / step / "final" / "model.safetensors").exists() and (work / step / "metrics.jsonl").exists()
+    capsys.readouterr()
+
+    assert main(["run", str(chain_file), "--quiet"]) == 0
+    assert capsys.readouterr().out.count("done earlier, skipped") == 5
+
+    doc = yaml.safe_load(chain_file.read_text())
+    doc["steps"][3]["set"].append("lr=0.001")
+    write(chain_file, doc)
+    assert main(["run", str(chain_file), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"{chain_file}: steps[3]: changed since it ran: delete {work / 'rm'}, {work / 'dpo'} to run it and the steps after it again"
+
+
+@pytest.mark.parametrize(
+    "edit, field, says",
+    [
+        (lambda d: d["steps"][1]["set"].append("model=${rl}/final"), "steps[1].set", "${rl} names no earlier step"),
+        (lambda d: d["steps"].append(dict(d["steps"][0])), "steps[5].name", "a second step named 'sl'"),
+        (lambda d: d["steps"][0].update(run="missing.yaml"), "steps[0].run", "file not found: missing.yaml"),
+        (lambda d: d["steps"][1].pop("config"), "steps[1]", None),
+    ],
+    ids=["later-step-reference", "duplicate-name", "missing-pipeline", "train-without-config"],
+)
+def test_bad_chain_is_one_line_before_any_step_runs(chain_file, tmp_path, capsys, edit, field, says):
+    doc = yaml.safe_load(chain_file.read_text())
+    edit(doc)
+    write(chain_file, doc)
+    assert main(["run", str(chain_file)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"{chain_file}: {field}: ") and "\n" not in err
+    if says:
+        assert err.endswith(says)
+    assert not (tmp_path / "work").exists()
