@@ -28,20 +28,33 @@ COMMON_DEFAULTS: dict[str, Any] = {
 }
 
 
+def engine_args(options: dict[str, Any]) -> dict[str, Any]:
+    """vLLM engine arguments: cai's defaults (CPU ones without a GPU), then the user's options."""
+    import torch
+
+    args = dict(COMMON_DEFAULTS)
+    if not torch.cuda.is_available():
+        args.update(CPU_DEFAULTS)
+    args.update(options)
+    return args
+
+
+def shutdown(llm) -> None:
+    """Stop an offline engine's core process now, not whenever the garbage collector gets to it."""
+    engine = getattr(llm, "llm_engine", None)
+    stop = getattr(getattr(engine, "engine_core", None), "shutdown", None)
+    if stop:
+        stop()
+
+
 class LocalVLLM:
     def __init__(self, spec: BackendSpec):
-        import torch
         from vllm import LLM
 
         from cai.models import resolve
 
         self.spec = spec
-        engine_args = dict(COMMON_DEFAULTS)
-        if not torch.cuda.is_available():
-            engine_args.update(CPU_DEFAULTS)
-        engine_args.update(spec.options)
-        self.engine_args = engine_args
-        self.llm = LLM(model=resolve(spec.model, [Path(d) for d in spec.base_dirs]), **engine_args)
+        self.llm = LLM(model=resolve(spec.model, [Path(d) for d in spec.base_dirs]), **engine_args(spec.options))
         self.tokenizer = self.llm.get_tokenizer()
         self.max_model_len = self.llm.llm_engine.model_config.max_model_len
 
@@ -121,10 +134,7 @@ class LocalVLLM:
         return [{c: score[c] for c in choices} for score in scores]
 
     def close(self) -> None:
-        engine = getattr(self.llm, "llm_engine", None)
-        shutdown = getattr(getattr(engine, "engine_core", None), "shutdown", None)
-        if shutdown:
-            shutdown()
+        shutdown(self.llm)
         del self.llm
 
 

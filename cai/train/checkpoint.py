@@ -69,8 +69,11 @@ def skip_model_weights(accelerator) -> None:
     accelerator.register_load_state_pre_hook(lambda models, input_dir: models.clear())
 
 
-def save(accelerator, model, tokenizer, output_dir: Path, step: int, trainer_state: dict[str, Any], keep: int) -> Path:
-    """Write checkpoints/step-N atomically and keep only the newest `keep`."""
+def save(
+    accelerator, model, tokenizer, output_dir: Path, step: int, trainer_state: dict[str, Any], keep: int, others: dict[str, Any] | None = None
+) -> Path:
+    """Write checkpoints/step-N atomically and keep only the newest `keep`. `others` are further
+    trained models (PPO's value model), each saved the same way in a subfolder of its name."""
     folder = output_dir / "checkpoints" / f"step-{step}"
     tmp = folder.with_name(f".{folder.name}.tmp")
     if accelerator.is_main_process:
@@ -80,6 +83,10 @@ def save(accelerator, model, tokenizer, output_dir: Path, step: int, trainer_sta
     accelerator.unwrap_model(model).save_pretrained(
         tmp, state_dict=accelerator.get_state_dict(model), is_main_process=accelerator.is_main_process, safe_serialization=True
     )
+    for name, other in (others or {}).items():
+        accelerator.unwrap_model(other).save_pretrained(
+            tmp / name, state_dict=accelerator.get_state_dict(other), is_main_process=accelerator.is_main_process, safe_serialization=True
+        )
     accelerator.save_state(str(tmp / "state"))
     if accelerator.is_main_process:
         tokenizer.save_pretrained(tmp)

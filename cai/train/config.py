@@ -16,8 +16,8 @@ from cai.errors import InputError
 from cai.files import load_yaml, validate
 from cai.models import EMBEDDED, looks_like_path
 
-KINDS = ("sft", "rm", "dpo")
-DEFAULT_LR = {"sft": 2e-5, "rm": 1e-5, "dpo": 1e-6}
+KINDS = ("sft", "rm", "dpo", "ppo")
+DEFAULT_LR = {"sft": 2e-5, "rm": 1e-5, "dpo": 1e-6, "ppo": 1e-6}
 # Keys that change neither the weights nor the data order: a resumed run may change them.
 RESUMABLE_CHANGES = frozenset({"save_every", "keep_checkpoints", "eval_every", "eval_batch_size", "tensorboard"})
 
@@ -49,6 +49,38 @@ class DPOOptions:
     use_soft_labels: bool = False  # conservative DPO with each pair's `label_prob`
     reference: str | None = None  # default: the starting model
     precompute_ref: bool = False  # reference log-probs once before training, cached in output_dir
+
+
+@dataclass(frozen=True)
+class RewardSource:
+    name: str
+    weight: float = 1.0
+    model: Path | None = None  # a `cai train rm` output
+    tokens: tuple[str, ...] = ()  # rule token_fraction: the share of answer tokens among these
+
+
+@dataclass(frozen=True)
+class PPOOptions:
+    rewards: tuple[RewardSource, ...] = ()
+    gate: tuple[str, float] | None = None
+    value_from: str | None = None  # default: the first reward model, else the policy
+    rollout: str = "hf"
+    vllm_options: dict[str, Any] = field(default_factory=dict)
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    kl_beta: float = 0.05
+    kl_target: float | None = None
+    kl_horizon: float = 10000.0
+    gamma: float = 1.0
+    lam: float = 0.95
+    clip_range: float = 0.2
+    value_clip_range: float = 0.2
+    value_coef: float = 0.1
+    entropy_coef: float = 0.0
+    ppo_epochs: int = 4
+    minibatch_size: int | None = None  # default: the whole rollout batch
+    reward_norm: str = "running"
 
 
 @dataclass
@@ -83,6 +115,7 @@ class TrainConfig:
     sft: SFTOptions = field(default_factory=SFTOptions)
     rm: RewardOptions = field(default_factory=RewardOptions)
     dpo: DPOOptions = field(default_factory=DPOOptions)
+    ppo: PPOOptions = field(default_factory=PPOOptions)
 
     @property
     def base_dirs(self) -> list[Path]:
@@ -134,7 +167,29 @@ def load(kind: str, path: str | Path, overrides: list[str] = ()) -> TrainConfig:
         sft=SFTOptions(**doc.get("sft", {})),
         rm=rm,
         dpo=DPOOptions(**doc.get("dpo", {})),
+        ppo=_ppo_options(doc, file, name) if kind == "ppo" else PPOOptions(),
     )
+
+
+def _ppo_options(doc: dict[str, Any], file: Path, name: str) -> PPOOptions:
+    if "ppo" not in doc:
+        raise InputError(name, "ppo", "`cai train ppo` needs a ppo section with its rewards")
+    options = dict(doc["ppo"])
+    sources = []
+    for index, spec in enumerate(options.pop("rewards")):
+        if any(s.name == spec["name"] for s in sources):
+            raise InputError(name, f"ppo.rewards[{index}].name", f"a second reward named {spec['name']!r}")
+        model = _existing(spec["model"], file, name, f"ppo.rewards[{index}].model") if "model" in spec else None
+        sources.append(RewardSource(spec["name"], spec.get("weight", 1.0), model, tuple(spec.get("tokens", ()))))
+    gate = options.pop("gate", None)
+    if gate is not None and gate["reward"] not in [s.name for s in sources]:
+        raise InputError(name, "ppo.gate.reward", f"names no reward (rewards: {', '.join(s.name for s in sources)})")
+    if options.get("rollout") == "vllm" and "lora" in doc:
+        # The engine takes whole weights: a LoRA policy would need its adapter merged at every sync.
+        raise InputError(name, "ppo.rollout", "vllm rollouts need a full policy, not lora: drop lora or use rollout: hf")
+    if options.get("value_from") == "reward" and not any(s.model for s in sources):
+        raise InputError(name, "ppo.value_from", "no reward model to start the value model from")
+    return PPOOptions(rewards=tuple(sources), gate=(gate["reward"], gate["threshold"]) if gate else None, **options)
 
 
 _EXPONENT_FLOAT = re.compile(r"^[-+]?[0-9]+(\.[0-9]*)?[eE][-+]?[0-9]+$")

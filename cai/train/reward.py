@@ -197,12 +197,17 @@ class RewardScorer:
         return out
 
     def score(self, prompts: list[data.Messages], answers: list[str]) -> torch.Tensor:
-        each = self.score_each(prompts, answers)
-        combined = sum(weight * each[name] for name, (_, _, weight, _) in self.models.items())
-        if self.gate is None:
-            return combined
-        name, threshold = self.gate
-        return torch.where(each[name] < threshold, each[name], combined)
+        weights = {name: weight for name, (_, _, weight, _) in self.models.items()}
+        return combine(self.score_each(prompts, answers), weights, self.gate)
+
+
+def combine(each: dict[str, torch.Tensor], weights: dict[str, float], gate: tuple[str, float] | None = None) -> torch.Tensor:
+    """sum_i w_i r_i; with a gate (name, threshold), that reward alone wherever it is below the threshold."""
+    combined = sum(weight * each[name] for name, weight in weights.items())
+    if gate is None:
+        return combined
+    name, threshold = gate
+    return torch.where(each[name] < threshold, each[name], combined)
 
 
 def evaluate_pairs(scorer: RewardScorer, pairs: list[data.Pair]) -> dict[str, object]:

@@ -106,12 +106,12 @@ def optimizer_and_scheduler(config: TrainConfig, model, steps: int):
     return optimizer, scheduler
 
 
-def prepare(acc, model, optimizer, scheduler):
-    """The scheduler stays outside accelerate.prepare, which would step it once per process; it is
-    registered for checkpointing instead."""
-    model, optimizer = acc.prepare(model, optimizer)
+def prepare(acc, model, optimizer, scheduler, *others):
+    """(model, optimizer, *others) prepared by accelerate. The scheduler stays outside
+    accelerate.prepare, which would step it once per process; it is registered for checkpointing instead."""
+    model, optimizer, *others = acc.prepare(model, optimizer, *others)
     acc.register_for_checkpointing(scheduler)
-    return model, optimizer
+    return (model, optimizer, *others)
 
 
 def sync_gradients_on(acc, model, micro: int, grad_accum: int):

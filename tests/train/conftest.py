@@ -11,3 +11,14 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def target_tokens(tiny_model) -> list[str]:
+    """PPO's rule reward in tests: about 30% of the vocabulary, so the untrained model's answers hold
+    that share, with enough spread between answers for a reward signal."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    texts = [tokenizer.decode([i]) for i in range(300, 600)]
+    return [t for t in texts if len(tokenizer.encode(t, add_special_tokens=False)) == 1]

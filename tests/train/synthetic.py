@@ -73,3 +73,23 @@ def write_config(path: Path, **doc: Any) -> Path:
 def read_metrics(output_dir: Path, split: str = "train") -> dict[int, dict[str, Any]]:
     records = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r for r in records if r["split"] == split}
+
+
+PROMPTS = Path(__file__).resolve().parents[2] / "prompts" / "red_team_demo.jsonl"
+
+
+def ppo_config(tmp_path: Path, tiny_model: Path, tokens: list[str], name: str, beta: float = 0.01, steps: int = 16, **ppo_options):
+    """A PPO run on the tiny model whose reward is the share of answer tokens among `tokens`; the
+    settings (large batch, short answers, high learning rate) make that learnable in a few steps."""
+    from cai.train import config as train_config
+
+    path = write_config(
+        tmp_path / f"{name}.yaml",
+        model=str(tiny_model), data={"train": str(PROMPTS)}, output_dir=str(tmp_path / name),
+        max_steps=steps, batch_size=48, lr=2e-3, max_length=192, save_every=2, seed=1,
+        ppo={
+            "rewards": [{"name": "share", "rule": "token_fraction", "tokens": tokens}],
+            "max_new_tokens": 3, "kl_beta": beta, "ppo_epochs": 2, "reward_norm": "none", **ppo_options,
+        },
+    )  # fmt: skip
+    return train_config.load("ppo", path)

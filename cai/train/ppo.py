@@ -1,0 +1,296 @@
+"""`cai train ppo`: PPO against reward models (and rules), with a per-token KL penalty to a frozen
+reference, as InstructGPT and the Constitutional AI paper run their RL stage.
+
+Each step: a batch of prompts, one sampled answer each (HF generation, or the vLLM engine holding
+the policy's current weights); one reward per answer from the reward models and rules, combined by
+weight (optionally gated, Llama 2), normalised; the per-token reward is -beta (log pi - log pi_ref)
+with the answer's reward added on its last token; GAE over the value model's estimates; then
+`ppo_epochs` passes of minibatches of the clipped surrogate plus the clipped value loss (minus an
+optional entropy bonus). beta is fixed, or adapted to a target KL (Ziegler et al. 2019).
+
+The value model is a scalar head on its own transformer (a sequence-classification model read at
+every token), started from the first reward model or the policy.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from cai import prompts as prompt_sets
+from cai.errors import InputError
+from cai.seeding import derive_seed
+from cai.train import checkpoint, data, runtime
+from cai.train.config import PPOOptions, TrainConfig
+from cai.train.losses import AdaptiveKLController, FixedKLController, gae, masked_mean, ppo_policy_loss, ppo_value_loss, token_logps
+from cai.train.metrics import MetricsLog, plot
+from cai.train.reward import RewardScorer, combine
+
+
+class Rewards:
+    """Reward models and rules, combined by weight (and gate) into one reward per answer."""
+
+    def __init__(self, options: PPOOptions, tokenizer, device, file: str):
+        models = {s.name: (s.model, s.weight) for s in options.rewards if s.model is not None}
+        self.scorer = RewardScorer(models, device=str(device)) if models else None
+        self.weights = {s.name: s.weight for s in options.rewards}
+        self.gate = options.gate
+        self.rules: dict[str, torch.Tensor] = {}
+        for index, source in enumerate(options.rewards):
+            if source.model is None:
+                ids = []
+                for token in source.tokens:
+                    encoded = tokenizer.encode(token, add_special_tokens=False)
+                    if len(encoded) != 1:
+                        raise InputError(file, f"ppo.rewards[{index}].tokens", f"{token!r} is {len(encoded)} tokens for this tokenizer, not one")
+                    ids.append(encoded[0])
+                self.rules[source.name] = torch.tensor(sorted(set(ids)))
+
+    def score(self, prompts: list[data.Messages], texts: list[str], responses: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        each = self.scorer.score_each(prompts, texts) if self.scorer else {}
+        for name, ids in self.rules.items():
+            hits = torch.isin(responses.cpu(), ids).float() * mask.cpu()
+            each[name] = hits.sum(1) / mask.cpu().sum(1).clamp(min=1)
+        return combine(each, self.weights, self.gate), each
+
+
+class RunningMoments:
+    """Mean and variance of every reward seen so far (Chan et al.'s parallel update): rewards are
+    normalised by them, so their scale does not drift with the policy."""
+
+    def __init__(self, state: dict | None = None):
+        self.mean, self.var, self.count = (state["mean"], state["var"], state["count"]) if state else (0.0, 1.0, 0)
+
+    def update(self, values: torch.Tensor) -> None:
+        n, mean, var = values.numel(), values.mean().item(), values.var(unbiased=False).item()
+        total = self.count + n
+        delta = mean - self.mean
+        self.var = (self.var * self.count + var * n + delta**2 * self.count * n / total) / total
+        self.mean += delta * n / total
+        self.count = total
+
+    def state(self) -> dict:
+        return {"mean": self.mean, "var": self.var, "count": self.count}
+
+
+def normalise(scores: torch.Tensor, how: str, moments: RunningMoments) -> torch.Tensor:
+    if how == "none":
+        return scores
+    if how == "batch":
+        return (scores - scores.mean()) / (scores.std(unbiased=False) + 1e-8)
+    moments.update(scores)
+    return (scores - moments.mean) / (math.sqrt(moments.var) + 1e-8)
+
+
+def response_mask(responses: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """1 on each answer's tokens up to and including its first end-of-sequence token (what follows is padding)."""
+    is_eos = (responses == eos_id).long()
+    after_eos = (is_eos.cumsum(1) - is_eos) > 0
+    return (~after_eos).float()
+
+
+def positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that skip left padding, as generation used them."""
+    return (attention_mask.cumsum(1) - 1).clamp(min=0)
+
+
+class TokenValues(torch.nn.Module):
+    """A sequence-classification model's scalar head read at every token: V(s_t) per position."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask):
+        hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions(attention_mask)).last_hidden_state
+        return self.model.score(hidden).squeeze(-1).float()
+
+
+def train(config: TrainConfig, stop_after: int | None = None) -> Path:
+    """Train; returns OUTPUT/final. `stop_after=N` returns right after step N's checkpoint."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, GenerationConfig
+
+    options = config.ppo
+    if config.grad_accum != 1:
+        raise InputError(str(config.file), "grad_accum", "ppo takes one optimizer step per minibatch: set ppo.minibatch_size instead")
+    acc = runtime.accelerator(config)
+    tokenizer = runtime.load_tokenizer(runtime.model_path(config))
+    tokenizer.padding_side = "left"  # prompts end where the answers start
+
+    # --- prompts and rewards: validated before anything is written
+    conversations = [list(p.messages) for p in prompt_sets.load(config.train_data)][: config.limit]
+    room = config.max_length - options.max_new_tokens
+    encoded = [tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=True, return_dict=False) for m in conversations]
+    kept = [i for i, ids in enumerate(encoded) if len(ids) <= room]
+    if not kept:
+        raise InputError(str(config.file), "max_length", f"no prompt fits in max_length - ppo.max_new_tokens = {room} tokens")
+    if len(kept) < len(encoded):
+        acc.print(f"left out {len(encoded) - len(kept)} prompts longer than {room} tokens")
+    conversations, encoded = [conversations[i] for i in kept], [encoded[i] for i in kept]
+    rewards = Rewards(options, tokenizer, acc.device, str(config.file))
+
+    resume = runtime.prepare_output(config, acc)
+    batches = data.Batches([len(ids) for ids in encoded], config.batch_size, config.seed, rank=acc.process_index, world_size=acc.num_processes)
+    steps = config.max_steps or config.epochs * batches.per_epoch
+    minibatch = options.minibatch_size or config.batch_size
+    updates = options.ppo_epochs * math.ceil(config.batch_size / minibatch)
+
+    # --- models: policy (trained), reference (frozen), value (trained)
+    policy = runtime.load_model(AutoModelForCausalLM, config, resume, task_type="CAUSAL_LM")
+    reference = None
+    if config.lora is None:
+        reference = AutoModelForCausalLM.from_pretrained(runtime.model_path(config), dtype=torch.float32).to(acc.device).eval()
+        reference.requires_grad_(False)
+    first_model = next((s.model for s in options.rewards if s.model is not None), None)
+    value_start = resume / "value" if resume else (first_model if (options.value_from or ("reward" if first_model else "policy")) == "reward" else runtime.model_path(config))
+    value = TokenValues(AutoModelForSequenceClassification.from_pretrained(value_start, num_labels=1, pad_token_id=data.pad_id(tokenizer), dtype=torch.float32))
+    optimizer, scheduler = runtime.optimizer_and_scheduler(config, torch.nn.ModuleList([policy, value]), steps * updates)
+    policy, optimizer, value = runtime.prepare(acc, policy, optimizer, scheduler, value)
+    engine = None
+    if options.rollout == "vllm":
+        from cai.train.vllm_rollout import VLLMRollout
+
+        engine = VLLMRollout(runtime.model_path(config), options.vllm_options, config.max_length)
+
+    state = checkpoint.restore(acc, resume) if resume else {"step": 0, "position": 0}
+    position = state["position"]
+    kl = (
+        AdaptiveKLController(state.get("kl_beta", options.kl_beta), options.kl_target, options.kl_horizon)
+        if options.kl_target
+        else FixedKLController(options.kl_beta)
+    )
+    moments = RunningMoments(state.get("reward_moments"))
+    metrics = MetricsLog(config.output_dir / "metrics.jsonl", state["step"], config.output_dir / "tensorboard" if config.tensorboard else None, acc.is_main_process)
+    pad_id, eos_id = data.pad_id(tokenizer), tokenizer.eos_token_id
+    generation = GenerationConfig(
+        do_sample=True, temperature=options.temperature, top_p=options.top_p, top_k=0,
+        max_new_tokens=options.max_new_tokens, pad_token_id=pad_id, eos_token_id=eos_id,
+    )  # fmt: skip
+
+    def logps_and_entropy(model, ids, attention, start):
+        """log pi(token) of each answer token (logits at temperature, as sampled) and the entropy there."""
+        logits = model(input_ids=ids, attention_mask=attention, position_ids=positions(attention)).logits[:, start - 1 :] / options.temperature
+        logp = token_logps(logits, ids[:, start - 1 :])  # logits at start-1 .. end-2 predict the answer's tokens
+        predicting = logits[:, :-1].float()
+        entropy = torch.logsumexp(predicting, -1) - (torch.softmax(predicting, -1) * predicting).sum(-1)
+        return logp, entropy
+
+    for step in range(state["step"] + 1, steps + 1):
+        indexes = batches(position)
+        position += 1
+        prompts = [conversations[i] for i in indexes]
+
+        # --- rollout
+        started = time.perf_counter()
+        sync_seconds = 0.0
+        batch = tokenizer.pad({"input_ids": [encoded[i] for i in indexes]}, return_tensors="pt").to(acc.device)
+        start = batch["input_ids"].shape[1]
+        if engine is None:
+            torch.manual_seed(derive_seed(config.seed, "ppo-rollout", step))
+            with torch.no_grad():
+                ids = acc.unwrap_model(policy).generate(**batch, generation_config=generation)
+        else:
+            sync_seconds = engine.sync(acc.unwrap_model(policy))
+            answers = engine.generate(
+                [encoded[i] for i in indexes], derive_seed(config.seed, "ppo-rollout", step), options.temperature, options.top_p, options.max_new_tokens
+            )
+            ids = torch.cat([batch["input_ids"], data.pad(answers, pad_id).to(acc.device)], dim=1)
+        responses = ids[:, start:]
+        mask = response_mask(responses, eos_id)
+        attention = torch.cat([batch["attention_mask"], mask.long()], dim=1)
+        generation_seconds = time.perf_counter() - started - sync_seconds
+
+        # --- score, then the frozen numbers the update compares against
+        started = time.perf_counter()
+        texts = tokenizer.batch_decode(responses * mask.long() + pad_id * (1 - mask.long()), skip_special_tokens=True)
+        score, each = rewards.score(prompts, texts, responses, mask)
+        score = score.to(acc.device)
+        with torch.no_grad():
+            old_logp, _ = logps_and_entropy(policy, ids, attention, start)
+            if reference is not None:
+                ref_logp, _ = logps_and_entropy(reference, ids, attention, start)
+            else:
+                with acc.unwrap_model(policy).disable_adapter():
+                    ref_logp, _ = logps_and_entropy(policy, ids, attention, start)
+            old_values = value(ids, attention)[:, start - 1 : -1]
+        token_kl = (old_logp - ref_logp) * mask
+        token_rewards = -kl.value * token_kl
+        last = mask.sum(1).long() - 1
+        normalised = normalise(score, options.reward_norm, moments)
+        token_rewards[torch.arange(len(indexes)), last] += normalised
+        advantages, returns = gae(token_rewards, old_values, options.gamma, options.lam, mask)
+        advantages = (advantages - masked_mean(advantages, mask)) / (masked_mean((advantages - masked_mean(advantages, mask)) ** 2, mask).sqrt() + 1e-8) * mask
+        scoring_seconds = time.perf_counter() - started
+
+        # --- PPO epochs over minibatches
+        started = time.perf_counter()
+        order = torch.Generator().manual_seed(derive_seed(config.seed, "ppo-minibatches", step))
+        logs = []
+        for _ in range(options.ppo_epochs):
+            for chunk in torch.randperm(len(indexes), generator=order).split(minibatch):
+                logp, entropy = logps_and_entropy(policy, ids[chunk], attention[chunk], start)
+                values = value(ids[chunk], attention[chunk])[:, start - 1 : -1]
+                policy_loss, clip_fraction = ppo_policy_loss(logp, old_logp[chunk], advantages[chunk], options.clip_range, mask[chunk])
+                value_loss, value_clip_fraction = ppo_value_loss(values, old_values[chunk], returns[chunk], options.value_clip_range, mask[chunk])
+                mean_entropy = masked_mean(entropy, mask[chunk])
+                loss = policy_loss + options.value_coef * value_loss - options.entropy_coef * mean_entropy
+                runtime.check_finite(loss, "loss", step, config.output_dir)
+                acc.backward(loss)
+                grad_norm = acc.clip_grad_norm_(list(policy.parameters()) + list(value.parameters()), config.max_grad_norm)
+                runtime.check_finite(grad_norm, "gradient norm", step, config.output_dir)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+                logs.append(
+                    {
+                        "policy_loss": policy_loss.item(), "value_loss": value_loss.item(), "clip_fraction": clip_fraction.item(),
+                        "value_clip_fraction": value_clip_fraction.item(), "entropy": mean_entropy.item(), "grad_norm": grad_norm.item(),
+                        "approx_kl": masked_mean(old_logp[chunk] - logp.detach(), mask[chunk]).item(),
+                    }
+                )  # fmt: skip
+        training_seconds = time.perf_counter() - started
+
+        sequence_kl = token_kl.sum(1).mean().item()
+        beta = kl.value
+        kl.update(sequence_kl, len(indexes))
+        answer_tokens = mask.sum().item()
+        metrics.log(
+            step,
+            "train",
+            {
+                "reward": score.mean().item(),
+                **{f"reward_{name}": values.mean().item() for name, values in each.items()},
+                "reward_normalised": normalised.mean().item(),
+                "kl": sequence_kl,
+                "kl_per_token": (token_kl.sum() / answer_tokens).item(),
+                "kl_beta": beta,
+                **{k: sum(log[k] for log in logs) / len(logs) for k in logs[0]},
+                "response_length": answer_tokens / len(indexes),
+                "generation_tokens_per_s": answer_tokens / generation_seconds,
+                "training_tokens_per_s": options.ppo_epochs * attention.sum().item() / training_seconds,
+                "seconds_generation": generation_seconds,
+                "seconds_scoring": scoring_seconds,
+                "seconds_training": training_seconds,
+                "seconds_weight_sync": sync_seconds,
+                "lr": scheduler.get_last_lr()[0],
+            },
+        )
+        if step % config.save_every == 0 or step == steps:
+            trainer_state = {"position": position, "kl_beta": kl.value, "reward_moments": moments.state()}
+            checkpoint.save(acc, policy, tokenizer, config.output_dir, step, trainer_state, config.keep_checkpoints, others={"value": acc.unwrap_model(value).model})
+        if step == stop_after:
+            break
+    metrics.close()
+    if engine is not None:
+        engine.close()
+    if stop_after is not None and stop_after < steps:
+        return config.output_dir / "final"
+    tokenizer.padding_side = "right"  # the saved tokenizer pads as training and serving expect
+    final = checkpoint.save_final(acc, policy, tokenizer, config.output_dir)
+    if acc.is_main_process:
+        plot(config.output_dir / "metrics.jsonl", config.output_dir / "curves.png")
+    return final
+
