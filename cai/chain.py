@@ -116,5 +116,7 @@ def run(chain: Chain, quiet: bool = False) -> int:
         state["steps"][step.name] = {"argv": list(step.argv), "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         chain.workdir.mkdir(parents=True, exist_ok=True)
         write_atomic(state_path, json.dumps(state, indent=2) + "\n")
-    print(f"chain {chain.name}: {len(chain.steps)} steps done in {chain.workdir}")
+    from cai import report
+
+    print(f"chain {chain.name}: {len(chain.steps)} steps done in {chain.workdir}; report: {report.write_chain(chain.workdir)}")
     return 0

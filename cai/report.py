@@ -1,9 +1,11 @@
 """`cai report RUN_DIR`: one HTML page (RUN_DIR/report.html) with PNG plots (RUN_DIR/report/) of what a
-run produced and how far its judge can be trusted. The figures come from run_stats.py."""
+run produced and how far its judge can be trusted. The figures come from run_stats.py. For a chain's
+workdir, a page with every step: each run's own report, each training's curves and last metrics."""
 
 from __future__ import annotations
 
 import html
+import json
 import os
 import shutil
 import tempfile
@@ -153,6 +155,12 @@ def _plots(stats: dict[str, Any], folder: Path) -> dict[str, str]:
 
 # -- page
 
+STYLE = (
+    "body{font-family:sans-serif;max-width:1000px;margin:2em auto;color:#222}"
+    "table{border-collapse:collapse;margin:0.5em 0}td,th{border:1px solid #ccc;padding:3px 8px;font-size:14px;text-align:left}"
+    "img{max-width:100%;display:block;margin:0.5em 0}"
+)
+
 
 def _pct(r: dict[str, Any]) -> str:
     if r["rate"] is None:
@@ -242,19 +250,44 @@ def render(manifest: dict[str, Any], stats: dict[str, Any], plots: dict[str, str
         ]
     else:
         parts.append("<p>None.</p>")
-    style = (
-        "body{font-family:sans-serif;max-width:1000px;margin:2em auto;color:#222}"
-        "table{border-collapse:collapse;margin:0.5em 0}td,th{border:1px solid #ccc;padding:3px 8px;font-size:14px;text-align:left}"
-        "img{max-width:100%;display:block;margin:0.5em 0}"
-    )
     title = e(manifest["name"])
-    return f"<!doctype html>\n<html><head><meta charset='utf-8'><title>cai report: {title}</title><style>{style}</style></head><body>\n" + "\n".join(
+    return f"<!doctype html>\n<html><head><meta charset='utf-8'><title>cai report: {title}</title><style>{STYLE}</style></head><body>\n" + "\n".join(
         p for p in parts if p
     ) + "\n</body></html>\n"
 
 
+def write_chain(workdir: Path) -> Path:
+    """WORKDIR/report.html: the chain's steps in order, linking each run's report (rewritten here) and
+    showing each training's curves and last logged metrics."""
+    e = html.escape
+    state = json.loads((workdir / "chain.json").read_text(encoding="utf-8"))
+    parts = [f"<h1>cai chain: {e(workdir.name)}</h1>"]
+    for name, step in state["steps"].items():
+        folder = workdir / name
+        parts.append(f"<h2>{e(name)}</h2><p><code>cai {e(' '.join(step['argv']))}</code> (finished {e(step['finished'])})</p>")
+        if (folder / "manifest.json").exists():
+            write(folder)
+            parts.append(f'<p><a href="{e(name)}/report.html">run report</a> &middot; <a href="{e(name)}/datasets/">datasets</a></p>')
+        metrics = folder / "metrics.jsonl"
+        if metrics.exists():
+            lines = metrics.read_text(encoding="utf-8").splitlines()
+            last = json.loads(lines[-1]) if lines else {}
+            cells = [[e(k), f"{v:.4g}" if isinstance(v, float) else e(str(v))] for k, v in last.items()]
+            parts += [_table(["last logged", "value"], cells)]
+        if (folder / "curves.png").exists():
+            parts.append(f'<img src="{e(name)}/curves.png" alt="{e(name)} curves">')
+        if (folder / "rejection.jsonl").exists():
+            rows = [json.loads(line) for line in (folder / "rejection.jsonl").read_text(encoding="utf-8").splitlines()]
+            parts.append(_table(["iteration", "mean reward", "mean best reward"], [[r["iteration"], f"{r['mean_reward']:.4g}", f"{r['mean_best_reward']:.4g}"] for r in rows]))
+    page = workdir / "report.html"
+    write_atomic(page, f"<!doctype html>\n<html><head><meta charset='utf-8'><title>cai chain</title><style>{STYLE}</style></head><body>\n" + "\n".join(parts) + "\n</body></html>\n")
+    return page
+
+
 def write(run_dir: Path) -> Path:
     """RUN_DIR/report.html and RUN_DIR/report/*.png, replacing an older report whole."""
+    if (run_dir / "chain.json").exists():
+        return write_chain(run_dir)
     manifest, rows, failures = load_run(run_dir)
     stats = figures(manifest, rows, failures)
     tmp = Path(tempfile.mkdtemp(dir=run_dir, prefix=".report.tmp-"))

@@ -64,6 +64,11 @@ def test_chain_runs_every_step_on_earlier_outputs_then_skips_them(chain_file, tm
     assert main(["run", str(chain_file), "--quiet"]) == 0
     assert capsys.readouterr().out.count("done earlier, skipped") == 5
 
+    assert main(["report", str(work)]) == 0
+    page = (work / "report.html").read_text()
+    assert all(f"<h2>{step}</h2>" in page for step in ("sl", "sft", "rl", "rm", "dpo"))
+    assert 'href="rl/report.html"' in page and 'src="dpo/curves.png"' in page and "last logged" in page
+
     doc = yaml.safe_load(chain_file.read_text())
     doc["steps"][3]["set"].append("lr=0.001")
     write(chain_file, doc)

@@ -16,8 +16,8 @@ from cai.errors import InputError
 from cai.files import load_yaml, validate
 from cai.models import EMBEDDED, looks_like_path
 
-KINDS = ("sft", "rm", "dpo", "ppo")
-DEFAULT_LR = {"sft": 2e-5, "rm": 1e-5, "dpo": 1e-6, "ppo": 1e-6}
+KINDS = ("sft", "rm", "dpo", "ppo", "rejection")
+DEFAULT_LR = {"sft": 2e-5, "rm": 1e-5, "dpo": 1e-6, "ppo": 1e-6, "rejection": 2e-5}
 # Keys that change neither the weights nor the data order: a resumed run may change them.
 RESUMABLE_CHANGES = frozenset({"save_every", "keep_checkpoints", "eval_every", "eval_batch_size", "tensorboard"})
 
@@ -83,6 +83,20 @@ class PPOOptions:
     reward_norm: str = "running"
 
 
+@dataclass(frozen=True)
+class RejectionOptions:
+    """Best-of-K (Llama 2's rejection sampling): the fine-tuning itself uses the shared training keys."""
+
+    rewards: tuple[RewardSource, ...] = ()
+    gate: tuple[str, float] | None = None
+    samples: int = 4
+    iterations: int = 1
+    max_new_tokens: int = 128
+    temperature: float = 1.0
+    top_p: float = 1.0
+    vllm_options: dict[str, Any] = field(default_factory=dict)
+
+
 @dataclass
 class TrainConfig:
     kind: str
@@ -116,6 +130,7 @@ class TrainConfig:
     rm: RewardOptions = field(default_factory=RewardOptions)
     dpo: DPOOptions = field(default_factory=DPOOptions)
     ppo: PPOOptions = field(default_factory=PPOOptions)
+    rejection: RejectionOptions = field(default_factory=RejectionOptions)
 
     @property
     def base_dirs(self) -> list[Path]:
@@ -168,28 +183,40 @@ def load(kind: str, path: str | Path, overrides: list[str] = ()) -> TrainConfig:
         rm=rm,
         dpo=DPOOptions(**doc.get("dpo", {})),
         ppo=_ppo_options(doc, file, name) if kind == "ppo" else PPOOptions(),
+        rejection=_rejection_options(doc, file, name) if kind == "rejection" else RejectionOptions(),
     )
 
 
-def _ppo_options(doc: dict[str, Any], file: Path, name: str) -> PPOOptions:
-    if "ppo" not in doc:
-        raise InputError(name, "ppo", "`cai train ppo` needs a ppo section with its rewards")
-    options = dict(doc["ppo"])
-    sources = []
+def _rewards(doc: dict[str, Any], section: str, file: Path, name: str) -> tuple[dict[str, Any], tuple[RewardSource, ...], tuple[str, float] | None]:
+    """A trainer section's other options, its reward sources and its gate, checked."""
+    if section not in doc:
+        raise InputError(name, section, f"`cai train {section}` needs a {section} section with its rewards")
+    options = dict(doc[section])
+    sources: list[RewardSource] = []
     for index, spec in enumerate(options.pop("rewards")):
         if any(s.name == spec["name"] for s in sources):
-            raise InputError(name, f"ppo.rewards[{index}].name", f"a second reward named {spec['name']!r}")
-        model = _existing(spec["model"], file, name, f"ppo.rewards[{index}].model") if "model" in spec else None
+            raise InputError(name, f"{section}.rewards[{index}].name", f"a second reward named {spec['name']!r}")
+        model = _existing(spec["model"], file, name, f"{section}.rewards[{index}].model") if "model" in spec else None
         sources.append(RewardSource(spec["name"], spec.get("weight", 1.0), model, tuple(spec.get("tokens", ()))))
     gate = options.pop("gate", None)
     if gate is not None and gate["reward"] not in [s.name for s in sources]:
-        raise InputError(name, "ppo.gate.reward", f"names no reward (rewards: {', '.join(s.name for s in sources)})")
+        raise InputError(name, f"{section}.gate.reward", f"names no reward (rewards: {', '.join(s.name for s in sources)})")
+    return options, tuple(sources), (gate["reward"], gate["threshold"]) if gate else None
+
+
+def _rejection_options(doc: dict[str, Any], file: Path, name: str) -> RejectionOptions:
+    options, sources, gate = _rewards(doc, "rejection", file, name)
+    return RejectionOptions(rewards=sources, gate=gate, **options)
+
+
+def _ppo_options(doc: dict[str, Any], file: Path, name: str) -> PPOOptions:
+    options, sources, gate = _rewards(doc, "ppo", file, name)
     if options.get("rollout") == "vllm" and "lora" in doc:
         # The engine takes whole weights: a LoRA policy would need its adapter merged at every sync.
         raise InputError(name, "ppo.rollout", "vllm rollouts need a full policy, not lora: drop lora or use rollout: hf")
     if options.get("value_from") == "reward" and not any(s.model for s in sources):
         raise InputError(name, "ppo.value_from", "no reward model to start the value model from")
-    return PPOOptions(rewards=tuple(sources), gate=(gate["reward"], gate["threshold"]) if gate else None, **options)
+    return PPOOptions(rewards=sources, gate=gate, **options)
 
 
 _EXPONENT_FLOAT = re.compile(r"^[-+]?[0-9]+(\.[0-9]*)?[eE][-+]?[0-9]+$")

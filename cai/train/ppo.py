@@ -24,37 +24,10 @@ from cai import prompts as prompt_sets
 from cai.errors import InputError
 from cai.seeding import derive_seed
 from cai.train import checkpoint, data, runtime
-from cai.train.config import PPOOptions, TrainConfig
+from cai.train.config import TrainConfig
 from cai.train.losses import AdaptiveKLController, FixedKLController, gae, masked_mean, ppo_policy_loss, ppo_value_loss, token_logps
 from cai.train.metrics import MetricsLog, plot
-from cai.train.reward import RewardScorer, combine
-
-
-class Rewards:
-    """Reward models and rules, combined by weight (and gate) into one reward per answer."""
-
-    def __init__(self, options: PPOOptions, tokenizer, device, file: str):
-        models = {s.name: (s.model, s.weight) for s in options.rewards if s.model is not None}
-        self.scorer = RewardScorer(models, device=str(device)) if models else None
-        self.weights = {s.name: s.weight for s in options.rewards}
-        self.gate = options.gate
-        self.rules: dict[str, torch.Tensor] = {}
-        for index, source in enumerate(options.rewards):
-            if source.model is None:
-                ids = []
-                for token in source.tokens:
-                    encoded = tokenizer.encode(token, add_special_tokens=False)
-                    if len(encoded) != 1:
-                        raise InputError(file, f"ppo.rewards[{index}].tokens", f"{token!r} is {len(encoded)} tokens for this tokenizer, not one")
-                    ids.append(encoded[0])
-                self.rules[source.name] = torch.tensor(sorted(set(ids)))
-
-    def score(self, prompts: list[data.Messages], texts: list[str], responses: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        each = self.scorer.score_each(prompts, texts) if self.scorer else {}
-        for name, ids in self.rules.items():
-            hits = torch.isin(responses.cpu(), ids).float() * mask.cpu()
-            each[name] = hits.sum(1) / mask.cpu().sum(1).clamp(min=1)
-        return combine(each, self.weights, self.gate), each
+from cai.train.reward import Rewards
 
 
 class RunningMoments:
@@ -130,7 +103,7 @@ def train(config: TrainConfig, stop_after: int | None = None) -> Path:
     if len(kept) < len(encoded):
         acc.print(f"left out {len(encoded) - len(kept)} prompts longer than {room} tokens")
     conversations, encoded = [conversations[i] for i in kept], [encoded[i] for i in kept]
-    rewards = Rewards(options, tokenizer, acc.device, str(config.file))
+    rewards = Rewards(options.rewards, options.gate, tokenizer, acc.device, str(config.file), "ppo.rewards")
 
     resume = runtime.prepare_output(config, acc)
     batches = data.Batches([len(ids) for ids in encoded], config.batch_size, config.seed, rank=acc.process_index, world_size=acc.num_processes)

@@ -210,6 +210,41 @@ def combine(each: dict[str, torch.Tensor], weights: dict[str, float], gate: tupl
     return torch.where(each[name] < threshold, each[name], combined)
 
 
+class Rewards:
+    """Reward models and rules (`token_fraction`: the share of answer tokens among given tokens),
+    combined by weight (and gate) into one reward per answer: what PPO and rejection sampling optimise."""
+
+    def __init__(self, sources, gate: tuple[str, float] | None, tokenizer, device, file: str, field: str):
+        models = {s.name: (s.model, s.weight) for s in sources if s.model is not None}
+        self.scorer = RewardScorer(models, device=str(device)) if models else None
+        self.weights = {s.name: s.weight for s in sources}
+        self.gate = gate
+        self.tokenizer = tokenizer
+        self.rules: dict[str, torch.Tensor] = {}
+        for index, source in enumerate(sources):
+            if source.model is None:
+                ids = []
+                for token in source.tokens:
+                    encoded = tokenizer.encode(token, add_special_tokens=False)
+                    if len(encoded) != 1:
+                        raise InputError(file, f"{field}[{index}].tokens", f"{token!r} is {len(encoded)} tokens for this tokenizer, not one")
+                    ids.append(encoded[0])
+                self.rules[source.name] = torch.tensor(sorted(set(ids)))
+
+    def score(self, prompts: list[data.Messages], texts: list[str], responses: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(combined reward, each source's) for answers given as text and as token ids with their mask."""
+        each = self.scorer.score_each(prompts, texts) if self.scorer else {}
+        for name, ids in self.rules.items():
+            hits = torch.isin(responses.cpu(), ids).float() * mask.cpu()
+            each[name] = hits.sum(1) / mask.cpu().sum(1).clamp(min=1)
+        return combine(each, self.weights, self.gate), each
+
+    def score_texts(self, prompts: list[data.Messages], texts: list[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        ids = [self.tokenizer.encode(t, add_special_tokens=False) for t in texts]
+        mask = data.pad([[1] * len(i) or [0] for i in ids], 0).float()  # an empty answer holds no token of any rule
+        return self.score(prompts, texts, data.pad([i or [data.pad_id(self.tokenizer)] for i in ids], data.pad_id(self.tokenizer)), mask)
+
+
 def evaluate_pairs(scorer: RewardScorer, pairs: list[data.Pair]) -> dict[str, object]:
     """Pairwise accuracy (ties count half) with its 95% Wilson interval, and the mean reward margin."""
     prompts = [p.prompt for p in pairs]
