@@ -188,6 +188,43 @@ def cmd_eval_rm(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from cai.service.server import ServeOptions, UnsafeServe, serve
+
+    try:
+        serve(ServeOptions(workspace=args.workspace, host=args.host, port=args.port, max_jobs=args.max_jobs))
+    except UnsafeServe as exc:
+        print(f"cai serve: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    return EXIT_OK
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from cai.service.client import ServerError, call, job_line
+
+    body = {"pipeline": args.pipeline, "set": args.set, "limit": args.limit}
+    try:
+        job = call(args.server, "POST", "/api/jobs/run", body)
+    except ServerError as exc:
+        print(f"cai submit: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT if exc.status in (400, 422) else EXIT_FAILED
+    print(job_line(job))
+    return EXIT_OK
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    from cai.service.client import ServerError, call, job_line
+
+    try:
+        jobs = call(args.server, "GET", "/api/jobs")
+    except ServerError as exc:
+        print(f"cai jobs: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    for job in jobs:
+        print(job_line(job))
+    return EXIT_OK
+
+
 class OneLineErrors(argparse.ArgumentParser):
     """Usage mistakes follow the same rule as bad files: one line on stderr, exit 2."""
 
@@ -251,6 +288,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=_positive_int, help="use only the first N pairs")
     p.add_argument("--json", help="also write the figures to this JSON file")
     p.set_defaults(func=cmd_eval_rm)
+
+    p = sub.add_parser("serve", help="job server with a web dashboard over a workspace folder (token: $CAI_SERVER_TOKEN)")
+    p.add_argument("--workspace", required=True, type=Path, help="folder of constitutions, prompts, pipelines and runs")
+    p.add_argument("--host", default="127.0.0.1", help="off loopback, $CAI_SERVER_TOKEN must be set")
+    p.add_argument("--port", type=int, default=8420)
+    p.add_argument("--max-jobs", type=_positive_int, default=1, help="jobs that run at once")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("submit", help="queue a run of a pipeline on a `cai serve` server (token: $CAI_SERVER_TOKEN)")
+    p.add_argument("pipeline", help="pipeline file, relative to the server's workspace")
+    p.add_argument("--server", required=True, help="the server's URL, e.g. http://127.0.0.1:8420")
+    p.add_argument("--limit", type=_positive_int, help="use only the first N prompts")
+    p.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a pipeline field")
+    p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser("jobs", help="list the jobs of a `cai serve` server (token: $CAI_SERVER_TOKEN)")
+    p.add_argument("--server", required=True, help="the server's URL, e.g. http://127.0.0.1:8420")
+    p.set_defaults(func=cmd_jobs)
     return parser
 
 

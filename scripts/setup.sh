@@ -6,6 +6,17 @@ cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
 EXTRA=${CAI_EXTRA:-cpu}
 PYTHON=${PYTHON:-$(command -v python3.11 || command -v python3)}
+# The dashboard test drives Debian's chromium through its chromedriver (no browser is ever downloaded by a
+# Python package). Checked on every run, before the venv stamp, so an existing .venv gets it too.
+if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y -qq chromium chromium-driver >/dev/null 2>&1 \
+      || { apt-get update -qq >/dev/null && apt-get install -y -qq chromium chromium-driver >/dev/null; }
+  else
+    echo "setup: no chromium/chromedriver and no root apt-get: the dashboard test will be skipped" >&2
+  fi
+fi
 stamp="$VENV/.cai-installed"
 want="$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1) $EXTRA"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then

@@ -1,0 +1,239 @@
+"""The HTTP API and the dashboard (FastAPI; the OpenAPI page is at /docs). Bad input gets the CLI's
+one-line message: 400 for files (an InputError), 422 for a malformed request body."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import shutil
+import tempfile
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlencode
+
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, RedirectResponse, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.background import BackgroundTask
+
+from cai.errors import InputError, field_path
+from cai.service import progress as job_progress
+from cai.service.jobs import ENDED, Job, JobStore, NewJob
+from cai.service.worker import Worker, redact, secrets
+from cai.service.workspace import Workspace
+
+TOKEN_COOKIE = "cai_token"
+STREAM_INTERVAL_S = 0.5
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    workspace: Workspace
+    token: str | None = None  # None: no authentication (loopback only; cai serve enforces that)
+    max_jobs: int = 1
+
+
+class RunRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # an `api_key` field, say, is refused rather than ignored
+    pipeline: str = Field(description="pipeline file, relative to the workspace")
+    set: list[str] = Field(default_factory=list, description="overrides as `cai run --set`: KEY.PATH=VALUE")
+    limit: int | None = Field(default=None, ge=1, description="use only the first N prompts")
+    run_dir: str | None = Field(default=None, description="run directory relative to the workspace (default: as `cai run`)")
+
+
+class TrainRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["sft", "rm", "dpo"]
+    config: str = Field(description="train config file, relative to the workspace")
+    set: list[str] = Field(default_factory=list, description="overrides as `cai train --set`: KEY.PATH=VALUE")
+
+
+def create_app(config: ServiceConfig) -> FastAPI:
+    ws = config.workspace
+    store = JobStore(ws.state_dir / "jobs.sqlite")
+    worker = Worker(store, ws.root, ws.state_dir, config.max_jobs)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        worker.start()
+        yield
+        await asyncio.to_thread(worker.stop)
+
+    app = FastAPI(title="cai service", summary="Pipeline runs and trainings of a cai workspace", lifespan=lifespan)
+
+    # -- authentication
+
+    @app.middleware("http")
+    async def authenticate(request: Request, call_next):
+        if config.token is None:
+            return await call_next(request)
+        given = request.query_params.get("token")
+        if given is not None and request.method == "GET" and _same(given, config.token):
+            # The dashboard's first visit: keep the token in a cookie and drop it from the address bar,
+            # so it stays out of the history and of links people copy.
+            query = urlencode([(k, v) for k, v in request.query_params.multi_items() if k != "token"])
+            response = RedirectResponse(request.url.path + (f"?{query}" if query else ""), status_code=303)
+            response.set_cookie(TOKEN_COOKIE, config.token, httponly=True, samesite="strict")
+            return response
+        header = request.headers.get("authorization", "")
+        bearer = header[7:] if header.lower().startswith("bearer ") else None
+        if not _same(bearer or request.cookies.get(TOKEN_COOKIE) or "", config.token):
+            return JSONResponse(
+                {"detail": "missing or wrong token: send `Authorization: Bearer $CAI_SERVER_TOKEN` (dashboard: open /?token=...)"},
+                status_code=401,
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+        return await call_next(request)
+
+    # -- errors: one line, as the CLI prints them
+
+    @app.exception_handler(InputError)
+    async def input_error(_request: Request, exc: InputError):
+        return JSONResponse({"detail": exc.render()}, status_code=400)
+
+    @app.exception_handler(RequestValidationError)
+    async def request_error(_request: Request, exc: RequestValidationError):
+        first = exc.errors()[0]
+        return JSONResponse({"detail": f"request: {field_path(first['loc'])}: {first['msg']}"}, status_code=422)
+
+    def get_job(job_id: int) -> Job:
+        job = store.get(job_id)
+        if job is None:
+            raise HTTPException(404, f"no job {job_id}")
+        return job
+
+    def describe(job: Job, detail: bool = False) -> dict[str, Any]:
+        out = {**job.to_json(), "command": ["cai", *job.command()], "progress": job_progress.progress(ws.state_dir, ws.root, job)}
+        if detail:
+            out["summary"] = job_progress.summary(ws.root, job)
+            out["downloads"] = job_progress.downloads(ws.root, job)
+        return out
+
+    # -- jobs
+
+    @app.get("/api/pipelines", summary="Pipeline files found in the workspace")
+    def list_pipelines() -> list[dict[str, Any]]:
+        return ws.pipelines()
+
+    @app.post("/api/jobs/run", status_code=201, summary="Queue a run of a workspace pipeline (as `cai run`)")
+    def submit_run(body: RunRequest) -> dict[str, Any]:
+        cfg = ws.load_pipeline(body.pipeline, body.set)
+        run_dir = ws.run_dir(cfg, body.run_dir)
+        job = store.add(
+            NewJob(
+                kind="run",
+                target=ws.relative(cfg.file),
+                out_dir=ws.relative(run_dir),
+                overrides=body.set,
+                row_limit=body.limit,
+                stages=[s.name for s in cfg.stages],
+            )
+        )
+        worker.wake()
+        return describe(job)
+
+    @app.post("/api/jobs/train", status_code=201, summary="Queue a training (as `cai train KIND CONFIG`)")
+    def submit_training(body: TrainRequest) -> dict[str, Any]:
+        cfg = ws.load_training(body.kind, body.config, body.set)
+        job = store.add(
+            NewJob(
+                kind=body.kind,
+                target=ws.relative(cfg.file),
+                out_dir=ws.relative(ws.root / cfg.output_dir),
+                overrides=body.set,
+                max_steps=cfg.max_steps,
+            )
+        )
+        worker.wake()
+        return describe(job)
+
+    @app.get("/api/jobs", summary="All jobs, oldest first, with their progress")
+    def list_jobs() -> list[dict[str, Any]]:
+        return [describe(job) for job in store.list()]
+
+    @app.get("/api/jobs/{job_id}", summary="One job: status, progress, summary of its outputs, downloads")
+    def show_job(job_id: int) -> dict[str, Any]:
+        return describe(get_job(job_id), detail=True)
+
+    @app.post("/api/jobs/{job_id}/cancel", summary="Cancel a queued job, or stop a running one as Ctrl-C would")
+    def cancel_job(job_id: int) -> dict[str, Any]:
+        job = get_job(job_id)
+        if not store.cancel(job_id):
+            raise HTTPException(409, f"job {job_id} is {job.status}: only queued or running jobs can be cancelled")
+        worker.wake()
+        return describe(get_job(job_id))
+
+    @app.post("/api/jobs/{job_id}/resume", summary="Queue a cancelled, interrupted or failed job again; its run resumes")
+    def resume_job(job_id: int) -> dict[str, Any]:
+        job = get_job(job_id)
+        if not store.resume(job_id):
+            raise HTTPException(409, f"job {job_id} is {job.status}: only cancelled, interrupted or failed jobs can be resumed")
+        worker.wake()
+        return describe(get_job(job_id))
+
+    @app.get("/api/jobs/{job_id}/events", summary="Server-Sent Events: `progress` on each change, `end` when the job ends")
+    async def job_events(job_id: int) -> StreamingResponse:
+        get_job(job_id)
+
+        async def stream():
+            last = None
+            while True:
+                job = await asyncio.to_thread(store.get, job_id)
+                event = {"id": job.id, "status": job.status, "error": job.error, **job_progress.progress(ws.state_dir, ws.root, job)}
+                if event != last:
+                    yield f"event: progress\ndata: {json.dumps(event)}\n\n"
+                    last = event
+                if job.status in ENDED:
+                    yield f"event: end\ndata: {json.dumps(event)}\n\n"
+                    return
+                await asyncio.sleep(STREAM_INTERVAL_S)
+
+        return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    @app.get("/api/jobs/{job_id}/log", response_class=PlainTextResponse, summary="The job's output (secrets scrubbed)")
+    def job_log(job_id: int) -> str:
+        path = job_progress.job_files(ws.state_dir, get_job(job_id))["log"]
+        return redact(path.read_text(encoding="utf-8", errors="replace"), secrets()) if path.exists() else ""
+
+    # -- downloads
+
+    @app.get("/api/jobs/{job_id}/files/{path:path}", summary="A file of the job's run directory or training output")
+    def job_file(job_id: int, path: str) -> FileResponse:
+        job = get_job(job_id)
+        out_dir = ws.resolve(job.out_dir, "run_dir")
+        file = ws.resolve(f"{job.out_dir}/{path}", "path")
+        if not file.is_relative_to(out_dir) or not file.is_file():
+            raise HTTPException(404, f"no file {path} in {job.out_dir}")
+        return FileResponse(file, filename=file.name, content_disposition_type="inline")
+
+    @app.get("/api/jobs/{job_id}/datasets.zip", summary="The run's datasets folder as one zip file")
+    def datasets_zip(job_id: int) -> FileResponse:
+        job = get_job(job_id)
+        datasets = ws.resolve(f"{job.out_dir}/datasets", "run_dir")
+        if not datasets.is_dir():
+            raise HTTPException(404, f"{job.out_dir} has no datasets yet")
+        tmp = Path(tempfile.mkdtemp(prefix="cai-zip-"))
+        archive = shutil.make_archive(str(tmp / "datasets"), "zip", root_dir=datasets.parent, base_dir="datasets")
+        name = f"{Path(job.out_dir).name}-datasets.zip"
+        return FileResponse(archive, filename=name, background=BackgroundTask(shutil.rmtree, tmp, ignore_errors=True))
+
+    # -- the dashboard
+
+    static = Path(str(resources.files("cai.service").joinpath("static")))
+
+    @app.get("/", include_in_schema=False)
+    def dashboard() -> FileResponse:
+        return FileResponse(static / "index.html")
+
+    app.mount("/static", StaticFiles(directory=static), name="static")
+    return app
+
+
+def _same(given: str, token: str) -> bool:
+    return hmac.compare_digest(given.encode(), token.encode())

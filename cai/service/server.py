@@ -1,0 +1,66 @@
+"""`cai serve`: checks that make the server safe to start, then uvicorn."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from cai.errors import InputError
+from cai.service.workspace import Workspace
+
+TOKEN_ENV = "CAI_SERVER_TOKEN"
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    workspace: Path
+    host: str = "127.0.0.1"
+    port: int = 8420
+    max_jobs: int = 1
+
+
+class UnsafeServe(Exception):
+    """A server that would be reachable from other machines without a token."""
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
+
+
+class _NoQueryStrings(logging.Filter):
+    """uvicorn's access log prints each request's path with its query string, which holds the token on
+    the dashboard's first visit (`/?token=...`): log the path alone."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple) and len(record.args) >= 3 and isinstance(record.args[2], str):
+            record.args = (*record.args[:2], record.args[2].split("?", 1)[0], *record.args[3:])
+        return True
+
+
+def serve(options: ServeOptions) -> None:
+    import uvicorn
+
+    from cai.service.app import ServiceConfig, create_app
+
+    token = os.environ.get(TOKEN_ENV) or None
+    if token is None and not is_loopback(options.host):
+        raise UnsafeServe(f"--host {options.host} is reachable from other machines: set {TOKEN_ENV} to a secret first")
+    workspace = Workspace.open(options.workspace)
+    if not os.access(workspace.root, os.W_OK):
+        raise InputError(str(options.workspace), None, "workspace folder is not writable")
+    # Jobs run in the workspace and resolve a pipeline's relative paths from there; validating a
+    # submission from the same folder makes it see the same files the job will.
+    os.chdir(workspace.root)
+    app = create_app(ServiceConfig(workspace, token, options.max_jobs))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("uvicorn.access").addFilter(_NoQueryStrings())
+    print(f"cai serve: workspace {workspace.root}, http://{options.host}:{options.port}/ (API docs: /docs)", flush=True)
+    uvicorn.run(app, host=options.host, port=options.port, log_level="info")

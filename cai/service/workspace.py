@@ -1,0 +1,125 @@
+"""The workspace a server works over: every file a job names, and every file the job's config names in
+turn, must lie inside it. A path that escapes (`..`, an absolute path, a symlink out) is an InputError,
+which the API returns as 400 with the CLI's one-line message."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from cai import config as pipeline_config
+from cai.config import PipelineConfig, resolve_path
+from cai.errors import InputError
+from cai.files import load_yaml, schema
+from cai.pipeline import default_run_dir
+from cai.train import config as train_config
+from cai.train.config import TrainConfig
+
+# Where the server keeps its own state; never offered as a pipeline, never a job's output.
+STATE_DIR = ".cai"
+_NOT_SCANNED = {STATE_DIR, "runs", "node_modules"}
+
+
+@dataclass(frozen=True)
+class Workspace:
+    root: Path  # resolved
+
+    @classmethod
+    def open(cls, folder: str | Path) -> "Workspace":
+        root = Path(folder).expanduser().resolve()
+        if not root.is_dir():
+            raise InputError(str(folder), None, "workspace folder not found")
+        return cls(root)
+
+    @property
+    def state_dir(self) -> Path:
+        return self.root / STATE_DIR
+
+    def resolve(self, relative: str, what: str) -> Path:
+        """A path given through the API: relative to the workspace, no `..`, not leaving it by a symlink."""
+        if not relative or "\x00" in relative:
+            raise InputError(relative, what, "empty or invalid path")
+        parts = PurePosixPath(relative.replace("\\", "/"))
+        if parts.is_absolute() or Path(relative).is_absolute():
+            raise InputError(relative, what, "absolute paths are refused: give a path relative to the workspace")
+        if ".." in parts.parts:
+            raise InputError(relative, what, "'..' is refused: give a path inside the workspace")
+        return self.inside(self.root / relative, relative, what)
+
+    def inside(self, path: Path, shown: str, what: str) -> Path:
+        """`path` with symlinks resolved, or an InputError when that leaves the workspace."""
+        real = path.resolve()
+        if real != self.root and not real.is_relative_to(self.root):
+            raise InputError(shown, what, "leaves the workspace (through a symlink or an absolute path): refused")
+        if real.is_relative_to(self.state_dir):
+            raise InputError(shown, what, f"{STATE_DIR}/ holds the server's own state: refused")
+        return real
+
+    def relative(self, path: Path) -> str:
+        return path.resolve().relative_to(self.root).as_posix()
+
+    def load_pipeline(self, relative: str, overrides: list[str]) -> PipelineConfig:
+        """Load and validate as `cai run` does, then check every file the pipeline names is in here."""
+        path = self.resolve(relative, "pipeline")
+        # Relative to the workspace, the server's current folder (cai serve makes it so): errors then
+        # name the file as `cai run` in the workspace would.
+        cfg = pipeline_config.load(path.relative_to(self.root), overrides)
+        shown = relative
+        self.inside(cfg.constitution_path, shown, "constitution")
+        for i, prompts in enumerate(cfg.prompt_paths):
+            self.inside(prompts, shown, f"prompts[{i}]")
+        for name, spec in cfg.backends.items():
+            self._check_model(spec.model, path, shown, f"backends.{name}.model")
+        if cfg.output_dir is not None:
+            self.inside(self.root / cfg.output_dir, shown, "output.dir")
+        return cfg
+
+    def run_dir(self, cfg: PipelineConfig, requested: str | None) -> Path:
+        if requested:
+            return self.resolve(requested, "run_dir")
+        # `cai run`'s default, relative to the workspace (where jobs run)
+        return self.inside(self.root / default_run_dir(cfg), str(cfg.file), "output.dir")
+
+    def load_training(self, kind: str, relative: str, overrides: list[str]) -> TrainConfig:
+        path = self.resolve(relative, "config")
+        cfg = train_config.load(kind, path.relative_to(self.root), overrides)
+        self._check_model(cfg.model, path, relative, "model")
+        if cfg.dpo.reference is not None:
+            self._check_model(cfg.dpo.reference, path, relative, "dpo.reference")
+        self.inside(cfg.train_data, relative, "data.train")
+        if cfg.eval_data is not None:
+            self.inside(cfg.eval_data, relative, "data.eval")
+        self.inside(self.root / cfg.output_dir, relative, "output_dir")
+        return cfg
+
+    def _check_model(self, model: str, config_file: Path, shown: str, what: str) -> None:
+        """A model that is a folder on disk must be in the workspace; embedded names and hub ids are not files."""
+        folder = resolve_path(model, config_file)
+        if folder.exists():
+            self.inside(folder, shown, what)
+
+    def pipelines(self) -> list[dict]:
+        """Pipeline files in the workspace (YAML with a pipeline's required keys), for the dashboard's form."""
+        required = set(schema("pipeline")["required"])
+        found = []
+        for path in self._yaml_files():
+            relative = path.relative_to(self.root)
+            try:
+                self.inside(path, str(relative), "pipeline")
+                doc = load_yaml(path)
+            except InputError:
+                continue
+            if isinstance(doc, dict) and required <= set(doc):
+                stages = [s.get("name", s.get("type")) for s in doc.get("stages") or [] if isinstance(s, dict)]
+                found.append({"path": relative.as_posix(), "name": doc.get("name"), "stages": stages})
+        return found
+
+    def _yaml_files(self) -> list[Path]:
+        """YAML files, not descending into run directories (their call caches can be large) or hidden folders."""
+        out = []
+        for folder, dirs, files in os.walk(self.root):
+            top = Path(folder) == self.root
+            dirs[:] = sorted(d for d in dirs if not d.startswith(".") and not (top and d in _NOT_SCANNED))
+            out += [Path(folder) / f for f in sorted(files) if f.endswith((".yaml", ".yml"))]
+        return out
