@@ -49,7 +49,7 @@ class RunRequest(BaseModel):
 
 class TrainRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    kind: Literal["sft", "rm", "dpo"]
+    kind: Literal["sft", "rm", "dpo", "ppo", "rejection"]
     config: str = Field(description="train config file, relative to the workspace")
     set: list[str] = Field(default_factory=list, description="overrides as `cai train --set`: KEY.PATH=VALUE")
 

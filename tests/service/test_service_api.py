@@ -85,6 +85,17 @@ def test_training_config_outside_is_refused(server):
     assert response.status_code == 400 and "refused" in response.json()["detail"]
 
 
+def test_a_reward_model_outside_is_refused(server, workspace, outside):
+    (outside / "rm").mkdir(exist_ok=True)
+    config = {
+        "model": "./models/tiny", "data": {"train": "prompts.jsonl"}, "output_dir": "runs/ppo",
+        "ppo": {"rewards": [{"name": "harmless", "model": str(outside / "rm")}]},
+    }  # fmt: skip
+    (workspace / "ppo_outside.yaml").write_text(json.dumps(config))
+    response = server.client().post("/api/jobs/train", json={"kind": "ppo", "config": "ppo_outside.yaml"})
+    assert response.status_code == 400 and response.json()["detail"].startswith("ppo_outside.yaml: ppo.rewards[0].model: leaves the workspace")
+
+
 def test_bad_pipeline_gets_the_cli_message(server, workspace):
     response = server.client().post("/api/jobs/run", json={"pipeline": "tiny.yaml", "set": ["seed=x"]})
     cli = subprocess.run(
