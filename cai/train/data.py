@@ -216,6 +216,59 @@ def encode_pairs(tokenizer, pairs: list[Pair], max_length: int) -> tuple[list[En
     return out, dropped
 
 
+def shared_prompt(pair: EncodedPair) -> int:
+    """How many leading tokens chosen and rejected share before either's first trained token."""
+    first_trained = min(e.mask.index(1) for e in (pair.chosen, pair.rejected))
+    n = 0
+    while n < first_trained and pair.chosen.input_ids[n] == pair.rejected.input_ids[n]:
+        n += 1
+    return n
+
+
+def collate_pairs(pairs: list[EncodedPair], pad_id: int) -> dict[str, torch.Tensor]:
+    """Each pair as one row holding its shared prompt once: [prompt, chosen answer, rejected answer, pads].
+    Both answers sit at the positions they have after the prompt, and each attends to the prompt and to
+    itself only, so one forward pass gives every sequence's log-probs with the prompt computed once (on
+    HH-RLHF pairs the prompt is most of the tokens).
+
+    Returns `input_ids`, `position_ids` [B, T], `attention_mask` [B, 1, T, T] (True where a token may
+    attend), and for each trained token of each sequence (mask 1, position >= 1, as `sequence_logps`
+    counts them): `row`, `source` (the position whose logits predict it), `token`, and `sequence`
+    (i for pair i's chosen answer, B + i for its rejected one).
+    """
+    ids, positions, segments = [], [], []
+    row, source, token, sequence = [], [], [], []
+    for b, pair in enumerate(pairs):
+        n = shared_prompt(pair)
+        row_ids, row_positions, row_segments = pair.chosen.input_ids[:n], list(range(n)), [0] * n
+        for side, e in enumerate((pair.chosen, pair.rejected)):
+            start = len(row_ids)  # where this answer's position n lands in the row
+            row_ids = row_ids + e.input_ids[n:]
+            row_positions += range(n, len(e.input_ids))
+            row_segments += [side + 1] * (len(e.input_ids) - n)
+            for i in range(max(n, 1), len(e.input_ids)):
+                if e.mask[i]:
+                    row.append(b)
+                    source.append(start + i - 1 - n if i > n else i - 1)  # the answer's first token is predicted from the prompt's last
+                    token.append(e.input_ids[i])
+                    sequence.append(side * len(pairs) + b)
+        ids.append(row_ids)
+        positions.append(row_positions)
+        segments.append(row_segments)
+    segment = pad(segments, 3)
+    causal = torch.ones(segment.shape[1], segment.shape[1], dtype=torch.bool).tril()
+    sees = (segment[:, None, :] == 0) | (segment[:, None, :] == segment[:, :, None])  # [B, query, key]
+    return {
+        "input_ids": pad(ids, pad_id),
+        "position_ids": pad(positions, 0),
+        "attention_mask": (causal & sees).unsqueeze(1),
+        "row": torch.tensor(row),
+        "source": torch.tensor(source),
+        "token": torch.tensor(token),
+        "sequence": torch.tensor(sequence),
+    }
+
+
 @dataclass(frozen=True)
 class Group:
     """One prompt's distinct answers (each scored once) and the pairs among them."""

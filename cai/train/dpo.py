@@ -3,7 +3,8 @@
 The reference is the starting model unless `dpo.reference` names another; with LoRA it is the policy
 with its adapter switched off (no second copy). `dpo.precompute_ref` computes the reference
 log-probs once before training and caches them in the output folder, after which the reference
-model is freed. Chosen and rejected answers go through the policy in one concatenated forward pass.
+model is freed. Chosen and rejected answers go through the policy in one forward pass, each pair as
+one row that holds the prompt once (data.collate_pairs).
 `dpo.use_soft_labels` trains on each pair's `label_prob` (conservative DPO with the judge's own
 confidence per pair).
 """
@@ -17,7 +18,7 @@ import torch
 from cai.errors import InputError
 from cai.train import checkpoint, data, runtime
 from cai.train.config import TrainConfig
-from cai.train.losses import dpo_loss, sequence_logps
+from cai.train.losses import dpo_loss
 from cai.train.metrics import MetricsLog, mean, plot
 
 
@@ -63,13 +64,7 @@ def train(config: TrainConfig, stop_after: int | None = None) -> Path:
     pad_id = data.pad_id(tokenizer)
 
     def logps(model, items: list[data.EncodedPair]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(chosen, rejected) sequence log-probs from one forward pass over both; per-token means for IPO."""
-        batch = {k: v.to(acc.device) for k, v in data.collate([p.chosen for p in items] + [p.rejected for p in items], pad_id).items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        values = sequence_logps(logits, batch["input_ids"], batch["mask"])
-        if config.dpo.loss_type == "ipo":
-            values = values / batch["mask"][:, 1:].sum(dim=1)
-        return values[: len(items)], values[len(items) :]
+        return pair_logps(model, items, pad_id, acc.device, per_token_mean=config.dpo.loss_type == "ipo")
 
     @torch.no_grad()
     def reference_logps(items: list[data.EncodedPair]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -163,3 +158,23 @@ def _precomputed(config: TrainConfig, acc, reference_logps, train_set, eval_set)
         torch.save(out, tmp)
         tmp.rename(path)
     return out
+
+
+def pair_logps(model, items: list[data.EncodedPair], pad_id: int, device, per_token_mean: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(chosen, rejected) sequence log-probs from one forward pass over both, the shared prompt
+    computed once (data.collate_pairs); per-token means instead of sums for IPO."""
+    batch = data.collate_pairs(items, pad_id)
+    # logits only from the first position that predicts an answer token: the prompt's own are never read
+    first = int(batch["source"].min())
+    batch = {k: v.to(device) for k, v in batch.items()}
+    dtype = next(model.parameters()).dtype
+    # additive form: eager attention adds the mask to the scores, sdpa takes either form
+    mask = torch.zeros(batch["attention_mask"].shape, dtype=dtype, device=device).masked_fill(~batch["attention_mask"], torch.finfo(dtype).min)
+    logits = model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=batch["position_ids"], logits_to_keep=batch["input_ids"].shape[1] - first).logits
+    picked = logits[batch["row"], batch["source"] - first]  # [trained tokens, vocab]
+    picked = picked.to(torch.promote_types(picked.dtype, torch.float32))
+    token_logps = picked.gather(1, batch["token"].unsqueeze(1)).squeeze(1) - torch.logsumexp(picked, dim=-1)
+    values = torch.zeros(2 * len(items), dtype=token_logps.dtype, device=device).index_add(0, batch["sequence"], token_logps)
+    if per_token_mean:
+        values = values / torch.bincount(batch["sequence"], minlength=2 * len(items))
+    return values[: len(items)], values[len(items) :]

@@ -99,8 +99,10 @@ def optimizer_and_scheduler(config: TrainConfig, model, steps: int):
     for p in model.parameters():
         if p.requires_grad:
             (no_decay if p.ndim < 2 else decay).append(p)
+    # fused: one kernel over all parameters; measured on this CPU with SmolLM2, 0.2 s a step instead
+    # of about 1 s, and less peak memory (benchmarks/rm_vs_trl.py)
     optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=config.lr
+        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=config.lr, fused=True
     )
     scheduler = get_scheduler(config.scheduler, optimizer, num_warmup_steps=config.warmup_steps, num_training_steps=steps)
     return optimizer, scheduler

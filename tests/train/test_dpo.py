@@ -125,3 +125,24 @@ def test_resume_with_another_config_is_refused(tmp_path: Path, tiny_model: Path,
         dpo.train(make_config(tmp_path, tiny_model, prefs, sets=["max_steps=2", "lr=0.5"]))
     # what does not touch the weights or the data order may change
     dpo.train(make_config(tmp_path, tiny_model, prefs, sets=["max_steps=2", "save_every=1"]))
+
+
+def test_packed_pairs_give_the_log_probs_of_separate_sequences(tiny_model: Path) -> None:
+    """One row per pair with the prompt once (and a 4D mask) must equal scoring chosen and rejected apart."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from cai.train import data
+    from cai.train.losses import sequence_logps
+    from synthetic import preference_records
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    records = preference_records(5, seed=3)
+    records[1]["prompt"] = [{"role": "user", "content": "a much longer question " * 12}]  # prompts of different lengths in one batch
+    pairs = [data.Pair(r["prompt"], r["chosen"], r["rejected"]) for r in records]
+    encoded, _ = data.encode_pairs(tokenizer, pairs, 256)
+    with torch.no_grad():
+        chosen, rejected = dpo.pair_logps(model, encoded, data.pad_id(tokenizer), "cpu")
+        apart = data.collate([p.chosen for p in encoded] + [p.rejected for p in encoded], data.pad_id(tokenizer))
+        expected = sequence_logps(model(input_ids=apart["input_ids"], attention_mask=apart["attention_mask"]).logits, apart["input_ids"], apart["mask"])
+    assert torch.allclose(torch.cat([chosen, rejected]), expected, atol=1e-4)
