@@ -4,14 +4,12 @@ preferences (`prompt`, `chosen`, `rejected`) from AI-feedback comparisons."""
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from cai import feedback
 from cai.files import canonical_json
+from cai.store import replaced_folder
 
 
 def sft_record(row: dict[str, Any]) -> dict[str, Any]:
@@ -83,20 +81,10 @@ def export(rows: list[dict[str, Any]], datasets_dir: Path) -> dict[str, int]:
     else:
         sets["sft"] = [sft_record(r) for r in rows if not r.get("flags")]
         counts.update(sft=len(sets["sft"]), flagged=len(rows) - len(sets["sft"]))
-    datasets_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=datasets_dir.parent, prefix=".datasets.tmp-"))
-    try:
+    with replaced_folder(datasets_dir) as tmp:
         (tmp / "rows.jsonl").write_text("".join(canonical_json(r) + "\n" for r in rows), encoding="utf-8")
         for name, records in sets.items():
             (tmp / f"{name}.jsonl").write_text("".join(canonical_json(r) + "\n" for r in records), encoding="utf-8")
             if records:
                 Dataset.from_list(records).save_to_disk(str(tmp / name))
-        old = datasets_dir.with_name(f".datasets.old-{os.getpid()}")
-        if datasets_dir.exists():
-            os.rename(datasets_dir, old)
-        os.rename(tmp, datasets_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return counts

@@ -6,16 +6,13 @@ from __future__ import annotations
 
 import html
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from cai import run_stats
 from cai.errors import InputError
 from cai.stages.compare import Compare
-from cai.store import RunStore, read_jsonl, write_atomic
+from cai.store import RunStore, read_jsonl, replaced_folder, write_atomic
 
 
 def load_run(run_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]:
@@ -290,18 +287,8 @@ def write(run_dir: Path) -> Path:
         return write_chain(run_dir)
     manifest, rows, failures = load_run(run_dir)
     stats = figures(manifest, rows, failures)
-    tmp = Path(tempfile.mkdtemp(dir=run_dir, prefix=".report.tmp-"))
-    try:
+    with replaced_folder(run_dir / "report") as tmp:
         plots = _plots(stats, tmp)
-        folder = run_dir / "report"
-        old = run_dir / f".report.old-{os.getpid()}"
-        if folder.exists():
-            os.rename(folder, old)
-        os.rename(tmp, folder)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     page = run_dir / "report.html"
     write_atomic(page, render(manifest, stats, plots))
     return page
