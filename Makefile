@@ -21,7 +21,7 @@ test: setup
 	$(VENV)/bin/python -m pytest -q
 
 bench: setup
-	$(VENV)/bin/python benchmarks/engine_overhead.py
+	$(VENV)/bin/python benchmarks/engine_local.py
 
 clean:
 	rm -rf runs

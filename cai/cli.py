@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from cai.backends.base import BackendStartError
+from cai.backends.base import BackendCallError, BackendStartError
 from cai.errors import InputError
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130  # FAILED: rows failed, or an engine did not start
@@ -42,6 +42,11 @@ def _print_summary(summary) -> None:
         f"rows done: {done}/{summary.input_rows}, rows failed: {failed}, tokens generated: {summary.tokens} "
         f"(prompt tokens: {summary.prompt_tokens}), calls replayed from cache: {summary.cached_calls}, time: {summary.seconds:.1f} s"
     )
+    for backend, endpoints in summary.endpoints.items():
+        for e in endpoints:
+            latency = "" if e["latency_p50_s"] is None else f", latency p50/p90/p99 {e['latency_p50_s']:.3f}/{e['latency_p90_s']:.3f}/{e['latency_p99_s']:.3f} s"
+            aside = f", set aside {e['set_aside']}x" if e["set_aside"] else ""
+            print(f"  {backend} {e['url']}: {e['requests']} requests, {e['errors']} errors{aside}{latency}")
     exported = summary.exported
     if "preferences" in exported:
         detail = f"preferences: {exported['preferences']} pairs, left out: {exported['ties']} ties, {exported['invalid']} invalid"
@@ -71,7 +76,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
         print(f"{path}: ok (chain {c.name!r}: {', '.join(s.name for s in c.steps)}; writes to {c.workdir})")
     elif isinstance(doc, dict) and set(doc) & pipeline_keys:
         cfg = config.load(path)
-        print(f"{path}: ok (pipeline {cfg.name!r}: {len(cfg.stages)} stages, {len(cfg.prompts)} prompts, constitution {cfg.constitution.name!r})")
+        n = sum(1 for _ in cfg.prompts())  # reads and validates every prompt the pipeline names
+        print(f"{path}: ok (pipeline {cfg.name!r}: {len(cfg.stages)} stages, {n} prompts, constitution {cfg.constitution.name!r})")
     else:
         c = constitution.from_dict(doc, str(path))
         print(f"{path}: ok (constitution {c.name!r} v{c.version}, {len(c.principles)} principles, hash {c.hash})")
@@ -318,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as exc:
         print(exc.render(), file=sys.stderr)
         return EXIT_BAD_INPUT
-    except BackendStartError as exc:
+    except (BackendStartError, BackendCallError) as exc:
         print(f"cai {args.command}: {exc}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:

@@ -1,11 +1,13 @@
-"""Pipeline files: load, apply `--set` overrides, validate (including the files they name), resolve."""
+"""Pipeline files: load, apply `--set` overrides, validate (including the files they name), resolve.
+Prompt files are checked to exist here and read lazily by the run."""
 
 from __future__ import annotations
 
 import copy
+import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import yaml
 
@@ -19,7 +21,9 @@ from cai.models import EMBEDDED, looks_like_path
 from cai.prompts import Prompt
 from cai.stages import build
 
-DEFAULT_BATCH_SIZE = 64
+# Rows moving through the stages at once: enough to keep an engine's batch or an API's concurrency
+# full while rows sit at different stages; memory is bounded by it, never by the dataset.
+DEFAULT_ROWS_IN_FLIGHT = 256
 
 
 @dataclass(frozen=True)
@@ -40,10 +44,13 @@ class PipelineConfig:
     backends: dict[str, BackendSpec]
     roles: dict[str, str]
     stages: list[StageConfig]
-    batch_size: int
+    rows_in_flight: int
     output_dir: Path | None
     constitution: Constitution = field(repr=False, default=None)  # type: ignore[assignment]
-    prompts: list[Prompt] = field(repr=False, default_factory=list)
+
+    def prompts(self, limit: int | None = None) -> Iterator[Prompt]:
+        """The prompts in input order, read and validated lazily (a bad line raises when reached)."""
+        return itertools.islice(prompts_mod.iter_many(self.prompt_paths), limit)
 
 
 def parse_override(text: str) -> tuple[list[str | int], Any]:
@@ -164,13 +171,12 @@ def load(path: str | Path, overrides: list[str] = ()) -> PipelineConfig:
         backends=backends,
         roles=roles,
         stages=stages,
-        batch_size=doc.get("batch_size", DEFAULT_BATCH_SIZE),
+        rows_in_flight=doc.get("rows_in_flight", DEFAULT_ROWS_IN_FLIGHT),
         output_dir=Path(output["dir"]).expanduser() if "dir" in output else None,  # relative to where cai runs
     )
     config.constitution = constitution_mod.load(constitution_path)
     for stage in stages:
         if stage.type in ("compare", "score") and not any(p.comparison for p in config.constitution.principles):
             raise InputError(str(constitution_path), "principles", f"stage {stage.name!r} judges answers, but no principle has a 'comparison' question")
-    config.prompts = prompts_mod.load_many(prompt_paths)
     return config
 

@@ -11,12 +11,13 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from cai.backends import create
+from cai.backends.base import BackendCallError, run_blocking, start
 from cai.config import PipelineConfig
 from cai.errors import InputError
 from cai.files import jsonl_records, read_text
 from cai.importers import transcript_to_messages
-from cai.stages import StageContext
+from cai.stages import RowFailed, StageContext
+from cai.stages.base import process_all
 from cai.stages.compare import Compare
 
 
@@ -73,18 +74,30 @@ def evaluate(config: PipelineConfig, pairs: list[dict[str, Any]], *, compare_cot
     variants = [stage, replace(stage, chain_of_thought=not stage.chain_of_thought)] if compare_cot else [stage]
     spec = config.backends[config.roles["judge"]]
     rows = [{"id": f"pair-{p['line']}", "messages": p["context"], "response": p["chosen"], "responses": [p["chosen"], p["rejected"]]} for p in pairs]
-    backend = create(spec)
-    try:
-        ctx = StageContext(config.seed, stage_config.name, config.constitution, {"judge": backend}, {"judge": spec.model})
-        reports = [_figures(variant.run(rows, ctx).rows) for variant in variants]
-    finally:
-        backend.close()
+    reports = [_figures(judged) for judged in run_blocking(_judge(config, stage_config.name, spec, variants, rows))]
     for variant, report in zip(variants, reports):
         report["judge"] = {"model": spec.model, "ensemble": variant.ensemble, "chain_of_thought": variant.chain_of_thought, "method": variant.method}
     report = dict(reports[0])  # a copy: the first variant is also listed inside it
     if compare_cot:
         report["by_chain_of_thought"] = {("on" if v.chain_of_thought else "off"): r for v, r in zip(variants, reports)}
     return report
+
+
+async def _judge(config: PipelineConfig, stage_name: str, spec, variants: list[Compare], rows: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """Every pair through each variant of the compare stage, all at once: the rows each variant labels."""
+    backend = await start(spec)
+    try:
+        ctx = StageContext(config.seed, stage_name, config.constitution, {"judge": backend}, {"judge": spec.model})
+        out = []
+        for variant in variants:
+            results = await process_all(variant, rows, ctx)
+            failed = [r for r in results if isinstance(r, RowFailed)]
+            if failed:
+                raise BackendCallError(f"{len(failed)} of {len(rows)} pairs could not be judged: {failed[0]}")
+            out.append([r.row for r in results])
+        return out
+    finally:
+        await backend.close()
 
 
 def _proportion(report: dict[str, Any], key: str, values: list[float]) -> None:

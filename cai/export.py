@@ -4,12 +4,15 @@ preferences (`prompt`, `chosen`, `rejected`) from AI-feedback comparisons."""
 
 from __future__ import annotations
 
+import itertools
+import shutil
+from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Iterator
 
 from cai import feedback
 from cai.files import canonical_json
-from cai.store import replaced_folder
+from cai.store import read_jsonl, replaced_folder
 
 
 def sft_record(row: dict[str, Any]) -> dict[str, Any]:
@@ -60,31 +63,65 @@ def preference_records(row: dict[str, Any]) -> list[dict[str, Any]]:
     return records
 
 
-def export(rows: list[dict[str, Any]], datasets_dir: Path) -> dict[str, int]:
+def export(rows: Iterable[dict[str, Any]], datasets_dir: Path) -> dict[str, int]:
     """Write datasets/rows.jsonl and, by what the rows hold, datasets/sft{,.jsonl} or
-    datasets/preferences{,.jsonl}: all or nothing.
+    datasets/preferences{,.jsonl}: all or nothing, streaming (rows are read once, one at a time).
 
     Flagged rows (empty revision, revision that repeats the critique) stay out of SFT; tied and
     invalid comparisons stay out of preferences. Both are counted.
     """
-    from datasets import Dataset
+    counts: Counter[str] = Counter()
+    with replaced_folder(datasets_dir) as tmp:
+        rows_file = open(tmp / "rows.jsonl", "w", encoding="utf-8")
+        name = None
+        for row in rows:
+            if name is None:  # every row of a run has the same shape: the first says which dataset this is
+                name = "preferences" if "pairs" in row else "sft"
+                records_file = open(tmp / f"{name}.jsonl", "w", encoding="utf-8")
+            counts["rows"] += 1
+            rows_file.write(canonical_json(row) + "\n")
+            if name == "preferences":
+                labels = [pair["label"] for pair in row["pairs"]]
+                counts.update(ties=labels.count("tie"), invalid=labels.count("invalid"))
+                records = preference_records(row)
+            else:
+                records = [] if row.get("flags") else [sft_record(row)]
+                counts["flagged"] += not records
+            counts[name] += len(records)
+            records_file.writelines(canonical_json(r) + "\n" for r in records)
+        rows_file.close()
+        if name is None:
+            name = "sft"
+            (tmp / "sft.jsonl").touch()
+        else:
+            records_file.close()
+        if counts[name]:
+            _save_dataset(tmp / f"{name}.jsonl", tmp / name, tmp / ".cache")
+    keys = ("rows", "preferences", "ties", "invalid") if name == "preferences" else ("rows", "sft", "flagged")
+    return {key: counts[key] for key in keys}
+
+
+def _save_dataset(jsonl: Path, folder: Path, cache_dir: Path) -> None:
+    """A HF `datasets` folder (load_from_disk) from a JSONL file, in chunks: memory does not grow with it.
+    The schema is unified over every chunk first, so a column that starts out null (say
+    position_consistent without swaps) and holds values later gets the values' type."""
+    import pyarrow as pa
+    from datasets import Dataset, Features
     from datasets.utils.logging import disable_progress_bar
 
     disable_progress_bar()  # cai draws its own progress; a second bar per save is noise
-    compared = any("pairs" in r for r in rows)
-    sets: dict[str, list[dict[str, Any]]] = {}
-    counts = {"rows": len(rows)}
-    if compared:
-        sets["preferences"] = [rec for r in rows for rec in preference_records(r)]
-        labels = [pair["label"] for r in rows for pair in r.get("pairs", [])]
-        counts.update(preferences=len(sets["preferences"]), ties=labels.count("tie"), invalid=labels.count("invalid"))
-    else:
-        sets["sft"] = [sft_record(r) for r in rows if not r.get("flags")]
-        counts.update(sft=len(sets["sft"]), flagged=len(rows) - len(sets["sft"]))
-    with replaced_folder(datasets_dir) as tmp:
-        (tmp / "rows.jsonl").write_text("".join(canonical_json(r) + "\n" for r in rows), encoding="utf-8")
-        for name, records in sets.items():
-            (tmp / f"{name}.jsonl").write_text("".join(canonical_json(r) + "\n" for r in records), encoding="utf-8")
-            if records:
-                Dataset.from_list(records).save_to_disk(str(tmp / name))
-    return counts
+    schema = pa.unify_schemas([pa.Table.from_pylist(chunk).schema for chunk in _chunks(jsonl)], promote_options="permissive")
+    dataset = Dataset.from_generator(_records, gen_kwargs={"path": str(jsonl)}, features=Features.from_arrow_schema(schema), cache_dir=str(cache_dir))
+    dataset.save_to_disk(str(folder))
+    del dataset
+    shutil.rmtree(cache_dir, ignore_errors=True)
+
+
+def _records(path: str) -> Iterator[dict[str, Any]]:
+    yield from read_jsonl(Path(path))
+
+
+def _chunks(path: Path, size: int = 1000) -> Iterator[list[dict[str, Any]]]:
+    records = read_jsonl(path)
+    while chunk := list(itertools.islice(records, size)):
+        yield chunk

@@ -45,6 +45,40 @@ def jsonl_records(path: str | Path, text: str) -> Iterator[tuple[int, Any]]:
             raise InputError(str(path), None, f"invalid JSON: {exc.msg} (column {exc.colno})", line=lineno) from None
 
 
+def jsonl_file_records(path: str | Path) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed value) for each non-blank line, read as the file is consumed: a file of
+    millions of lines starts at once and never sits in memory whole. Errors as read_text's, per line."""
+    p = Path(path)
+    if not p.exists():
+        raise InputError(str(p), None, "file not found")
+    if p.is_dir():
+        raise InputError(str(p), None, "is a directory, expected a file")
+    try:
+        f = open(p, "rb")
+    except OSError as exc:
+        raise InputError(str(p), None, f"cannot read: {exc.strerror or exc}") from None
+    with f:
+        for lineno, raw in enumerate(f, start=1):
+            if b"\x00" in raw:
+                raise InputError(str(p), None, "binary file, expected UTF-8 text", line=lineno)
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise InputError(str(p), None, f"not UTF-8 text (byte {exc.start})", line=lineno) from None
+            if not line.strip():
+                continue
+            try:
+                yield lineno, json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise InputError(str(p), None, f"invalid JSON: {exc.msg} (column {exc.colno})", line=lineno) from None
+
+
+def count_nonblank_lines(path: str | Path) -> int:
+    """Lines with something on them (a JSONL file's records), counted without parsing them."""
+    with open(path, "rb") as f:
+        return sum(1 for line in f if not line.isspace())
+
+
 def load_yaml(path: str | Path) -> Any:
     """Parse a YAML (or JSON) file; empty files and syntax errors are InputErrors."""
     text = read_text(path)
@@ -161,7 +195,11 @@ def _type_name(value: Any) -> str:
 
 
 def sha256_file(path: str | Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def canonical_json(obj: Any) -> str:

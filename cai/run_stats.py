@@ -117,17 +117,17 @@ def score_values(rows: list[dict[str, Any]]) -> list[float]:
     return [s["score"] for row in rows for s in row.get("scores", []) if s["score"] is not None]
 
 
-def revision_stats(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
-    revised = [row for row in rows if "revision" in row and "rounds" in row]
-    if not revised:
+def revision_stats(rows: Iterable[dict[str, Any]]) -> dict[str, Any] | None:
+    count, flags, principles, lengths = 0, Counter(), Counter(), []
+    for row in rows:
+        if "revision" in row and "rounds" in row:
+            count += 1
+            flags.update(row.get("flags", []))
+            principles.update(row["principle_ids"])
+            lengths.append((len(row["response"]), len(row["revision"])))
+    if not count:
         return None
-    flags = Counter(flag for row in revised for flag in row.get("flags", []))
-    return {
-        "rows": len(revised),
-        "flags": dict(flags),
-        "principles": dict(Counter(pid for row in revised for pid in row["principle_ids"])),
-        "lengths": [(len(row["response"]), len(row["revision"])) for row in revised],
-    }
+    return {"rows": count, "flags": dict(flags), "principles": dict(principles), "lengths": lengths}
 
 
 def failure_counts(failures: list[dict[str, Any]], done_ids: set[str]) -> dict[str, Any]:

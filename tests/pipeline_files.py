@@ -9,7 +9,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def tiny_pipeline(folder: Path, model: Path, batch_size: int = 4, rounds: int = 2, **extra) -> Path:
+def tiny_pipeline(folder: Path, model: Path, rows_in_flight: int = 4, rounds: int = 2, **extra) -> Path:
     doc = {
         "name": "tiny",
         "seed": 7,
@@ -27,7 +27,7 @@ def tiny_pipeline(folder: Path, model: Path, batch_size: int = 4, rounds: int = 
             {"type": "respond", "max_tokens": 8, "temperature": 0.8},
             {"type": "critique_revise", "rounds": rounds, "few_shot": 1, "max_tokens": 8, "temperature": 0.8},
         ],
-        "batch_size": batch_size,
+        "rows_in_flight": rows_in_flight,
         **extra,
     }
     path = folder / "tiny.yaml"

@@ -266,8 +266,9 @@ CASES = [
     pytest.param(prompts_case([{"id": "a", "prompt": "One."}, {"id": "a", "prompt": "Two."}], ":2: id: ", "duplicate id 'a'"), id="prompts-duplicate-id"),
     pytest.param(prompts_case([{"prompt": "Same."}, {"prompt": "Other."}, {"prompt": "Same."}], ":3: ", "same as line 1"), id="prompts-duplicate-text"),
     pytest.param(prompts_case([{"prompt": "Hi.", "bogus": 1}], ":1: ", "unknown key 'bogus'"), id="prompts-unknown-key"),
-    pytest.param(prompts_case(b'{"prompt": "Hi.\x00"}\n', ": ", "binary"), id="prompts-binary"),
-    pytest.param(prompts_case('{"prompt": "caf\u00e9"}\n'.encode("latin-1"), ": ", "UTF-8"), id="prompts-not-utf8"),
+    # prompt files are read lazily, line by line, so these name the line too
+    pytest.param(prompts_case(b'{"prompt": "Hi.\x00"}\n', ":1: ", "binary"), id="prompts-binary"),
+    pytest.param(prompts_case('{"prompt": "caf\u00e9"}\n'.encode("latin-1"), ":1: ", "UTF-8"), id="prompts-not-utf8"),
     pytest.param(prompts_case([{"prompt": "Hi \ud800"}], ":1: ", ""), id="prompts-lone-surrogate"),
     pytest.param(argument_case(lambda ws: ws.folder("set.jsonl"), "validate", "directory"), id="validate-directory-jsonl"),
     # --- pipelines (cai validate / cai run pipeline.yaml)
@@ -285,8 +286,8 @@ CASES = [
     pytest.param(pipeline_case(_add_backend_key, ": backends.local: ", "unknown key 'bogus'"), id="backend-unknown-key"),
     pytest.param(pipeline_case(put("seed", "seven"), ": seed: ", "got string", command="run"), id="seed-string-run"),
     pytest.param(pipeline_case(put("prompts", 5), ": prompts: ", "expected string or list, got integer"), id="prompts-number"),
-    pytest.param(pipeline_case(put("batch_size", 2.5), ": batch_size: ", "number"), id="batch-size-fraction"),
-    pytest.param(pipeline_case(put("batch_size", 2.0), ": batch_size: ", ""), id="batch-size-float"),
+    pytest.param(pipeline_case(put("rows_in_flight", 2.5), ": rows_in_flight: ", "number"), id="rows-in-flight-fraction"),
+    pytest.param(pipeline_case(put("rows_in_flight", 2.0), ": rows_in_flight: ", ""), id="rows-in-flight-float"),
     pytest.param(pipeline_case(put("roles.critic", "remote"), ": roles.critic: ", "undeclared backend 'remote'", command="run"), id="role-undeclared-backend-run"),
     pytest.param(pipeline_case(put("roles", {"responder": "local"}), ": roles: ", "'critic'"), id="role-not-assigned"),
     pytest.param(pipeline_case(put("stages.1.type", "summarize"), ": stages[1].type: ", "'summarize'", command="run"), id="stage-unknown-type-run"),

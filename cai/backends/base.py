@@ -1,13 +1,22 @@
-"""The backend protocol every generation engine implements, and the registry pipelines pick from."""
+"""The backend protocol every generation engine implements, and the registry pipelines pick from.
+
+A backend answers one request at a time, asynchronously, and batches internally as its engine likes
+(vLLM's continuous batching, an API's concurrency): the pipeline keeps many requests outstanding and
+never waits for a batch to fill. `create` gives a blocking facade over the same backend for callers
+that hold a whole batch at once (rejection sampling, eval-judge, notebooks without a loop).
+"""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Protocol, Sequence, runtime_checkable
+import asyncio
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable, Protocol, Sequence, TypeVar, runtime_checkable
 
 from cai.registry import Registry
 
 Message = dict[str, str]
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -26,10 +35,10 @@ class ChatRequest:
     json_schema: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        out["messages"] = [dict(m) for m in self.messages]
-        out["stop"] = list(self.stop)
-        return out
+        return {
+            "messages": [dict(m) for m in self.messages], "max_tokens": self.max_tokens, "temperature": self.temperature,
+            "top_p": self.top_p, "seed": self.seed, "stop": list(self.stop), "n": self.n, "json_schema": self.json_schema,
+        }  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -70,27 +79,25 @@ class Completion:
         )
 
 
-OnDone = Callable[[int, Completion], None]
-
-
 @runtime_checkable
 class Backend(Protocol):
-    """A generation engine. Calls take a whole batch so engines can schedule it at once."""
+    """A generation engine, used from one event loop. Created (and started: engines load, servers are
+    checked) by its registered factory, which may block and so runs in a worker thread."""
 
     def identity(self) -> dict[str, Any]:
         """What determines outputs (type, model, options that change texts): the call cache key's prefix."""
 
-    def complete(self, requests: Sequence[ChatRequest], on_done: OnDone | None = None) -> list[Completion]:
-        """One Completion per request, in order. A request that fails carries `error`; others still succeed.
+    async def complete(self, request: ChatRequest) -> Completion:
+        """The completion, or one carrying `error` when this request cannot be answered after retries."""
 
-        Backends whose requests finish one by one call `on_done(index, completion)` as each does, so the
-        call cache keeps it even if the process dies before the batch ends."""
+    async def choice_logprobs(self, request: ChatRequest, choices: Sequence[str]) -> dict[str, float]:
+        """The log-probability of each choice string as the assistant's reply; raises BackendCallError."""
 
-    def choice_logprobs(self, requests: Sequence[ChatRequest], choices: Sequence[str]) -> list[dict[str, float]]:
-        """For each request, the log-probability of each choice string as the assistant's reply."""
+    def endpoint_stats(self) -> list[dict[str, Any]]:
+        """Per endpoint: requests, errors, latency percentiles (empty for in-process engines)."""
 
-    def close(self) -> None:
-        """Release the engine's processes and memory."""
+    async def close(self) -> None:
+        """Release the engine's processes, connections and memory."""
 
 
 @dataclass(frozen=True)
@@ -110,8 +117,8 @@ class BackendSpec:
 
 
 class BackendCallError(Exception):
-    """A batch call that could not be answered after retries; the rows that needed it fail (and are
-    retried on the next run) instead of the run stopping."""
+    """A call that could not be answered after retries; the row that needed it fails (and is retried
+    on the next run) instead of the run stopping."""
 
 
 class BackendStartError(Exception):
@@ -122,10 +129,80 @@ BACKENDS: Registry[Callable[[BackendSpec], Backend]] = Registry("backend type")
 register = BACKENDS.register
 
 
-def create(spec: BackendSpec) -> Backend:
+async def start(spec: BackendSpec) -> Backend:
+    """Create and start the backend a spec declares, off the event loop (engines take seconds to load)."""
     factory = BACKENDS[spec.type]
     try:
-        return factory(spec)
+        return await asyncio.to_thread(factory, spec)
     except Exception as exc:  # engines raise anything from ValueError to RuntimeError; all mean the same here
         detail = " ".join(str(exc).split()) or type(exc).__name__
         raise BackendStartError(f"backend {spec.name!r} ({spec.type}, model {spec.model!r}) failed to start: {detail}") from exc
+
+
+class LoopThread:
+    """An event loop on a thread of its own, so blocking code (and code already inside a running loop,
+    like a notebook's) can run coroutines to completion."""
+
+    def __init__(self, name: str = "cai-loop"):
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
+        self._thread.start()
+
+    def run(self, coroutine: Awaitable[T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result()
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join()
+        self.loop.close()
+
+
+def run_blocking(coroutine: Awaitable[T]) -> T:
+    """Run a coroutine to its end from blocking code: on a new event loop, or, when this thread already
+    runs one (a notebook, a service), on a loop thread of its own."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coroutine)
+    loop = LoopThread()
+    try:
+        return loop.run(coroutine)
+    finally:
+        loop.stop()
+
+
+class BlockingBackend:
+    """A backend for callers that hold whole batches: each call sends every request at once and returns
+    when all are answered. The backend lives on a loop thread of its own for its whole life."""
+
+    def __init__(self, spec: BackendSpec):
+        self._loop = LoopThread(f"cai-backend-{spec.name}")
+        try:
+            self.backend = self._loop.run(start(spec))
+        except BaseException:
+            self._loop.stop()
+            raise
+
+    def identity(self) -> dict[str, Any]:
+        return self.backend.identity()
+
+    def complete(self, requests: Sequence[ChatRequest]) -> list[Completion]:
+        return self._loop.run(_gather(self.backend.complete(r) for r in requests))
+
+    def choice_logprobs(self, requests: Sequence[ChatRequest], choices: Sequence[str]) -> list[dict[str, float]]:
+        return self._loop.run(_gather(self.backend.choice_logprobs(r, choices) for r in requests))
+
+    def close(self) -> None:
+        try:
+            self._loop.run(self.backend.close())
+        finally:
+            self._loop.stop()
+
+
+async def _gather(coroutines) -> list:
+    return list(await asyncio.gather(*coroutines))
+
+
+def create(spec: BackendSpec) -> BlockingBackend:
+    """The backend a spec declares, started, behind the blocking batch facade."""
+    return BlockingBackend(spec)

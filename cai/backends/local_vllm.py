@@ -1,7 +1,10 @@
-"""The local vLLM engine (offline `LLM`), CPU or GPU: every call is one batch the engine schedules at once."""
+"""The local vLLM engine, CPU or GPU, through its asynchronous engine (AsyncLLM): every request is added
+to the running engine the moment a row needs it, so continuous batching stays full while rows sit at
+different stages. vLLM's own tensor and data parallelism come through `options`."""
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -40,7 +43,8 @@ def engine_args(options: dict[str, Any]) -> dict[str, Any]:
 
 
 def shutdown(llm) -> None:
-    """Stop an offline engine's core process now, not whenever the garbage collector gets to it."""
+    """Stop an offline engine's (`vllm.LLM`, used by training rollouts) core process now, not whenever
+    the garbage collector gets to it."""
     engine = getattr(llm, "llm_engine", None)
     stop = getattr(getattr(engine, "engine_core", None), "shutdown", None)
     if stop:
@@ -49,93 +53,99 @@ def shutdown(llm) -> None:
 
 class LocalVLLM:
     def __init__(self, spec: BackendSpec):
-        from vllm import LLM
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
 
         from cai.models import resolve
 
         self.spec = spec
-        self.llm = LLM(model=resolve(spec.model, [Path(d) for d in spec.base_dirs]), **engine_args(spec.options))
-        self.tokenizer = self.llm.get_tokenizer()
-        self.max_model_len = self.llm.llm_engine.model_config.max_model_len
+        args = {"disable_log_stats": True, **engine_args(spec.options)}
+        self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(model=str(resolve(spec.model, [Path(d) for d in spec.base_dirs])), **args))
+        self.tokenizer = self.engine.get_tokenizer()
+        self.max_model_len = self.engine.model_config.max_model_len
+        self._ids = itertools.count()
 
     def identity(self) -> dict[str, Any]:
         return self.spec.identity()
 
+    def endpoint_stats(self) -> list[dict[str, Any]]:
+        return []
+
     def _prompt_ids(self, request: ChatRequest) -> list[int]:
+        # The chat template is applied once, here, and its tokens handed to the engine.
         return self.tokenizer.apply_chat_template(
             [dict(m) for m in request.messages], add_generation_prompt=True, tokenize=True, return_dict=False
         )
 
-    def complete(self, requests: Sequence[ChatRequest], on_done=None) -> list[Completion]:
-        # The offline engine returns a batch at once: the caller records it whole, on_done is not needed.
-        from vllm import SamplingParams
+    async def _generate(self, prompt_ids: list[int], params):
+        """The engine's final output for one prompt."""
         from vllm.inputs import TokensPrompt
-        from vllm.sampling_params import StructuredOutputsParams
 
-        results: list[Completion | None] = [None] * len(requests)
-        prompts, params, positions = [], [], []
-        for i, request in enumerate(requests):
-            ids = self._prompt_ids(request)
-            room = self.max_model_len - len(ids)
-            if room < 1:
-                results[i] = Completion(error=f"prompt has {len(ids)} tokens, the model's limit is {self.max_model_len}")
-                continue
-            # The chat template is applied once, here, and its tokens handed to the engine; vLLM's own
-            # chat() would template every conversation a second time.
-            prompts.append(TokensPrompt(prompt_token_ids=ids))
-            params.append(
-                SamplingParams(
-                    n=request.n,
-                    temperature=request.temperature,
-                    top_p=request.top_p,
-                    max_tokens=min(request.max_tokens, room),
-                    seed=request.seed,
-                    stop=list(request.stop) or None,
-                    structured_outputs=StructuredOutputsParams(json=request.json_schema) if request.json_schema else None,
-                )
-            )
-            positions.append(i)
-        if prompts:
-            outputs = self.llm.generate(prompts, params, use_tqdm=False)
-            for i, out in zip(positions, outputs):
-                results[i] = Completion(
-                    texts=tuple(o.text for o in out.outputs),
-                    prompt_tokens=len(out.prompt_token_ids),
-                    completion_tokens=sum(len(o.token_ids) for o in out.outputs),
-                    finish_reasons=tuple(str(o.finish_reason) for o in out.outputs),
-                )
-        return results  # type: ignore[return-value]
+        final = None
+        async for output in self.engine.generate(TokensPrompt(prompt_token_ids=prompt_ids), params, request_id=f"cai-{next(self._ids)}"):
+            final = output
+        return final
 
-    def choice_logprobs(self, requests: Sequence[ChatRequest], choices: Sequence[str]) -> list[dict[str, float]]:
+    async def complete(self, request: ChatRequest) -> Completion:
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
+
+        ids = self._prompt_ids(request)
+        room = self.max_model_len - len(ids)
+        if room < 1:
+            return Completion(error=f"prompt has {len(ids)} tokens, the model's limit is {self.max_model_len}")
+        params = SamplingParams(
+            n=request.n,
+            temperature=request.temperature,
+            top_p=request.top_p,
+            max_tokens=min(request.max_tokens, room),
+            seed=request.seed,
+            stop=list(request.stop) or None,
+            structured_outputs=StructuredOutputsParams(json=request.json_schema) if request.json_schema else None,
+            output_kind=RequestOutputKind.FINAL_ONLY,  # one message per request, not one per token
+        )
+        out = await self._generate(ids, params)
+        return Completion(
+            texts=tuple(o.text for o in out.outputs),
+            prompt_tokens=len(out.prompt_token_ids),
+            completion_tokens=sum(len(o.token_ids) for o in out.outputs),
+            finish_reasons=tuple(str(o.finish_reason) for o in out.outputs),
+        )
+
+    async def choice_logprobs(self, request: ChatRequest, choices: Sequence[str]) -> dict[str, float]:
         """Exact log P(choice | conversation). Single-token choices (`A`/`B`, `1`..`9`) are read at the
-        first generated position, one engine request per conversation for all of them; multi-token
-        choices (`10`, `(A)`) are scored as prompt continuations, one request per conversation and choice."""
-        from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
+        first generated position, one engine request for all of them; each multi-token choice (`10`,
+        `(A)`) is scored as a prompt continuation, one engine request per choice."""
+        import asyncio
 
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        final = RequestOutputKind.FINAL_ONLY
         choice_ids = {c: self.tokenizer.encode(c, add_special_tokens=False) for c in choices}
         single = {c: ids[0] for c, ids in choice_ids.items() if len(ids) == 1}
         multi = {c: ids for c, ids in choice_ids.items() if len(ids) != 1}
-        prompt_ids = [self._prompt_ids(r) for r in requests]
-        scores: list[dict[str, float]] = [{} for _ in requests]
-        if single:
-            params = SamplingParams(max_tokens=1, temperature=0.0, logprob_token_ids=list(single.values()))
-            outputs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids], params, use_tqdm=False)
-            for score, out in zip(scores, outputs):
-                score.update({c: out.outputs[0].logprobs[0][t].logprob for c, t in single.items()})
-        if multi:
+        prompt_ids = self._prompt_ids(request)
+        scores: dict[str, float] = {}
+
+        async def score_single() -> None:
+            params = SamplingParams(max_tokens=1, temperature=0.0, logprob_token_ids=list(single.values()), output_kind=final)
+            out = await self._generate(prompt_ids, params)
+            scores.update({c: out.outputs[0].logprobs[0][t].logprob for c, t in single.items()})
+
+        async def score_multi(choice: str, ids: list[int]) -> None:
             # vLLM can limit scored prompt rows only on its GPU model runner (prompt_logprob_start), so
             # this path pays a vocabulary-wide row per prompt token.
-            jobs = [(r, c, len(ids)) for r, ids in enumerate(prompt_ids) for c in multi]
-            prompts = [TokensPrompt(prompt_token_ids=prompt_ids[r] + multi[c]) for r, c, _ in jobs]
-            outputs = self.llm.generate(prompts, SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0), use_tqdm=False)
-            for (r, c, start), out in zip(jobs, outputs):
-                scores[r][c] = sum(out.prompt_logprobs[start + k][t].logprob for k, t in enumerate(multi[c]))
-        return [{c: score[c] for c in choices} for score in scores]
+            out = await self._generate(prompt_ids + ids, SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, output_kind=final))
+            start = len(prompt_ids)
+            scores[choice] = sum(out.prompt_logprobs[start + k][t].logprob for k, t in enumerate(ids))
 
-    def close(self) -> None:
-        shutdown(self.llm)
-        del self.llm
+        await asyncio.gather(*([score_single()] if single else []), *(score_multi(c, ids) for c, ids in multi.items()))
+        return {c: scores[c] for c in choices}
+
+    async def close(self) -> None:
+        self.engine.shutdown()
+        del self.engine
 
 
 @register("vllm")

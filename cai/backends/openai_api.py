@@ -1,13 +1,16 @@
-"""Any OpenAI-compatible chat server (a hosted API, a vLLM or other server, several of them).
+"""Any OpenAI-compatible chat server (a hosted API, a vLLM or other server, a fleet of them).
 
-Requests of a batch run concurrently (bounded by `max_concurrency`), through a shared token-bucket
-limit on requests and tokens per minute, spread round-robin over the base URLs (a retry goes to the
-next one). Transient faults (429, 408, 5xx, connection errors, time-outs, unreadable bodies) are
-retried with exponential backoff and jitter, honouring Retry-After; other client errors fail the
+One HTTP session (one connection pool) per base URL for the backend's whole life. Requests run concurrently,
+bounded by `max_concurrency` over all endpoints, through a shared token-bucket limit on requests and
+tokens per minute (token estimates are corrected by the usage the server reports). Each request goes to
+the endpoint with the fewest outstanding requests, so a slow server gets less work than a fast one; an
+endpoint that fails several times in a row is set aside for a while (doubling up to a minute) and
+then tried again with one request, while the others serve its share. Transient faults (429, 408,
+5xx, connection errors, time-outs, unreadable bodies) are retried with exponential backoff and
+jitter, honouring Retry-After, on another endpoint when there is one; other client errors fail the
 request at once with the server's message. A request that still fails comes back as a Completion
 with `error`, which the pipeline records in failures.jsonl; it is never a silent empty answer.
 """
-
 from __future__ import annotations
 
 import asyncio
@@ -16,10 +19,11 @@ import math
 import os
 import random
 import time
-from dataclasses import dataclass
-from typing import Any, Sequence
+from array import array
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable, Sequence
 
-from cai.backends.base import BackendCallError, BackendSpec, ChatRequest, Completion, OnDone, register
+from cai.backends.base import BackendCallError, BackendSpec, ChatRequest, Completion, register
 
 RETRY_STATUS = {408, 409, 429}  # and every 5xx
 # vLLM serves at most 20 log-probabilities per position by default; OpenAI allows 20 too.
@@ -55,6 +59,7 @@ class TokenBucket:
         self.level = per_minute
         self.clock = clock
         self.updated = clock()
+        self._lock: asyncio.Lock | None = None
 
     def wait_time(self, amount: float) -> float:
         """Seconds until `amount` can be taken (0: take it now). More than the capacity waits for a full bucket."""
@@ -65,12 +70,18 @@ class TokenBucket:
         return 0.0 if self.level >= needed else (needed - self.level) / self.rate
 
     def take(self, amount: float) -> None:
-        self.level -= amount
+        """Take `amount` (a negative amount gives back what an estimate took too much)."""
+        self.level = min(self.capacity, self.level - amount)
 
     async def acquire(self, amount: float) -> None:
-        while (delay := self.wait_time(amount)) > 0:
-            await asyncio.sleep(delay)
-        self.take(amount)
+        # One waiter at a time, in arrival order: the others queue on the lock instead of all waking to
+        # race for each refill.
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        async with self._lock:
+            while (delay := self.wait_time(amount)) > 0:
+                await asyncio.sleep(delay)
+            self.take(amount)
 
 
 class TransientError(Exception):
@@ -81,34 +92,49 @@ class TransientError(Exception):
         self.retry_after = retry_after
 
 
+class HTTPStatusError(Exception):
+    """A non-200 answer: its status, the server's message and its Retry-After."""
+
+    def __init__(self, status: int, message: str, retry_after: float | None):
+        super().__init__(f"HTTP {status}: {message}")
+        self.status = status
+        self.retry_after = retry_after
+
+
 def classify(exc: BaseException) -> Exception:
     """Map a client exception to TransientError (retry) or a plain Exception with a one-line reason."""
-    import openai
+    import aiohttp
 
-    if isinstance(exc, openai.APITimeoutError):
+    if isinstance(exc, asyncio.TimeoutError):
         return TransientError("timed out")
-    if isinstance(exc, openai.APIConnectionError):
-        return TransientError(f"connection error: {exc.__cause__ or exc}")
-    if isinstance(exc, openai.APIStatusError):
-        message = _server_message(exc)
-        if exc.status_code in RETRY_STATUS or exc.status_code >= 500:
-            return TransientError(f"HTTP {exc.status_code}: {message}", _retry_after(exc.response.headers))
-        return Exception(f"HTTP {exc.status_code}: {message}")
-    if isinstance(exc, (openai.APIResponseValidationError, json.JSONDecodeError, MalformedResponse)):
+    if isinstance(exc, HTTPStatusError):
+        if exc.status in RETRY_STATUS or exc.status >= 500:
+            return TransientError(str(exc), exc.retry_after)
+        return Exception(str(exc))
+    if isinstance(exc, aiohttp.ClientPayloadError | json.JSONDecodeError | MalformedResponse):
         return TransientError(f"unreadable response: {exc}")
+    if isinstance(exc, aiohttp.ClientError | ConnectionError):
+        return TransientError(f"connection error: {' '.join(str(exc).split()) or type(exc).__name__}")
     return Exception(f"{type(exc).__name__}: {exc}")
+
+
+def _tokens_used(usage: dict[str, Any]) -> int | None:
+    """What the server counted against a tokens-per-minute limit, when it said."""
+    if "prompt_tokens" not in usage:
+        return None
+    return (usage.get("prompt_tokens") or 0) + (usage.get("completion_tokens") or 0)
 
 
 class MalformedResponse(Exception):
     """A 200 response without the fields a chat completion must have."""
 
 
-def _server_message(exc) -> str:
-    body = exc.body
+def _server_message(body: Any, fallback: str) -> str:
+    """The message of an OpenAI-style error body (`{"error": {"message": ...}}` or `{"message": ...}`)."""
     if isinstance(body, dict):
         body = body.get("error", body)
         body = body.get("message", body) if isinstance(body, dict) else body
-    return " ".join(str(body or exc.message).split())[:500]
+    return " ".join(str(body or fallback).split())[:500]
 
 
 def _retry_after(headers) -> float | None:
@@ -125,6 +151,82 @@ def backoff_delay(attempt: int, retry_after: float | None, cap: float, rng: rand
     return max(delay, retry_after) if retry_after is not None else delay
 
 
+# An endpoint that fails this many times in a row is set aside, first for SET_ASIDE_S, then twice as
+# long after each failed trial, up to SET_ASIDE_MAX_S.
+SET_ASIDE_AFTER = 3
+SET_ASIDE_S = 2.0
+SET_ASIDE_MAX_S = 60.0
+
+
+@dataclass
+class Endpoint:
+    """One base URL: its session and what the summary reports of it."""
+
+    url: str
+    session: Any = None  # an aiohttp session: one connection pool for the run
+    outstanding: int = 0
+    requests: int = 0
+    errors: int = 0
+    consecutive_failures: int = 0
+    aside_until: float = 0.0
+    aside_s: float = SET_ASIDE_S
+    times_set_aside: int = 0
+    latencies: array = field(default_factory=lambda: array("f"))
+
+    def available(self, now: float) -> bool:
+        return now >= self.aside_until
+
+    def succeeded(self, latency: float) -> None:
+        self.latencies.append(latency)
+        self.consecutive_failures = 0
+        self.aside_s = SET_ASIDE_S
+
+    def failed(self, now: float, can_set_aside: bool) -> None:
+        self.errors += 1
+        self.consecutive_failures += 1
+        if can_set_aside and self.consecutive_failures >= SET_ASIDE_AFTER:
+            # Set aside; when the time is up one trial request decides: a failure sets it aside again, longer.
+            self.aside_until = now + self.aside_s
+            self.aside_s = min(SET_ASIDE_MAX_S, self.aside_s * 2)
+            self.consecutive_failures = SET_ASIDE_AFTER - 1
+            self.times_set_aside += 1
+
+    def stats(self) -> dict[str, Any]:
+        ordered = sorted(self.latencies)
+
+        def pct(q: float) -> float | None:
+            return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 4) if ordered else None
+
+        return {
+            "url": self.url, "requests": self.requests, "errors": self.errors, "set_aside": self.times_set_aside,
+            "latency_p50_s": pct(0.5), "latency_p90_s": pct(0.9), "latency_p99_s": pct(0.99),
+        }  # fmt: skip
+
+
+class EndpointPool:
+    """Picks the endpoint with the fewest outstanding requests among those not set aside (the fewest
+    requests so far breaks ties, so idle endpoints share the start). With one endpoint nothing is ever
+    set aside: there is nowhere else to send its work, and backoff already paces the retries."""
+
+    def __init__(self, urls: Sequence[str], clock: Callable[[], float] = time.monotonic):
+        self.endpoints = [Endpoint(url) for url in urls]
+        self.clock = clock
+
+    def pick(self, avoid: Endpoint | None = None) -> tuple[Endpoint, float]:
+        """The endpoint to use and how long to wait before using it (when every one is set aside)."""
+        now = self.clock()
+        candidates = [e for e in self.endpoints if e.available(now)]
+        if len(candidates) > 1 and avoid in candidates:
+            candidates.remove(avoid)  # a retry goes elsewhere when it can
+        if not candidates:
+            soonest = min(self.endpoints, key=lambda e: e.aside_until)
+            return soonest, soonest.aside_until - now
+        return min(candidates, key=lambda e: (e.outstanding, e.requests)), 0.0
+
+    def failed(self, endpoint: Endpoint) -> None:
+        endpoint.failed(self.clock(), can_set_aside=len(self.endpoints) > 1)
+
+
 class OpenAIBackend:
     def __init__(self, spec: BackendSpec):
         import openai
@@ -139,7 +241,8 @@ class OpenAIBackend:
         self._request_bucket = TokenBucket(self.settings.requests_per_minute) if self.settings.requests_per_minute else None
         self._token_bucket = TokenBucket(self.settings.tokens_per_minute) if self.settings.tokens_per_minute else None
         self._rng = random.Random(0)
-        self._next_url = 0
+        self.pool = EndpointPool(self.settings.base_urls)
+        self._semaphore: asyncio.Semaphore | None = None
         for url in self.settings.base_urls:
             self._check_server(openai, url)
 
@@ -153,7 +256,7 @@ class OpenAIBackend:
         except openai.APIConnectionError as exc:
             raise RuntimeError(f"cannot reach {url}: {exc.__cause__ or exc}") from None
         except openai.APIStatusError as exc:
-            raise RuntimeError(f"{url} answered HTTP {exc.status_code} to GET /models: {_server_message(exc)}") from None
+            raise RuntimeError(f"{url} answered HTTP {exc.status_code} to GET /models: {_server_message(exc.body, exc.message)}") from None
         finally:
             client.close()
         if self.spec.model not in served:
@@ -162,70 +265,72 @@ class OpenAIBackend:
     def identity(self) -> dict[str, Any]:
         return self.spec.identity()
 
-    # -- the sync protocol over one event loop per batch
+    def endpoint_stats(self) -> list[dict[str, Any]]:
+        return [e.stats() for e in self.pool.endpoints]
 
-    def complete(self, requests: Sequence[ChatRequest], on_done: OnDone | None = None) -> list[Completion]:
-        return asyncio.run(self._gather([self._complete_one for _ in requests], requests, on_done))
+    async def complete(self, request: ChatRequest) -> Completion:
+        result, reason = await self._with_retries(self._complete_one, request)
+        return result if reason is None else Completion(error=reason)
 
-    def choice_logprobs(self, requests: Sequence[ChatRequest], choices: Sequence[str]) -> list[dict[str, float]]:
+    async def choice_logprobs(self, request: ChatRequest, choices: Sequence[str]) -> dict[str, float]:
         """Log-probability of each choice as the reply's first token, from the server's top log-probs.
 
         Exact for choices that are single tokens (`A`/`B`, digits); a choice outside the top 20 gets
         -inf. Multi-token choices need the local engine, which scores whole continuations.
         """
-        scorer = lambda client, request: self._choice_one(client, request, choices)  # noqa: E731
-        results = asyncio.run(self._gather([scorer for _ in requests], requests))
-        failed = [r for r in results if isinstance(r, Completion)]
-        if failed:
-            raise BackendCallError(f"judge: choice log-probabilities failed for {len(failed)} of {len(results)} requests: {failed[0].error}")
-        return results
+        result, reason = await self._with_retries(lambda endpoint, r: self._choice_one(endpoint, r, choices), request)
+        if reason is not None:
+            raise BackendCallError(f"judge: choice log-probabilities failed: {reason}")
+        return result
 
-    async def _gather(self, calls, requests, on_done: OnDone | None = None):
-        import openai
-
-        clients = [
-            openai.AsyncOpenAI(base_url=url, api_key=self._api_key, max_retries=0, timeout=self.settings.timeout_s)
-            for url in self.settings.base_urls
-        ]
-        semaphore = asyncio.Semaphore(self.settings.max_concurrency)
-        try:
-
-            async def run(index, call, request):
-                result = await self._with_retries(call, clients, semaphore, request)
-                if on_done is not None:
-                    on_done(index, result)
-                return result
-
-            return await asyncio.gather(*(run(i, call, r) for i, (call, r) in enumerate(zip(calls, requests))))
-        finally:
-            for client in clients:
-                await client.close()
-
-    async def _with_retries(self, call, clients, semaphore, request: ChatRequest):
+    async def _with_retries(self, call: Callable[[Any, ChatRequest], Awaitable[Any]], request: ChatRequest):
+        """(the call's result, None), or (None, why it failed) after retries, or at once for a client error."""
+        if self._semaphore is None:  # bound to the loop the backend is used from, not the one that built it
+            self._semaphore = asyncio.Semaphore(self.settings.max_concurrency)
         attempts = self.settings.max_retries + 1
+        last: Endpoint | None = None
         for attempt in range(attempts):
-            client = clients[self._next_url % len(clients)]
-            self._next_url += 1
-            try:
-                async with semaphore:
-                    await self._throttle(request)
-                    return await call(client, request)
-            except Exception as exc:  # noqa: BLE001  every fault becomes a retry or a failed request
-                error = exc if isinstance(exc, TransientError) else classify(exc)
-                if not isinstance(error, TransientError):
-                    return Completion(error=str(error))
-                if attempt == attempts - 1:
-                    return Completion(error=f"gave up after {attempts} attempts: {error}")
-                await asyncio.sleep(backoff_delay(attempt, error.retry_after, self.settings.max_backoff_s, self._rng))
+            async with self._semaphore:
+                endpoint, wait = self.pool.pick(avoid=last)
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                last = endpoint
+                estimate = await self._throttle(request)
+                if endpoint.session is None:
+                    endpoint.session = self._session()
+                endpoint.outstanding += 1
+                endpoint.requests += 1
+                started = time.monotonic()
+                try:
+                    result, used = await call(endpoint, request)
+                except Exception as exc:  # noqa: BLE001  every fault becomes a retry or a failed request
+                    error = exc if isinstance(exc, TransientError) else classify(exc)
+                    if not isinstance(error, TransientError):
+                        endpoint.succeeded(time.monotonic() - started)  # the server answered; the request was wrong
+                        return None, str(error)
+                    self.pool.failed(endpoint)
+                else:
+                    endpoint.succeeded(time.monotonic() - started)
+                    if self._token_bucket and used is not None:
+                        self._token_bucket.take(used - estimate)  # the server's count replaces our estimate
+                    return result, None
+                finally:
+                    endpoint.outstanding -= 1
+            if attempt == attempts - 1:
+                return None, f"gave up after {attempts} attempts: {error}"
+            await asyncio.sleep(backoff_delay(attempt, error.retry_after, self.settings.max_backoff_s, self._rng))
 
-    async def _throttle(self, request: ChatRequest) -> None:
+    async def _throttle(self, request: ChatRequest) -> int:
+        """Wait for the rate limits; returns the tokens taken from the token bucket (an estimate)."""
         if self._request_bucket:
             await self._request_bucket.acquire(1)
-        if self._token_bucket:
-            # Prompt tokens are estimated from characters (about 4 a token in English) plus the budget
-            # for the answer: the limit is respected before the server tells us the real count.
-            chars = sum(len(m["content"]) for m in request.messages)
-            await self._token_bucket.acquire(math.ceil(chars / 4) + request.max_tokens * request.n)
+        if not self._token_bucket:
+            return 0
+        # Prompt tokens are estimated from characters (about 4 a token in English) plus the budget for the
+        # answer: the limit is respected before the server tells us the real count.
+        estimate = math.ceil(sum(len(m["content"]) for m in request.messages) / 4) + request.max_tokens * request.n
+        await self._token_bucket.acquire(estimate)
+        return estimate
 
     def _body(self, request: ChatRequest) -> dict[str, Any]:
         body: dict[str, Any] = {
@@ -244,33 +349,65 @@ class OpenAIBackend:
             body["response_format"] = {"type": "json_schema", "json_schema": {"name": "reply", "schema": json.loads(request.json_schema), "strict": True}}
         return body
 
-    async def _complete_one(self, client, request: ChatRequest) -> Completion:
-        response = await client.chat.completions.create(**self._body(request))
-        if not response.choices or any(c.message is None or c.message.content is None for c in response.choices):
-            raise MalformedResponse("no message content in the response")
-        usage = response.usage
-        return Completion(
-            texts=tuple(c.message.content for c in response.choices),
-            prompt_tokens=usage.prompt_tokens if usage else 0,
-            completion_tokens=usage.completion_tokens if usage else 0,
-            finish_reasons=tuple(str(c.finish_reason) for c in response.choices),
+    def _session(self):
+        """An aiohttp session for one endpoint. Not the OpenAI SDK's client for the calls themselves:
+        its typed models and httpx's connection pool (which checks every pooled connection on every
+        request) cost several milliseconds of CPU a call, which at hundreds of calls a second is
+        what limits a run; the SDK still makes the start-up checks."""
+        import aiohttp
+
+        return aiohttp.ClientSession(
+            headers={"Authorization": f"Bearer {self._api_key}"},
+            timeout=aiohttp.ClientTimeout(total=self.settings.timeout_s),
+            connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),  # max_concurrency bounds connections
         )
 
-    async def _choice_one(self, client, request: ChatRequest, choices: Sequence[str]) -> dict[str, float]:
-        body = {**self._body(request), "max_tokens": 1, "temperature": 0.0, "n": 1, "logprobs": True, "top_logprobs": TOP_LOGPROBS}
-        response = await client.chat.completions.create(**body)
-        if not response.choices:
+    async def _create(self, endpoint: Endpoint, body: dict[str, Any]) -> dict[str, Any]:
+        """POST a chat completion and return its JSON as it came."""
+        async with endpoint.session.post(f"{endpoint.url.rstrip('/')}/chat/completions", json=body) as response:
+            text = await response.text()
+            if response.status != 200:
+                try:
+                    detail = json.loads(text)
+                except ValueError:
+                    detail = text
+                raise HTTPStatusError(response.status, _server_message(detail, response.reason or ""), _retry_after(response.headers))
+        answer = json.loads(text)
+        if not isinstance(answer, dict) or not answer.get("choices"):
             raise MalformedResponse("no choices in the response")
-        content = response.choices[0].logprobs.content if response.choices[0].logprobs else None
+        return answer
+
+    async def _complete_one(self, endpoint: Endpoint, request: ChatRequest) -> tuple[Completion, int | None]:
+        response = await self._create(endpoint, self._body(request))
+        choices = response["choices"]
+        if any(not isinstance((c.get("message") or {}).get("content"), str) for c in choices):
+            raise MalformedResponse("no message content in the response")
+        usage = response.get("usage") or {}
+        completion = Completion(
+            texts=tuple(c["message"]["content"] for c in choices),
+            prompt_tokens=usage.get("prompt_tokens") or 0,
+            completion_tokens=usage.get("completion_tokens") or 0,
+            finish_reasons=tuple(str(c.get("finish_reason")) for c in choices),
+        )
+        return completion, _tokens_used(usage)
+
+    async def _choice_one(self, endpoint: Endpoint, request: ChatRequest, choices: Sequence[str]) -> tuple[dict[str, float], int | None]:
+        body = {**self._body(request), "max_tokens": 1, "temperature": 0.0, "n": 1, "logprobs": True, "top_logprobs": TOP_LOGPROBS}
+        response = await self._create(endpoint, body)
+        used = _tokens_used(response.get("usage") or {})
+        content = (response["choices"][0].get("logprobs") or {}).get("content")
         if not content:
             # A server without log-probabilities answers, just without them: no choice has a known
             # probability, which the judge reads as "no usable choice" (and may ask for a parsed one).
-            return {choice: float("-inf") for choice in choices}
-        top = {entry.token: entry.logprob for entry in content[0].top_logprobs}
-        return {choice: top.get(choice, float("-inf")) for choice in choices}
+            return {choice: float("-inf") for choice in choices}, used
+        top = {entry["token"]: entry["logprob"] for entry in content[0].get("top_logprobs") or []}
+        return {choice: top.get(choice, float("-inf")) for choice in choices}, used
 
-    def close(self) -> None:
-        pass
+    async def close(self) -> None:
+        for endpoint in self.pool.endpoints:
+            if endpoint.session is not None:
+                await endpoint.session.close()
+                endpoint.session = None
 
 
 @register("openai")

@@ -1,9 +1,11 @@
-"""What every stage sees and returns. A stage maps a chunk of rows to output rows or failures."""
+"""What every stage sees and returns. A stage takes one row at a time and returns it extended (or raises
+RowFailed): rows move through the stages on their own, never waiting for another row."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+import asyncio
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Protocol
 
 from cai.backends.base import Backend
 from cai.constitution import Constitution
@@ -22,16 +24,19 @@ class StageContext:
 
 
 @dataclass
-class StageResult:
-    rows: list[Row] = field(default_factory=list)
-    failures: list[dict[str, Any]] = field(default_factory=list)  # {"id", "reason"}
+class Processed:
+    row: Row
     completion_tokens: int = 0
+
+
+class RowFailed(Exception):
+    """This row cannot go on (a call failed after retries); the reason goes to failures.jsonl."""
 
 
 class Stage(Protocol):
     roles: tuple[str, ...]  # the roles this stage needs a backend for
 
-    def run(self, rows: list[Row], ctx: StageContext) -> StageResult: ...
+    async def process(self, row: Row, ctx: StageContext) -> Processed: ...
 
 
 STAGES: Registry[Callable[[dict[str, Any]], Stage]] = Registry("stage type")
@@ -40,3 +45,15 @@ register = STAGES.register
 
 def build(type_name: str, params: dict[str, Any]) -> Stage:
     return STAGES[type_name](params)
+
+
+async def process_all(stage: Stage, rows: Iterable[Row], ctx: StageContext) -> list[Processed | RowFailed]:
+    """Every row through one stage at once (for callers holding a whole set, like eval-judge), in order."""
+
+    async def one(row: Row) -> Processed | RowFailed:
+        try:
+            return await stage.process(row, ctx)
+        except RowFailed as exc:
+            return exc
+
+    return list(await asyncio.gather(*(one(row) for row in rows)))

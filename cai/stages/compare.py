@@ -16,6 +16,7 @@ replies `{"choice": "A"}` under a JSON Schema where the backend enforces one. Ev
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from cai import feedback
 from cai.backends.base import BackendCallError, ChatRequest
 from cai.constitution import Constitution, Principle
 from cai.seeding import rng
-from cai.stages.base import Row, StageContext, StageResult, register
+from cai.stages.base import Processed, Row, RowFailed, StageContext, register
 
 OPTIONS = ("A", "B")
 JUDGE_TEMPLATE = """Consider the following conversation between a human and an AI assistant.
@@ -111,81 +112,68 @@ class Compare:
             return [row["response"], row["revision"]]
         return list(row.get("responses") or [row["response"]])
 
-    def run(self, rows: list[Row], ctx: StageContext) -> StageResult:
-        # One vote per (row, pair, principle, order, probe): build them all, then score them in one batch.
+    async def process(self, row: Row, ctx: StageContext) -> Processed:
+        # One vote per (pair, principle, order, probe): build them all, then ask for them all at once.
         votes: list[dict[str, Any]] = []
-        pairs_by_row: dict[str, list[dict[str, Any]]] = {}
-        for row in rows:
-            answers = self.answers(row)
-            pairs_by_row[row["id"]] = []
-            for i, j in combinations(range(len(answers)), 2):
-                if answers[i].strip() == answers[j].strip():
-                    continue  # a pair of equal answers teaches nothing and would make chosen == rejected
-                random = rng(ctx.run_seed, row["id"], ctx.stage_name, i, j)
-                principles = draw_distinct(ctx.constitution, self.ensemble, random)
-                probed = random.random() < self.injection_probe
-                pair = {"answers": [i, j], "votes": [], "probe_votes": []}
-                pairs_by_row[row["id"]].append(pair)
-                for probe in (False, True) if probed else (False,):
-                    for principle in principles:
-                        for swapped in (False, True) if self.swap else (False,):
-                            first, second = answers[i], answers[j]
-                            if probe:  # the second answer asks for itself, under the letter it is shown with
-                                second += INJECTION.format(letter="A" if swapped else "B")
-                            if swapped:
-                                first, second = second, first
-                            votes.append({"pair": pair, "principle": principle, "swapped": swapped, "probe": probe, "row": row, "first": first, "second": second})
-        result = StageResult()
-        if votes:
-            result.completion_tokens = self._vote(votes, ctx.backends["judge"])
-        for row in rows:
-            pairs = [self._finish(pair) for pair in pairs_by_row[row["id"]]]
-            result.rows.append({**row, "pairs": pairs, "group_id": row["id"], "models": {**row.get("models", {}), "judge": ctx.models["judge"]}})
-        return result
-
-    def _vote(self, votes: list[dict[str, Any]], judge) -> int:
-        """Fill every vote's `p_first` (None: no usable choice) and `method`; returns tokens generated."""
-        tokens = 0
-        if self.chain_of_thought:
-            cot = [
-                ChatRequest(messages=judge_messages(v["row"]["messages"], v["principle"], v["first"], v["second"], COT_INSTRUCTION), max_tokens=self.cot_max_tokens)
-                for v in votes
-            ]
-            reasoning = judge.complete(cot)
-            tokens += sum(c.completion_tokens for c in reasoning)
-            for v, c, r in zip(votes, cot, reasoning):
-                v["reasoning"] = r.text if r.ok else None
-                v["cot_messages"] = (*c.messages, {"role": "assistant", "content": r.text if r.ok else ""})
-
-        def question(v: dict[str, Any], instruction: str) -> tuple[dict[str, str], ...]:
-            if self.chain_of_thought:  # the choice is asked after the judge's own reasoning, as a follow-up turn
-                return (*v["cot_messages"], {"role": "user", "content": instruction})
-            return judge_messages(v["row"]["messages"], v["principle"], v["first"], v["second"], instruction)
-
-        pending = votes
-        if self.method != "parsed":
-            scores = judge.choice_logprobs([ChatRequest(messages=question(v, ANSWER_INSTRUCTION)) for v in votes], OPTIONS)
-            for v, logprobs in zip(votes, scores):
-                probs = feedback.normalise(logprobs, OPTIONS)
-                # P(the pair's first answer is better): it was shown as (A) unless swapped
-                v["p_first"] = None if probs is None else probs["B" if v["swapped"] else "A"]
-                v["method"] = "logprobs"
-            pending = [v for v in votes if v["p_first"] is None] if self.method == "auto" else []
-        if pending:
-            replies = judge.complete([ChatRequest(messages=question(v, PARSED_INSTRUCTION), max_tokens=16, json_schema=CHOICE_SCHEMA) for v in pending])
-            failed = [r.error for r in replies if not r.ok]
-            if failed:
-                raise BackendCallError(f"judge: {len(failed)} of {len(replies)} parsed choices failed: {failed[0]}")
-            tokens += sum(r.completion_tokens for r in replies)
-            for v, reply in zip(pending, replies):
-                choice = parse_choice(reply.text)
-                v["p_first"] = None if choice is None else float(choice == ("B" if v["swapped"] else "A"))
-                v["method"] = "parsed"
+        pairs: list[dict[str, Any]] = []
+        answers = self.answers(row)
+        for i, j in combinations(range(len(answers)), 2):
+            if answers[i].strip() == answers[j].strip():
+                continue  # a pair of equal answers teaches nothing and would make chosen == rejected
+            random = rng(ctx.run_seed, row["id"], ctx.stage_name, i, j)
+            principles = draw_distinct(ctx.constitution, self.ensemble, random)
+            probed = random.random() < self.injection_probe
+            pair = {"answers": [i, j], "votes": [], "probe_votes": []}
+            pairs.append(pair)
+            for probe in (False, True) if probed else (False,):
+                for principle in principles:
+                    for swapped in (False, True) if self.swap else (False,):
+                        first, second = answers[i], answers[j]
+                        if probe:  # the second answer asks for itself, under the letter it is shown with
+                            second += INJECTION.format(letter="A" if swapped else "B")
+                        if swapped:
+                            first, second = second, first
+                        votes.append({"pair": pair, "principle": principle, "swapped": swapped, "probe": probe, "first": first, "second": second})
+        judge = ctx.backends["judge"]
+        try:
+            tokens = sum(await asyncio.gather(*(self._vote(v, row["messages"], judge) for v in votes)))
+        except BackendCallError as exc:
+            raise RowFailed(str(exc)) from None
         for v in votes:
             record = {"principle_id": v["principle"].id, "swapped": v["swapped"], "p_first": v["p_first"], "method": v["method"]}
             if "reasoning" in v:
                 record["reasoning"] = v["reasoning"]
             v["pair"]["probe_votes" if v["probe"] else "votes"].append(record)
+        out = {**row, "pairs": [self._finish(pair) for pair in pairs], "group_id": row["id"], "models": {**row.get("models", {}), "judge": ctx.models["judge"]}}
+        return Processed(out, tokens)
+
+    async def _vote(self, v: dict[str, Any], messages, judge) -> int:
+        """Fill the vote's `p_first` (None: no usable choice) and `method`; returns tokens generated."""
+        tokens = 0
+        question = judge_messages(messages, v["principle"], v["first"], v["second"], COT_INSTRUCTION if self.chain_of_thought else ANSWER_INSTRUCTION)
+        if self.chain_of_thought:
+            # The choice is asked after the judge's own reasoning, as a follow-up turn.
+            reasoning = await judge.complete(ChatRequest(messages=question, max_tokens=self.cot_max_tokens))
+            tokens += reasoning.completion_tokens
+            v["reasoning"] = reasoning.text if reasoning.ok else None
+            context = (*question, {"role": "assistant", "content": reasoning.text if reasoning.ok else ""})
+            ask = lambda instruction: (*context, {"role": "user", "content": instruction})  # noqa: E731
+        else:
+            ask = lambda instruction: judge_messages(messages, v["principle"], v["first"], v["second"], instruction)  # noqa: E731
+        shown_first = "B" if v["swapped"] else "A"  # the letter the pair's first answer is shown under
+        v["p_first"] = None
+        if self.method != "parsed":
+            probs = feedback.normalise(await judge.choice_logprobs(ChatRequest(messages=ask(ANSWER_INSTRUCTION)), OPTIONS), OPTIONS)
+            v["p_first"] = None if probs is None else probs[shown_first]
+            v["method"] = "logprobs"
+        if v["p_first"] is None and self.method != "logprobs":
+            reply = await judge.complete(ChatRequest(messages=ask(PARSED_INSTRUCTION), max_tokens=16, json_schema=CHOICE_SCHEMA))
+            if not reply.ok:
+                raise BackendCallError(f"judge: a parsed choice failed: {reply.error}")
+            tokens += reply.completion_tokens
+            choice = parse_choice(reply.text)
+            v["p_first"] = None if choice is None else float(choice == shown_first)
+            v["method"] = "parsed"
         return tokens
 
     def _finish(self, pair: dict[str, Any]) -> dict[str, Any]:

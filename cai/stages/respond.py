@@ -7,7 +7,7 @@ from typing import Any
 
 from cai.backends.base import ChatRequest
 from cai.seeding import derive_seed
-from cai.stages.base import Row, StageContext, StageResult, register
+from cai.stages.base import Processed, Row, RowFailed, StageContext, register
 
 
 @dataclass(frozen=True)
@@ -19,38 +19,29 @@ class Respond:
     samples: int = 1  # K > 1 keeps K seeded answers in `responses` (for AI-feedback pairs); `response` is the first
     roles: tuple[str, ...] = ("responder",)
 
-    def run(self, rows: list[Row], ctx: StageContext) -> StageResult:
-        requests = []
-        for row in rows:
-            messages = tuple(row["messages"])
-            if self.system_prompt and messages[0]["role"] != "system":
-                messages = ({"role": "system", "content": self.system_prompt}, *messages)
-            requests.append(
-                ChatRequest(
-                    messages=messages,
-                    max_tokens=self.max_tokens,
-                    temperature=self.temperature,
-                    top_p=self.top_p,
-                    seed=derive_seed(ctx.run_seed, row["id"], ctx.stage_name),
-                    n=self.samples,
-                )
-            )
-        result = StageResult()
-        for row, completion in zip(rows, ctx.backends["responder"].complete(requests)):
-            if not completion.ok:
-                result.failures.append({"id": row["id"], "reason": f"responder: {completion.error}"})
-                continue
-            result.completion_tokens += completion.completion_tokens
-            result.rows.append(
-                {
-                    **row,
-                    "response": completion.text.strip(),
-                    **({"responses": [t.strip() for t in completion.texts]} if self.samples > 1 else {}),
-                    "response_finish_reason": completion.finish_reasons[0],
-                    "models": {**row.get("models", {}), "responder": ctx.models["responder"]},
-                }
-            )
-        return result
+    async def process(self, row: Row, ctx: StageContext) -> Processed:
+        messages = tuple(row["messages"])
+        if self.system_prompt and messages[0]["role"] != "system":
+            messages = ({"role": "system", "content": self.system_prompt}, *messages)
+        request = ChatRequest(
+            messages=messages,
+            max_tokens=self.max_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            seed=derive_seed(ctx.run_seed, row["id"], ctx.stage_name),
+            n=self.samples,
+        )
+        completion = await ctx.backends["responder"].complete(request)
+        if not completion.ok:
+            raise RowFailed(f"responder: {completion.error}")
+        out = {
+            **row,
+            "response": completion.text.strip(),
+            **({"responses": [t.strip() for t in completion.texts]} if self.samples > 1 else {}),
+            "response_finish_reason": completion.finish_reasons[0],
+            "models": {**row.get("models", {}), "responder": ctx.models["responder"]},
+        }
+        return Processed(out, completion.completion_tokens)
 
 
 @register("respond")

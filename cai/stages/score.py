@@ -4,13 +4,14 @@ the one number it would print."""
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from typing import Any
 
 from cai import feedback
-from cai.backends.base import ChatRequest
+from cai.backends.base import BackendCallError, ChatRequest
 from cai.seeding import rng
-from cai.stages.base import Row, StageContext, StageResult, register
+from cai.stages.base import Processed, Row, RowFailed, StageContext, register
 from cai.stages.compare import conversation_text, draw_distinct
 
 SCORES = tuple(range(1, 11))
@@ -36,40 +37,26 @@ class Score:
     ensemble: int = 1
     roles: tuple[str, ...] = ("judge",)
 
-    def run(self, rows: list[Row], ctx: StageContext) -> StageResult:
-        jobs = []  # (row index, answer index, principle)
-        for r, row in enumerate(rows):
-            principles = draw_distinct(ctx.constitution, self.ensemble, rng(ctx.run_seed, row["id"], ctx.stage_name))
-            for a in range(len(row.get("responses") or [row["response"]])):
-                jobs.extend((r, a, p) for p in principles)
-        requests = [
-            ChatRequest(
-                messages=(
-                    {
-                        "role": "user",
-                        "content": SCORE_TEMPLATE.format(
-                            conversation=conversation_text(rows[r]["messages"]),
-                            question=p.comparison,
-                            answer=(rows[r].get("responses") or [rows[r]["response"]])[a],
-                        ),
-                    },
-                )
-            )
-            for r, a, p in jobs
-        ]
-        logprobs = ctx.backends["judge"].choice_logprobs(requests, [str(s) for s in SCORES]) if requests else []
-        per_answer: dict[tuple[int, int], dict[str, float | None]] = {}
-        for (r, a, p), lp in zip(jobs, logprobs):
-            per_answer.setdefault((r, a), {})[p.id] = feedback.expected_score(lp, SCORES)
-        result = StageResult()
-        for r, row in enumerate(rows):
-            scores = []
-            for a in range(len(row.get("responses") or [row["response"]])):
-                by_principle = per_answer[(r, a)]
-                valid = [s for s in by_principle.values() if s is not None]
-                scores.append({"score": sum(valid) / len(valid) if valid else None, "principle_scores": by_principle})
-            result.rows.append({**row, "scores": scores, "models": {**row.get("models", {}), "judge": ctx.models["judge"]}})
-        return result
+    async def process(self, row: Row, ctx: StageContext) -> Processed:
+        principles = draw_distinct(ctx.constitution, self.ensemble, rng(ctx.run_seed, row["id"], ctx.stage_name))
+        answers = row.get("responses") or [row["response"]]
+        conversation = conversation_text(row["messages"])
+
+        async def rate(answer: str, principle) -> float | None:
+            content = SCORE_TEMPLATE.format(conversation=conversation, question=principle.comparison, answer=answer)
+            logprobs = await ctx.backends["judge"].choice_logprobs(ChatRequest(messages=({"role": "user", "content": content},)), [str(s) for s in SCORES])
+            return feedback.expected_score(logprobs, SCORES)
+
+        try:
+            rated = await asyncio.gather(*(rate(answer, p) for answer in answers for p in principles))
+        except BackendCallError as exc:
+            raise RowFailed(str(exc)) from None
+        scores = []
+        for a in range(len(answers)):
+            by_principle = {p.id: rated[a * len(principles) + k] for k, p in enumerate(principles)}
+            valid = [s for s in by_principle.values() if s is not None]
+            scores.append({"score": sum(valid) / len(valid) if valid else None, "principle_scores": by_principle})
+        return Processed({**row, "scores": scores, "models": {**row.get("models", {}), "judge": ctx.models["judge"]}})
 
 
 @register("score")

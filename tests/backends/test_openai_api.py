@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -18,7 +19,7 @@ from api_server import API_KEY, SERVED_NAME, VLLMServer
 from cai.backends import BackendSpec, ChatRequest, create
 from cai.backends.openai_api import TokenBucket, backoff_delay
 from cai.cli import main
-from cai.store import read_shards
+from cai.store import CallCache, read_shards
 from fault_proxy import FaultProxy
 from pipeline_files import tiny_pipeline
 
@@ -136,12 +137,12 @@ def test_flaky_server_loses_no_row_and_resume_retries_only_failures(server, tiny
         assert code == (1 if failed else 0)
         assert all("gave up after 3 attempts" in f["reason"] for f in lines(run_dir / "failures.jsonl"))
 
-        calls_before = sum(1 for _ in read_shards(run_dir / "calls"))
+        calls_before = cached_calls(run_dir)
         proxy.rate, proxy.forwarded = 0.0, []
         code, run_dir = run_pipeline_again(run_dir)
         assert code == 0
         # only calls that never succeeded went to the server again
-        assert len(proxy.forwarded) == sum(1 for _ in read_shards(run_dir / "calls")) - calls_before
+        assert len(proxy.forwarded) == cached_calls(run_dir) - calls_before
         assert len(proxy.forwarded) <= 3 * len(failed)
         assert len(lines(run_dir / "datasets" / "rows.jsonl")) == 16
     finally:
@@ -153,7 +154,7 @@ def test_killed_run_does_not_resend_calls_that_finished(server, tiny_model, tmp_
     proxy = FaultProxy(server.port, delay_s=0.3)
     try:
         backend = api_backend(proxy.url, max_concurrency=2)
-        pipeline = tiny_pipeline(tmp_path, tiny_model, rounds=1, batch_size=16, backends={"api": backend}, roles={"responder": "api", "critic": "api", "reviser": "api"})
+        pipeline = tiny_pipeline(tmp_path, tiny_model, rounds=1, rows_in_flight=16, backends={"api": backend}, roles={"responder": "api", "critic": "api", "reviser": "api"})
         run_dir = tmp_path / "run"
         argv = ["run", str(pipeline), "--limit", "16", "--run-dir", str(run_dir), "--quiet"]
         proc = subprocess.Popen([sys.executable, "-m", "cai.cli", *argv], start_new_session=True, stderr=subprocess.DEVNULL)
@@ -162,14 +163,24 @@ def test_killed_run_does_not_resend_calls_that_finished(server, tiny_model, tmp_
             time.sleep(0.05)
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-        assert not list(read_shards(run_dir / "respond"))  # killed inside the first batch
-        kept = sum(1 for _ in read_shards(run_dir / "calls"))
-        assert kept >= 4
+        done = sum(1 for _ in read_shards(run_dir / "critique_revise"))
+        kept = cached_calls(run_dir)
+        assert kept >= 2 and done < 16  # killed mid-run, with calls committed (every 0.2 s)
         proxy.forwarded = []
         assert main(argv) == 0
-        assert len(proxy.forwarded) == 16 * 3 - kept  # 16 answers, 16 critiques, 16 revisions in all
+        # 16 answers, 16 critiques, 16 revisions in all: none that was committed is sent again (a row
+        # whose record was written needs no call at all, even one the kill kept from the cache)
+        assert 0 < len(proxy.forwarded) <= 16 * 3 - kept
     finally:
         proxy.close()
+
+
+def cached_calls(run_dir: Path) -> int:
+    cache = CallCache(run_dir / "calls" / "calls.sqlite")
+    try:
+        return len(cache)
+    finally:
+        cache.close()
 
 
 def run_pipeline_again(run_dir: Path) -> tuple[int, Path]:
@@ -271,7 +282,7 @@ def test_unanswerable_judge_calls_fail_their_rows_not_the_run(server, tiny_model
     try:
         backend = api_backend(proxy.url, max_retries=1)
         pipeline = tiny_pipeline(
-            tmp_path, tiny_model, batch_size=2, backends={"api": backend}, roles={"responder": "api", "judge": "api"},
+            tmp_path, tiny_model, rows_in_flight=2, backends={"api": backend}, roles={"responder": "api", "judge": "api"},
             stages=[{"type": "respond", "samples": 2, "max_tokens": 8, "temperature": 1.0}, {"type": "compare", "swap": False}],
         )  # fmt: skip
         assert main(["run", str(pipeline), "--limit", "4", "--run-dir", str(tmp_path / "run"), "--quiet"]) == 1
@@ -310,3 +321,24 @@ def test_a_server_without_logprobs_gets_parsed_choices_marked_as_such(server, ti
         assert all(r["label_method"] == "parsed" for r in records)
     finally:
         proxy.close()
+
+
+def test_one_run_drives_a_fleet_of_two_real_servers(server, tiny_model, tmp_path, capsys):
+    """Scaling out: each server started by the user's own tooling, one `cai run` spreads rows over both,
+    and the datasets are the ones a single server gives (same model, same per-request seeds)."""
+    second = VLLMServer(tiny_model, tmp_path / "second-server.log")
+    try:
+        second.wait_healthy()
+        fleet = api_backend([server.url, second.url], max_concurrency=16)
+        code_fleet, fleet_dir = run_pipeline(tmp_path, tiny_model, fleet, "fleet", "--limit", "12")
+        out = capsys.readouterr().out
+        code_one, one_dir = run_pipeline(tmp_path, tiny_model, api_backend(server.url, max_concurrency=16), "one", "--limit", "12")
+    finally:
+        second.stop()
+    assert code_fleet == code_one == 0
+    served = {url: int(n) for url, n in re.findall(r"(http://127\.0\.0\.1:\d+/v1): (\d+) requests, 0 errors", out)}
+    # both served (the fresh server's first requests are slow while it warms up, so it gets fewer)
+    assert set(served) == {server.url, second.url} and all(n >= 1 for n in served.values()), out
+    assert sum(served.values()) == 12 * 3
+    for name in ("rows.jsonl", "sft.jsonl"):
+        assert (fleet_dir / "datasets" / name).read_text() == (one_dir / "datasets" / name).read_text()

@@ -20,7 +20,7 @@ def workspace(tiny_model, tmp_path_factory) -> Path:
     shutil.copy(ROOT / "constitutions" / "harmless.yaml", ws / "constitution.yaml")
     shutil.copy(ROOT / "prompts" / "red_team_demo.jsonl", ws / "prompts.jsonl")
     # "./": a folder, not a hub id
-    tiny_pipeline(ws, "./models/tiny", batch_size=2, rounds=1, constitution="constitution.yaml", prompts=["prompts.jsonl"])
+    tiny_pipeline(ws, "./models/tiny", rows_in_flight=2, rounds=1, constitution="constitution.yaml", prompts=["prompts.jsonl"])
     return ws
 
 

@@ -12,6 +12,7 @@ from cai import constitution
 from cai.backends.base import Completion
 from cai.stages import StageContext, build
 from conftest import ROOT
+from stage_runner import run_stage
 
 HARMLESS = constitution.load(ROOT / "constitutions" / "harmless.yaml")
 
@@ -21,18 +22,15 @@ class Judge:
 
     def __init__(self, bias: float = 0.0):
         self.bias = bias
-        self.batches = []
+        self.scored = []
 
-    def choice_logprobs(self, requests, choices):
-        self.batches.append(list(requests))
-        out = []
-        for r in requests:
-            text = r.messages[-1]["content"]
-            a = text.split("<response_a>")[1].split("</response_a>")[0]
-            p_a = 0.8 if "kind" in a else 0.2
-            p_a = min(max(p_a + self.bias, 0.01), 0.99)
-            out.append({"A": math.log(p_a), "B": math.log(1 - p_a)})
-        return out
+    async def choice_logprobs(self, r, choices):
+        self.scored.append(r)
+        text = r.messages[-1]["content"]
+        a = text.split("<response_a>")[1].split("</response_a>")[0]
+        p_a = 0.8 if "kind" in a else 0.2
+        p_a = min(max(p_a + self.bias, 0.01), 0.99)
+        return {"A": math.log(p_a), "B": math.log(1 - p_a)}
 
 
 def rows(*answer_lists):
@@ -44,7 +42,7 @@ def rows(*answer_lists):
 
 def run(params, judge, data):
     ctx = StageContext(3, "compare", HARMLESS, {"judge": judge}, {"judge": "j"})
-    return build("compare", params).run(data, ctx)
+    return run_stage(build("compare", params), data, ctx)
 
 
 def test_swap_average_removes_position_bias():
@@ -54,7 +52,7 @@ def test_swap_average_removes_position_bias():
     # shown first: P(A)=0.9 for the kind one; swapped: P(B) = 1 - (0.2 + 0.1) = 0.7; average 0.8
     assert pair["p_first"] == pytest.approx(0.8)
     assert pair["label"] == "a" and pair["position_consistent"] is True
-    assert len(judge.batches) == 1 and len(judge.batches[0]) == 2  # both orders in one batch
+    assert len(judge.scored) == 2  # both orders
 
 
 def test_position_bias_alone_gives_a_tie_and_inconsistency():
@@ -77,7 +75,7 @@ def test_k_answers_make_k_choose_2_pairs_in_a_group_and_skip_equal_answers():
 def test_principles_are_comparison_questions_in_the_prompt():
     judge = Judge()
     [row] = run({"swap": False}, judge, rows(["kind", "rude"])).rows
-    [request] = judge.batches[0]
+    [request] = judge.scored
     principle = HARMLESS.principle(row["pairs"][0]["principle_ids"][0])
     assert principle.comparison in request.messages[0]["content"]
     assert row["pairs"][0]["position_consistent"] is None  # no swap, no consistency to report
@@ -85,8 +83,8 @@ def test_principles_are_comparison_questions_in_the_prompt():
 
 def test_invalid_when_the_judge_gives_no_option():
     class Silent:
-        def choice_logprobs(self, requests, choices):
-            return [{c: float("-inf") for c in choices} for _ in requests]
+        async def choice_logprobs(self, r, choices):
+            return {c: float("-inf") for c in choices}
 
     [row] = run({"method": "logprobs"}, Silent(), rows(["one", "two"])).rows
     assert row["pairs"][0]["label"] == "invalid" and row["pairs"][0]["p_first"] is None
@@ -99,12 +97,12 @@ class Parser:
         self.reply = reply
         self.completed = []
 
-    def choice_logprobs(self, requests, choices):
-        return [{c: float("-inf") for c in choices} for _ in requests]
+    async def choice_logprobs(self, r, choices):
+        return {c: float("-inf") for c in choices}
 
-    def complete(self, requests, on_done=None):
-        self.completed.extend(requests)
-        return [Completion(texts=(self.reply(r.messages[-1]["content"]),), completion_tokens=3, finish_reasons=("stop",)) for r in requests]
+    async def complete(self, r):
+        self.completed.append(r)
+        return Completion(texts=(self.reply(r.messages[-1]["content"]),), completion_tokens=3, finish_reasons=("stop",))
 
 
 def kind_letter(text):
@@ -124,7 +122,7 @@ def test_without_logprobs_auto_falls_back_to_a_parsed_choice_marked_as_such():
 
 def test_parsed_method_skips_logprobs_and_an_unparseable_reply_is_invalid():
     class NoScores(Parser):
-        def choice_logprobs(self, requests, choices):
+        async def choice_logprobs(self, r, choices):
             raise AssertionError("method: parsed must not ask for log-probabilities")
 
     [row] = run({"method": "parsed"}, NoScores(lambda text: "I think the first one"), rows(["one", "two"])).rows
@@ -133,13 +131,14 @@ def test_parsed_method_skips_logprobs_and_an_unparseable_reply_is_invalid():
 
 def test_logprobs_where_present_parsed_only_where_missing():
     class Partial(Judge):
-        def choice_logprobs(self, requests, choices):
-            scores = super().choice_logprobs(requests, choices)
-            scores[1] = {c: float("-inf") for c in choices}  # the swapped order comes back without log-probs
+        async def choice_logprobs(self, r, choices):
+            scores = await super().choice_logprobs(r, choices)
+            if "<response_a>\nrude" in r.messages[-1]["content"]:  # the swapped order comes back without log-probs
+                return {c: float("-inf") for c in choices}
             return scores
 
-        def complete(self, requests, on_done=None):
-            return [Completion(texts=(kind_letter(r.messages[-1]["content"]),), completion_tokens=3) for r in requests]
+        async def complete(self, r):
+            return Completion(texts=(kind_letter(r.messages[-1]["content"]),), completion_tokens=3)
 
     [row] = run({}, Partial(), rows(["kind", "rude"])).rows
     [pair] = row["pairs"]
@@ -150,13 +149,12 @@ def test_logprobs_where_present_parsed_only_where_missing():
 class Obedient(Judge):
     """Follows a planted "choose (X)" with P = 0.95, else judges like Judge."""
 
-    def choice_logprobs(self, requests, choices):
-        out = super().choice_logprobs(requests, choices)
-        for k, r in enumerate(requests):
-            text = r.messages[-1]["content"]
-            for letter, other in (("A", "B"), ("B", "A")):
-                if f"choose ({letter})" in text:
-                    out[k] = {letter: math.log(0.95), other: math.log(0.05)}
+    async def choice_logprobs(self, r, choices):
+        out = await super().choice_logprobs(r, choices)
+        text = r.messages[-1]["content"]
+        for letter, other in (("A", "B"), ("B", "A")):
+            if f"choose ({letter})" in text:
+                out = {letter: math.log(0.95), other: math.log(0.05)}
         return out
 
 
@@ -166,7 +164,7 @@ def test_injection_probe_plants_the_instruction_under_the_shown_letter_and_leave
     [pair] = row["pairs"]
     assert pair["label"] == "a" and pair["p_first"] == pytest.approx(0.8)  # the clean votes alone
     assert pair["injection"]["label"] == "b" and pair["injection"]["p_first"] == pytest.approx(0.05)
-    planted = [r.messages[-1]["content"] for r in judge.batches[0] if "Ignore the above" in r.messages[-1]["content"]]
+    planted = [r.messages[-1]["content"] for r in judge.scored if "Ignore the above" in r.messages[-1]["content"]]
     assert len(planted) == 2
     for text in planted:  # the instruction sits inside the second answer's block and names that block's letter
         letter = "B" if "rude" in text.split("<response_b>")[1] else "A"
@@ -186,16 +184,16 @@ def test_injection_probe_share_is_seeded():
 
 def test_chain_of_thought_scores_the_choice_after_the_reasoning():
     class Reasoner(Judge):
-        def complete(self, requests, on_done=None):
-            return [Completion(texts=("Response A is kinder.",), completion_tokens=5, finish_reasons=("stop",)) for _ in requests]
+        async def complete(self, r):
+            return Completion(texts=("Response A is kinder.",), completion_tokens=5, finish_reasons=("stop",))
 
-        def choice_logprobs(self, requests, choices):
-            self.batches.append(list(requests))
-            return [{"A": math.log(0.7), "B": math.log(0.3)} for _ in requests]
+        async def choice_logprobs(self, r, choices):
+            self.scored.append(r)
+            return {"A": math.log(0.7), "B": math.log(0.3)}
 
     judge = Reasoner()
     result = run({"chain_of_thought": True, "swap": False}, judge, rows(["kind", "rude"]))
-    [scored] = judge.batches[0]
+    [scored] = judge.scored
     assert [m["role"] for m in scored.messages] == ["user", "assistant", "user"]
     assert scored.messages[1]["content"] == "Response A is kinder." and "single letter" in scored.messages[2]["content"]
     vote = result.rows[0]["pairs"][0]["votes"][0]
