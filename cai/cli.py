@@ -26,10 +26,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     if chain.is_chain(args.pipeline):
         return chain.run(chain.load(args.pipeline, args.set, workdir=args.run_dir, limit=args.limit), quiet=args.quiet)
     cfg = config.load(args.pipeline, args.set)
+    _say_where_keys_go(cfg, "run")
     summary = pipeline.run(cfg, run_dir=args.run_dir, limit=args.limit, show_progress=not args.quiet)
     _print_summary(summary)
     print(f"report: {report.write(summary.run_dir)}")
     return EXIT_OK if summary.ok else EXIT_FAILED
+
+
+def _say_where_keys_go(cfg, command: str) -> None:
+    """Before any backend starts: a pipeline file from elsewhere cannot send a key off this machine unseen."""
+    from cai.keys import key_destinations
+
+    for line in key_destinations(cfg):
+        print(f"cai {command}: {line}", file=sys.stderr, flush=True)
 
 
 def _print_summary(summary) -> None:
@@ -104,6 +113,7 @@ def cmd_eval_judge(args: argparse.Namespace) -> int:
     from cai.store import write_atomic
 
     cfg = config.load(args.pipeline, args.set)
+    _say_where_keys_go(cfg, "eval-judge")
     pairs = eval_judge.load_pairs(args.pairs, args.limit)
     report = eval_judge.evaluate(cfg, pairs, compare_cot=args.compare_cot, injection=args.injection)
     for variant in report.get("by_chain_of_thought", {"": report}).values():

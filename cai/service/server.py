@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from cai.errors import InputError
+from cai.keys import is_loopback
 from cai.service.workspace import Workspace
 
 TOKEN_ENV = "CAI_SERVER_TOKEN"
@@ -24,15 +24,6 @@ class ServeOptions:
 
 class UnsafeServe(Exception):
     """A server that would be reachable from other machines without a token."""
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:  # a host name: it may resolve to anything
-        return False
 
 
 class _NoQueryStrings(logging.Filter):
