@@ -202,7 +202,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from cai.service.server import ServeOptions, UnsafeServe, serve
 
     try:
-        serve(ServeOptions(workspace=args.workspace, host=args.host, port=args.port, max_jobs=args.max_jobs))
+        serve(ServeOptions(args.workspace, args.host, args.port, args.max_jobs, args.backends))
     except UnsafeServe as exc:
         print(f"cai serve: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -304,6 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="off loopback, $CAI_SERVER_TOKEN must be set")
     p.add_argument("--port", type=int, default=8420)
     p.add_argument("--max-jobs", type=_positive_int, default=1, help="jobs that run at once")
+    p.add_argument("--backends", type=Path, help="YAML file of the API backends jobs may use, with their keys (schema: cai/schemas/server_backends.json)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("submit", help="queue a run of a pipeline on a `cai serve` server (token: $CAI_SERVER_TOKEN)")

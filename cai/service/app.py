@@ -25,6 +25,7 @@ from starlette.background import BackgroundTask
 from cai.errors import InputError, field_path
 from cai.service import progress as job_progress
 from cai.service.jobs import ENDED, Job, JobStore, NewJob
+from cai.service.policy import job_keys
 from cai.service.worker import Worker, redact, secrets
 from cai.service.workspace import Workspace
 
@@ -57,7 +58,15 @@ class TrainRequest(BaseModel):
 def create_app(config: ServiceConfig) -> FastAPI:
     ws = config.workspace
     store = JobStore(ws.state_dir / "jobs.sqlite")
-    worker = Worker(store, ws.root, ws.state_dir, config.max_jobs)
+
+    def admit(job: Job) -> list[str]:
+        ws.resolve(job.out_dir, "run_dir")
+        if job.kind == "run":
+            return job_keys(ws.load_pipeline(job.target, job.overrides).backends)
+        ws.load_training(job.kind, job.target, job.overrides)
+        return []
+
+    worker = Worker(store, ws.root, ws.state_dir, config.max_jobs, admit)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from cai.errors import InputError
 from cai.keys import is_loopback
+from cai.service.policy import load_backends
 from cai.service.workspace import Workspace
 
 TOKEN_ENV = "CAI_SERVER_TOKEN"
@@ -20,6 +21,7 @@ class ServeOptions:
     host: str = "127.0.0.1"
     port: int = 8420
     max_jobs: int = 1
+    backends: Path | None = None  # the operator's file of API backends jobs may use
 
 
 class UnsafeServe(Exception):
@@ -44,7 +46,8 @@ def serve(options: ServeOptions) -> None:
     token = os.environ.get(TOKEN_ENV) or None
     if token is None and not is_loopback(options.host):
         raise UnsafeServe(f"--host {options.host} is reachable from other machines: set {TOKEN_ENV} to a secret first")
-    workspace = Workspace.open(options.workspace)
+    backends = load_backends(options.backends) if options.backends else {}
+    workspace = Workspace.open(options.workspace, backends)
     if not os.access(workspace.root, os.W_OK):
         raise InputError(str(options.workspace), None, "workspace folder is not writable")
     # Jobs run in the workspace and resolve a pipeline's relative paths from there; validating a
@@ -54,4 +57,6 @@ def serve(options: ServeOptions) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("uvicorn.access").addFilter(_NoQueryStrings())
     print(f"cai serve: workspace {workspace.root}, http://{options.host}:{options.port}/ (API docs: /docs)", flush=True)
+    for backend in backends.values():
+        print(f"cai serve: jobs may use API backend {backend.describe()}", flush=True)
     uvicorn.run(app, host=options.host, port=options.port, log_level="info")

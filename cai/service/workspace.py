@@ -1,11 +1,13 @@
 """The workspace a server works over: every file a job names, and every file the job's config names in
 turn, must lie inside it, and is checked before it is opened. A path that escapes (`..`, an absolute
-path, a symlink out) is an InputError, which the API returns as 400 with the CLI's one-line message."""
+path, a symlink out) is an InputError, which the API returns as 400 with the CLI's one-line message.
+A job's backends and engine options must also pass the server's policy (cai/service/policy.py)."""
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from cai import config as pipeline_config
@@ -14,6 +16,7 @@ from cai.errors import InputError
 from cai.files import load_yaml, schema
 from cai.models import EMBEDDED
 from cai.pipeline import default_run_dir
+from cai.service.policy import ServerBackend, check_api_backend, check_engine_options
 from cai.train import config as train_config
 from cai.train.config import TrainConfig
 
@@ -25,13 +28,14 @@ _NOT_SCANNED = {STATE_DIR, "runs", "node_modules"}
 @dataclass(frozen=True)
 class Workspace:
     root: Path  # resolved
+    backends: Mapping[str, ServerBackend] = field(default_factory=dict)  # the API servers jobs may use
 
     @classmethod
-    def open(cls, folder: str | Path) -> "Workspace":
+    def open(cls, folder: str | Path, backends: Mapping[str, ServerBackend] | None = None) -> "Workspace":
         root = Path(folder).expanduser().resolve()
         if not root.is_dir():
             raise InputError(str(folder), None, "workspace folder not found")
-        return cls(root)
+        return cls(root, backends or {})
 
     @property
     def state_dir(self) -> Path:
@@ -62,15 +66,18 @@ class Workspace:
 
     def load_pipeline(self, relative: str, overrides: list[str]) -> PipelineConfig:
         """Load and validate as `cai run` does, each file the pipeline names checked to be in here before
-        it is read."""
+        it is read; then its backends against the server's policy."""
         path = self.resolve(relative, "pipeline")
         shown = relative
         # Relative to the workspace, the server's current folder (cai serve makes it so): errors then
         # name the file as `cai run` in the workspace would.
         cfg = pipeline_config.load(path.relative_to(self.root), overrides, check_path=lambda p, what: self.inside(p, shown, what))
         for name, spec in cfg.backends.items():
-            if spec.type != "openai":  # an API backend's model is a name its server knows
+            if spec.type == "openai":
+                check_api_backend(spec, self.backends, shown)
+            else:
                 self._check_model(spec.model, path, shown, f"backends.{name}.model")
+                check_engine_options(spec.options, shown, f"backends.{name}.options")
         if cfg.output_dir is not None:
             self.inside(self.root / cfg.output_dir, shown, "output.dir")
         return cfg
@@ -87,10 +94,11 @@ class Workspace:
         self._check_model(cfg.model, path, relative, "model")
         if cfg.dpo.reference is not None:
             self._check_model(cfg.dpo.reference, path, relative, "dpo.reference")
-        for section, sources in (("ppo", cfg.ppo.rewards), ("rejection", cfg.rejection.rewards)):
-            for index, source in enumerate(sources):
+        for section, options in (("ppo", cfg.ppo), ("rejection", cfg.rejection)):
+            for index, source in enumerate(options.rewards):
                 if source.model is not None:
                     self.inside(source.model, relative, f"{section}.rewards[{index}].model")
+            check_engine_options(options.vllm_options, relative, f"{section}.vllm_options")
         self.inside(cfg.train_data, relative, "data.train")
         if cfg.eval_data is not None:
             self.inside(cfg.eval_data, relative, "data.eval")
