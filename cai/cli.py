@@ -202,7 +202,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from cai.service.server import ServeOptions, UnsafeServe, serve
 
     try:
-        serve(ServeOptions(args.workspace, args.host, args.port, args.max_jobs, args.backends))
+        serve(ServeOptions(args.workspace, args.host, args.port, args.max_jobs, args.max_queued, args.backends))
     except UnsafeServe as exc:
         print(f"cai serve: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -243,6 +243,8 @@ class OneLineErrors(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from cai.service.jobs import DEFAULT_MAX_QUEUED
+
     parser = OneLineErrors(prog="cai", description="Constitutional AI data and training toolkit")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineErrors)
 
@@ -299,11 +301,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="also write the figures to this JSON file")
     p.set_defaults(func=cmd_eval_rm)
 
-    p = sub.add_parser("serve", help="job server with a web dashboard over a workspace folder (token: $CAI_SERVER_TOKEN)")
+    p = sub.add_parser("serve", help="job server with a web dashboard over a workspace folder (tokens: $CAI_SERVER_TOKEN, read-only $CAI_SERVER_READ_TOKEN)")
     p.add_argument("--workspace", required=True, type=Path, help="folder of constitutions, prompts, pipelines and runs")
     p.add_argument("--host", default="127.0.0.1", help="off loopback, $CAI_SERVER_TOKEN must be set")
     p.add_argument("--port", type=int, default=8420)
     p.add_argument("--max-jobs", type=_positive_int, default=1, help="jobs that run at once")
+    p.add_argument("--max-queued", type=_positive_int, default=DEFAULT_MAX_QUEUED, help="jobs that may wait; more submissions get 429")
     p.add_argument("--backends", type=Path, help="YAML file of the API backends jobs may use, with their keys (schema: cai/schemas/server_backends.json)")
     p.set_defaults(func=cmd_serve)
 
@@ -314,7 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a pipeline field")
     p.set_defaults(func=cmd_submit)
 
-    p = sub.add_parser("jobs", help="list the jobs of a `cai serve` server (token: $CAI_SERVER_TOKEN)")
+    p = sub.add_parser("jobs", help="list the jobs of a `cai serve` server (token: $CAI_SERVER_TOKEN or $CAI_SERVER_READ_TOKEN)")
     p.add_argument("--server", required=True, help="the server's URL, e.g. http://127.0.0.1:8420")
     p.set_defaults(func=cmd_jobs)
     return parser
