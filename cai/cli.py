@@ -26,10 +26,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     if chain.is_chain(args.pipeline):
         return chain.run(chain.load(args.pipeline, args.set, workdir=args.run_dir, limit=args.limit), quiet=args.quiet)
     cfg = config.load(args.pipeline, args.set)
+    _say_where_keys_go(cfg, "run")
     summary = pipeline.run(cfg, run_dir=args.run_dir, limit=args.limit, show_progress=not args.quiet)
     _print_summary(summary)
     print(f"report: {report.write(summary.run_dir)}")
     return EXIT_OK if summary.ok else EXIT_FAILED
+
+
+def _say_where_keys_go(cfg, command: str) -> None:
+    """Before any backend starts: a pipeline file from elsewhere cannot send a key off this machine unseen."""
+    from cai.keys import key_destinations
+
+    for line in key_destinations(cfg):
+        print(f"cai {command}: {line}", file=sys.stderr, flush=True)
 
 
 def _print_summary(summary) -> None:
@@ -110,6 +119,7 @@ def cmd_eval_judge(args: argparse.Namespace) -> int:
     from cai.store import write_atomic
 
     cfg = config.load(args.pipeline, args.set)
+    _say_where_keys_go(cfg, "eval-judge")
     pairs = eval_judge.load_pairs(args.pairs, args.limit)
     report = eval_judge.evaluate(cfg, pairs, compare_cot=args.compare_cot, injection=args.injection)
     for variant in report.get("by_chain_of_thought", {"": report}).values():
@@ -198,7 +208,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from cai.service.server import ServeOptions, UnsafeServe, serve
 
     try:
-        serve(ServeOptions(workspace=args.workspace, host=args.host, port=args.port, max_jobs=args.max_jobs))
+        serve(ServeOptions(args.workspace, args.host, args.port, args.max_jobs, args.max_queued, args.backends))
     except UnsafeServe as exc:
         print(f"cai serve: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -239,6 +249,8 @@ class OneLineErrors(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from cai.service.jobs import DEFAULT_MAX_QUEUED
+
     parser = OneLineErrors(prog="cai", description="Constitutional AI data and training toolkit")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineErrors)
 
@@ -295,11 +307,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="also write the figures to this JSON file")
     p.set_defaults(func=cmd_eval_rm)
 
-    p = sub.add_parser("serve", help="job server with a web dashboard over a workspace folder (token: $CAI_SERVER_TOKEN)")
+    p = sub.add_parser("serve", help="job server with a web dashboard over a workspace folder (tokens: $CAI_SERVER_TOKEN, read-only $CAI_SERVER_READ_TOKEN)")
     p.add_argument("--workspace", required=True, type=Path, help="folder of constitutions, prompts, pipelines and runs")
     p.add_argument("--host", default="127.0.0.1", help="off loopback, $CAI_SERVER_TOKEN must be set")
     p.add_argument("--port", type=int, default=8420)
     p.add_argument("--max-jobs", type=_positive_int, default=1, help="jobs that run at once")
+    p.add_argument("--max-queued", type=_positive_int, default=DEFAULT_MAX_QUEUED, help="jobs that may wait; more submissions get 429")
+    p.add_argument("--backends", type=Path, help="YAML file of the API backends jobs may use, with their keys (schema: cai/schemas/server_backends.json)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("submit", help="queue a run of a pipeline on a `cai serve` server (token: $CAI_SERVER_TOKEN)")
@@ -309,7 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a pipeline field")
     p.set_defaults(func=cmd_submit)
 
-    p = sub.add_parser("jobs", help="list the jobs of a `cai serve` server (token: $CAI_SERVER_TOKEN)")
+    p = sub.add_parser("jobs", help="list the jobs of a `cai serve` server (token: $CAI_SERVER_TOKEN or $CAI_SERVER_READ_TOKEN)")
     p.add_argument("--server", required=True, help="the server's URL, e.g. http://127.0.0.1:8420")
     p.set_defaults(func=cmd_jobs)
     return parser

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -106,7 +107,9 @@ def resolve_path(value: str, pipeline_file: Path) -> Path:
     return pipeline_file.parent / p
 
 
-def load(path: str | Path, overrides: list[str] = ()) -> PipelineConfig:
+def load(path: str | Path, overrides: list[str] = (), check_path: Callable[[Path, str], None] | None = None) -> PipelineConfig:
+    """`check_path(path, field)` sees every path the pipeline names before anything but resolve_path's
+    lookup touches it: a server raises there for paths outside its workspace, which stay unopened."""
     file = Path(path)
     name = str(file)
     doc = load_yaml(file)
@@ -117,6 +120,8 @@ def load(path: str | Path, overrides: list[str] = ()) -> PipelineConfig:
 
     def existing(value: str, field_name: str) -> Path:
         p = resolve_path(value, file)
+        if check_path:
+            check_path(p, field_name)
         if not p.exists():
             raise InputError(name, field_name, f"file not found: {value}")
         if p.is_dir():
@@ -132,6 +137,8 @@ def load(path: str | Path, overrides: list[str] = ()) -> PipelineConfig:
     for backend_name, b in doc["backends"].items():
         model = b["model"]
         local = b["type"] == "vllm"  # an API backend's model is a name the server knows, never a path here
+        if local and model not in EMBEDDED and check_path:
+            check_path(resolve_path(model, file), f"backends.{backend_name}.model")
         if local and model not in EMBEDDED and looks_like_path(model) and not resolve_path(model, file).is_dir():
             raise InputError(name, f"backends.{backend_name}.model", f"model folder not found: {model}")
         backends[backend_name] = BackendSpec(

@@ -1,5 +1,7 @@
 """The HTTP API and the dashboard (FastAPI; the OpenAPI page is at /docs). Bad input gets the CLI's
-one-line message: 400 for files (an InputError), 422 for a malformed request body."""
+one-line message: 400 for files (an InputError), 422 for a malformed request body, 413 for one too
+large, 429 when the queue is full. Two tokens: the submit token may do everything, the read token only
+GET (dashboard, job list, progress, logs, downloads)."""
 
 from __future__ import annotations
 
@@ -24,19 +26,25 @@ from starlette.background import BackgroundTask
 
 from cai.errors import InputError, field_path
 from cai.service import progress as job_progress
-from cai.service.jobs import ENDED, Job, JobStore, NewJob
+from cai.service.body_limit import BodyLimit
+from cai.service.jobs import DEFAULT_MAX_QUEUED, ENDED, Job, JobStore, NewJob, QueueFull
+from cai.service.policy import job_keys
 from cai.service.worker import Worker, redact, secrets
 from cai.service.workspace import Workspace
 
 TOKEN_COOKIE = "cai_token"
 STREAM_INTERVAL_S = 0.5
+QUEUE_RETRY_S = 30  # Retry-After of a 429: about when a queued job may have started
+READ_METHODS = ("GET", "HEAD")  # what the read-only token may do
 
 
 @dataclass(frozen=True)
 class ServiceConfig:
     workspace: Workspace
     token: str | None = None  # None: no authentication (loopback only; cai serve enforces that)
+    read_token: str | None = None  # reads only; needs `token`
     max_jobs: int = 1
+    max_queued: int = DEFAULT_MAX_QUEUED
 
 
 class RunRequest(BaseModel):
@@ -56,8 +64,16 @@ class TrainRequest(BaseModel):
 
 def create_app(config: ServiceConfig) -> FastAPI:
     ws = config.workspace
-    store = JobStore(ws.state_dir / "jobs.sqlite")
-    worker = Worker(store, ws.root, ws.state_dir, config.max_jobs)
+    store = JobStore(ws.state_dir / "jobs.sqlite", config.max_queued)
+
+    def admit(job: Job) -> list[str]:
+        ws.resolve(job.out_dir, "run_dir")
+        if job.kind == "run":
+            return job_keys(ws.load_pipeline(job.target, job.overrides).backends)
+        ws.load_training(job.kind, job.target, job.overrides)
+        return []
+
+    worker = Worker(store, ws.root, ws.state_dir, config.max_jobs, admit)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
@@ -66,29 +82,41 @@ def create_app(config: ServiceConfig) -> FastAPI:
         await asyncio.to_thread(worker.stop)
 
     app = FastAPI(title="cai service", summary="Pipeline runs and trainings of a cai workspace", lifespan=lifespan)
+    app.add_middleware(BodyLimit)
 
     # -- authentication
+
+    def read_only(given: str) -> bool | None:
+        """None: not a token of this server."""
+        if _same(given, config.token):
+            return False
+        if config.read_token is not None and _same(given, config.read_token):
+            return True
+        return None
 
     @app.middleware("http")
     async def authenticate(request: Request, call_next):
         if config.token is None:
             return await call_next(request)
         given = request.query_params.get("token")
-        if given is not None and request.method == "GET" and _same(given, config.token):
+        if given is not None and request.method == "GET" and read_only(given) is not None:
             # The dashboard's first visit: keep the token in a cookie and drop it from the address bar,
             # so it stays out of the history and of links people copy.
             query = urlencode([(k, v) for k, v in request.query_params.multi_items() if k != "token"])
             response = RedirectResponse(request.url.path + (f"?{query}" if query else ""), status_code=303)
-            response.set_cookie(TOKEN_COOKIE, config.token, httponly=True, samesite="strict")
+            response.set_cookie(TOKEN_COOKIE, given, httponly=True, samesite="strict")
             return response
         header = request.headers.get("authorization", "")
         bearer = header[7:] if header.lower().startswith("bearer ") else None
-        if not _same(bearer or request.cookies.get(TOKEN_COOKIE) or "", config.token):
+        reader = read_only(bearer or request.cookies.get(TOKEN_COOKIE) or "")
+        if reader is None:
             return JSONResponse(
                 {"detail": "missing or wrong token: send `Authorization: Bearer $CAI_SERVER_TOKEN` (dashboard: open /?token=...)"},
                 status_code=401,
                 headers={"WWW-Authenticate": "Bearer"},
             )
+        if reader and request.method not in READ_METHODS:
+            return JSONResponse({"detail": "this token is read-only: submitting, cancelling and resuming jobs need $CAI_SERVER_TOKEN"}, status_code=403)
         return await call_next(request)
 
     # -- errors: one line, as the CLI prints them
@@ -96,6 +124,10 @@ def create_app(config: ServiceConfig) -> FastAPI:
     @app.exception_handler(InputError)
     async def input_error(_request: Request, exc: InputError):
         return JSONResponse({"detail": exc.render()}, status_code=400)
+
+    @app.exception_handler(QueueFull)
+    async def queue_full(_request: Request, exc: QueueFull):
+        return JSONResponse({"detail": str(exc)}, status_code=429, headers={"Retry-After": str(QUEUE_RETRY_S)})
 
     @app.exception_handler(RequestValidationError)
     async def request_error(_request: Request, exc: RequestValidationError):

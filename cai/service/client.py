@@ -8,7 +8,7 @@ import urllib.error
 import urllib.request
 from typing import Any
 
-from cai.service.server import TOKEN_ENV
+from cai.service.server import READ_TOKEN_ENV, TOKEN_ENV
 
 
 class ServerError(Exception):
@@ -21,7 +21,7 @@ class ServerError(Exception):
 
 def call(server: str, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
     headers = {"Accept": "application/json"}
-    token = os.environ.get(TOKEN_ENV)
+    token = os.environ.get(TOKEN_ENV) or os.environ.get(READ_TOKEN_ENV)  # a reader may hold only the read token
     if token:
         headers["Authorization"] = f"Bearer {token}"
     data = None

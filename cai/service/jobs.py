@@ -16,6 +16,7 @@ from typing import Any
 QUEUED, RUNNING, FINISHED, FAILED, CANCELLED, INTERRUPTED = "queued", "running", "finished", "failed", "cancelled", "interrupted"
 ENDED = (FINISHED, FAILED, CANCELLED, INTERRUPTED)
 RESUMABLE = (FAILED, CANCELLED, INTERRUPTED)
+DEFAULT_MAX_QUEUED = 100
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -92,12 +93,20 @@ def _iso(t: float | None) -> str | None:
     return None if t is None else datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="seconds")
 
 
+class QueueFull(Exception):
+    """As many jobs wait as the server allows: a flood of submissions is refused, not queued forever."""
+
+    def __init__(self, max_queued: int):
+        super().__init__(f"{max_queued} jobs are queued already, the most this server takes: submit again when some have started")
+
+
 class JobStore:
     """A connection per call: sqlite3 connections are not shared between threads, and opening one costs
     microseconds next to what a job does."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, max_queued: int = DEFAULT_MAX_QUEUED):
         self.path = path
+        self.max_queued = max_queued
         path.parent.mkdir(parents=True, exist_ok=True)
         with self._db() as db:
             db.execute("PRAGMA journal_mode=WAL")
@@ -109,12 +118,17 @@ class JobStore:
         db.execute("PRAGMA synchronous=FULL")  # an acknowledged submission survives power loss, not only kill -9
         return closing(db)
 
+    # Appended to a statement that queues a job: counting and queueing are then one transaction.
+    _ROOM = f"(SELECT COUNT(*) FROM jobs WHERE status = '{QUEUED}') < ?"
+
     def add(self, job: NewJob) -> Job:
         with self._db() as db:
             cur = db.execute(
-                "INSERT INTO jobs (kind, target, overrides, row_limit, out_dir, stages, max_steps, status, created) VALUES (?,?,?,?,?,?,?,?,?)",
-                (job.kind, job.target, json.dumps(job.overrides), job.row_limit, job.out_dir, json.dumps(job.stages), job.max_steps, QUEUED, time.time()),
+                f"INSERT INTO jobs (kind, target, overrides, row_limit, out_dir, stages, max_steps, status, created) SELECT ?,?,?,?,?,?,?,?,? WHERE {self._ROOM}",
+                (job.kind, job.target, json.dumps(job.overrides), job.row_limit, job.out_dir, json.dumps(job.stages), job.max_steps, QUEUED, time.time(), self.max_queued),
             )
+            if cur.rowcount == 0:
+                raise QueueFull(self.max_queued)
             return self.get(cur.lastrowid)
 
     def get(self, job_id: int) -> Job | None:
@@ -160,7 +174,19 @@ class JobStore:
         return self._update(job_id, (RUNNING,), cancel_requested=1)
 
     def resume(self, job_id: int) -> bool:
-        return self._update(job_id, RESUMABLE, status=QUEUED, cancel_requested=0, error=None, exit_code=None, ended=None)
+        """Queue an ended job again; False when it is not resumable, QueueFull when the queue is."""
+        marks = ", ".join("?" for _ in RESUMABLE)
+        with self._db() as db:
+            cur = db.execute(
+                f"UPDATE jobs SET status = ?, cancel_requested = 0, error = NULL, exit_code = NULL, ended = NULL WHERE id = ? AND status IN ({marks}) AND {self._ROOM}",
+                (QUEUED, job_id, *RESUMABLE, self.max_queued),
+            )
+            if cur.rowcount == 1:
+                return True
+        job = self.get(job_id)
+        if job is not None and job.status in RESUMABLE:
+            raise QueueFull(self.max_queued)
+        return False
 
 
 def _job(row: sqlite3.Row) -> Job:

@@ -12,9 +12,11 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from cai.errors import InputError
 from cai.progress import PROGRESS_FILE_ENV
 from cai.service.jobs import CANCELLED, FAILED, FINISHED, INTERRUPTED, QUEUED, RUNNING, Job, JobStore
 from cai.service.progress import job_files
@@ -23,13 +25,19 @@ log = logging.getLogger("cai.serve")
 
 JOB_MARKER_ENV = "CAI_JOB"  # in each job's environment: lets a restarted server recognise its orphans
 CANCEL_GRACE_S = 30.0  # after SIGINT, how long `cai run` gets to stop between batches before SIGKILL
-_SECRET_NAME = re.compile(r"(KEY|TOKEN|SECRET|PASSWORD)$", re.IGNORECASE)
+_SECRET_NAME = re.compile(r"(KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIALS?)$", re.IGNORECASE)
 
 
 def secrets() -> list[str]:
     """Values of the server's environment variables named like secrets (labelers' API keys, the server
     token): scrubbed from job logs, which the API serves."""
     return sorted({v for k, v in os.environ.items() if _SECRET_NAME.search(k) and len(v) >= 8}, key=len, reverse=True)
+
+
+def job_environment(keys: list[str]) -> dict[str, str]:
+    """The server's environment for a job: without the variables named like secrets (the server's
+    tokens, cloud credentials), except `keys`, the API keys its checked backends send."""
+    return {k: v for k, v in os.environ.items() if k in keys or not _SECRET_NAME.search(k)}
 
 
 def redact(text: str, values: list[str]) -> str:
@@ -47,8 +55,12 @@ class _Running:
 
 
 class Worker:
-    def __init__(self, store: JobStore, root: Path, state_dir: Path, max_jobs: int):
+    """`admit(job)` checks a job again as it starts (its files, or the server's backends, may have
+    changed since it was queued) and returns the key variables it may be given; an error fails it."""
+
+    def __init__(self, store: JobStore, root: Path, state_dir: Path, max_jobs: int, admit: Callable[[Job], list[str]]):
         self.store = store
+        self.admit = admit
         self.root = root
         self.state_dir = state_dir
         self.max_jobs = max_jobs
@@ -99,11 +111,19 @@ class Worker:
     def _launch(self, job: Job) -> None:
         files = job_files(self.state_dir, job)
         files["folder"].mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, PROGRESS_FILE_ENV: str(files["progress"]), JOB_MARKER_ENV: f"{self.marker}:{job.id}", "PYTHONUNBUFFERED": "1"}
         command = [sys.executable, "-m", "cai.service.child", str(os.getpid()), *job.command()]
         logfile = open(files["log"], "a", encoding="utf-8")
         logfile.write(f"--- attempt {job.attempts + 1}: cai {' '.join(job.command())}\n")
         logfile.flush()
+        try:
+            keys = self.admit(job)
+        except Exception as exc:  # noqa: BLE001  a job that cannot be checked does not start, whatever the reason
+            error = exc.render() if isinstance(exc, InputError) else f"could not check the job: {exc}"
+            with logfile:
+                logfile.write(f"refused: {error}\n")
+            self.store.end(job.id, FAILED, None, error)
+            return
+        env = {**job_environment(keys), PROGRESS_FILE_ENV: str(files["progress"]), JOB_MARKER_ENV: f"{self.marker}:{job.id}", "PYTHONUNBUFFERED": "1"}
         try:
             proc = subprocess.Popen(
                 command, cwd=self.root, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

@@ -1,18 +1,22 @@
 """The workspace a server works over: every file a job names, and every file the job's config names in
-turn, must lie inside it. A path that escapes (`..`, an absolute path, a symlink out) is an InputError,
-which the API returns as 400 with the CLI's one-line message."""
+turn, must lie inside it, and is checked before it is opened. A path that escapes (`..`, an absolute
+path, a symlink out) is an InputError, which the API returns as 400 with the CLI's one-line message.
+A job's backends and engine options must also pass the server's policy (cai/service/policy.py)."""
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from cai import config as pipeline_config
 from cai.config import PipelineConfig, resolve_path
 from cai.errors import InputError
 from cai.files import load_yaml, schema
+from cai.models import EMBEDDED
 from cai.pipeline import default_run_dir
+from cai.service.policy import ServerBackend, check_api_backend, check_engine_options
 from cai.train import config as train_config
 from cai.train.config import TrainConfig
 
@@ -24,13 +28,14 @@ _NOT_SCANNED = {STATE_DIR, "runs", "node_modules"}
 @dataclass(frozen=True)
 class Workspace:
     root: Path  # resolved
+    backends: Mapping[str, ServerBackend] = field(default_factory=dict)  # the API servers jobs may use
 
     @classmethod
-    def open(cls, folder: str | Path) -> "Workspace":
+    def open(cls, folder: str | Path, backends: Mapping[str, ServerBackend] | None = None) -> "Workspace":
         root = Path(folder).expanduser().resolve()
         if not root.is_dir():
             raise InputError(str(folder), None, "workspace folder not found")
-        return cls(root)
+        return cls(root, backends or {})
 
     @property
     def state_dir(self) -> Path:
@@ -60,17 +65,19 @@ class Workspace:
         return path.resolve().relative_to(self.root).as_posix()
 
     def load_pipeline(self, relative: str, overrides: list[str]) -> PipelineConfig:
-        """Load and validate as `cai run` does, then check every file the pipeline names is in here."""
+        """Load and validate as `cai run` does, each file the pipeline names checked to be in here before
+        it is read; then its backends against the server's policy."""
         path = self.resolve(relative, "pipeline")
+        shown = relative
         # Relative to the workspace, the server's current folder (cai serve makes it so): errors then
         # name the file as `cai run` in the workspace would.
-        cfg = pipeline_config.load(path.relative_to(self.root), overrides)
-        shown = relative
-        self.inside(cfg.constitution_path, shown, "constitution")
-        for i, prompts in enumerate(cfg.prompt_paths):
-            self.inside(prompts, shown, f"prompts[{i}]")
+        cfg = pipeline_config.load(path.relative_to(self.root), overrides, check_path=lambda p, what: self.inside(p, shown, what))
         for name, spec in cfg.backends.items():
-            self._check_model(spec.model, path, shown, f"backends.{name}.model")
+            if spec.type == "openai":
+                check_api_backend(spec, self.backends, shown)
+            else:
+                self._check_model(spec.model, path, shown, f"backends.{name}.model")
+                check_engine_options(spec.options, shown, f"backends.{name}.options")
         if cfg.output_dir is not None:
             self.inside(self.root / cfg.output_dir, shown, "output.dir")
         return cfg
@@ -87,10 +94,11 @@ class Workspace:
         self._check_model(cfg.model, path, relative, "model")
         if cfg.dpo.reference is not None:
             self._check_model(cfg.dpo.reference, path, relative, "dpo.reference")
-        for section, sources in (("ppo", cfg.ppo.rewards), ("rejection", cfg.rejection.rewards)):
-            for index, source in enumerate(sources):
+        for section, options in (("ppo", cfg.ppo), ("rejection", cfg.rejection)):
+            for index, source in enumerate(options.rewards):
                 if source.model is not None:
                     self.inside(source.model, relative, f"{section}.rewards[{index}].model")
+            check_engine_options(options.vllm_options, relative, f"{section}.vllm_options")
         self.inside(cfg.train_data, relative, "data.train")
         if cfg.eval_data is not None:
             self.inside(cfg.eval_data, relative, "data.eval")
@@ -98,10 +106,12 @@ class Workspace:
         return cfg
 
     def _check_model(self, model: str, config_file: Path, shown: str, what: str) -> None:
-        """A model that is a folder on disk must be in the workspace; embedded names and hub ids are not files."""
-        folder = resolve_path(model, config_file)
-        if folder.exists():
-            self.inside(folder, shown, what)
+        """An embedded model or a model folder in here. Not a hub id: that would have the server download
+        whatever a job names, weights and tokenizer files no operator looked at."""
+        if model in EMBEDDED:
+            return
+        if not self.inside(resolve_path(model, config_file), shown, what).is_dir():
+            raise InputError(shown, what, f"{model}: not a model folder in the workspace (jobs use embedded models or folders in the workspace, not hub ids)")
 
     def pipelines(self) -> list[dict]:
         """Pipeline files in the workspace (YAML with a pipeline's required keys), for the dashboard's form."""

@@ -19,19 +19,21 @@ LIMIT = 12  # prompts per run: six batches of two per stage, so a job is mid-run
 
 
 class Server:
-    def __init__(self, workspace: Path, log: Path, max_jobs: int = 1):
+    def __init__(self, workspace: Path, log: Path, max_jobs: int = 1, args: tuple[str, ...] = (), env: dict[str, str] | None = None):
         self.workspace = workspace
         self.log = log
         self.max_jobs = max_jobs
+        self.args = args  # more `cai serve` options
+        self.env = env or {}  # more variables in the server's environment
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> None:
-        command = [sys.executable, "-m", "cai.cli", "serve", "--workspace", str(self.workspace), "--port", str(self.port), "--max-jobs", str(self.max_jobs)]
+        command = [sys.executable, "-m", "cai.cli", "serve", "--workspace", str(self.workspace), "--port", str(self.port), "--max-jobs", str(self.max_jobs), *self.args]
         self.proc = subprocess.Popen(
             command, stdout=open(self.log, "a"), stderr=subprocess.STDOUT, start_new_session=True,
-            env={**os.environ, "CAI_SERVER_TOKEN": TOKEN},
+            env={**os.environ, "CAI_SERVER_TOKEN": TOKEN, **self.env},
         )  # fmt: skip
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
