@@ -44,8 +44,9 @@ class RewardOptions:
 
 @dataclass(frozen=True)
 class DPOOptions:
-    beta: float = 0.1
+    beta: float = 0.1  # for cpl: its temperature alpha
     loss_type: str = "sigmoid"
+    cpl_lambda: float = 0.5  # CPL's conservative regulariser (1: plain CPL)
     use_soft_labels: bool = False  # conservative DPO with each pair's `label_prob`
     reference: str | None = None  # default: the starting model
     precompute_ref: bool = False  # reference log-probs once before training, cached in output_dir
@@ -152,9 +153,15 @@ def load(kind: str, path: str | Path, overrides: list[str] = ()) -> TrainConfig:
 
     model = doc["model"]
     _check_model(model, file, name, "model")
-    reference = doc.get("dpo", {}).get("reference")
-    if reference is not None:
-        _check_model(reference, file, name, "dpo.reference")
+    dpo = DPOOptions(**doc.get("dpo", {}))
+    if dpo.reference is not None:
+        _check_model(dpo.reference, file, name, "dpo.reference")
+    if dpo.loss_type == "cpl":
+        for key, value in (("reference", dpo.reference), ("precompute_ref", dpo.precompute_ref)):
+            if value:
+                raise InputError(name, f"dpo.{key}", "cpl is reference-free: it uses no reference model")
+    elif "cpl_lambda" in doc.get("dpo", {}):
+        raise InputError(name, "dpo.cpl_lambda", f"an option of loss_type cpl, not {dpo.loss_type}")
 
     data = doc["data"]
     train_data = _existing(data["train"], file, name, "data.train")
@@ -181,7 +188,7 @@ def load(kind: str, path: str | Path, overrides: list[str] = ()) -> TrainConfig:
         lora=LoraOptions(**doc["lora"]) if "lora" in doc else None,
         sft=SFTOptions(**doc.get("sft", {})),
         rm=rm,
-        dpo=DPOOptions(**doc.get("dpo", {})),
+        dpo=dpo,
         ppo=_ppo_options(doc, file, name) if kind == "ppo" else PPOOptions(),
         rejection=_rejection_options(doc, file, name) if kind == "rejection" else RejectionOptions(),
     )

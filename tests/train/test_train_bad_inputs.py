@@ -56,8 +56,11 @@ CASES = [
     pytest.param(Case("dpo", config=put("bogus", 1), where=": <root>: ", says="unknown key 'bogus'"), id="unknown-key"),
     pytest.param(Case("dpo", config=put("lr", 0), where=": lr: ", says="greater than 0"), id="lr-zero"),
     pytest.param(Case("rm", config=put("batch_size", 2.0), where=": batch_size: ", says="got number"), id="batch-size-float"),
-    pytest.param(Case("dpo", config=put("dpo.loss_type", "robust"), where=": dpo.loss_type: ", says="must be one of sigmoid, ipo, hinge"), id="dpo-loss-type"),
+    pytest.param(Case("dpo", config=put("dpo.loss_type", "robust"), where=": dpo.loss_type: ", says="must be one of sigmoid, ipo, hinge, cpl"), id="dpo-loss-type"),
     pytest.param(Case("dpo", config=put("dpo.beta", -1), where=": dpo.beta: ", says="greater than 0"), id="dpo-beta-negative"),
+    pytest.param(Case("dpo", config=put("dpo", {"loss_type": "cpl", "precompute_ref": True}), where=": dpo.precompute_ref: ", says="reference-free"), id="cpl-reference"),
+    pytest.param(Case("dpo", config=put("dpo.cpl_lambda", 0.5), where=": dpo.cpl_lambda: ", says="an option of loss_type cpl"), id="cpl-lambda-without-cpl"),
+    pytest.param(Case("dpo", config=put("dpo", {"loss_type": "cpl", "cpl_lambda": 1.5}), where=": dpo.cpl_lambda: ", says="greater than the maximum of 1"), id="cpl-lambda-range"),
     pytest.param(Case("sft", config=put("dpo.beta", 0.1), data=[SFT], where=": dpo: ", says="`cai train dpo`"), id="section-of-another-trainer"),
     pytest.param(
         Case("rm", config=put("rm", {"use_margin": True, "use_soft_labels": True}), where=": rm.use_soft_labels: ", says="enable one"),
