@@ -175,9 +175,7 @@ def pair_logps(model, items: list[data.EncodedPair], pad_id: int, device, per_to
     # logits only from the first position that predicts an answer token: the prompt's own are never read
     first = int(batch["source"].min())
     batch = {k: v.to(device) for k, v in batch.items()}
-    dtype = next(model.parameters()).dtype
-    # additive form: eager attention adds the mask to the scores, sdpa takes either form
-    mask = torch.zeros(batch["attention_mask"].shape, dtype=dtype, device=device).masked_fill(~batch["attention_mask"], torch.finfo(dtype).min)
+    mask = data.additive_mask(batch["attention_mask"], next(model.parameters()).dtype)
     logits = model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=batch["position_ids"], logits_to_keep=batch["input_ids"].shape[1] - first).logits
     picked = logits[batch["row"], batch["source"] - first]  # [trained tokens, vocab]
     picked = picked.to(torch.promote_types(picked.dtype, torch.float32))

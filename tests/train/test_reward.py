@@ -105,6 +105,32 @@ def test_resume_gives_the_uninterrupted_losses(tmp_path: Path, tiny_model: Path,
         assert resumed[step]["loss"] == pytest.approx(expected[step]["loss"], abs=1e-6), step
 
 
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_packed_rewards_equal_each_answer_alone(tiny_model: Path, prefs, lora: bool) -> None:
+    """K answers of a prompt in one row, the prompt once: the rewards of the answers scored one by one,
+    for groups of 3 answers, of 2, and of 1; under LoRA too (PEFT wraps the head)."""
+    from transformers import AutoModelForSequenceClassification
+
+    from cai.train import data, runtime
+
+    tokenizer = runtime.load_tokenizer(str(tiny_model))
+    pad_id = data.pad_id(tokenizer)
+    torch.manual_seed(0)  # the head is freshly initialised: random, not zero
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=1, pad_token_id=pad_id).eval()
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", task_type="SEQ_CLS", init_lora_weights=False))
+    groups, _ = data.group_pairs(tokenizer, load_preferences(prefs["train"], limit=12), max_length=128)
+    answers = [groups[0].answers, groups[1].answers[:2], groups[2].answers[:1], groups[3].answers]
+    assert [len(a) for a in answers] == [3, 2, 1, 3]
+    with torch.no_grad():
+        packed = reward.score_groups(model, answers, pad_id, "cpu")
+        alone = torch.cat([model(input_ids=torch.tensor([ids])).logits[:, 0] for group in answers for ids in group])
+    assert packed.shape == (9,) and alone.std() > 1e-3
+    assert torch.allclose(packed, alone, atol=1e-5), (packed, alone)
+
+
 def test_margin_option_uses_the_margin_column(tmp_path: Path, tiny_model: Path, prefs) -> None:
     plain = make_config(tmp_path, tiny_model, prefs, "plain", ["max_steps=1"])
     with_margin = make_config(tmp_path, tiny_model, prefs, "margin", ["max_steps=1", "rm.use_margin=true"])
