@@ -87,10 +87,8 @@ class Workspace:
         self._check_model(cfg.model, path, relative, "model")
         if cfg.dpo.reference is not None:
             self._check_model(cfg.dpo.reference, path, relative, "dpo.reference")
-        for section, sources in (("ppo", cfg.ppo.rewards), ("rejection", cfg.rejection.rewards)):
-            for index, source in enumerate(sources):
-                if source.model is not None:
-                    self.inside(source.model, relative, f"{section}.rewards[{index}].model")
+        for field, model in cfg.reward_models():
+            self.inside(model, relative, field)
         self.inside(cfg.train_data, relative, "data.train")
         if cfg.eval_data is not None:
             self.inside(cfg.eval_data, relative, "data.eval")
