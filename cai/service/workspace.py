@@ -87,11 +87,8 @@ class Workspace:
         self._check_model(cfg.model, path, relative, "model")
         if cfg.dpo.reference is not None:
             self._check_model(cfg.dpo.reference, path, relative, "dpo.reference")
-        for field, model in cfg.reward_models():
-            self.inside(model, relative, field)
-        self.inside(cfg.train_data, relative, "data.train")
-        if cfg.eval_data is not None:
-            self.inside(cfg.eval_data, relative, "data.eval")
+        for field, read in cfg.read_paths():
+            self.inside(read, relative, field)
         self.inside(self.root / cfg.output_dir, relative, "output_dir")
         return cfg
 

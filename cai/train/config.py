@@ -40,10 +40,22 @@ class SFTOptions:
 
 
 @dataclass(frozen=True)
+class PretrainOptions:
+    """Preference-model pretraining (Askell et al. 2021): a first phase on a generic comparison set."""
+
+    data: Path
+    limit: int | None = None
+    max_steps: int | None = None
+    epochs: int = 1
+    lr: float | None = None  # default: the main phase's
+
+
+@dataclass(frozen=True)
 class RewardOptions:
     use_margin: bool = False  # Llama 2: -log sigmoid(d - margin), margin from the dataset's `margin` column
     use_soft_labels: bool = False  # CAI paper: soft cross-entropy on the `label_prob` column
     center_coef: float = 0.0  # Eisenstein et al.: coef * (r_c + r_r)^2
+    pretrain: PretrainOptions | None = None
 
 
 @dataclass(frozen=True)
@@ -156,10 +168,15 @@ class TrainConfig:
     rejection: RejectionOptions = field(default_factory=RejectionOptions)
     rest: RestOptions = field(default_factory=RestOptions)
 
-    def reward_models(self) -> list[tuple[str, Path]]:
-        """(config field, folder) of every reward model this trainer reads: what the service confines."""
+    def read_paths(self) -> list[tuple[str, Path]]:
+        """(config field, path) of every file or folder this trainer reads besides its models: the data
+        and the reward models. What the service confines to its workspace."""
+        paths = [("data.train", self.train_data)] + ([("data.eval", self.eval_data)] if self.eval_data is not None else [])
+        if self.rm.pretrain is not None:
+            paths.append(("rm.pretrain.data", self.rm.pretrain.data))
         sections = {"ppo": self.ppo, "rejection": self.rejection, "rest": self.rest}
-        return [(f"{name}.rewards[{i}].model", s.model) for name, options in sections.items() for i, s in enumerate(options.rewards) if s.model is not None]
+        paths += [(f"{name}.rewards[{i}].model", s.model) for name, options in sections.items() for i, s in enumerate(options.rewards) if s.model is not None]
+        return paths
 
     @property
     def base_dirs(self) -> list[Path]:
@@ -195,7 +212,12 @@ def load(kind: str, path: str | Path, overrides: list[str] = ()) -> TrainConfig:
     train_data = _existing(data["train"], file, name, "data.train")
     eval_data = _existing(data["eval"], file, name, "data.eval") if "eval" in data else None
 
-    rm = RewardOptions(**doc.get("rm", {}))
+    rm_doc = dict(doc.get("rm", {}))
+    if "pretrain" in rm_doc:
+        pretrain = dict(rm_doc["pretrain"])
+        pretrain["data"] = _existing(pretrain["data"], file, name, "rm.pretrain.data")
+        rm_doc["pretrain"] = PretrainOptions(**pretrain)
+    rm = RewardOptions(**rm_doc)
     if rm.use_margin and rm.use_soft_labels:
         raise InputError(name, "rm.use_soft_labels", "use_margin and use_soft_labels both encode the judge's confidence: enable one")
 

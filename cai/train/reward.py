@@ -10,13 +10,14 @@ labels from the dataset's columns when enabled.
 InstructGPT batching: a prompt's pairs (same `group_id`) go in one batch, each distinct answer goes
 through the model once, and the loss over the prompt's pairs is their mean (every prompt weighs the
 same, however many pairs it has). A prompt's K answers share one packed row that holds the prompt once
-(score_groups), as DPO's pairs do. After training, the mean reward over the training answers is
+(score_groups), as DPO's pairs do. `rm.pretrain` first trains on a generic comparison set (PMP). After training, the mean reward over the training answers is
 stored as an offset (final/reward.json) that RewardScorer subtracts, so rewards are centred at 0.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -35,9 +36,11 @@ REWARD_FILE = "reward.json"
 
 def train(config: TrainConfig, stop_after: int | None = None) -> Path:
     """Train; returns OUTPUT/final. `stop_after=N` returns right after step N's checkpoint, as a kill
-    there would."""
+    there would (of the main phase: a pretraining phase runs to its end first)."""
     from transformers import AutoModelForSequenceClassification
 
+    if config.rm.pretrain is not None:
+        config = pretrained(config)
     acc = runtime.accelerator(config)
     tokenizer = runtime.load_tokenizer(runtime.model_path(config))
     options = config.rm
@@ -146,6 +149,23 @@ def train(config: TrainConfig, stop_after: int | None = None) -> Path:
         write_atomic(final / REWARD_FILE, json.dumps(summary, indent=2) + "\n")
         plot(config.output_dir / "metrics.jsonl", config.output_dir / "curves.png")
     return final
+
+
+def pretrained(config: TrainConfig) -> TrainConfig:
+    """Preference-model pretraining (Askell et al. 2021): the reward model first learns from a generic
+    comparison set (`rm.pretrain.data`, hard labels: such sets have no judge probabilities) in
+    OUTPUT/pretrain, a training of its own that resumes the same way; the main phase then starts from
+    its model. Returns the main phase's config."""
+    data.load_preferences(config.train_data, config.limit)  # the main data's errors before hours of pretraining
+    options = config.rm.pretrain
+    folder = config.output_dir / "pretrain"
+    if not (folder / "final" / REWARD_FILE).exists():
+        train(replace(
+            config, train_data=options.data, limit=options.limit, eval_data=config.eval_data, eval_fraction=0.0, output_dir=folder,
+            max_steps=options.max_steps, epochs=options.epochs, lr=options.lr or config.lr,
+            rm=replace(config.rm, pretrain=None, use_margin=False, use_soft_labels=False),
+        ))  # fmt: skip
+    return replace(config, model=str((folder / "final").resolve()))
 
 
 def score_groups(model, groups: list[list[list[int]]], pad_id: int, device) -> torch.Tensor:

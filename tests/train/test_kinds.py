@@ -42,3 +42,14 @@ def test_service_refuses_a_reward_model_outside_the_workspace(tmp_path: Path, ki
     with pytest.raises(InputError) as info:
         Workspace.open(root).load_training(kind, "c.yaml", [])
     assert info.value.render().startswith(f"c.yaml: {kind}.rewards[1].model: leaves the workspace")
+
+
+def test_service_refuses_pretraining_data_outside_the_workspace(tmp_path: Path, monkeypatch) -> None:
+    root = tmp_path / "ws"
+    write_jsonl(root / "prefs.jsonl", [])
+    outside = write_jsonl(tmp_path / "generic.jsonl", [])
+    (root / "c.yaml").write_text(json.dumps({"model": "smollm2", "data": {"train": "prefs.jsonl"}, "output_dir": "runs/x", "rm": {"pretrain": {"data": str(outside)}}}))
+    monkeypatch.chdir(root)
+    with pytest.raises(InputError) as info:
+        Workspace.open(root).load_training("rm", "c.yaml", [])
+    assert info.value.render().startswith("c.yaml: rm.pretrain.data: leaves the workspace")

@@ -74,6 +74,8 @@ CASES = [
         id="rm-margin-and-soft-labels",
     ),
     pytest.param(Case("rm", config=put("rm.center_coef", "big"), where=": rm.center_coef: ", says="got string"), id="rm-center-string"),
+    pytest.param(Case("rm", config=put("rm.pretrain", {"data": "generic.jsonl"}), where=": rm.pretrain.data: ", says="not found: generic.jsonl"), id="rm-pretrain-data-missing"),
+    pytest.param(Case("rm", config=put("rm.pretrain", {"epochs": 1}), where=": rm.pretrain: ", says="'data' is required"), id="rm-pretrain-without-data"),
     pytest.param(Case("dpo", config=put("data.train", "missing.jsonl"), where=": data.train: ", says="not found: missing.jsonl"), id="data-missing"),
     pytest.param(Case("dpo", config=put("model", "./no-model"), where=": model: ", says="model folder not found"), id="model-folder-missing"),
     pytest.param(Case("dpo", config=put("lora.r", 0), where=": lora.r: ", says="0"), id="lora-r-zero"),
