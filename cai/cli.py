@@ -165,7 +165,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from cai.train.data import TemplateError
     from cai.train.runtime import NonFiniteError
 
-    trainer = importlib.import_module({"sft": "cai.train.sft", "rm": "cai.train.reward", "dpo": "cai.train.dpo", "ppo": "cai.train.ppo", "rejection": "cai.train.rejection"}[args.kind])
+    trainer = importlib.import_module(train_config.RECIPES[args.kind])
     cfg = train_config.load(args.kind, args.config, args.set)
     try:
         final = trainer.train(cfg)
@@ -177,6 +177,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"model: {final}")
     if args.kind == "rejection":
         print(f"per iteration: {cfg.output_dir / 'rejection.jsonl'}, winners and fine-tuning in {cfg.output_dir}/iteration-N")
+    elif args.kind == "rest":
+        print(f"per Grow and threshold: {cfg.output_dir / 'rest.jsonl'}, samples and fine-tuning in {cfg.output_dir}/grow-N")
     else:
         print(f"metrics: {cfg.output_dir / 'metrics.jsonl'}, curves: {cfg.output_dir / 'curves.png'}")
     return EXIT_OK
@@ -250,6 +252,7 @@ class OneLineErrors(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     from cai.service.jobs import DEFAULT_MAX_QUEUED
+    from cai.train import config as train_config
 
     parser = OneLineErrors(prog="cai", description="Constitutional AI data and training toolkit")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineErrors)
@@ -294,8 +297,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("name", choices=["smollm2"])
     q.set_defaults(func=cmd_models_prepare)
 
-    p = sub.add_parser("train", help="train a model: sft, rm (reward model), dpo, ppo or rejection (best-of-K), from a train config (resumes from OUTPUT's newest checkpoint)")
-    p.add_argument("kind", choices=["sft", "rm", "dpo", "ppo", "rejection"])
+    p = sub.add_parser("train", help="train a model: sft, rm (reward model), dpo, ppo, rejection (best-of-K), rest (ReST), from a train config "
+                                      "(resumes from OUTPUT's newest checkpoint)")
+    p.add_argument("kind", choices=train_config.KINDS)
     p.add_argument("config", help="train config YAML (schema: cai/schemas/train.json)")
     p.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a config field")
     p.set_defaults(func=cmd_train)

@@ -31,6 +31,7 @@ from cai.service.jobs import DEFAULT_MAX_QUEUED, ENDED, Job, JobStore, NewJob, Q
 from cai.service.policy import job_keys
 from cai.service.worker import Worker, redact, secrets
 from cai.service.workspace import Workspace
+from cai.train.config import KINDS
 
 TOKEN_COOKIE = "cai_token"
 STREAM_INTERVAL_S = 0.5
@@ -57,7 +58,7 @@ class RunRequest(BaseModel):
 
 class TrainRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    kind: Literal["sft", "rm", "dpo", "ppo", "rejection"]
+    kind: Literal[KINDS]
     config: str = Field(description="train config file, relative to the workspace")
     set: list[str] = Field(default_factory=list, description="overrides as `cai train --set`: KEY.PATH=VALUE")
 

@@ -94,14 +94,10 @@ class Workspace:
         self._check_model(cfg.model, path, relative, "model")
         if cfg.dpo.reference is not None:
             self._check_model(cfg.dpo.reference, path, relative, "dpo.reference")
-        for section, options in (("ppo", cfg.ppo), ("rejection", cfg.rejection)):
-            for index, source in enumerate(options.rewards):
-                if source.model is not None:
-                    self.inside(source.model, relative, f"{section}.rewards[{index}].model")
-            check_engine_options(options.vllm_options, relative, f"{section}.vllm_options")
-        self.inside(cfg.train_data, relative, "data.train")
-        if cfg.eval_data is not None:
-            self.inside(cfg.eval_data, relative, "data.eval")
+        for where, read in cfg.read_paths():
+            self.inside(read, relative, where)
+        for section in ("ppo", "rejection", "rest"):
+            check_engine_options(getattr(cfg, section).vllm_options, relative, f"{section}.vllm_options")
         self.inside(self.root / cfg.output_dir, relative, "output_dir")
         return cfg
 

@@ -1,7 +1,7 @@
-"""Train config files (`cai train sft|rm|dpo CONFIG.yaml`): load, apply `--set`, validate, resolve.
+"""Train config files (`cai train KIND CONFIG.yaml`): load, apply `--set`, validate, resolve.
 
-One schema (cai/schemas/train.json) covers the three trainers: the shared keys at the top, each
-trainer's own keys in its section (`sft:`, `rm:`, `dpo:`); a section for another trainer is an error.
+One schema (cai/schemas/train.json) covers every trainer (KINDS): the shared keys at the top, each
+trainer's own keys in its section (`sft:`, `rm:`, `dpo:`, ...); a section for another trainer is an error.
 """
 
 from __future__ import annotations
@@ -16,8 +16,12 @@ from cai.errors import InputError
 from cai.files import load_yaml, validate
 from cai.models import EMBEDDED, looks_like_path
 
-KINDS = ("sft", "rm", "dpo", "ppo", "rejection")
-DEFAULT_LR = {"sft": 2e-5, "rm": 1e-5, "dpo": 1e-6, "ppo": 1e-6, "rejection": 2e-5}
+# The one list of trainer kinds, with the module whose train() each runs: the CLI, the service and
+# the chain schema's enum (kept equal by a test) read it.
+RECIPES = {"sft": "cai.train.sft", "rm": "cai.train.reward", "dpo": "cai.train.dpo", "ppo": "cai.train.ppo", "rejection": "cai.train.rejection",
+           "rest": "cai.train.rest"}  # fmt: skip
+KINDS = tuple(RECIPES)
+DEFAULT_LR = {"sft": 2e-5, "rm": 1e-5, "dpo": 1e-6, "ppo": 1e-6, "rejection": 2e-5, "rest": 2e-5}
 # Keys that change neither the weights nor the data order: a resumed run may change them.
 RESUMABLE_CHANGES = frozenset({"save_every", "keep_checkpoints", "eval_every", "eval_batch_size", "tensorboard"})
 
@@ -36,16 +40,29 @@ class SFTOptions:
 
 
 @dataclass(frozen=True)
+class PretrainOptions:
+    """Preference-model pretraining (Askell et al. 2021): a first phase on a generic comparison set."""
+
+    data: Path
+    limit: int | None = None
+    max_steps: int | None = None
+    epochs: int = 1
+    lr: float | None = None  # default: the main phase's
+
+
+@dataclass(frozen=True)
 class RewardOptions:
     use_margin: bool = False  # Llama 2: -log sigmoid(d - margin), margin from the dataset's `margin` column
     use_soft_labels: bool = False  # CAI paper: soft cross-entropy on the `label_prob` column
     center_coef: float = 0.0  # Eisenstein et al.: coef * (r_c + r_r)^2
+    pretrain: PretrainOptions | None = None
 
 
 @dataclass(frozen=True)
 class DPOOptions:
-    beta: float = 0.1
+    beta: float = 0.1  # for cpl: its temperature alpha
     loss_type: str = "sigmoid"
+    cpl_lambda: float = 0.5  # CPL's conservative regulariser (1: plain CPL)
     use_soft_labels: bool = False  # conservative DPO with each pair's `label_prob`
     reference: str | None = None  # default: the starting model
     precompute_ref: bool = False  # reference log-probs once before training, cached in output_dir
@@ -84,17 +101,35 @@ class PPOOptions:
 
 
 @dataclass(frozen=True)
-class RejectionOptions:
-    """Best-of-K (Llama 2's rejection sampling): the fine-tuning itself uses the shared training keys."""
+class SampledOptions:
+    """What the trainers that sample K answers per prompt, score them and fine-tune on a selection
+    (rejection sampling, ReST) share: reward sources and the sampler's settings. The fine-tuning
+    itself uses the shared training keys."""
 
     rewards: tuple[RewardSource, ...] = ()
     gate: tuple[str, float] | None = None
     samples: int = 4
-    iterations: int = 1
     max_new_tokens: int = 128
     temperature: float = 1.0
     top_p: float = 1.0
     vllm_options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RejectionOptions(SampledOptions):
+    """Best-of-K (Llama 2's rejection sampling)."""
+
+    iterations: int = 1
+
+
+@dataclass(frozen=True)
+class RestOptions(SampledOptions):
+    """ReST (Gulcehre et al. 2023): `grow_steps` Grow steps, each followed by one Improve step per
+    threshold (rising), each Improve step fine-tuning on the Grow samples at or above its threshold."""
+
+    grow_steps: int = 1
+    thresholds: tuple[float, ...] = (0.0,)
+    threshold_type: str = "reward"  # reward: the thresholds are rewards; quantile: quantiles of each Grow's rewards
 
 
 @dataclass
@@ -131,6 +166,17 @@ class TrainConfig:
     dpo: DPOOptions = field(default_factory=DPOOptions)
     ppo: PPOOptions = field(default_factory=PPOOptions)
     rejection: RejectionOptions = field(default_factory=RejectionOptions)
+    rest: RestOptions = field(default_factory=RestOptions)
+
+    def read_paths(self) -> list[tuple[str, Path]]:
+        """(config field, path) of every file or folder this trainer reads besides its models: the data
+        and the reward models. What the service confines to its workspace."""
+        paths = [("data.train", self.train_data)] + ([("data.eval", self.eval_data)] if self.eval_data is not None else [])
+        if self.rm.pretrain is not None:
+            paths.append(("rm.pretrain.data", self.rm.pretrain.data))
+        sections = {"ppo": self.ppo, "rejection": self.rejection, "rest": self.rest}
+        paths += [(f"{name}.rewards[{i}].model", s.model) for name, options in sections.items() for i, s in enumerate(options.rewards) if s.model is not None]
+        return paths
 
     @property
     def base_dirs(self) -> list[Path]:
@@ -152,15 +198,26 @@ def load(kind: str, path: str | Path, overrides: list[str] = ()) -> TrainConfig:
 
     model = doc["model"]
     _check_model(model, file, name, "model")
-    reference = doc.get("dpo", {}).get("reference")
-    if reference is not None:
-        _check_model(reference, file, name, "dpo.reference")
+    dpo = DPOOptions(**doc.get("dpo", {}))
+    if dpo.reference is not None:
+        _check_model(dpo.reference, file, name, "dpo.reference")
+    if dpo.loss_type == "cpl":
+        for key, value in (("reference", dpo.reference), ("precompute_ref", dpo.precompute_ref)):
+            if value:
+                raise InputError(name, f"dpo.{key}", "cpl is reference-free: it uses no reference model")
+    elif "cpl_lambda" in doc.get("dpo", {}):
+        raise InputError(name, "dpo.cpl_lambda", f"an option of loss_type cpl, not {dpo.loss_type}")
 
     data = doc["data"]
     train_data = _existing(data["train"], file, name, "data.train")
     eval_data = _existing(data["eval"], file, name, "data.eval") if "eval" in data else None
 
-    rm = RewardOptions(**doc.get("rm", {}))
+    rm_doc = dict(doc.get("rm", {}))
+    if "pretrain" in rm_doc:
+        pretrain = dict(rm_doc["pretrain"])
+        pretrain["data"] = _existing(pretrain["data"], file, name, "rm.pretrain.data")
+        rm_doc["pretrain"] = PretrainOptions(**pretrain)
+    rm = RewardOptions(**rm_doc)
     if rm.use_margin and rm.use_soft_labels:
         raise InputError(name, "rm.use_soft_labels", "use_margin and use_soft_labels both encode the judge's confidence: enable one")
 
@@ -181,9 +238,10 @@ def load(kind: str, path: str | Path, overrides: list[str] = ()) -> TrainConfig:
         lora=LoraOptions(**doc["lora"]) if "lora" in doc else None,
         sft=SFTOptions(**doc.get("sft", {})),
         rm=rm,
-        dpo=DPOOptions(**doc.get("dpo", {})),
+        dpo=dpo,
         ppo=_ppo_options(doc, file, name) if kind == "ppo" else PPOOptions(),
         rejection=_rejection_options(doc, file, name) if kind == "rejection" else RejectionOptions(),
+        rest=_rest_options(doc, file, name) if kind == "rest" else RestOptions(),
     )
 
 
@@ -207,6 +265,16 @@ def _rewards(doc: dict[str, Any], section: str, file: Path, name: str) -> tuple[
 def _rejection_options(doc: dict[str, Any], file: Path, name: str) -> RejectionOptions:
     options, sources, gate = _rewards(doc, "rejection", file, name)
     return RejectionOptions(rewards=sources, gate=gate, **options)
+
+
+def _rest_options(doc: dict[str, Any], file: Path, name: str) -> RestOptions:
+    options, sources, gate = _rewards(doc, "rest", file, name)
+    thresholds = tuple(options.pop("thresholds", RestOptions.thresholds))
+    if any(b <= a for a, b in zip(thresholds, thresholds[1:])):
+        raise InputError(name, "rest.thresholds", f"must rise strictly, one Improve step each: {list(thresholds)}")
+    if options.get("threshold_type") == "quantile" and not all(0 <= q < 1 for q in thresholds):
+        raise InputError(name, "rest.thresholds", f"quantile thresholds lie in [0, 1): {list(thresholds)}")
+    return RestOptions(rewards=sources, gate=gate, thresholds=thresholds, **options)
 
 
 def _ppo_options(doc: dict[str, Any], file: Path, name: str) -> PPOOptions:

@@ -225,48 +225,85 @@ def shared_prompt(pair: EncodedPair) -> int:
     return n
 
 
-def collate_pairs(pairs: list[EncodedPair], pad_id: int) -> dict[str, torch.Tensor]:
-    """Each pair as one row holding its shared prompt once: [prompt, chosen answer, rejected answer, pads].
-    Both answers sit at the positions they have after the prompt, and each attends to the prompt and to
-    itself only, so one forward pass gives every sequence's log-probs with the prompt computed once (on
-    HH-RLHF pairs the prompt is most of the tokens).
+def pack(rows: list[tuple[int, list[list[int]]]], pad_id: int) -> tuple[dict[str, torch.Tensor], list[list[int]]]:
+    """Rows that each hold the n leading tokens their sequences share once, then every sequence's
+    tokens after them: [shared, rest of sequence 1, rest of sequence 2, ..., pads]. Each sequence sits
+    at the positions it has on its own and attends to the shared part and to itself only, so one forward
+    pass computes every sequence as if alone, the shared part (the prompt) once.
 
-    Returns `input_ids`, `position_ids` [B, T], `attention_mask` [B, 1, T, T] (True where a token may
-    attend), and for each trained token of each sequence (mask 1, position >= 1, as `sequence_logps`
-    counts them): `row`, `source` (the position whose logits predict it), `token`, and `sequence`
-    (i for pair i's chosen answer, B + i for its rejected one).
+    `rows` are (n, sequences) with each sequence's first n tokens equal. Returns `input_ids`,
+    `position_ids` [B, T] and `attention_mask` [B, 1, T, T] (True where a token may attend), and for
+    each row where each sequence's token n lands in it.
     """
-    ids, positions, segments = [], [], []
+    ids, positions, segments, starts = [], [], [], []
+    for n, sequences in rows:
+        row_ids, row_positions, row_segments, row_starts = list(sequences[0][:n]), list(range(n)), [0] * n, []
+        for k, sequence in enumerate(sequences, start=1):
+            row_starts.append(len(row_ids))
+            row_ids += sequence[n:]
+            row_positions += range(n, len(sequence))
+            row_segments += [k] * (len(sequence) - n)
+        ids.append(row_ids)
+        positions.append(row_positions)
+        segments.append(row_segments)
+        starts.append(row_starts)
+    segment = pad(segments, -1)  # pads: a segment of their own, which sees the shared part
+    causal = torch.ones(segment.shape[1], segment.shape[1], dtype=torch.bool).tril()
+    sees = (segment[:, None, :] == 0) | (segment[:, None, :] == segment[:, :, None])  # [B, query, key]
+    return {"input_ids": pad(ids, pad_id), "position_ids": pad(positions, 0), "attention_mask": (causal & sees).unsqueeze(1)}, starts
+
+
+def additive_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean [B, 1, T, T] mask as the additive form: eager attention adds the mask to the scores,
+    sdpa takes either form."""
+    return torch.zeros(attention_mask.shape, dtype=dtype, device=attention_mask.device).masked_fill(~attention_mask, torch.finfo(dtype).min)
+
+
+def collate_pairs(pairs: list[EncodedPair], pad_id: int) -> dict[str, torch.Tensor]:
+    """Each pair as one packed row holding its shared prompt once (`pack`): [prompt, chosen answer,
+    rejected answer, pads]; one forward pass gives every sequence's log-probs with the prompt computed
+    once (on HH-RLHF pairs the prompt is most of the tokens).
+
+    Returns `pack`'s tensors, and for each trained token of each sequence (mask 1, position >= 1, as
+    `sequence_logps` counts them): `row`, `source` (the position whose logits predict it), `token`, and
+    `sequence` (i for pair i's chosen answer, B + i for its rejected one).
+    """
+    rows = [(shared_prompt(pair), [pair.chosen.input_ids, pair.rejected.input_ids]) for pair in pairs]
+    batch, starts = pack(rows, pad_id)
     row, source, token, sequence = [], [], [], []
-    for b, pair in enumerate(pairs):
-        n = shared_prompt(pair)
-        row_ids, row_positions, row_segments = pair.chosen.input_ids[:n], list(range(n)), [0] * n
+    for b, ((n, _), pair) in enumerate(zip(rows, pairs)):
         for side, e in enumerate((pair.chosen, pair.rejected)):
-            start = len(row_ids)  # where this answer's position n lands in the row
-            row_ids = row_ids + e.input_ids[n:]
-            row_positions += range(n, len(e.input_ids))
-            row_segments += [side + 1] * (len(e.input_ids) - n)
+            start = starts[b][side]  # where this answer's position n lands in the row
             for i in range(max(n, 1), len(e.input_ids)):
                 if e.mask[i]:
                     row.append(b)
                     source.append(start + i - 1 - n if i > n else i - 1)  # the answer's first token is predicted from the prompt's last
                     token.append(e.input_ids[i])
                     sequence.append(side * len(pairs) + b)
-        ids.append(row_ids)
-        positions.append(row_positions)
-        segments.append(row_segments)
-    segment = pad(segments, 3)
-    causal = torch.ones(segment.shape[1], segment.shape[1], dtype=torch.bool).tril()
-    sees = (segment[:, None, :] == 0) | (segment[:, None, :] == segment[:, :, None])  # [B, query, key]
-    return {
-        "input_ids": pad(ids, pad_id),
-        "position_ids": pad(positions, 0),
-        "attention_mask": (causal & sees).unsqueeze(1),
-        "row": torch.tensor(row),
-        "source": torch.tensor(source),
-        "token": torch.tensor(token),
-        "sequence": torch.tensor(sequence),
-    }
+    return {**batch, "row": torch.tensor(row), "source": torch.tensor(source), "token": torch.tensor(token), "sequence": torch.tensor(sequence)}
+
+
+def shared_prefix(sequences: list[list[int]]) -> int:
+    """How many leading tokens all sequences share, leaving each at least its last token."""
+    limit = min(len(s) for s in sequences) - 1
+    n = 0
+    while n < limit and all(s[n] == sequences[0][n] for s in sequences):
+        n += 1
+    return n
+
+
+def collate_groups(groups: list[list[list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Each group (one prompt's K answers, as full token sequences) as one packed row, the prompt once
+    (`pack`). Returns `pack`'s tensors and, for every sequence in order, its `row` and `end` (the row
+    position of its last token, where a reward head reads it)."""
+    rows = [(shared_prefix(sequences), sequences) for sequences in groups]
+    batch, starts = pack(rows, pad_id)
+    row, end = [], []
+    for b, ((n, sequences), row_starts) in enumerate(zip(rows, starts)):
+        for sequence, start in zip(sequences, row_starts):
+            row.append(b)
+            end.append(start + len(sequence) - 1 - n)
+    return {**batch, "row": torch.tensor(row), "end": torch.tensor(end)}
 
 
 @dataclass(frozen=True)

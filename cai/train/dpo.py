@@ -7,6 +7,8 @@ model is freed. Chosen and rejected answers go through the policy in one forward
 one row that holds the prompt once (data.collate_pairs).
 `dpo.use_soft_labels` trains on each pair's `label_prob` (conservative DPO with the judge's own
 confidence per pair).
+`dpo.loss_type: cpl` is Contrastive Preference Learning (losses.cpl_loss): the same loop on the same
+pairs, with no reference model at all.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import torch
 from cai.errors import InputError
 from cai.train import checkpoint, data, runtime
 from cai.train.config import TrainConfig
-from cai.train.losses import dpo_loss
+from cai.train.losses import cpl_loss, dpo_loss
 from cai.train.metrics import MetricsLog, mean, plot
 
 
@@ -52,8 +54,9 @@ def train(config: TrainConfig, stop_after: int | None = None) -> Path:
 
     # --- models
     policy = runtime.load_model(AutoModelForCausalLM, config, resume, task_type="CAUSAL_LM")
+    reference_free = config.dpo.loss_type == "cpl"
     reference = None
-    if config.lora is None:
+    if config.lora is None and not reference_free:
         reference = AutoModelForCausalLM.from_pretrained(
             runtime.model_path(config, config.dpo.reference), dtype=torch.bfloat16 if acc.mixed_precision == "bf16" else torch.float32
         )
@@ -79,22 +82,27 @@ def train(config: TrainConfig, stop_after: int | None = None) -> Path:
 
     def step_values(items: list[data.EncodedPair], indexes: list[int], split: str) -> tuple[torch.Tensor, dict[str, float]]:
         chosen, rejected = logps(policy, items)
-        if cached is None:
-            ref_chosen, ref_rejected = reference_logps(items)
-        else:
-            ref_chosen, ref_rejected = (cached[split][indexes].to(acc.device)).unbind(dim=1)
         label_prob = torch.tensor([p.label_prob for p in items], device=acc.device) if config.dpo.use_soft_labels else None
-        losses, chosen_rewards, rejected_rewards = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, config.dpo.beta, config.dpo.loss_type, label_prob)
+        if reference_free:
+            losses, chosen_rewards, rejected_rewards = cpl_loss(chosen, rejected, config.dpo.beta, config.dpo.cpl_lambda, label_prob)
+        else:
+            if cached is None:
+                ref_chosen, ref_rejected = reference_logps(items)
+            else:
+                ref_chosen, ref_rejected = (cached[split][indexes].to(acc.device)).unbind(dim=1)
+            losses, chosen_rewards, rejected_rewards = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, config.dpo.beta, config.dpo.loss_type, label_prob)
         loss = losses.mean()
-        return loss, {
+        values = {
             "loss": loss.item(),
             "reward_accuracy": (chosen_rewards > rejected_rewards).float().mean().item(),
             "reward_margin": (chosen_rewards - rejected_rewards).mean().item(),
             "chosen_reward": chosen_rewards.mean().item(),
             "rejected_reward": rejected_rewards.mean().item(),
-            # mean log pi/pi_ref over the data's answers: the KL on these answers, not on samples of pi
-            "kl_estimate": ((chosen_rewards + rejected_rewards) / (2 * config.dpo.beta)).mean().item(),
         }
+        if not reference_free:
+            # mean log pi/pi_ref over the data's answers: the KL on these answers, not on samples of pi
+            values["kl_estimate"] = ((chosen_rewards + rejected_rewards) / (2 * config.dpo.beta)).mean().item()
+        return loss, values
 
     @torch.no_grad()
     def evaluate() -> dict[str, float]:
@@ -167,9 +175,7 @@ def pair_logps(model, items: list[data.EncodedPair], pad_id: int, device, per_to
     # logits only from the first position that predicts an answer token: the prompt's own are never read
     first = int(batch["source"].min())
     batch = {k: v.to(device) for k, v in batch.items()}
-    dtype = next(model.parameters()).dtype
-    # additive form: eager attention adds the mask to the scores, sdpa takes either form
-    mask = torch.zeros(batch["attention_mask"].shape, dtype=dtype, device=device).masked_fill(~batch["attention_mask"], torch.finfo(dtype).min)
+    mask = data.additive_mask(batch["attention_mask"], next(model.parameters()).dtype)
     logits = model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=batch["position_ids"], logits_to_keep=batch["input_ids"].shape[1] - first).logits
     picked = logits[batch["row"], batch["source"] - first]  # [trained tokens, vocab]
     picked = picked.to(torch.promote_types(picked.dtype, torch.float32))

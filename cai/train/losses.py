@@ -77,6 +77,32 @@ def dpo_loss(
     return losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach()
 
 
+def cpl_loss(
+    policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, alpha: float, lam: float = 1.0, label_prob: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Contrastive Preference Learning (Hejna et al. 2024), reference-free; returns (per-example losses,
+    chosen scores, rejected scores), the scores being alpha log pi(y|x) (detached: they are metrics).
+
+    CPL reads the optimal advantage as alpha log pi (the regret of a segment is the sum of its steps'
+    alpha log pi(a_t|s_t); one answer is one segment, undiscounted), and fits preferences with it:
+
+        L_CPL(lambda) = -log( exp(S_c) / (exp(S_c) + exp(lambda S_r)) ) = -log sigmoid(S_c - lambda S_r)
+        S = alpha sum_t log pi(y_t | x, y_<t)
+
+    lambda in (0, 1] is the paper's conservative regulariser: lambda < 1 scales the rejected answer's
+    score down, which puts more of the loss's weight on raising the preferred answer, in the data's
+    support, than on lowering the rejected one; lambda = 1 is plain CPL. With label_prob p the loss is
+    p L(c over r) + (1 - p) L(r over c), as for the other preference losses.
+    """
+    chosen, rejected = alpha * policy_chosen_logps, alpha * policy_rejected_logps
+
+    def hard(winner: Tensor, loser: Tensor) -> Tensor:
+        return -F.logsigmoid(winner - lam * loser)
+
+    losses = hard(chosen, rejected) if label_prob is None else label_prob * hard(chosen, rejected) + (1 - label_prob) * hard(rejected, chosen)
+    return losses, chosen.detach(), rejected.detach()
+
+
 def reward_centering_loss(chosen_rewards: Tensor, rejected_rewards: Tensor, coefficient: float) -> Tensor:
     """Auxiliary term that pins the reward's free offset near 0 (Eisenstein et al. 2023, "Helping or
     Herding?"):  coefficient * mean((r_c + r_r)^2). The ranking loss only sees r_c - r_r."""

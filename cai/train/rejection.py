@@ -11,6 +11,8 @@ OUTPUT/
   final/                        the last iteration's model
 
 A rerun reuses every iteration's written winners and resumes its fine-tuning where it stopped.
+`sample_scored`, `write_sft_records`, `fine_tune` and `publish_final` are the pieces ReST (rest.py)
+shares.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from cai import prompts as prompt_sets
@@ -28,7 +30,7 @@ from cai.files import canonical_json
 from cai.seeding import derive_seed
 from cai.store import write_atomic
 from cai.train import checkpoint, runtime, sft
-from cai.train.config import TrainConfig
+from cai.train.config import SampledOptions, TrainConfig
 from cai.train.reward import Rewards
 
 
@@ -44,30 +46,41 @@ def train(config: TrainConfig) -> Path:
         folder = config.output_dir / f"iteration-{iteration}"
         winners = folder / "best_of_k.jsonl"
         if not winners.exists():
-            records, stats = _best_of_k(config, prompts, model, rewards, iteration)
-            _write_winners(folder, records)
+            sampled = sample_scored(config, options, prompts, model, rewards, "rejection", iteration)
+            records = []
+            for s in sampled:
+                best = max(range(len(s.rewards)), key=s.rewards.__getitem__)
+                records.append({**sft_record(s, best), "reward": s.rewards[best], "sample_rewards": s.rewards, "iteration": iteration, "model": str(model)})
+            rewards_all = [r for s in sampled for r in s.rewards]
+            stats = {"prompts": len(records), "samples": len(rewards_all), "mean_reward": sum(rewards_all) / len(rewards_all),
+                     "mean_best_reward": sum(r["reward"] for r in records) / len(records)}  # fmt: skip
+            folder.mkdir(parents=True, exist_ok=True)
             write_atomic(folder / "stats.json", json.dumps(stats) + "\n")
+            write_sft_records(winners, records)
         log.append({"iteration": iteration, **json.loads((folder / "stats.json").read_text())})
         write_atomic(config.output_dir / "rejection.jsonl", "".join(json.dumps(r) + "\n" for r in log))
-        step = replace(config, kind="sft", model=str(model), train_data=winners, eval_data=None, eval_fraction=0.0, output_dir=folder / "sft")
-        model = sft.train(step)
-    final = config.output_dir / "final"
-    tmp = config.output_dir / ".final.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(model, tmp)
-    shutil.rmtree(final, ignore_errors=True)
-    os.rename(tmp, final)
-    return final
+        model = fine_tune(config, model, winners, folder / "sft")
+    return publish_final(model, config.output_dir)
 
 
-def _best_of_k(config: TrainConfig, prompts, model: Path, rewards: Rewards, iteration: int):
-    options = config.rejection
+@dataclass(frozen=True)
+class Sampled:
+    """One prompt's K sampled answers and their combined rewards."""
+
+    prompt: prompt_sets.Prompt
+    texts: tuple[str, ...]
+    rewards: list[float]
+
+
+def sample_scored(config: TrainConfig, options: SampledOptions, prompts, model: Path, rewards: Rewards, stage: str, iteration: int) -> list[Sampled]:
+    """K answers per prompt from `model` (the vLLM engine, seeded per prompt and iteration), scored;
+    prompts the engine could not take (too long) are left out."""
     engine = create(BackendSpec(name="sampler", type="vllm", model=str(model), options={"max_model_len": config.max_length, **options.vllm_options}))
     try:
         requests = [
             ChatRequest(
                 messages=p.messages, max_tokens=options.max_new_tokens, temperature=options.temperature, top_p=options.top_p,
-                seed=derive_seed(config.seed, "rejection", iteration, p.id), n=options.samples,
+                seed=derive_seed(config.seed, stage, iteration, p.id), n=options.samples,
             )  # fmt: skip
             for p in prompts
         ]
@@ -79,27 +92,40 @@ def _best_of_k(config: TrainConfig, prompts, model: Path, rewards: Rewards, iter
         raise InputError(str(config.train_data), None, f"no prompt fits the sampler's max_length {config.max_length}: {completions[0].error}")
     conversations = [list(p.messages) for p, c in kept for _ in c.texts]
     scores, _ = rewards.score_texts(conversations, [text for _, c in kept for text in c.texts])
-    records, start = [], 0
+    out, start = [], 0
     for p, c in kept:
-        mine = scores[start : start + len(c.texts)].tolist()
+        out.append(Sampled(p, c.texts, scores[start : start + len(c.texts)].tolist()))
         start += len(c.texts)
-        best = max(range(len(mine)), key=mine.__getitem__)
-        records.append(
-            {
-                "messages": [*p.messages, {"role": "assistant", "content": c.texts[best]}],
-                "id": p.id, "reward": mine[best], "sample_rewards": mine, "iteration": iteration, "model": str(model),
-            }  # fmt: skip
-        )
-    stats = {"prompts": len(records), "samples": int(scores.numel()), "mean_reward": scores.mean().item(), "mean_best_reward": sum(r["reward"] for r in records) / len(records)}
-    return records, stats
+    return out
 
 
-def _write_winners(folder: Path, records: list[dict]) -> None:
-    """best_of_k.jsonl last: its presence says the iteration's winners are complete."""
+def sft_record(sampled: Sampled, index: int) -> dict:
+    """Answer `index` of a prompt's samples as an SFT record (`messages`, the prompt's `id`)."""
+    return {"messages": [*sampled.prompt.messages, {"role": "assistant", "content": sampled.texts[index]}], "id": sampled.prompt.id}
+
+
+def write_sft_records(path: Path, records: list[dict]) -> None:
+    """PATH.jsonl and PATH/ (a HF datasets folder); the JSONL last: its presence says both are complete."""
     from datasets import Dataset
 
-    folder.mkdir(parents=True, exist_ok=True)
-    dataset = folder / "best_of_k"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    dataset = path.with_suffix("")
     shutil.rmtree(dataset, ignore_errors=True)
     Dataset.from_list(records).save_to_disk(str(dataset))
-    write_atomic(folder / "best_of_k.jsonl", "".join(canonical_json(r) + "\n" for r in records))
+    write_atomic(path, "".join(canonical_json(r) + "\n" for r in records))
+
+
+def fine_tune(config: TrainConfig, model: Path, data: Path, output_dir: Path) -> Path:
+    """SFT of `model` on `data` with the config's shared training keys; resumes as `cai train sft` does."""
+    return sft.train(replace(config, kind="sft", model=str(model), train_data=data, eval_data=None, eval_fraction=0.0, output_dir=output_dir))
+
+
+def publish_final(model: Path, output_dir: Path) -> Path:
+    """OUTPUT/final as a copy of `model`, swapped in whole."""
+    final = output_dir / "final"
+    tmp = output_dir / ".final.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(model, tmp)
+    shutil.rmtree(final, ignore_errors=True)
+    os.rename(tmp, final)
+    return final

@@ -9,19 +9,22 @@ labels from the dataset's columns when enabled.
 
 InstructGPT batching: a prompt's pairs (same `group_id`) go in one batch, each distinct answer goes
 through the model once, and the loss over the prompt's pairs is their mean (every prompt weighs the
-same, however many pairs it has). After training, the mean reward over the training answers is
+same, however many pairs it has). A prompt's K answers share one packed row that holds the prompt once
+(score_groups), as DPO's pairs do. `rm.pretrain` first trains on a generic comparison set (PMP). After training, the mean reward over the training answers is
 stored as an offset (final/reward.json) that RewardScorer subtracts, so rewards are centred at 0.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from cai.errors import InputError
 from cai.eval_judge import wilson_interval
+from cai.files import canonical_json
 from cai.store import write_atomic
 from cai.train import checkpoint, data, runtime
 from cai.train.config import TrainConfig
@@ -33,9 +36,11 @@ REWARD_FILE = "reward.json"
 
 def train(config: TrainConfig, stop_after: int | None = None) -> Path:
     """Train; returns OUTPUT/final. `stop_after=N` returns right after step N's checkpoint, as a kill
-    there would."""
+    there would (of the main phase: a pretraining phase runs to its end first)."""
     from transformers import AutoModelForSequenceClassification
 
+    if config.rm.pretrain is not None:
+        config = pretrained(config)
     acc = runtime.accelerator(config)
     tokenizer = runtime.load_tokenizer(runtime.model_path(config))
     options = config.rm
@@ -68,7 +73,7 @@ def train(config: TrainConfig, stop_after: int | None = None) -> Path:
 
     def batch_values(batch: list[data.Group]) -> tuple[torch.Tensor, dict[str, float]]:
         """Every distinct answer of the batch's prompts scored once; all pair losses from those rewards."""
-        rewards = score_ids(model, [a for g in batch for a in g.answers], pad_id, acc.device)
+        rewards = score_groups(model, [g.answers for g in batch], pad_id, acc.device)
         losses, chosen_all, rejected_all, start = [], [], [], 0
         for g in batch:
             chosen = rewards[start + torch.tensor([c for c, _, _, _ in g.pairs], device=acc.device)]
@@ -135,22 +140,55 @@ def train(config: TrainConfig, stop_after: int | None = None) -> Path:
     # --- centre: the mean reward over the training answers becomes the offset scoring subtracts
     model.eval()
     with torch.no_grad():
-        answers = [a for g in groups for a in g.answers]
+        answers = [g.answers for g in groups]
         size = config.eval_batch_size or config.batch_size
-        offset = torch.cat([score_ids(model, answers[i : i + size], pad_id, acc.device) for i in range(0, len(answers), size)]).mean().item()
+        offset = torch.cat([score_groups(model, answers[i : i + size], pad_id, acc.device) for i in range(0, len(answers), size)]).mean().item()
     final = checkpoint.save_final(acc, model, tokenizer, config.output_dir)
     if acc.is_main_process:
-        summary = {"offset": offset, "train_answers": len(answers), "eval_accuracy": eval_result.get("accuracy")}
+        summary = {"offset": offset, "train_answers": sum(len(a) for a in answers), "eval_accuracy": eval_result.get("accuracy")}
         write_atomic(final / REWARD_FILE, json.dumps(summary, indent=2) + "\n")
         plot(config.output_dir / "metrics.jsonl", config.output_dir / "curves.png")
     return final
 
 
-def score_ids(model, sequences: list[list[int]], pad_id: int, device) -> torch.Tensor:
-    """One scalar reward per token sequence (right-padded; the head reads the last non-pad token)."""
-    input_ids = data.pad(sequences, pad_id).to(device)
-    attention_mask = data.pad([[1] * len(s) for s in sequences], 0).to(device)
-    return model(input_ids=input_ids, attention_mask=attention_mask).logits.squeeze(-1).float()
+def pretrained(config: TrainConfig) -> TrainConfig:
+    """Preference-model pretraining (Askell et al. 2021): the reward model first learns from a generic
+    comparison set (`rm.pretrain.data`, hard labels: such sets have no judge probabilities) in
+    OUTPUT/pretrain, a training of its own that resumes the same way; the main phase then starts from
+    its model. Returns the main phase's config."""
+    data.load_preferences(config.train_data, config.limit)  # the main data's errors before hours of pretraining
+    options = config.rm.pretrain
+    folder = config.output_dir / "pretrain"
+    if not (folder / "final" / REWARD_FILE).exists():
+        train(replace(
+            config, train_data=options.data, limit=options.limit, eval_data=config.eval_data, eval_fraction=0.0, output_dir=folder,
+            max_steps=options.max_steps, epochs=options.epochs, lr=options.lr or config.lr,
+            rm=replace(config.rm, pretrain=None, use_margin=False, use_soft_labels=False),
+        ))  # fmt: skip
+    return replace(config, model=str((folder / "final").resolve()))
+
+
+def score_groups(model, groups: list[list[list[int]]], pad_id: int, device) -> torch.Tensor:
+    """One scalar reward per token sequence, in order. Each group's sequences (one prompt's answers)
+    go in one packed row that holds their shared prompt once (data.collate_groups), and the head is read
+    at each sequence's last token: the same rewards as each sequence on its own, the prompt computed once.
+
+    The model's own forward pools the head's output at a row's last token only; a forward hook on the
+    head gets its output at every position. Going through the model's forward (not its parts) keeps
+    DDP's gradient sync and PEFT's adapters in play.
+    """
+    from accelerate.utils import extract_model_from_parallel
+
+    batch = {k: v.to(device) for k, v in data.collate_groups(groups, pad_id).items()}
+    head = extract_model_from_parallel(model).score  # a PEFT model forwards the attribute to its base
+    outputs = []
+    handle = head.register_forward_hook(lambda _module, _inputs, output: outputs.append(output))
+    try:
+        model(input_ids=batch["input_ids"], attention_mask=data.additive_mask(batch["attention_mask"], next(model.parameters()).dtype),
+              position_ids=batch["position_ids"])  # fmt: skip
+    finally:
+        handle.remove()
+    return outputs[0][batch["row"], batch["end"], 0].float()
 
 
 def _credit(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
@@ -188,12 +226,21 @@ class RewardScorer:
 
     @torch.no_grad()
     def score_each(self, prompts: list[data.Messages], answers: list[str]) -> dict[str, torch.Tensor]:
-        """Each model's centred reward for each (prompt messages, answer text)."""
+        """Each model's centred reward for each (prompt messages, answer text). The answers of one prompt
+        (rejection sampling's K samples) are scored in one packed row, the prompt computed once;
+        `batch_size` prompts per forward pass."""
+        by_prompt: dict[str, list[int]] = {}
+        for i, prompt in enumerate(prompts):
+            by_prompt.setdefault(canonical_json(prompt), []).append(i)
+        groups = list(by_prompt.values())
         out = {}
         for name, (model, tokenizer, _, offset) in self.models.items():
             ids = [data.encode(tokenizer, p + [{"role": "assistant", "content": a}]).input_ids for p, a in zip(prompts, answers)]
-            scores = [score_ids(model, ids[i : i + self.batch_size], data.pad_id(tokenizer), self.device).cpu() for i in range(0, len(ids), self.batch_size)]
-            out[name] = torch.cat(scores) - offset
+            scores = torch.empty(len(ids))
+            for i in range(0, len(groups), self.batch_size):
+                chunk = groups[i : i + self.batch_size]
+                scores[[j for g in chunk for j in g]] = score_groups(model, [[ids[j] for j in g] for g in chunk], data.pad_id(tokenizer), self.device).cpu()
+            out[name] = scores - offset
         return out
 
     def score(self, prompts: list[data.Messages], answers: list[str]) -> torch.Tensor:

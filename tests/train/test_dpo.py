@@ -59,6 +59,26 @@ def test_dpo_learns_the_marker(tmp_path: Path, tiny_model: Path, prefs) -> None:
     assert json.loads((cfg.output_dir / "config.json").read_text())["kind"] == "dpo"
 
 
+def test_cpl_learns_the_marker_without_a_reference(tmp_path: Path, tiny_model: Path, prefs, monkeypatch) -> None:
+    """loss_type cpl: the same loop, no reference model loaded; held-out chosen answers become the
+    likelier ones."""
+    from transformers import AutoModelForCausalLM
+
+    loaded = []
+    real = AutoModelForCausalLM.from_pretrained
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", lambda *a, **k: loaded.append(a) or real(*a, **k))
+    cfg = make_config(tmp_path, tiny_model, prefs, max_steps=20, lr=1e-3, dpo={"beta": 0.1, "loss_type": "cpl", "cpl_lambda": 0.5})
+    dpo.train(cfg)
+    assert len(loaded) == 1  # the policy only
+
+    train, evals = read_metrics(cfg.output_dir), read_metrics(cfg.output_dir, "eval")
+    assert "kl_estimate" not in train[1]
+    assert sum(train[s]["loss"] for s in (18, 19, 20)) / 3 < train[1]["loss"] - 0.1
+    # the scores are alpha log pi, not log-ratios: at the start the answers' lengths decide, not the marker
+    assert evals[0]["reward_accuracy"] < 0.5 and evals[20]["reward_accuracy"] >= 0.8
+    assert evals[20]["reward_margin"] > evals[0]["reward_margin"] + 1.0
+
+
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 def test_resume_gives_the_uninterrupted_losses(tmp_path: Path, tiny_model: Path, prefs, lora: bool) -> None:
     # grad_accum 2 and an odd stop: the resumed run restarts mid-way from step 4's checkpoint

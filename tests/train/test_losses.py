@@ -14,6 +14,7 @@ from cai.train.losses import (
     AdaptiveKLController,
     FixedKLController,
     bradley_terry_loss,
+    cpl_loss,
     dpo_loss,
     gae,
     kl_penalty,
@@ -131,6 +132,39 @@ def test_dpo_gradients_finite_at_extreme_logps(loss_type: str, sign: float, soft
     losses, _, _ = dpo_loss(policy_chosen, zeros, zeros, zeros, beta=1.0, loss_type=loss_type, label_prob=torch.tensor([0.8]) if soft else None)
     losses.sum().backward()
     assert torch.isfinite(losses).all() and torch.isfinite(policy_chosen.grad).all()
+
+
+# ----------------------------------------------------------------------------- CPL
+
+
+def test_cpl_by_hand() -> None:
+    # alpha 0.1: S_c = 0.1 * -10 = -1, S_r = 0.1 * -15 = -1.5
+    losses, chosen, rejected = cpl_loss(t(-10.0), t(-15.0), alpha=0.1, lam=1.0)
+    assert losses.item() == pytest.approx(math.log(1 + math.exp(-0.5)), abs=1e-12)  # -log sigmoid(-1 + 1.5)
+    assert losses.item() == pytest.approx(0.4740769841801067, abs=1e-12)
+    assert (chosen.item(), rejected.item()) == pytest.approx((-1.0, -1.5))
+    # conservative lambda 0.5: -log sigmoid(-1 - 0.5 * -1.5) = -log sigmoid(-0.25) = log(1 + e^0.25)
+    losses, _, _ = cpl_loss(t(-10.0), t(-15.0), alpha=0.1, lam=0.5)
+    assert losses.item() == pytest.approx(0.8259394198788436, abs=1e-12)
+
+
+def test_cpl_soft_label_and_conservative_gradient() -> None:
+    # p = 0.8, lambda 0.5: 0.8 * log(1 + e^0.25) + 0.2 * -log sigmoid(-1.5 - 0.5 * -1) = 0.2 * log(1 + e)
+    losses, _, _ = cpl_loss(t(-10.0), t(-15.0), alpha=0.1, lam=0.5, label_prob=t(0.8))
+    assert losses.item() == pytest.approx(0.8 * 0.8259394198788436 + 0.2 * 1.3132616875182228, abs=1e-12)
+    # lambda scales the rejected answer's gradient against the chosen one's: d/dS_r = -lambda d/dS_c
+    chosen, rejected = t(-10.0).requires_grad_(), t(-15.0).requires_grad_()
+    cpl_loss(chosen, rejected, alpha=0.1, lam=0.5)[0].sum().backward()
+    assert rejected.grad.item() == pytest.approx(-0.5 * chosen.grad.item(), abs=1e-12)
+    assert chosen.grad.item() == pytest.approx(-0.1 * (1 - 1 / (1 + math.exp(0.25))), abs=1e-12)  # -alpha sigmoid(0.25)
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_cpl_gradients_finite_at_extreme_logps(sign: float) -> None:
+    chosen = torch.tensor([sign * 1e4], requires_grad=True)
+    losses, _, _ = cpl_loss(chosen, torch.zeros(1), alpha=1.0, lam=0.5, label_prob=torch.tensor([0.8]))
+    losses.sum().backward()
+    assert torch.isfinite(losses).all() and torch.isfinite(chosen.grad).all()
 
 
 def test_reward_centering() -> None:

@@ -105,6 +105,32 @@ def test_resume_gives_the_uninterrupted_losses(tmp_path: Path, tiny_model: Path,
         assert resumed[step]["loss"] == pytest.approx(expected[step]["loss"], abs=1e-6), step
 
 
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_packed_rewards_equal_each_answer_alone(tiny_model: Path, prefs, lora: bool) -> None:
+    """K answers of a prompt in one row, the prompt once: the rewards of the answers scored one by one,
+    for groups of 3 answers, of 2, and of 1; under LoRA too (PEFT wraps the head)."""
+    from transformers import AutoModelForSequenceClassification
+
+    from cai.train import data, runtime
+
+    tokenizer = runtime.load_tokenizer(str(tiny_model))
+    pad_id = data.pad_id(tokenizer)
+    torch.manual_seed(0)  # the head is freshly initialised: random, not zero
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=1, pad_token_id=pad_id).eval()
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", task_type="SEQ_CLS", init_lora_weights=False))
+    groups, _ = data.group_pairs(tokenizer, load_preferences(prefs["train"], limit=12), max_length=128)
+    answers = [groups[0].answers, groups[1].answers[:2], groups[2].answers[:1], groups[3].answers]
+    assert [len(a) for a in answers] == [3, 2, 1, 3]
+    with torch.no_grad():
+        packed = reward.score_groups(model, answers, pad_id, "cpu")
+        alone = torch.cat([model(input_ids=torch.tensor([ids])).logits[:, 0] for group in answers for ids in group])
+    assert packed.shape == (9,) and alone.std() > 1e-3
+    assert torch.allclose(packed, alone, atol=1e-5), (packed, alone)
+
+
 def test_margin_option_uses_the_margin_column(tmp_path: Path, tiny_model: Path, prefs) -> None:
     plain = make_config(tmp_path, tiny_model, prefs, "plain", ["max_steps=1"])
     with_margin = make_config(tmp_path, tiny_model, prefs, "margin", ["max_steps=1", "rm.use_margin=true"])
@@ -113,3 +139,27 @@ def test_margin_option_uses_the_margin_column(tmp_path: Path, tiny_model: Path, 
     # same model, same first batch: -log sigmoid(d - m) with m = 2 on most pairs is larger than -log sigmoid(d)
     assert read_metrics(with_margin.output_dir)[1]["loss"] > read_metrics(plain.output_dir)[1]["loss"] + 0.5
     assert read_metrics(with_margin.output_dir)[1]["reward_margin"] == pytest.approx(read_metrics(plain.output_dir)[1]["reward_margin"], abs=1e-6)
+
+
+def test_pretraining_phase_then_the_main_pairs(tmp_path: Path, tiny_model: Path, prefs) -> None:
+    """PMP: a phase on a generic comparison set (hard labels) in OUTPUT/pretrain, then the main phase from
+    its model: two small steps on three prompts' pairs reach what the same steps from scratch do not. A
+    rerun does not pretrain again."""
+    generic = write_jsonl(tmp_path / "generic.jsonl", [{k: v for k, v in r.items() if k != "label_prob"} for r in preference_records(40, answers_per_prompt=3, seed=7)])
+    small = write_jsonl(tmp_path / "small.jsonl", preference_records(3, seed=8))
+    sets = ["max_steps=2", "lr=1e-5", "rm.use_soft_labels=true"]  # the main pairs' label_prob; the generic set has none
+    plain = make_config(tmp_path, tiny_model, {"train": small, "eval": prefs["eval"]}, "plain", sets)
+    pmp = make_config(tmp_path, tiny_model, {"train": small, "eval": prefs["eval"]}, "pmp", sets, rm={"pretrain": {"data": str(generic), "max_steps": 20, "lr": 1e-3}})
+    reward.train(plain)
+    reward.train(pmp)
+
+    pretrained = read_metrics(pmp.output_dir / "pretrain", "eval")
+    assert sorted(read_metrics(pmp.output_dir / "pretrain")) == list(range(1, 21))  # its own max_steps
+    assert pretrained[0]["accuracy"] <= 0.75 and pretrained[20]["accuracy"] >= 0.9
+    main = read_metrics(pmp.output_dir, "eval")
+    assert main[0]["accuracy"] == pytest.approx(pretrained[20]["accuracy"])  # the main phase starts from the pretrained model
+    assert main[2]["accuracy"] >= 0.9 and read_metrics(plain.output_dir, "eval")[2]["accuracy"] <= 0.75
+
+    pretrained_at = (pmp.output_dir / "pretrain" / "final" / "model.safetensors").stat().st_mtime_ns
+    reward.train(pmp)
+    assert (pmp.output_dir / "pretrain" / "final" / "model.safetensors").stat().st_mtime_ns == pretrained_at

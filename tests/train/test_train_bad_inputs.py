@@ -20,12 +20,13 @@ PAIR = {
     "rejected": [{"role": "assistant", "content": "Go away."}],
     "label_prob": 0.9,
 }
+RULE = {"name": "share", "rule": "token_fraction", "tokens": ["a"]}
 SFT = {"messages": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}]}
 
 
 @dataclass
 class Case:
-    kind: str  # sft | rm | dpo | eval-rm
+    kind: str  # a trainer kind or eval-rm
     config: Any = None  # an edit of the base config, or raw text
     data: list | None = None  # the training data's lines (dicts dumped, strings verbatim)
     sets: tuple[str, ...] = ()
@@ -56,14 +57,25 @@ CASES = [
     pytest.param(Case("dpo", config=put("bogus", 1), where=": <root>: ", says="unknown key 'bogus'"), id="unknown-key"),
     pytest.param(Case("dpo", config=put("lr", 0), where=": lr: ", says="greater than 0"), id="lr-zero"),
     pytest.param(Case("rm", config=put("batch_size", 2.0), where=": batch_size: ", says="got number"), id="batch-size-float"),
-    pytest.param(Case("dpo", config=put("dpo.loss_type", "robust"), where=": dpo.loss_type: ", says="must be one of sigmoid, ipo, hinge"), id="dpo-loss-type"),
+    pytest.param(Case("dpo", config=put("dpo.loss_type", "robust"), where=": dpo.loss_type: ", says="must be one of sigmoid, ipo, hinge, cpl"), id="dpo-loss-type"),
     pytest.param(Case("dpo", config=put("dpo.beta", -1), where=": dpo.beta: ", says="greater than 0"), id="dpo-beta-negative"),
+    pytest.param(Case("dpo", config=put("dpo", {"loss_type": "cpl", "precompute_ref": True}), where=": dpo.precompute_ref: ", says="reference-free"), id="cpl-reference"),
+    pytest.param(Case("dpo", config=put("dpo.cpl_lambda", 0.5), where=": dpo.cpl_lambda: ", says="an option of loss_type cpl"), id="cpl-lambda-without-cpl"),
+    pytest.param(Case("dpo", config=put("dpo", {"loss_type": "cpl", "cpl_lambda": 1.5}), where=": dpo.cpl_lambda: ", says="greater than the maximum of 1"), id="cpl-lambda-range"),
     pytest.param(Case("sft", config=put("dpo.beta", 0.1), data=[SFT], where=": dpo: ", says="`cai train dpo`"), id="section-of-another-trainer"),
+    pytest.param(Case("rest", config=put("rest", {"rewards": [RULE], "thresholds": [0.5, 0.5]}), where=": rest.thresholds: ", says="must rise"), id="rest-thresholds-not-rising"),
+    pytest.param(
+        Case("rest", config=put("rest", {"rewards": [RULE], "thresholds": [0.5, 1.5], "threshold_type": "quantile"}), where=": rest.thresholds: ", says="[0, 1)"),
+        id="rest-quantile-above-one",
+    ),
+    pytest.param(Case("rest", config=put("rest.samples", 4), where=": rest: ", says="'rewards' is required"), id="rest-without-rewards"),
     pytest.param(
         Case("rm", config=put("rm", {"use_margin": True, "use_soft_labels": True}), where=": rm.use_soft_labels: ", says="enable one"),
         id="rm-margin-and-soft-labels",
     ),
     pytest.param(Case("rm", config=put("rm.center_coef", "big"), where=": rm.center_coef: ", says="got string"), id="rm-center-string"),
+    pytest.param(Case("rm", config=put("rm.pretrain", {"data": "generic.jsonl"}), where=": rm.pretrain.data: ", says="not found: generic.jsonl"), id="rm-pretrain-data-missing"),
+    pytest.param(Case("rm", config=put("rm.pretrain", {"epochs": 1}), where=": rm.pretrain: ", says="'data' is required"), id="rm-pretrain-without-data"),
     pytest.param(Case("dpo", config=put("data.train", "missing.jsonl"), where=": data.train: ", says="not found: missing.jsonl"), id="data-missing"),
     pytest.param(Case("dpo", config=put("model", "./no-model"), where=": model: ", says="model folder not found"), id="model-folder-missing"),
     pytest.param(Case("dpo", config=put("lora.r", 0), where=": lora.r: ", says="0"), id="lora-r-zero"),

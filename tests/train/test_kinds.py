@@ -1,0 +1,55 @@
+"""Every trainer kind is registered wherever kinds are listed: `cai train`'s choices, the chain file
+schema, the service's train jobs; and the service confines every kind's reward models to its workspace."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from synthetic import write_config, write_jsonl
+
+from cai import chain
+from cai.cli import build_parser
+from cai.errors import InputError
+from cai.files import schema
+from cai.service.app import TrainRequest
+from cai.service.workspace import Workspace
+from cai.train.config import KINDS
+
+
+def test_every_kind_is_a_command_a_chain_step_and_a_service_job(tmp_path: Path) -> None:
+    choices = next(a for a in build_parser()._subparsers._group_actions[0].choices["train"]._actions if a.dest == "kind").choices
+    assert tuple(choices) == KINDS
+    train_step = next(o for o in schema("chain")["properties"]["steps"]["items"]["oneOf"] if "train" in o["required"])
+    assert tuple(train_step["properties"]["train"]["enum"]) == KINDS
+    for kind in KINDS:
+        assert TrainRequest(kind=kind, config="c.yaml").kind == kind
+    config = write_config(tmp_path / "c.yaml", model="smollm2", data={"train": "p.jsonl"}, output_dir="x")
+    steps = [{"name": kind, "train": kind, "config": str(config)} for kind in KINDS]
+    loaded = chain.load(write_config(tmp_path / "chain.yaml", name="all", steps=steps))
+    assert [s.argv[:2] for s in loaded.steps] == [("train", kind) for kind in KINDS]
+
+
+@pytest.mark.parametrize("kind", ["ppo", "rejection", "rest"])
+def test_service_refuses_a_reward_model_outside_the_workspace(tmp_path: Path, kind: str, monkeypatch) -> None:
+    root, outside = tmp_path / "ws", tmp_path / "outside"
+    (outside / "rm").mkdir(parents=True)
+    write_jsonl(root / "prompts.jsonl", [{"prompt": "Hi?"}])
+    rewards = [{"name": "rule", "rule": "token_fraction", "tokens": ["a"]}, {"name": "harmless", "model": str(outside / "rm")}]
+    (root / "c.yaml").write_text(json.dumps({"model": "smollm2", "data": {"train": "prompts.jsonl"}, "output_dir": "runs/x", kind: {"rewards": rewards}}))
+    monkeypatch.chdir(root)  # as `cai serve` runs: in its workspace
+    with pytest.raises(InputError) as info:
+        Workspace.open(root).load_training(kind, "c.yaml", [])
+    assert info.value.render().startswith(f"c.yaml: {kind}.rewards[1].model: leaves the workspace")
+
+
+def test_service_refuses_pretraining_data_outside_the_workspace(tmp_path: Path, monkeypatch) -> None:
+    root = tmp_path / "ws"
+    write_jsonl(root / "prefs.jsonl", [])
+    outside = write_jsonl(tmp_path / "generic.jsonl", [])
+    (root / "c.yaml").write_text(json.dumps({"model": "smollm2", "data": {"train": "prefs.jsonl"}, "output_dir": "runs/x", "rm": {"pretrain": {"data": str(outside)}}}))
+    monkeypatch.chdir(root)
+    with pytest.raises(InputError) as info:
+        Workspace.open(root).load_training("rm", "c.yaml", [])
+    assert info.value.render().startswith("c.yaml: rm.pretrain.data: leaves the workspace")
