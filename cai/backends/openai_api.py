@@ -49,14 +49,19 @@ class OpenAISettings:
         return cls(base_urls=tuple([urls] if isinstance(urls, str) else urls), **values)
 
 
-class TokenBucket:
-    """`per_minute` units a minute, in bursts of at most that many. Waiting is cooperative: the event
-    loop is single-threaded, so checking and taking happen without a lock."""
+# Bursts of at most this many seconds' worth of a limit: providers enforce per-minute limits over
+# shorter windows too, so a run paces itself evenly instead of spending a whole minute's quota at once.
+BURST_S = 5.0
 
-    def __init__(self, per_minute: float, clock=time.monotonic):
-        self.capacity = per_minute
+
+class TokenBucket:
+    """`per_minute` units a minute, in bursts of at most `burst_s` seconds' worth. Checking and taking
+    happen on the event loop's one thread, so no lock guards the level (one orders the waiters)."""
+
+    def __init__(self, per_minute: float, clock=time.monotonic, burst_s: float = 60.0):
+        self.capacity = per_minute * burst_s / 60.0
         self.rate = per_minute / 60.0
-        self.level = per_minute
+        self.level = self.capacity
         self.clock = clock
         self.updated = clock()
         self._lock: asyncio.Lock | None = None
@@ -238,8 +243,8 @@ class OpenAIBackend:
             raise RuntimeError(f"environment variable {env} (api_key_env) is not set")
         # Servers without authentication still want some key in the header.
         self._api_key = os.environ[env] if env else "EMPTY"
-        self._request_bucket = TokenBucket(self.settings.requests_per_minute) if self.settings.requests_per_minute else None
-        self._token_bucket = TokenBucket(self.settings.tokens_per_minute) if self.settings.tokens_per_minute else None
+        self._request_bucket = TokenBucket(self.settings.requests_per_minute, burst_s=BURST_S) if self.settings.requests_per_minute else None
+        self._token_bucket = TokenBucket(self.settings.tokens_per_minute, burst_s=BURST_S) if self.settings.tokens_per_minute else None
         self._rng = random.Random(0)
         self.pool = EndpointPool(self.settings.base_urls)
         self._semaphore: asyncio.Semaphore | None = None

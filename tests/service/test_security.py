@@ -60,7 +60,7 @@ def guarded(api, tmp_path_factory):
         },
         "roles": {"responder": "api", "critic": "api", "reviser": "api"},
         "stages": [{"type": "respond", "max_tokens": 8}, {"type": "critique_revise", "rounds": 1, "few_shot": 0, "max_tokens": 8}],
-        "batch_size": 2,
+        "rows_in_flight": 2,
     }  # fmt: skip
     (ws / "api.yaml").write_text(yaml.safe_dump(pipeline, sort_keys=False))
     ppo = {"model": "smollm2", "data": {"train": "prompts.jsonl"}, "output_dir": "runs/ppo", "ppo": {"rewards": [{"name": "short", "rule": "token_fraction", "tokens": ["."]}], "rollout": "vllm"}}
