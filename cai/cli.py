@@ -29,7 +29,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     _say_where_keys_go(cfg, "run")
     summary = pipeline.run(cfg, run_dir=args.run_dir, limit=args.limit, show_progress=not args.quiet)
     _print_summary(summary)
-    print(f"report: {report.write(summary.run_dir)}")
+    page = summary.run_dir / "report.html"
+    print(f"report: {report.write(summary.run_dir) if summary.exported_now or not page.exists() else page}")
     return EXIT_OK if summary.ok else EXIT_FAILED
 
 
@@ -61,7 +62,8 @@ def _print_summary(summary) -> None:
         detail = f"preferences: {exported['preferences']} pairs, left out: {exported['ties']} ties, {exported['invalid']} invalid"
     else:
         detail = f"sft: {exported.get('sft', 0)} rows, flagged and left out: {exported.get('flagged', 0)}"
-    print(f"datasets: {summary.run_dir / 'datasets'} ({detail}; all rows: rows.jsonl)")
+    kept = "" if summary.exported_now else "; unchanged since the last run, kept"
+    print(f"datasets: {summary.run_dir / 'datasets'} ({detail}; all rows: rows.jsonl{kept})")
     if failed:
         print(f"failures: {summary.run_dir / 'failures.jsonl'} (rerun the same command to retry them)")
 

