@@ -289,6 +289,7 @@ async def arun(config: PipelineConfig, run_dir: Path | None = None, limit: int |
                 await asyncio.wait(set(tasks), return_when=asyncio.FIRST_COMPLETED)
             if run.error is not None:
                 raise run.error
+            ended = time.monotonic()  # the rows' time: engines' start-up before it, shutdown after it
     finally:
         committer.cancel()
         for task in tasks:
@@ -301,7 +302,7 @@ async def arun(config: PipelineConfig, run_dir: Path | None = None, limit: int |
         for backend in shared.values():
             await backend.close()
     for state in states:
-        state.summary.seconds = time.monotonic() - progress.stages[state.ctx.stage_name].started
+        state.summary.seconds = ended - progress.stages[state.ctx.stage_name].started
     final = states[-1].index
     # The datasets depend on the run's identity, the limit and the rows finished: when a rerun finished
     # nothing new, the ones on disk are already what an export would write (a 100k-row rerun takes seconds).
