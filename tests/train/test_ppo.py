@@ -8,7 +8,7 @@ import torch
 from synthetic import ppo_config, read_metrics
 
 from cai.errors import InputError
-from cai.train import ppo
+from cai.train import ppo, rollout
 
 
 def early_late(metrics: dict[int, dict], key: str, steps: int) -> tuple[float, float]:
@@ -66,7 +66,7 @@ def test_running_moments_match_the_whole_history():
 
 def test_response_mask_stops_after_the_first_eos():
     responses = torch.tensor([[5, 7, 2, 2, 9], [5, 6, 7, 8, 9], [2, 3, 3, 3, 3]])
-    assert ppo.response_mask(responses, eos_id=2).tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]
+    assert rollout.response_mask(responses, eos_id=2).tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]
 
 
 def test_a_rule_token_that_is_not_one_token_is_an_error(tmp_path, tiny_model):
