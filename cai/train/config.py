@@ -19,9 +19,9 @@ from cai.models import EMBEDDED, looks_like_path
 # The one list of trainer kinds, with the module whose train() each runs: the CLI, the service and
 # the chain schema's enum (kept equal by a test) read it.
 RECIPES = {"sft": "cai.train.sft", "rm": "cai.train.reward", "dpo": "cai.train.dpo", "ppo": "cai.train.ppo", "rejection": "cai.train.rejection",
-           "rest": "cai.train.rest"}  # fmt: skip
+           "rest": "cai.train.rest", "grpo": "cai.train.grpo", "rloo": "cai.train.grpo"}  # fmt: skip
 KINDS = tuple(RECIPES)
-DEFAULT_LR = {"sft": 2e-5, "rm": 1e-5, "dpo": 1e-6, "ppo": 1e-6, "rejection": 2e-5, "rest": 2e-5}
+DEFAULT_LR = {"sft": 2e-5, "rm": 1e-5, "dpo": 1e-6, "ppo": 1e-6, "rejection": 2e-5, "rest": 2e-5, "grpo": 1e-6, "rloo": 1e-6}
 # Keys that change neither the weights nor the data order: a resumed run may change them.
 RESUMABLE_CHANGES = frozenset({"save_every", "keep_checkpoints", "eval_every", "eval_batch_size", "tensorboard"})
 
@@ -101,6 +101,27 @@ class PPOOptions:
 
 
 @dataclass(frozen=True)
+class GroupOptions:
+    """GRPO and RLOO: `samples` (K) answers per prompt, each answer's advantage relative to the others
+    of its prompt (no value model), a KL term to the reference: GRPO's k3 estimator in the loss, RLOO's
+    sequence KL in the reward. `epochs` passes of `minibatch_size` answers per batch (1: on-policy)."""
+
+    rewards: tuple[RewardSource, ...] = ()
+    gate: tuple[str, float] | None = None
+    samples: int = 4
+    rollout: str = "hf"
+    vllm_options: dict[str, Any] = field(default_factory=dict)
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    kl_beta: float = 0.04
+    scale_rewards: bool = True  # grpo only: divide by the group's std (False: Dr. GRPO)
+    clip_range: float = 0.2
+    epochs: int = 1
+    minibatch_size: int | None = None  # answers per optimizer step; default: all batch_size * samples
+
+
+@dataclass(frozen=True)
 class SampledOptions:
     """What the trainers that sample K answers per prompt, score them and fine-tune on a selection
     (rejection sampling, ReST) share: reward sources and the sampler's settings. The fine-tuning
@@ -167,6 +188,8 @@ class TrainConfig:
     ppo: PPOOptions = field(default_factory=PPOOptions)
     rejection: RejectionOptions = field(default_factory=RejectionOptions)
     rest: RestOptions = field(default_factory=RestOptions)
+    grpo: GroupOptions = field(default_factory=GroupOptions)
+    rloo: GroupOptions = field(default_factory=GroupOptions)
 
     def read_paths(self) -> list[tuple[str, Path]]:
         """(config field, path) of every file or folder this trainer reads besides its models: the data
@@ -174,7 +197,7 @@ class TrainConfig:
         paths = [("data.train", self.train_data)] + ([("data.eval", self.eval_data)] if self.eval_data is not None else [])
         if self.rm.pretrain is not None:
             paths.append(("rm.pretrain.data", self.rm.pretrain.data))
-        sections = {"ppo": self.ppo, "rejection": self.rejection, "rest": self.rest}
+        sections = {"ppo": self.ppo, "rejection": self.rejection, "rest": self.rest, "grpo": self.grpo, "rloo": self.rloo}
         paths += [(f"{name}.rewards[{i}].model", s.model) for name, options in sections.items() for i, s in enumerate(options.rewards) if s.model is not None]
         return paths
 
@@ -242,6 +265,8 @@ def load(kind: str, path: str | Path, overrides: list[str] = ()) -> TrainConfig:
         ppo=_ppo_options(doc, file, name) if kind == "ppo" else PPOOptions(),
         rejection=_rejection_options(doc, file, name) if kind == "rejection" else RejectionOptions(),
         rest=_rest_options(doc, file, name) if kind == "rest" else RestOptions(),
+        grpo=_group_options(doc, "grpo", file, name) if kind == "grpo" else GroupOptions(),
+        rloo=_group_options(doc, "rloo", file, name) if kind == "rloo" else GroupOptions(),
     )
 
 
@@ -277,11 +302,21 @@ def _rest_options(doc: dict[str, Any], file: Path, name: str) -> RestOptions:
     return RestOptions(rewards=sources, gate=gate, thresholds=thresholds, **options)
 
 
-def _ppo_options(doc: dict[str, Any], file: Path, name: str) -> PPOOptions:
-    options, sources, gate = _rewards(doc, "ppo", file, name)
+def _check_rollout(doc: dict[str, Any], options: dict[str, Any], section: str, name: str) -> None:
     if options.get("rollout") == "vllm" and "lora" in doc:
         # The engine takes whole weights: a LoRA policy would need its adapter merged at every sync.
-        raise InputError(name, "ppo.rollout", "vllm rollouts need a full policy, not lora: drop lora or use rollout: hf")
+        raise InputError(name, f"{section}.rollout", "vllm rollouts need a full policy, not lora: drop lora or use rollout: hf")
+
+
+def _group_options(doc: dict[str, Any], section: str, file: Path, name: str) -> GroupOptions:
+    options, sources, gate = _rewards(doc, section, file, name)
+    _check_rollout(doc, options, section, name)
+    return GroupOptions(rewards=sources, gate=gate, **options)
+
+
+def _ppo_options(doc: dict[str, Any], file: Path, name: str) -> PPOOptions:
+    options, sources, gate = _rewards(doc, "ppo", file, name)
+    _check_rollout(doc, options, "ppo", name)
     if options.get("value_from") == "reward" and not any(s.model for s in sources):
         raise InputError(name, "ppo.value_from", "no reward model to start the value model from")
     return PPOOptions(rewards=sources, gate=gate, **options)

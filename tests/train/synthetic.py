@@ -93,3 +93,16 @@ def ppo_config(tmp_path: Path, tiny_model: Path, tokens: list[str], name: str, b
         },
     )  # fmt: skip
     return train_config.load("ppo", path)
+
+
+def group_config(tmp_path: Path, tiny_model: Path, tokens: list[str], kind: str, name: str, steps: int = 16, **options):
+    """GRPO or RLOO on the tiny model with PPO's rule reward: 12 prompts a step, 4 answers each."""
+    from cai.train import config as train_config
+
+    path = write_config(
+        tmp_path / f"{name}.yaml",
+        model=str(tiny_model), data={"train": str(PROMPTS)}, output_dir=str(tmp_path / name),
+        max_steps=steps, batch_size=12, lr=5e-3, max_length=192, save_every=2, seed=1,
+        **{kind: {"rewards": [{"name": "share", "rule": "token_fraction", "tokens": tokens}], "samples": 4, "max_new_tokens": 3, "kl_beta": 0.01, **options}},
+    )  # fmt: skip
+    return train_config.load(kind, path)

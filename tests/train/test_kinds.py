@@ -31,7 +31,7 @@ def test_every_kind_is_a_command_a_chain_step_and_a_service_job(tmp_path: Path) 
     assert [s.argv[:2] for s in loaded.steps] == [("train", kind) for kind in KINDS]
 
 
-@pytest.mark.parametrize("kind", ["ppo", "rejection", "rest"])
+@pytest.mark.parametrize("kind", ["ppo", "rejection", "rest", "grpo", "rloo"])
 def test_service_refuses_a_reward_model_outside_the_workspace(tmp_path: Path, kind: str, monkeypatch) -> None:
     root, outside = tmp_path / "ws", tmp_path / "outside"
     (outside / "rm").mkdir(parents=True)
