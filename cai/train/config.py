@@ -79,6 +79,7 @@ class RewardSource:
 @dataclass(frozen=True)
 class PPOOptions:
     rewards: tuple[RewardSource, ...] = ()
+    algorithm: str = "ppo"  # a2c: one unclipped update per batch
     gate: tuple[str, float] | None = None
     value_from: str | None = None  # default: the first reward model, else the policy
     rollout: str = "hf"
@@ -317,6 +318,10 @@ def _group_options(doc: dict[str, Any], section: str, file: Path, name: str) -> 
 def _ppo_options(doc: dict[str, Any], file: Path, name: str) -> PPOOptions:
     options, sources, gate = _rewards(doc, "ppo", file, name)
     _check_rollout(doc, options, "ppo", name)
+    if options.get("algorithm") == "a2c":
+        for key in ("ppo_epochs", "minibatch_size", "clip_range", "value_clip_range"):
+            if key in options:
+                raise InputError(name, f"ppo.{key}", "an option of algorithm ppo: a2c takes one unclipped update per batch")
     if options.get("value_from") == "reward" and not any(s.model for s in sources):
         raise InputError(name, "ppo.value_from", "no reward model to start the value model from")
     return PPOOptions(rewards=sources, gate=gate, **options)

@@ -8,6 +8,11 @@ with the answer's reward added on its last token; GAE over the value model's est
 `ppo_epochs` passes of minibatches of the clipped surrogate plus the clipped value loss (minus an
 optional entropy bonus). beta is fixed, or adapted to a target KL (Ziegler et al. 2019).
 
+`algorithm: a2c` runs the same loop as advantage actor-critic (Mnih et al. 2016): one update per
+batch over the whole batch (no epochs, no minibatches), the plain policy gradient -A log pi (no ratio,
+no clipping) and an unclipped value loss; rollout, rewards, KL penalty, GAE and advantage whitening
+are PPO's, so the two compare on the same run.
+
 The value model is a scalar head on its own transformer (a sequence-classification model read at
 every token), started from the first reward model or the policy.
 """
@@ -24,7 +29,7 @@ from cai.errors import InputError
 from cai.seeding import derive_seed
 from cai.train import checkpoint, data, runtime
 from cai.train.config import TrainConfig
-from cai.train.losses import AdaptiveKLController, FixedKLController, gae, masked_mean, ppo_policy_loss, ppo_value_loss
+from cai.train.losses import AdaptiveKLController, FixedKLController, a2c_loss, gae, masked_mean, ppo_policy_loss, ppo_value_loss
 from cai.train.metrics import MetricsLog, plot
 from cai.train.reward import Rewards
 from cai.train.rollout import Sampler, load_prompts, load_reference, logps_and_entropy, positions, reference_logps
@@ -88,8 +93,10 @@ def train(config: TrainConfig, stop_after: int | None = None) -> Path:
     resume = runtime.prepare_output(config, acc)
     batches = data.Batches([len(ids) for ids in encoded], config.batch_size, config.seed, rank=acc.process_index, world_size=acc.num_processes)
     steps = config.max_steps or config.epochs * batches.per_epoch
-    minibatch = options.minibatch_size or config.batch_size
-    updates = options.ppo_epochs * math.ceil(config.batch_size / minibatch)
+    a2c = options.algorithm == "a2c"
+    minibatch = config.batch_size if a2c else options.minibatch_size or config.batch_size
+    epochs = 1 if a2c else options.ppo_epochs
+    updates = epochs * math.ceil(config.batch_size / minibatch)
 
     # --- models: policy (trained), reference (frozen), value (trained)
     policy = runtime.load_model(AutoModelForCausalLM, config, resume, task_type="CAUSAL_LM")
@@ -137,18 +144,24 @@ def train(config: TrainConfig, stop_after: int | None = None) -> Path:
         advantages = (advantages - masked_mean(advantages, mask)) / (masked_mean((advantages - masked_mean(advantages, mask)) ** 2, mask).sqrt() + 1e-8) * mask
         scoring_seconds = time.perf_counter() - started
 
-        # --- PPO epochs over minibatches
+        # --- PPO epochs over minibatches (A2C: one update on the whole batch)
         started = time.perf_counter()
         order = torch.Generator().manual_seed(derive_seed(config.seed, "ppo-minibatches", step))
         logs = []
-        for _ in range(options.ppo_epochs):
+        for _ in range(epochs):
             for chunk in torch.randperm(len(indexes), generator=order).split(minibatch):
                 logp, entropy = logps_and_entropy(policy, ids[chunk], attention[chunk], start, options.temperature)
                 values = value(ids[chunk], attention[chunk])[:, start - 1 : -1]
-                policy_loss, clip_fraction = ppo_policy_loss(logp, old_logp[chunk], advantages[chunk], options.clip_range, mask[chunk])
-                value_loss, value_clip_fraction = ppo_value_loss(values, old_values[chunk], returns[chunk], options.value_clip_range, mask[chunk])
                 mean_entropy = masked_mean(entropy, mask[chunk])
-                loss = policy_loss + options.value_coef * value_loss - options.entropy_coef * mean_entropy
+                clipping = {}
+                if a2c:
+                    loss, policy_loss, value_loss = a2c_loss(logp, values, advantages[chunk], returns[chunk], options.value_coef, mask[chunk])
+                else:
+                    policy_loss, clip_fraction = ppo_policy_loss(logp, old_logp[chunk], advantages[chunk], options.clip_range, mask[chunk])
+                    value_loss, value_clip_fraction = ppo_value_loss(values, old_values[chunk], returns[chunk], options.value_clip_range, mask[chunk])
+                    loss = policy_loss + options.value_coef * value_loss
+                    clipping = {"clip_fraction": clip_fraction.item(), "value_clip_fraction": value_clip_fraction.item()}
+                loss = loss - options.entropy_coef * mean_entropy
                 runtime.check_finite(loss, "loss", step, config.output_dir)
                 acc.backward(loss)
                 grad_norm = acc.clip_grad_norm_(list(policy.parameters()) + list(value.parameters()), config.max_grad_norm)
@@ -158,8 +171,8 @@ def train(config: TrainConfig, stop_after: int | None = None) -> Path:
                 optimizer.zero_grad()
                 logs.append(
                     {
-                        "policy_loss": policy_loss.item(), "value_loss": value_loss.item(), "clip_fraction": clip_fraction.item(),
-                        "value_clip_fraction": value_clip_fraction.item(), "entropy": mean_entropy.item(), "grad_norm": grad_norm.item(),
+                        "policy_loss": policy_loss.item(), "value_loss": value_loss.item(), **clipping,
+                        "entropy": mean_entropy.item(), "grad_norm": grad_norm.item(),
                         "approx_kl": masked_mean(old_logp[chunk] - logp.detach(), mask[chunk]).item(),
                     }
                 )  # fmt: skip
@@ -182,7 +195,7 @@ def train(config: TrainConfig, stop_after: int | None = None) -> Path:
                 **{k: sum(log[k] for log in logs) / len(logs) for k in logs[0]},
                 "response_length": answer_tokens / len(indexes),
                 "generation_tokens_per_s": answer_tokens / rollout.generation_seconds,
-                "training_tokens_per_s": options.ppo_epochs * attention.sum().item() / training_seconds,
+                "training_tokens_per_s": epochs * attention.sum().item() / training_seconds,
                 "seconds_generation": rollout.generation_seconds,
                 "seconds_scoring": scoring_seconds,
                 "seconds_training": training_seconds,

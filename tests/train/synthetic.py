@@ -87,10 +87,10 @@ def ppo_config(tmp_path: Path, tiny_model: Path, tokens: list[str], name: str, b
         tmp_path / f"{name}.yaml",
         model=str(tiny_model), data={"train": str(PROMPTS)}, output_dir=str(tmp_path / name),
         max_steps=steps, batch_size=48, lr=2e-3, max_length=192, save_every=2, seed=1,
-        ppo={
+        ppo={k: v for k, v in {
             "rewards": [{"name": "share", "rule": "token_fraction", "tokens": tokens}],
             "max_new_tokens": 3, "kl_beta": beta, "ppo_epochs": 2, "reward_norm": "none", **ppo_options,
-        },
+        }.items() if v is not None},  # an option given as None is left out
     )  # fmt: skip
     return train_config.load("ppo", path)
 
