@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cai.config import apply_overrides, resolve_path
+from cai.backends.base import BackendSpec
+from cai.config import apply_overrides, backend_spec, resolve_path
 from cai.errors import InputError
 from cai.files import load_yaml, validate
 from cai.models import EMBEDDED, looks_like_path
@@ -69,11 +70,25 @@ class DPOOptions:
 
 
 @dataclass(frozen=True)
+class JudgeSource:
+    """The constitution's judge as a live reward: `score` (d-RLAIF's expected 1-10 score under
+    `principles` comparison principles drawn per answer) or `pairwise` (the swap-averaged probability
+    that the answer beats the prompt's reference answer, from `references`)."""
+
+    backend: BackendSpec
+    constitution: Path
+    mode: str = "score"
+    principles: int = 1
+    references: Path | None = None  # pairwise: SFT records (`messages`) whose last turn is the reference answer
+
+
+@dataclass(frozen=True)
 class RewardSource:
     name: str
     weight: float = 1.0
     model: Path | None = None  # a `cai train rm` output
     tokens: tuple[str, ...] = ()  # rule token_fraction: the share of answer tokens among these
+    judge: JudgeSource | None = None
 
 
 @dataclass(frozen=True)
@@ -200,6 +215,12 @@ class TrainConfig:
             paths.append(("rm.pretrain.data", self.rm.pretrain.data))
         sections = {"ppo": self.ppo, "rejection": self.rejection, "rest": self.rest, "grpo": self.grpo, "rloo": self.rloo}
         paths += [(f"{name}.rewards[{i}].model", s.model) for name, options in sections.items() for i, s in enumerate(options.rewards) if s.model is not None]
+        for name, options in sections.items():
+            for i, s in enumerate(options.rewards):
+                if s.judge is not None:
+                    paths.append((f"{name}.rewards[{i}].judge.constitution", s.judge.constitution))
+                    if s.judge.references is not None:
+                        paths.append((f"{name}.rewards[{i}].judge.references", s.judge.references))
         return paths
 
     @property
@@ -281,20 +302,42 @@ def _rewards(doc: dict[str, Any], section: str, file: Path, name: str) -> tuple[
         if any(s.name == spec["name"] for s in sources):
             raise InputError(name, f"{section}.rewards[{index}].name", f"a second reward named {spec['name']!r}")
         model = _existing(spec["model"], file, name, f"{section}.rewards[{index}].model") if "model" in spec else None
-        sources.append(RewardSource(spec["name"], spec.get("weight", 1.0), model, tuple(spec.get("tokens", ()))))
+        judge = _judge(spec["judge"], file, name, f"{section}.rewards[{index}].judge", spec["name"]) if "judge" in spec else None
+        sources.append(RewardSource(spec["name"], spec.get("weight", 1.0), model, tuple(spec.get("tokens", ())), judge))
     gate = options.pop("gate", None)
     if gate is not None and gate["reward"] not in [s.name for s in sources]:
         raise InputError(name, f"{section}.gate.reward", f"names no reward (rewards: {', '.join(s.name for s in sources)})")
     return options, tuple(sources), (gate["reward"], gate["threshold"]) if gate else None
 
 
+def _judge(doc: dict[str, Any], file: Path, name: str, where: str, source: str) -> JudgeSource:
+    mode = doc.get("mode", "score")
+    if (mode == "pairwise") != ("references" in doc):
+        raise InputError(name, f"{where}.references", "pairwise mode needs references (each prompt's reference answer); score mode takes none")
+    return JudgeSource(
+        backend=backend_spec(f"judge-{source}", doc["backend"], file, f"{where}.backend"),
+        constitution=_existing(doc["constitution"], file, name, f"{where}.constitution"),
+        mode=mode,
+        principles=doc.get("principles", 1),
+        references=_existing(doc["references"], file, name, f"{where}.references") if "references" in doc else None,
+    )
+
+
+def _offline_rewards(doc: dict[str, Any], section: str, file: Path, name: str) -> tuple[dict[str, Any], tuple[RewardSource, ...], tuple[str, float] | None]:
+    options, sources, gate = _rewards(doc, section, file, name)
+    for index, source in enumerate(sources):
+        if source.judge is not None:
+            raise InputError(name, f"{section}.rewards[{index}].judge", "the judge is a reward of the online trainers (ppo, grpo, rloo)")
+    return options, sources, gate
+
+
 def _rejection_options(doc: dict[str, Any], file: Path, name: str) -> RejectionOptions:
-    options, sources, gate = _rewards(doc, "rejection", file, name)
+    options, sources, gate = _offline_rewards(doc, "rejection", file, name)
     return RejectionOptions(rewards=sources, gate=gate, **options)
 
 
 def _rest_options(doc: dict[str, Any], file: Path, name: str) -> RestOptions:
-    options, sources, gate = _rewards(doc, "rest", file, name)
+    options, sources, gate = _offline_rewards(doc, "rest", file, name)
     thresholds = tuple(options.pop("thresholds", RestOptions.thresholds))
     if any(b <= a for a, b in zip(thresholds, thresholds[1:])):
         raise InputError(name, "rest.thresholds", f"must rise strictly, one Improve step each: {list(thresholds)}")

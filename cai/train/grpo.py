@@ -50,7 +50,8 @@ def train(config: TrainConfig, stop_after: int | None = None) -> Path:
 
     # --- prompts and rewards: validated before anything is written
     conversations, encoded = load_prompts(config, tokenizer, options.max_new_tokens, acc)
-    rewards = Rewards(options.rewards, options.gate, tokenizer, acc.device, str(config.file), f"{kind}.rewards")
+    rewards = Rewards(options.rewards, options.gate, tokenizer, acc.device, str(config.file), f"{kind}.rewards", config.seed)
+    rewards.check_prompts(conversations)
 
     resume = runtime.prepare_output(config, acc)
     batches = data.Batches([len(ids) for ids in encoded], config.batch_size, config.seed, rank=acc.process_index, world_size=acc.num_processes)
@@ -83,21 +84,22 @@ def train(config: TrainConfig, stop_after: int | None = None) -> Path:
         rollout = sampler(policy, [encoded[i] for i in indexes for _ in range(k)], step)
         ids, start, mask, attention = rollout.ids, rollout.start, rollout.mask, rollout.attention
 
-        # --- rewards, reference log-probs, advantages
+        # --- rewards (the judge's calls in flight while the log-probs are computed), advantages
         started = time.perf_counter()
-        score, each = rewards.score(prompts, sampler.texts(rollout), rollout.responses, mask)
-        score = score.to(acc.device)
-        scoring_seconds = time.perf_counter() - started
-        started = time.perf_counter()
+        pending = rewards.start(prompts, sampler.texts(rollout), rollout.responses, mask)
         with torch.no_grad():
             old_logp = logps_and_entropy(policy, ids, attention, start, options.temperature)[0] if needs_old else None
             ref_logp = reference_logps(reference, policy, acc, rollout, options.temperature) if options.kl_beta > 0 else None
+        reference_seconds = time.perf_counter() - started
+        started = time.perf_counter()
+        score, each, judge_wait = pending.result()
+        score = score.to(acc.device)
+        scoring_seconds = time.perf_counter() - started
         if kind == "grpo":
             advantages = group_advantages(score.view(-1, k), options.scale_rewards).flatten()
         else:
             shaped = score - options.kl_beta * ((old_logp - ref_logp) * mask).sum(1) if options.kl_beta > 0 else score
             advantages = rloo_advantages(shaped.view(-1, k)).flatten()
-        reference_seconds = time.perf_counter() - started
 
         # --- updates
         started = time.perf_counter()
@@ -144,6 +146,7 @@ def train(config: TrainConfig, stop_after: int | None = None) -> Path:
             "seconds_reference": reference_seconds,
             "seconds_training": training_seconds,
             "seconds_weight_sync": rollout.sync_seconds,
+            "seconds_judge_wait": judge_wait,
             "lr": scheduler.get_last_lr()[0],
         }
         if ref_logp is not None:
@@ -157,6 +160,7 @@ def train(config: TrainConfig, stop_after: int | None = None) -> Path:
             break
     metrics.close()
     sampler.close()
+    rewards.close()
     if stop_after is not None and stop_after < steps:
         return config.output_dir / "final"
     tokenizer.padding_side = "right"  # the saved tokenizer pads as training and serving expect

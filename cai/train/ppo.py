@@ -88,7 +88,8 @@ def train(config: TrainConfig, stop_after: int | None = None) -> Path:
 
     # --- prompts and rewards: validated before anything is written
     conversations, encoded = load_prompts(config, tokenizer, options.max_new_tokens, acc)
-    rewards = Rewards(options.rewards, options.gate, tokenizer, acc.device, str(config.file), "ppo.rewards")
+    rewards = Rewards(options.rewards, options.gate, tokenizer, acc.device, str(config.file), "ppo.rewards", config.seed)
+    rewards.check_prompts(conversations)
 
     resume = runtime.prepare_output(config, acc)
     batches = data.Batches([len(ids) for ids in encoded], config.batch_size, config.seed, rank=acc.process_index, world_size=acc.num_processes)
@@ -127,14 +128,15 @@ def train(config: TrainConfig, stop_after: int | None = None) -> Path:
         rollout = sampler(policy, [encoded[i] for i in indexes], step)
         ids, start, mask, attention = rollout.ids, rollout.start, rollout.mask, rollout.attention
 
-        # --- score, then the frozen numbers the update compares against
+        # --- score (the judge's calls in flight meanwhile), the frozen numbers the update compares against
         started = time.perf_counter()
-        score, each = rewards.score(prompts, sampler.texts(rollout), rollout.responses, mask)
-        score = score.to(acc.device)
+        pending = rewards.start(prompts, sampler.texts(rollout), rollout.responses, mask)
         with torch.no_grad():
             old_logp, _ = logps_and_entropy(policy, ids, attention, start, options.temperature)
             ref_logp = reference_logps(reference, policy, acc, rollout, options.temperature)
             old_values = value(ids, attention)[:, start - 1 : -1]
+        score, each, judge_wait = pending.result()
+        score = score.to(acc.device)
         token_kl = (old_logp - ref_logp) * mask
         token_rewards = -kl.value * token_kl
         last = mask.sum(1).long() - 1
@@ -200,6 +202,7 @@ def train(config: TrainConfig, stop_after: int | None = None) -> Path:
                 "seconds_scoring": scoring_seconds,
                 "seconds_training": training_seconds,
                 "seconds_weight_sync": rollout.sync_seconds,
+                "seconds_judge_wait": judge_wait,
                 "lr": scheduler.get_last_lr()[0],
             },
         )
@@ -210,6 +213,7 @@ def train(config: TrainConfig, stop_after: int | None = None) -> Path:
             break
     metrics.close()
     sampler.close()
+    rewards.close()
     if stop_after is not None and stop_after < steps:
         return config.output_dir / "final"
     tokenizer.padding_side = "right"  # the saved tokenizer pads as training and serving expect
