@@ -152,7 +152,7 @@ def train(config: TrainConfig, stop_after: int | None = None) -> Path:
         logs = []
         for _ in range(epochs):
             for chunk in torch.randperm(len(indexes), generator=order).split(minibatch):
-                logp, entropy = logps_and_entropy(policy, ids[chunk], attention[chunk], start, options.temperature)
+                logp, entropy = logps_and_entropy(policy, ids[chunk], attention[chunk], start, options.temperature, entropy_grad=options.entropy_coef > 0)
                 values = value(ids[chunk], attention[chunk])[:, start - 1 : -1]
                 mean_entropy = masked_mean(entropy, mask[chunk])
                 clipping = {}

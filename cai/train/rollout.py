@@ -122,12 +122,22 @@ class Sampler:
             self.engine.close()
 
 
-def logps_and_entropy(model, ids: torch.Tensor, attention: torch.Tensor, start: int, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """log pi(token) of each answer token (logits at the sampling temperature) and the entropy there."""
-    logits = model(input_ids=ids, attention_mask=attention, position_ids=positions(attention)).logits[:, start - 1 :] / temperature
+def logps_and_entropy(
+    model, ids: torch.Tensor, attention: torch.Tensor, start: int, temperature: float, entropy_grad: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """log pi(token) of each answer token (logits at the sampling temperature) and the entropy there.
+
+    Only the answer's positions go through the LM head (`logits_to_keep`): over a prompt's positions
+    the [T, vocab] logits would be computed and thrown away. The entropy carries gradients only when
+    asked (an entropy bonus in the loss); as a metric its softmax would otherwise be kept for backward.
+    """
+    logits = model(input_ids=ids, attention_mask=attention, position_ids=positions(attention), logits_to_keep=ids.shape[1] - start + 1).logits
+    if temperature != 1.0:
+        logits = logits / temperature
     logp = token_logps(logits, ids[:, start - 1 :])  # logits at start-1 .. end-2 predict the answer's tokens
-    predicting = logits[:, :-1].float()
-    entropy = torch.logsumexp(predicting, -1) - (torch.softmax(predicting, -1) * predicting).sum(-1)
+    with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+        predicting = logits[:, :-1].float()
+        entropy = torch.logsumexp(predicting, -1) - (torch.softmax(predicting, -1) * predicting).sum(-1)
     return logp, entropy
 
 
