@@ -355,7 +355,10 @@ def _check_rollout(doc: dict[str, Any], options: dict[str, Any], section: str, n
 def _group_options(doc: dict[str, Any], section: str, file: Path, name: str) -> GroupOptions:
     options, sources, gate = _rewards(doc, section, file, name)
     _check_rollout(doc, options, section, name)
-    return GroupOptions(rewards=sources, gate=gate, **options)
+    group = GroupOptions(rewards=sources, gate=gate, **options)
+    if group.minibatch_size is not None and group.minibatch_size % group.samples:
+        raise InputError(name, f"{section}.minibatch_size", f"a multiple of samples ({group.samples}): a prompt's answers are packed into one row")
+    return group
 
 
 def _ppo_options(doc: dict[str, Any], file: Path, name: str) -> PPOOptions:

@@ -14,8 +14,10 @@ and the rollout and reference pieces are PPO's too (rollout.py).
 
 Each step: `batch_size` prompts, each sampled K times (HF generation, or the vLLM engine holding the
 policy's weights); rewards from the sources (reward models, rules, the judge); advantages; then
-`epochs` passes of minibatches (one pass of one minibatch by default: on-policy, ratio 1, no need for
-the old log-probs' extra forward pass in GRPO).
+`epochs` passes of minibatches of whole groups (one pass of one minibatch by default: on-policy,
+ratio 1, no need for the old log-probs' extra forward pass in GRPO). A prompt's K answers go through the
+model as one packed row that holds the prompt once (rollout.group_logps_and_entropy): the prompt's
+tokens are computed once, not K times, in the reference's pass and in the update's.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from cai.train.config import TrainConfig
 from cai.train.losses import group_advantages, grpo_loss, masked_mean, rloo_advantages, rloo_loss
 from cai.train.metrics import MetricsLog, plot
 from cai.train.reward import Rewards
-from cai.train.rollout import Sampler, load_prompts, load_reference, logps_and_entropy, reference_logps
+from cai.train.rollout import Sampler, group_logps_and_entropy, load_prompts, load_reference, reference_logps
 
 
 def train(config: TrainConfig, stop_after: int | None = None) -> Path:
@@ -82,14 +84,15 @@ def train(config: TrainConfig, stop_after: int | None = None) -> Path:
 
         # --- rollout
         rollout = sampler(policy, [encoded[i] for i in indexes for _ in range(k)], step)
-        ids, start, mask, attention = rollout.ids, rollout.start, rollout.mask, rollout.attention
+        mask, attention = rollout.mask, rollout.attention
 
         # --- rewards (the judge's calls in flight while the log-probs are computed), advantages
         started = time.perf_counter()
         pending = rewards.start(prompts, sampler.texts(rollout), rollout.responses, mask)
         with torch.no_grad():
-            old_logp = logps_and_entropy(policy, ids, attention, start, options.temperature)[0] if needs_old else None
-            ref_logp = reference_logps(reference, policy, acc, rollout, options.temperature) if options.kl_beta > 0 else None
+            everyone = torch.arange(len(rollout.ids))
+            old_logp = group_logps_and_entropy(policy, rollout, everyone, k, options.temperature)[0] if needs_old else None
+            ref_logp = reference_logps(reference, policy, acc, rollout, options.temperature, k) if options.kl_beta > 0 else None
         reference_seconds = time.perf_counter() - started
         started = time.perf_counter()
         score, each, judge_wait = pending.result()
@@ -107,8 +110,9 @@ def train(config: TrainConfig, stop_after: int | None = None) -> Path:
         sampled_logp = old_logp if old_logp is not None else torch.empty_like(mask)
         logs = []
         for _ in range(options.epochs):
-            for chunk in torch.randperm(answers, generator=order).split(minibatch):
-                logp, entropy = logps_and_entropy(policy, ids[chunk], attention[chunk], start, options.temperature)
+            for groups in torch.randperm(len(indexes), generator=order).split(minibatch // k):  # a prompt's answers stay together
+                chunk = (groups[:, None] * k + torch.arange(k)).flatten()
+                logp, entropy = group_logps_and_entropy(policy, rollout, chunk, k, options.temperature)
                 old = old_logp[chunk] if old_logp is not None else logp.detach()
                 if old_logp is None:
                     sampled_logp[chunk] = logp.detach()

@@ -68,6 +68,7 @@ class Rollout:
     attention: torch.Tensor
     generation_seconds: float
     sync_seconds: float
+    pad_id: int
 
     @property
     def responses(self) -> torch.Tensor:
@@ -110,7 +111,7 @@ class Sampler:
             ids = torch.cat([batch["input_ids"], data.pad(answers, self.pad_id).to(self.acc.device)], dim=1)
         mask = response_mask(ids[:, start:], self.eos_id)
         attention = torch.cat([batch["attention_mask"], mask.long()], dim=1)
-        return Rollout(ids, start, mask, attention, time.perf_counter() - started - sync_seconds, sync_seconds)
+        return Rollout(ids, start, mask, attention, time.perf_counter() - started - sync_seconds, sync_seconds, self.pad_id)
 
     def texts(self, rollout: Rollout) -> list[str]:
         """The answers as text, without what follows their end-of-sequence token."""
@@ -141,10 +142,64 @@ def logps_and_entropy(
     return logp, entropy
 
 
+def group_logps_and_entropy(
+    model, rollout: Rollout, members: torch.Tensor, k: int, temperature: float, entropy_grad: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`logps_and_entropy` for rollouts of K answers per prompt (rows g*K .. g*K+K-1 answer prompt g),
+    for the given `members` (whole groups, K consecutive indexes each): each group goes through the
+    model as one packed row holding its prompt once (data.pack), so the prompt is computed once, not
+    K times. Returns [len(members), answer columns] like the unpacked form, 0 past each answer's end.
+    """
+    lengths = rollout.mask.sum(1).long().tolist()
+    rows, placed = [], []  # placed: (member's output row, packed row, its answer's length)
+    for b, first in enumerate(members[::k].tolist()):
+        prompt = rollout.ids[first, : rollout.start][rollout.attention[first, : rollout.start].bool()].tolist()
+        answers = [rollout.ids[j, rollout.start : rollout.start + lengths[j]].tolist() for j in range(first, first + k)]
+        rows.append((len(prompt), [prompt + a for a in answers]))
+        placed += [(b * k + j, b, lengths[first + j]) for j in range(k)]
+    batch, starts = data.pack(rows, rollout.pad_id)
+    device = rollout.ids.device
+    batch = {key: value.to(device) for key, value in batch.items()}
+    keep = batch["input_ids"].shape[1] - (min(n for n, _ in rows) - 1)  # from the first position that predicts an answer token
+    offset = batch["input_ids"].shape[1] - keep
+    out_row, col, row, source, token = [], [], [], [], []
+    for member, b, length in placed:
+        n, start = rows[b][0], starts[b][member % k]
+        for t in range(length):
+            out_row.append(member)
+            col.append(t)
+            row.append(b)
+            source.append((n - 1 if t == 0 else start + t - 1) - offset)
+            token.append(rows[b][1][member % k][n + t])
+    dtype = next(model.parameters()).dtype
+    logits = model(
+        input_ids=batch["input_ids"], attention_mask=data.additive_mask(batch["attention_mask"], dtype), position_ids=batch["position_ids"], logits_to_keep=keep
+    ).logits  # fmt: skip
+    picked = logits[torch.tensor(row, device=device), torch.tensor(source, device=device)].float()
+    if temperature != 1.0:
+        picked = picked / temperature
+    normaliser = torch.logsumexp(picked, -1)
+    token_logp = picked.gather(1, torch.tensor(token, device=device)[:, None]).squeeze(1) - normaliser
+    where = (torch.tensor(out_row, device=device), torch.tensor(col, device=device))
+    shape = (len(members), rollout.mask.shape[1])
+    logp = torch.zeros(shape, device=device, dtype=token_logp.dtype).index_put(where, token_logp)
+    with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+        token_entropy = normaliser - (torch.softmax(picked, -1) * picked).sum(-1)
+        entropy = torch.zeros(shape, device=device, dtype=token_entropy.dtype).index_put(where, token_entropy)
+    return logp, entropy
+
+
 @torch.no_grad()
-def reference_logps(reference, policy, acc, rollout: Rollout, temperature: float) -> torch.Tensor:
-    """log pi_ref of each answer token: the frozen reference, or under LoRA the policy with its adapter off."""
+def reference_logps(reference, policy, acc, rollout: Rollout, temperature: float, k: int | None = None) -> torch.Tensor:
+    """log pi_ref of each answer token: the frozen reference, or under LoRA the policy with its adapter
+    off. With `k`, the rollout holds K answers per prompt and each prompt's go through packed."""
+
+    def logps(model) -> torch.Tensor:
+        if k is None:
+            return logps_and_entropy(model, rollout.ids, rollout.attention, rollout.start, temperature)[0]
+        return group_logps_and_entropy(model, rollout, torch.arange(len(rollout.ids)), k, temperature)[0]
+
     if reference is not None:
-        return logps_and_entropy(reference, rollout.ids, rollout.attention, rollout.start, temperature)[0]
+        return logps(reference)
     with acc.unwrap_model(policy).disable_adapter():
-        return logps_and_entropy(policy, rollout.ids, rollout.attention, rollout.start, temperature)[0]
+        return logps(policy)

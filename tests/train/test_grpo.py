@@ -51,3 +51,35 @@ def test_stopped_run_resumes_exactly(tmp_path, tiny_model, target_tokens, kind, 
     for step in (3, 4):
         for key in ("reward", "loss", "kl", "clip_fraction"):
             assert b[step][key] == pytest.approx(a[step][key], rel=1e-5, abs=1e-7), (step, key)
+
+
+def test_packed_groups_give_the_unpacked_log_probs(tiny_model):
+    """K answers per prompt, prompts of different lengths, answers cut at different lengths by EOS:
+    each group as one packed row (the prompt once) gives every answer token's log-prob and entropy as
+    the answer alone does, and 0 past each answer's end."""
+    from types import SimpleNamespace
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from cai.train.rollout import Sampler, group_logps_and_entropy, logps_and_entropy, response_mask
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    tokenizer.padding_side = "left"
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    options = SimpleNamespace(temperature=0.7, top_p=1.0, max_new_tokens=12, rollout="hf")
+    sampler = Sampler(SimpleNamespace(seed=3), options, tokenizer, SimpleNamespace(device="cpu", unwrap_model=lambda m: m), "test")
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True, return_dict=False)
+               for q in ("Hi?", "How do I bake bread at home with no oven at all?", "Why?")]  # fmt: skip
+    rollout = sampler(model, [p for p in prompts for _ in range(3)], step=1)
+    ending = rollout.responses.flatten().mode().values.item()  # the commonest answer token as EOS: answers end early
+    rollout.mask = response_mask(rollout.responses, ending)
+    rollout.attention = torch.cat([rollout.attention[:, : rollout.start], rollout.mask.long()], dim=1)
+    assert len(set(rollout.mask.sum(1).tolist())) > 1  # answers of several lengths
+    with torch.no_grad():
+        expected, expected_entropy = logps_and_entropy(model, rollout.ids, rollout.attention, rollout.start, 0.7)
+        members = torch.tensor([3, 4, 5, 0, 1, 2, 6, 7, 8])  # groups in any order
+        packed, entropy = group_logps_and_entropy(model, rollout, members, 3, 0.7)
+    mask = rollout.mask[members]
+    assert torch.allclose(packed, expected[members] * mask, atol=1e-5), (packed - expected[members] * mask).abs().max()
+    assert torch.allclose(entropy, expected_entropy[members] * mask, atol=1e-4)
