@@ -165,6 +165,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     from cai.train import config as train_config
     from cai.train.data import TemplateError
+    from cai.train.reward import JudgeError
     from cai.train.runtime import NonFiniteError
 
     trainer = importlib.import_module(train_config.RECIPES[args.kind])
@@ -173,7 +174,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         final = trainer.train(cfg)
     except TemplateError as exc:
         raise InputError(cfg.model, "chat_template", str(exc)) from None
-    except NonFiniteError as exc:
+    except (NonFiniteError, JudgeError) as exc:
         print(f"cai train {args.kind}: {exc}", file=sys.stderr)
         return EXIT_FAILED
     print(f"model: {final}")

@@ -107,6 +107,22 @@ def resolve_path(value: str, pipeline_file: Path) -> Path:
     return pipeline_file.parent / p
 
 
+def backend_spec(backend_name: str, b: dict[str, Any], file: Path, field_name: str) -> BackendSpec:
+    """A backend entry (schema `$defs/backend`) as a BackendSpec; a local model folder must exist."""
+    model = b["model"]
+    local = b["type"] == "vllm"  # an API backend's model is a name the server knows, never a path here
+    if local and model not in EMBEDDED and looks_like_path(model) and not resolve_path(model, file).is_dir():
+        raise InputError(str(file), f"{field_name}.model", f"model folder not found: {model}")
+    return BackendSpec(
+        name=backend_name,
+        type=b["type"],
+        model=model,
+        options=dict(b.get("options", {})),
+        settings={k: v for k, v in b.items() if k not in ("type", "model", "options")},
+        base_dirs=(str(file.parent.resolve()), str(Path.cwd())),
+    )
+
+
 def load(path: str | Path, overrides: list[str] = (), check_path: Callable[[Path, str], None] | None = None) -> PipelineConfig:
     """`check_path(path, field)` sees every path the pipeline names before anything but resolve_path's
     lookup touches it: a server raises there for paths outside its workspace, which stay unopened."""
@@ -135,20 +151,9 @@ def load(path: str | Path, overrides: list[str] = (), check_path: Callable[[Path
 
     backends = {}
     for backend_name, b in doc["backends"].items():
-        model = b["model"]
-        local = b["type"] == "vllm"  # an API backend's model is a name the server knows, never a path here
-        if local and model not in EMBEDDED and check_path:
-            check_path(resolve_path(model, file), f"backends.{backend_name}.model")
-        if local and model not in EMBEDDED and looks_like_path(model) and not resolve_path(model, file).is_dir():
-            raise InputError(name, f"backends.{backend_name}.model", f"model folder not found: {model}")
-        backends[backend_name] = BackendSpec(
-            name=backend_name,
-            type=b["type"],
-            model=model,
-            options=dict(b.get("options", {})),
-            settings={k: v for k, v in b.items() if k not in ("type", "model", "options")},
-            base_dirs=(str(file.parent.resolve()), str(Path.cwd())),
-        )
+        if b["type"] == "vllm" and b["model"] not in EMBEDDED and check_path:
+            check_path(resolve_path(b["model"], file), f"backends.{backend_name}.model")
+        backends[backend_name] = backend_spec(backend_name, b, file, f"backends.{backend_name}")
     roles = dict(doc["roles"])
     for role, backend_name in roles.items():
         if backend_name not in backends:

@@ -58,9 +58,10 @@ def _same_url(url: str) -> str:
     return url.rstrip("/")  # `.../v1/` and `.../v1` are one server
 
 
-def check_api_backend(spec: BackendSpec, allowed: Mapping[str, ServerBackend], shown: str) -> None:
-    """An InputError unless the operator declared this backend's URLs with this key variable (or with none)."""
-    where = f"backends.{spec.name}"
+def check_api_backend(spec: BackendSpec, allowed: Mapping[str, ServerBackend], shown: str, where: str | None = None) -> None:
+    """An InputError unless the operator declared this backend's URLs with this key variable (or with none).
+    `where`: the field errors name (default: the pipeline's `backends.NAME`)."""
+    where = where or f"backends.{spec.name}"
     urls = {_same_url(u) for u in base_urls(spec.settings)}
     variable = spec.settings.get("api_key_env")
     match = next((b for b in allowed.values() if b.api_key_env == variable and urls <= set(b.base_urls)), None)

@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cai.config import apply_overrides, resolve_path
+from cai.backends.base import BackendSpec
+from cai.config import apply_overrides, backend_spec, resolve_path
 from cai.errors import InputError
 from cai.files import load_yaml, validate
 from cai.models import EMBEDDED, looks_like_path
@@ -19,9 +20,9 @@ from cai.models import EMBEDDED, looks_like_path
 # The one list of trainer kinds, with the module whose train() each runs: the CLI, the service and
 # the chain schema's enum (kept equal by a test) read it.
 RECIPES = {"sft": "cai.train.sft", "rm": "cai.train.reward", "dpo": "cai.train.dpo", "ppo": "cai.train.ppo", "rejection": "cai.train.rejection",
-           "rest": "cai.train.rest"}  # fmt: skip
+           "rest": "cai.train.rest", "grpo": "cai.train.grpo", "rloo": "cai.train.grpo"}  # fmt: skip
 KINDS = tuple(RECIPES)
-DEFAULT_LR = {"sft": 2e-5, "rm": 1e-5, "dpo": 1e-6, "ppo": 1e-6, "rejection": 2e-5, "rest": 2e-5}
+DEFAULT_LR = {"sft": 2e-5, "rm": 1e-5, "dpo": 1e-6, "ppo": 1e-6, "rejection": 2e-5, "rest": 2e-5, "grpo": 1e-6, "rloo": 1e-6}
 # Keys that change neither the weights nor the data order: a resumed run may change them.
 RESUMABLE_CHANGES = frozenset({"save_every", "keep_checkpoints", "eval_every", "eval_batch_size", "tensorboard"})
 
@@ -69,16 +70,31 @@ class DPOOptions:
 
 
 @dataclass(frozen=True)
+class JudgeSource:
+    """The constitution's judge as a live reward: `score` (d-RLAIF's expected 1-10 score under
+    `principles` comparison principles drawn per answer) or `pairwise` (the swap-averaged probability
+    that the answer beats the prompt's reference answer, from `references`)."""
+
+    backend: BackendSpec
+    constitution: Path
+    mode: str = "score"
+    principles: int = 1
+    references: Path | None = None  # pairwise: SFT records (`messages`) whose last turn is the reference answer
+
+
+@dataclass(frozen=True)
 class RewardSource:
     name: str
     weight: float = 1.0
     model: Path | None = None  # a `cai train rm` output
     tokens: tuple[str, ...] = ()  # rule token_fraction: the share of answer tokens among these
+    judge: JudgeSource | None = None
 
 
 @dataclass(frozen=True)
 class PPOOptions:
     rewards: tuple[RewardSource, ...] = ()
+    algorithm: str = "ppo"  # a2c: one unclipped update per batch
     gate: tuple[str, float] | None = None
     value_from: str | None = None  # default: the first reward model, else the policy
     rollout: str = "hf"
@@ -98,6 +114,27 @@ class PPOOptions:
     ppo_epochs: int = 4
     minibatch_size: int | None = None  # default: the whole rollout batch
     reward_norm: str = "running"
+
+
+@dataclass(frozen=True)
+class GroupOptions:
+    """GRPO and RLOO: `samples` (K) answers per prompt, each answer's advantage relative to the others
+    of its prompt (no value model), a KL term to the reference: GRPO's k3 estimator in the loss, RLOO's
+    sequence KL in the reward. `epochs` passes of `minibatch_size` answers per batch (1: on-policy)."""
+
+    rewards: tuple[RewardSource, ...] = ()
+    gate: tuple[str, float] | None = None
+    samples: int = 4
+    rollout: str = "hf"
+    vllm_options: dict[str, Any] = field(default_factory=dict)
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    kl_beta: float = 0.04
+    scale_rewards: bool = True  # grpo only: divide by the group's std (False: Dr. GRPO)
+    clip_range: float = 0.2
+    epochs: int = 1
+    minibatch_size: int | None = None  # answers per optimizer step; default: all batch_size * samples
 
 
 @dataclass(frozen=True)
@@ -167,6 +204,8 @@ class TrainConfig:
     ppo: PPOOptions = field(default_factory=PPOOptions)
     rejection: RejectionOptions = field(default_factory=RejectionOptions)
     rest: RestOptions = field(default_factory=RestOptions)
+    grpo: GroupOptions = field(default_factory=GroupOptions)
+    rloo: GroupOptions = field(default_factory=GroupOptions)
 
     def read_paths(self) -> list[tuple[str, Path]]:
         """(config field, path) of every file or folder this trainer reads besides its models: the data
@@ -174,8 +213,14 @@ class TrainConfig:
         paths = [("data.train", self.train_data)] + ([("data.eval", self.eval_data)] if self.eval_data is not None else [])
         if self.rm.pretrain is not None:
             paths.append(("rm.pretrain.data", self.rm.pretrain.data))
-        sections = {"ppo": self.ppo, "rejection": self.rejection, "rest": self.rest}
+        sections = {"ppo": self.ppo, "rejection": self.rejection, "rest": self.rest, "grpo": self.grpo, "rloo": self.rloo}
         paths += [(f"{name}.rewards[{i}].model", s.model) for name, options in sections.items() for i, s in enumerate(options.rewards) if s.model is not None]
+        for name, options in sections.items():
+            for i, s in enumerate(options.rewards):
+                if s.judge is not None:
+                    paths.append((f"{name}.rewards[{i}].judge.constitution", s.judge.constitution))
+                    if s.judge.references is not None:
+                        paths.append((f"{name}.rewards[{i}].judge.references", s.judge.references))
         return paths
 
     @property
@@ -242,6 +287,8 @@ def load(kind: str, path: str | Path, overrides: list[str] = ()) -> TrainConfig:
         ppo=_ppo_options(doc, file, name) if kind == "ppo" else PPOOptions(),
         rejection=_rejection_options(doc, file, name) if kind == "rejection" else RejectionOptions(),
         rest=_rest_options(doc, file, name) if kind == "rest" else RestOptions(),
+        grpo=_group_options(doc, "grpo", file, name) if kind == "grpo" else GroupOptions(),
+        rloo=_group_options(doc, "rloo", file, name) if kind == "rloo" else GroupOptions(),
     )
 
 
@@ -255,20 +302,42 @@ def _rewards(doc: dict[str, Any], section: str, file: Path, name: str) -> tuple[
         if any(s.name == spec["name"] for s in sources):
             raise InputError(name, f"{section}.rewards[{index}].name", f"a second reward named {spec['name']!r}")
         model = _existing(spec["model"], file, name, f"{section}.rewards[{index}].model") if "model" in spec else None
-        sources.append(RewardSource(spec["name"], spec.get("weight", 1.0), model, tuple(spec.get("tokens", ()))))
+        judge = _judge(spec["judge"], file, name, f"{section}.rewards[{index}].judge", spec["name"]) if "judge" in spec else None
+        sources.append(RewardSource(spec["name"], spec.get("weight", 1.0), model, tuple(spec.get("tokens", ())), judge))
     gate = options.pop("gate", None)
     if gate is not None and gate["reward"] not in [s.name for s in sources]:
         raise InputError(name, f"{section}.gate.reward", f"names no reward (rewards: {', '.join(s.name for s in sources)})")
     return options, tuple(sources), (gate["reward"], gate["threshold"]) if gate else None
 
 
+def _judge(doc: dict[str, Any], file: Path, name: str, where: str, source: str) -> JudgeSource:
+    mode = doc.get("mode", "score")
+    if (mode == "pairwise") != ("references" in doc):
+        raise InputError(name, f"{where}.references", "pairwise mode needs references (each prompt's reference answer); score mode takes none")
+    return JudgeSource(
+        backend=backend_spec(f"judge-{source}", doc["backend"], file, f"{where}.backend"),
+        constitution=_existing(doc["constitution"], file, name, f"{where}.constitution"),
+        mode=mode,
+        principles=doc.get("principles", 1),
+        references=_existing(doc["references"], file, name, f"{where}.references") if "references" in doc else None,
+    )
+
+
+def _offline_rewards(doc: dict[str, Any], section: str, file: Path, name: str) -> tuple[dict[str, Any], tuple[RewardSource, ...], tuple[str, float] | None]:
+    options, sources, gate = _rewards(doc, section, file, name)
+    for index, source in enumerate(sources):
+        if source.judge is not None:
+            raise InputError(name, f"{section}.rewards[{index}].judge", "the judge is a reward of the online trainers (ppo, grpo, rloo)")
+    return options, sources, gate
+
+
 def _rejection_options(doc: dict[str, Any], file: Path, name: str) -> RejectionOptions:
-    options, sources, gate = _rewards(doc, "rejection", file, name)
+    options, sources, gate = _offline_rewards(doc, "rejection", file, name)
     return RejectionOptions(rewards=sources, gate=gate, **options)
 
 
 def _rest_options(doc: dict[str, Any], file: Path, name: str) -> RestOptions:
-    options, sources, gate = _rewards(doc, "rest", file, name)
+    options, sources, gate = _offline_rewards(doc, "rest", file, name)
     thresholds = tuple(options.pop("thresholds", RestOptions.thresholds))
     if any(b <= a for a, b in zip(thresholds, thresholds[1:])):
         raise InputError(name, "rest.thresholds", f"must rise strictly, one Improve step each: {list(thresholds)}")
@@ -277,11 +346,28 @@ def _rest_options(doc: dict[str, Any], file: Path, name: str) -> RestOptions:
     return RestOptions(rewards=sources, gate=gate, thresholds=thresholds, **options)
 
 
-def _ppo_options(doc: dict[str, Any], file: Path, name: str) -> PPOOptions:
-    options, sources, gate = _rewards(doc, "ppo", file, name)
+def _check_rollout(doc: dict[str, Any], options: dict[str, Any], section: str, name: str) -> None:
     if options.get("rollout") == "vllm" and "lora" in doc:
         # The engine takes whole weights: a LoRA policy would need its adapter merged at every sync.
-        raise InputError(name, "ppo.rollout", "vllm rollouts need a full policy, not lora: drop lora or use rollout: hf")
+        raise InputError(name, f"{section}.rollout", "vllm rollouts need a full policy, not lora: drop lora or use rollout: hf")
+
+
+def _group_options(doc: dict[str, Any], section: str, file: Path, name: str) -> GroupOptions:
+    options, sources, gate = _rewards(doc, section, file, name)
+    _check_rollout(doc, options, section, name)
+    group = GroupOptions(rewards=sources, gate=gate, **options)
+    if group.minibatch_size is not None and group.minibatch_size % group.samples:
+        raise InputError(name, f"{section}.minibatch_size", f"a multiple of samples ({group.samples}): a prompt's answers are packed into one row")
+    return group
+
+
+def _ppo_options(doc: dict[str, Any], file: Path, name: str) -> PPOOptions:
+    options, sources, gate = _rewards(doc, "ppo", file, name)
+    _check_rollout(doc, options, "ppo", name)
+    if options.get("algorithm") == "a2c":
+        for key in ("ppo_epochs", "minibatch_size", "clip_range", "value_clip_range"):
+            if key in options:
+                raise InputError(name, f"ppo.{key}", "an option of algorithm ppo: a2c takes one unclipped update per batch")
     if options.get("value_from") == "reward" and not any(s.model for s in sources):
         raise InputError(name, "ppo.value_from", "no reward model to start the value model from")
     return PPOOptions(rewards=sources, gate=gate, **options)

@@ -218,3 +218,102 @@ class AdaptiveKLController:
         error = min(max(current_kl / self.target - 1, -0.2), 0.2)
         self.value *= 1 + error * n_steps / self.horizon
         return self.value
+
+
+# ----------------------------------------------------------------------------- critic-free and actor-critic pieces
+
+
+def group_advantages(rewards: Tensor, scale: bool = True, eps: float = 1e-4) -> Tensor:
+    """GRPO's group-relative advantage (Shao et al. 2024, DeepSeekMath, outcome supervision), over
+    [prompts, K] rewards of K answers per prompt, given to every token of answer i:
+
+        A_i = (r_i - mean(r_group)) / (std(r_group) + eps)      scale=True (the paper)
+        A_i =  r_i - mean(r_group)                               scale=False (Liu et al. 2025, Dr. GRPO)
+
+    std is the sample standard deviation (n - 1), as TRL's GRPOTrainer computes it. Dividing by it
+    weighs prompts whose answers barely differ as much as those where they differ a lot; Dr. GRPO
+    drops it for that reason. A group whose rewards are all equal has advantage 0 either way.
+    """
+    centred = rewards - rewards.mean(dim=1, keepdim=True)
+    if not scale:
+        return centred
+    return centred / (rewards.std(dim=1, keepdim=True) + eps)
+
+
+def rloo_advantages(rewards: Tensor) -> Tensor:
+    """RLOO's leave-one-out baseline (Kool et al. 2019; Ahmadian et al. 2024), over [prompts, K]:
+
+        A_i = r_i - 1/(K-1) sum_{j != i} r_j  =  K/(K-1) (r_i - mean(r_group))
+
+    each answer's baseline is the mean reward of the prompt's other K - 1 answers (unbiased: it does
+    not depend on answer i)."""
+    k = rewards.shape[1]
+    if k < 2:
+        raise ValueError("rloo_advantages needs at least 2 answers per prompt")
+    others = (rewards.sum(dim=1, keepdim=True) - rewards) / (k - 1)
+    return rewards - others
+
+
+def k3_kl(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
+    """GRPO's per-token KL estimator (Schulman's k3, the DeepSeekMath paper's eq. 4), unbiased for
+    KL(pi || pi_ref) on samples from pi and never negative:
+
+        D_t = pi_ref / pi - log(pi_ref / pi) - 1,   with log(pi_ref / pi) = log pi_ref - log pi
+    """
+    log_ratio = ref_logprobs - logprobs
+    return torch.exp(log_ratio) - log_ratio - 1
+
+
+def grpo_loss(
+    logprobs: Tensor, old_logprobs: Tensor, ref_logprobs: Tensor | None, advantages: Tensor, clip_range: float, beta: float, mask: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """GRPO's objective (Shao et al. 2024, eq. 3) as a loss to minimise, over [batch, T] tokens with
+    one advantage per answer ([batch]); returns (loss, mean k3 KL, clip fraction):
+
+        L = -1/G sum_i 1/|o_i| sum_t [ min(rho_t A_i, clip(rho_t, 1 - eps, 1 + eps) A_i) - beta D_t ]
+        rho_t = pi(o_t) / pi_old(o_t),   D_t = k3_kl(log pi, log pi_ref)
+
+    each answer's tokens averaged first (1/|o_i|), then the answers. With one update per batch
+    (pi_old = pi, rho = 1) the gradient is REINFORCE's with advantage A_i. `ref_logprobs` None (beta 0)
+    leaves the KL term out.
+    """
+    mask = mask.to(logprobs.dtype)
+    ratio = torch.exp(logprobs - old_logprobs)
+    a = advantages.unsqueeze(1)
+    surrogate = torch.minimum(ratio * a, torch.clamp(ratio, 1 - clip_range, 1 + clip_range) * a)
+    kl = k3_kl(logprobs, ref_logprobs) if ref_logprobs is not None else torch.zeros_like(logprobs)
+    per_token = -(surrogate - beta * kl)
+    lengths = mask.sum(1).clamp(min=1)
+    loss = ((per_token * mask).sum(1) / lengths).mean()
+    clipped = (ratio * a > torch.clamp(ratio, 1 - clip_range, 1 + clip_range) * a).float()
+    return loss, ((kl * mask).sum(1) / lengths).mean().detach(), masked_mean(clipped, mask)
+
+
+def a2c_loss(logprobs: Tensor, values: Tensor, advantages: Tensor, returns: Tensor, value_coef: float, mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Advantage actor-critic (Mnih et al. 2016), one update per batch, no ratio and no clipping;
+    returns (loss, policy loss, value loss):
+
+        L_pi = -mean_t( A_t log pi(a_t | s_t) )       A_t detached (GAE over the critic's V)
+        L_V  = 0.5 mean_t( (V(s_t) - R_t)^2 )
+        L    = L_pi + value_coef L_V
+    """
+    policy_loss = -masked_mean(advantages.detach() * logprobs, mask)
+    value_loss = 0.5 * masked_mean((values - returns.detach()) ** 2, mask)
+    return policy_loss + value_coef * value_loss, policy_loss, value_loss
+
+
+
+def rloo_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, clip_range: float, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """RLOO's REINFORCE on whole answers (Ahmadian et al. 2024: an answer is one action), with PPO's
+    clip on the sequence ratio for the case of more than one update per batch; returns (loss, clip
+    fraction), with s_i = sum_t log pi(y_t) over answer i's tokens:
+
+        rho_i = exp(s_i - s_i_old)
+        L = -mean_i min(rho_i A_i, clip(rho_i, 1 - eps, 1 + eps) A_i)
+
+    With one update per batch (rho = 1) the gradient is -mean_i A_i grad s_i, the paper's estimator.
+    """
+    mask = mask.to(logprobs.dtype)
+    ratio = torch.exp(((logprobs - old_logprobs) * mask).sum(1))
+    unclipped, clipped = ratio * advantages, torch.clamp(ratio, 1 - clip_range, 1 + clip_range) * advantages
+    return -torch.minimum(unclipped, clipped).mean(), (clipped < unclipped).float().mean()

@@ -8,6 +8,11 @@ with the answer's reward added on its last token; GAE over the value model's est
 `ppo_epochs` passes of minibatches of the clipped surrogate plus the clipped value loss (minus an
 optional entropy bonus). beta is fixed, or adapted to a target KL (Ziegler et al. 2019).
 
+`algorithm: a2c` runs the same loop as advantage actor-critic (Mnih et al. 2016): one update per
+batch over the whole batch (no epochs, no minibatches), the plain policy gradient -A log pi (no ratio,
+no clipping) and an unclipped value loss; rollout, rewards, KL penalty, GAE and advantage whitening
+are PPO's, so the two compare on the same run.
+
 The value model is a scalar head on its own transformer (a sequence-classification model read at
 every token), started from the first reward model or the policy.
 """
@@ -20,14 +25,14 @@ from pathlib import Path
 
 import torch
 
-from cai import prompts as prompt_sets
 from cai.errors import InputError
 from cai.seeding import derive_seed
 from cai.train import checkpoint, data, runtime
 from cai.train.config import TrainConfig
-from cai.train.losses import AdaptiveKLController, FixedKLController, gae, masked_mean, ppo_policy_loss, ppo_value_loss, token_logps
+from cai.train.losses import AdaptiveKLController, FixedKLController, a2c_loss, gae, masked_mean, ppo_policy_loss, ppo_value_loss
 from cai.train.metrics import MetricsLog, plot
 from cai.train.reward import Rewards
+from cai.train.rollout import Sampler, load_prompts, load_reference, logps_and_entropy, positions, reference_logps
 
 
 class RunningMoments:
@@ -58,18 +63,6 @@ def normalise(scores: torch.Tensor, how: str, moments: RunningMoments) -> torch.
     return (scores - moments.mean) / (math.sqrt(moments.var) + 1e-8)
 
 
-def response_mask(responses: torch.Tensor, eos_id: int) -> torch.Tensor:
-    """1 on each answer's tokens up to and including its first end-of-sequence token (what follows is padding)."""
-    is_eos = (responses == eos_id).long()
-    after_eos = (is_eos.cumsum(1) - is_eos) > 0
-    return (~after_eos).float()
-
-
-def positions(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Position ids that skip left padding, as generation used them."""
-    return (attention_mask.cumsum(1) - 1).clamp(min=0)
-
-
 class TokenValues(torch.nn.Module):
     """A sequence-classification model's scalar head read at every token: V(s_t) per position."""
 
@@ -84,7 +77,7 @@ class TokenValues(torch.nn.Module):
 
 def train(config: TrainConfig, stop_after: int | None = None) -> Path:
     """Train; returns OUTPUT/final. `stop_after=N` returns right after step N's checkpoint."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, GenerationConfig
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     options = config.ppo
     if config.grad_accum != 1:
@@ -94,39 +87,27 @@ def train(config: TrainConfig, stop_after: int | None = None) -> Path:
     tokenizer.padding_side = "left"  # prompts end where the answers start
 
     # --- prompts and rewards: validated before anything is written
-    conversations = [list(p.messages) for p in prompt_sets.load(config.train_data)][: config.limit]
-    room = config.max_length - options.max_new_tokens
-    encoded = [tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=True, return_dict=False) for m in conversations]
-    kept = [i for i, ids in enumerate(encoded) if len(ids) <= room]
-    if not kept:
-        raise InputError(str(config.file), "max_length", f"no prompt fits in max_length - ppo.max_new_tokens = {room} tokens")
-    if len(kept) < len(encoded):
-        acc.print(f"left out {len(encoded) - len(kept)} prompts longer than {room} tokens")
-    conversations, encoded = [conversations[i] for i in kept], [encoded[i] for i in kept]
-    rewards = Rewards(options.rewards, options.gate, tokenizer, acc.device, str(config.file), "ppo.rewards")
+    conversations, encoded = load_prompts(config, tokenizer, options.max_new_tokens, acc)
+    rewards = Rewards(options.rewards, options.gate, tokenizer, acc.device, str(config.file), "ppo.rewards", config.seed)
+    rewards.check_prompts(conversations)
 
     resume = runtime.prepare_output(config, acc)
     batches = data.Batches([len(ids) for ids in encoded], config.batch_size, config.seed, rank=acc.process_index, world_size=acc.num_processes)
     steps = config.max_steps or config.epochs * batches.per_epoch
-    minibatch = options.minibatch_size or config.batch_size
-    updates = options.ppo_epochs * math.ceil(config.batch_size / minibatch)
+    a2c = options.algorithm == "a2c"
+    minibatch = config.batch_size if a2c else options.minibatch_size or config.batch_size
+    epochs = 1 if a2c else options.ppo_epochs
+    updates = epochs * math.ceil(config.batch_size / minibatch)
 
     # --- models: policy (trained), reference (frozen), value (trained)
     policy = runtime.load_model(AutoModelForCausalLM, config, resume, task_type="CAUSAL_LM")
-    reference = None
-    if config.lora is None:
-        reference = AutoModelForCausalLM.from_pretrained(runtime.model_path(config), dtype=torch.float32).to(acc.device).eval()
-        reference.requires_grad_(False)
+    reference = load_reference(config, acc)
     first_model = next((s.model for s in options.rewards if s.model is not None), None)
     value_start = resume / "value" if resume else (first_model if (options.value_from or ("reward" if first_model else "policy")) == "reward" else runtime.model_path(config))
     value = TokenValues(AutoModelForSequenceClassification.from_pretrained(value_start, num_labels=1, pad_token_id=data.pad_id(tokenizer), dtype=torch.float32))
     optimizer, scheduler = runtime.optimizer_and_scheduler(config, torch.nn.ModuleList([policy, value]), steps * updates)
     policy, optimizer, value = runtime.prepare(acc, policy, optimizer, scheduler, value)
-    engine = None
-    if options.rollout == "vllm":
-        from cai.train.vllm_rollout import VLLMRollout
-
-        engine = VLLMRollout(runtime.model_path(config), options.vllm_options, config.max_length)
+    sampler = Sampler(config, options, tokenizer, acc, "ppo-rollout")
 
     state = checkpoint.restore(acc, resume) if resume else {"step": 0, "position": 0}
     position = state["position"]
@@ -137,19 +118,6 @@ def train(config: TrainConfig, stop_after: int | None = None) -> Path:
     )
     moments = RunningMoments(state.get("reward_moments"))
     metrics = MetricsLog(config.output_dir / "metrics.jsonl", state["step"], config.output_dir / "tensorboard" if config.tensorboard else None, acc.is_main_process)
-    pad_id, eos_id = data.pad_id(tokenizer), tokenizer.eos_token_id
-    generation = GenerationConfig(
-        do_sample=True, temperature=options.temperature, top_p=options.top_p, top_k=0,
-        max_new_tokens=options.max_new_tokens, pad_token_id=pad_id, eos_token_id=eos_id,
-    )  # fmt: skip
-
-    def logps_and_entropy(model, ids, attention, start):
-        """log pi(token) of each answer token (logits at temperature, as sampled) and the entropy there."""
-        logits = model(input_ids=ids, attention_mask=attention, position_ids=positions(attention)).logits[:, start - 1 :] / options.temperature
-        logp = token_logps(logits, ids[:, start - 1 :])  # logits at start-1 .. end-2 predict the answer's tokens
-        predicting = logits[:, :-1].float()
-        entropy = torch.logsumexp(predicting, -1) - (torch.softmax(predicting, -1) * predicting).sum(-1)
-        return logp, entropy
 
     for step in range(state["step"] + 1, steps + 1):
         indexes = batches(position)
@@ -157,38 +125,18 @@ def train(config: TrainConfig, stop_after: int | None = None) -> Path:
         prompts = [conversations[i] for i in indexes]
 
         # --- rollout
-        started = time.perf_counter()
-        sync_seconds = 0.0
-        batch = tokenizer.pad({"input_ids": [encoded[i] for i in indexes]}, return_tensors="pt").to(acc.device)
-        start = batch["input_ids"].shape[1]
-        if engine is None:
-            torch.manual_seed(derive_seed(config.seed, "ppo-rollout", step))
-            with torch.no_grad():
-                ids = acc.unwrap_model(policy).generate(**batch, generation_config=generation)
-        else:
-            sync_seconds = engine.sync(acc.unwrap_model(policy))
-            answers = engine.generate(
-                [encoded[i] for i in indexes], derive_seed(config.seed, "ppo-rollout", step), options.temperature, options.top_p, options.max_new_tokens
-            )
-            ids = torch.cat([batch["input_ids"], data.pad(answers, pad_id).to(acc.device)], dim=1)
-        responses = ids[:, start:]
-        mask = response_mask(responses, eos_id)
-        attention = torch.cat([batch["attention_mask"], mask.long()], dim=1)
-        generation_seconds = time.perf_counter() - started - sync_seconds
+        rollout = sampler(policy, [encoded[i] for i in indexes], step)
+        ids, start, mask, attention = rollout.ids, rollout.start, rollout.mask, rollout.attention
 
-        # --- score, then the frozen numbers the update compares against
+        # --- score (the judge's calls in flight meanwhile), the frozen numbers the update compares against
         started = time.perf_counter()
-        texts = tokenizer.batch_decode(responses * mask.long() + pad_id * (1 - mask.long()), skip_special_tokens=True)
-        score, each = rewards.score(prompts, texts, responses, mask)
-        score = score.to(acc.device)
+        pending = rewards.start(prompts, sampler.texts(rollout), rollout.responses, mask)
         with torch.no_grad():
-            old_logp, _ = logps_and_entropy(policy, ids, attention, start)
-            if reference is not None:
-                ref_logp, _ = logps_and_entropy(reference, ids, attention, start)
-            else:
-                with acc.unwrap_model(policy).disable_adapter():
-                    ref_logp, _ = logps_and_entropy(policy, ids, attention, start)
+            old_logp, _ = logps_and_entropy(policy, ids, attention, start, options.temperature)
+            ref_logp = reference_logps(reference, policy, acc, rollout, options.temperature)
             old_values = value(ids, attention)[:, start - 1 : -1]
+        score, each, judge_wait = pending.result()
+        score = score.to(acc.device)
         token_kl = (old_logp - ref_logp) * mask
         token_rewards = -kl.value * token_kl
         last = mask.sum(1).long() - 1
@@ -198,18 +146,24 @@ def train(config: TrainConfig, stop_after: int | None = None) -> Path:
         advantages = (advantages - masked_mean(advantages, mask)) / (masked_mean((advantages - masked_mean(advantages, mask)) ** 2, mask).sqrt() + 1e-8) * mask
         scoring_seconds = time.perf_counter() - started
 
-        # --- PPO epochs over minibatches
+        # --- PPO epochs over minibatches (A2C: one update on the whole batch)
         started = time.perf_counter()
         order = torch.Generator().manual_seed(derive_seed(config.seed, "ppo-minibatches", step))
         logs = []
-        for _ in range(options.ppo_epochs):
+        for _ in range(epochs):
             for chunk in torch.randperm(len(indexes), generator=order).split(minibatch):
-                logp, entropy = logps_and_entropy(policy, ids[chunk], attention[chunk], start)
+                logp, entropy = logps_and_entropy(policy, ids[chunk], attention[chunk], start, options.temperature, entropy_grad=options.entropy_coef > 0)
                 values = value(ids[chunk], attention[chunk])[:, start - 1 : -1]
-                policy_loss, clip_fraction = ppo_policy_loss(logp, old_logp[chunk], advantages[chunk], options.clip_range, mask[chunk])
-                value_loss, value_clip_fraction = ppo_value_loss(values, old_values[chunk], returns[chunk], options.value_clip_range, mask[chunk])
                 mean_entropy = masked_mean(entropy, mask[chunk])
-                loss = policy_loss + options.value_coef * value_loss - options.entropy_coef * mean_entropy
+                clipping = {}
+                if a2c:
+                    loss, policy_loss, value_loss = a2c_loss(logp, values, advantages[chunk], returns[chunk], options.value_coef, mask[chunk])
+                else:
+                    policy_loss, clip_fraction = ppo_policy_loss(logp, old_logp[chunk], advantages[chunk], options.clip_range, mask[chunk])
+                    value_loss, value_clip_fraction = ppo_value_loss(values, old_values[chunk], returns[chunk], options.value_clip_range, mask[chunk])
+                    loss = policy_loss + options.value_coef * value_loss
+                    clipping = {"clip_fraction": clip_fraction.item(), "value_clip_fraction": value_clip_fraction.item()}
+                loss = loss - options.entropy_coef * mean_entropy
                 runtime.check_finite(loss, "loss", step, config.output_dir)
                 acc.backward(loss)
                 grad_norm = acc.clip_grad_norm_(list(policy.parameters()) + list(value.parameters()), config.max_grad_norm)
@@ -219,8 +173,8 @@ def train(config: TrainConfig, stop_after: int | None = None) -> Path:
                 optimizer.zero_grad()
                 logs.append(
                     {
-                        "policy_loss": policy_loss.item(), "value_loss": value_loss.item(), "clip_fraction": clip_fraction.item(),
-                        "value_clip_fraction": value_clip_fraction.item(), "entropy": mean_entropy.item(), "grad_norm": grad_norm.item(),
+                        "policy_loss": policy_loss.item(), "value_loss": value_loss.item(), **clipping,
+                        "entropy": mean_entropy.item(), "grad_norm": grad_norm.item(),
                         "approx_kl": masked_mean(old_logp[chunk] - logp.detach(), mask[chunk]).item(),
                     }
                 )  # fmt: skip
@@ -242,12 +196,13 @@ def train(config: TrainConfig, stop_after: int | None = None) -> Path:
                 "kl_beta": beta,
                 **{k: sum(log[k] for log in logs) / len(logs) for k in logs[0]},
                 "response_length": answer_tokens / len(indexes),
-                "generation_tokens_per_s": answer_tokens / generation_seconds,
-                "training_tokens_per_s": options.ppo_epochs * attention.sum().item() / training_seconds,
-                "seconds_generation": generation_seconds,
+                "generation_tokens_per_s": answer_tokens / rollout.generation_seconds,
+                "training_tokens_per_s": epochs * attention.sum().item() / training_seconds,
+                "seconds_generation": rollout.generation_seconds,
                 "seconds_scoring": scoring_seconds,
                 "seconds_training": training_seconds,
-                "seconds_weight_sync": sync_seconds,
+                "seconds_weight_sync": rollout.sync_seconds,
+                "seconds_judge_wait": judge_wait,
                 "lr": scheduler.get_last_lr()[0],
             },
         )
@@ -257,8 +212,8 @@ def train(config: TrainConfig, stop_after: int | None = None) -> Path:
         if step == stop_after:
             break
     metrics.close()
-    if engine is not None:
-        engine.close()
+    sampler.close()
+    rewards.close()
     if stop_after is not None and stop_after < steps:
         return config.output_dir / "final"
     tokenizer.padding_side = "right"  # the saved tokenizer pads as training and serving expect

@@ -16,8 +16,11 @@ stored as an offset (final/reward.json) that RewardScorer subtracts, so rewards 
 
 from __future__ import annotations
 
+import asyncio
 import json
-from dataclasses import replace
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -27,7 +30,7 @@ from cai.eval_judge import wilson_interval
 from cai.files import canonical_json
 from cai.store import write_atomic
 from cai.train import checkpoint, data, runtime
-from cai.train.config import TrainConfig
+from cai.train.config import JudgeSource, TrainConfig
 from cai.train.losses import bradley_terry_loss, reward_centering_loss
 from cai.train.metrics import MetricsLog, mean, plot
 
@@ -257,19 +260,118 @@ def combine(each: dict[str, torch.Tensor], weights: dict[str, float], gate: tupl
     return torch.where(each[name] < threshold, each[name], combined)
 
 
-class Rewards:
-    """Reward models and rules (`token_fraction`: the share of answer tokens among given tokens),
-    combined by weight (and gate) into one reward per answer: what PPO and rejection sampling optimise."""
+class JudgeError(Exception):
+    """A judge call that failed after its retries, or a verdict without a usable score: the step stops
+    with the reason (never a silent zero reward)."""
 
-    def __init__(self, sources, gate: tuple[str, float] | None, tokenizer, device, file: str, field: str):
+
+class Judge:
+    """The constitution's judge (any backend a pipeline may use) as a live reward, on an event loop of
+    its own so that its calls run while the trainer computes log-probs.
+
+    score:    d-RLAIF (Lee et al. 2023): the expected score over the tokens 1..10 (cai.stages.score's
+              prompt), averaged over `principles` comparison principles drawn per answer.
+    pairwise: P(answer beats the prompt's reference answer) under each principle, the judge asked in
+              both orders and the two averaged (cai.stages.compare's prompt, RLAIF's position
+              debiasing), averaged over the principles.
+    The principles are drawn from (seed, prompt, answer): the same answer gets the same principles.
+    """
+
+    def __init__(self, spec: JudgeSource, seed: int):
+        from cai import constitution
+        from cai.backends.base import LoopThread, start
+
+        self.spec, self.seed = spec, seed
+        self.constitution = constitution.load(spec.constitution)
+        self.references = {}
+        if spec.references is not None:
+            for messages in data.load_sft(spec.references):
+                self.references[canonical_json(messages[:-1])] = messages[-1]["content"]
+        self.loop = LoopThread(f"cai-judge-{spec.backend.name}")
+        try:
+            self.backend = self.loop.run(start(spec.backend))
+        except BaseException:
+            self.loop.stop()
+            raise
+
+    def check_prompts(self, prompts: list[data.Messages], file: str, field: str) -> None:
+        """Pairwise: every prompt needs its reference answer, found before training starts."""
+        if self.spec.mode == "pairwise":
+            missing = sum(canonical_json(list(p)) not in self.references for p in prompts)
+            if missing:
+                raise InputError(file, f"{field}.references", f"no reference answer for {missing} of the {len(prompts)} prompts")
+
+    def submit(self, prompts: list[data.Messages], answers: list[str]) -> Future:
+        """Start scoring; the future holds one reward per answer."""
+        return asyncio.run_coroutine_threadsafe(self._score(prompts, answers), self.loop.loop)
+
+    async def _score(self, prompts: list[data.Messages], answers: list[str]) -> torch.Tensor:
+        from cai.backends.base import BackendCallError
+
+        try:
+            scores = await asyncio.gather(*(self._one(list(p), a) for p, a in zip(prompts, answers)))
+        except BackendCallError as exc:
+            raise JudgeError(str(exc)) from None
+        return torch.tensor(scores, dtype=torch.float32)
+
+    async def _one(self, messages: data.Messages, answer: str) -> float:
+        from cai import feedback
+        from cai.backends.base import ChatRequest
+        from cai.seeding import rng
+        from cai.stages.compare import ANSWER_INSTRUCTION, OPTIONS, conversation_text, draw_distinct, judge_messages
+        from cai.stages.score import SCORE_TEMPLATE, SCORES
+
+        principles = draw_distinct(self.constitution, self.spec.principles, rng(self.seed, "judge", canonical_json(messages), answer))
+        if self.spec.mode == "score":
+            conversation = conversation_text(messages)
+
+            async def verdict(principle) -> float | None:
+                content = SCORE_TEMPLATE.format(conversation=conversation, question=principle.comparison, answer=answer)
+                logprobs = await self.backend.choice_logprobs(ChatRequest(messages=({"role": "user", "content": content},)), [str(s) for s in SCORES])
+                return feedback.expected_score(logprobs, SCORES)
+        else:
+            reference = self.references[canonical_json(messages)]
+
+            async def verdict(principle) -> float | None:
+                async def p_first(first: str, second: str) -> float | None:
+                    asked = ChatRequest(messages=judge_messages(messages, principle, first, second, ANSWER_INSTRUCTION))
+                    probs = feedback.normalise(await self.backend.choice_logprobs(asked, OPTIONS), OPTIONS)
+                    return None if probs is None else probs["A"]
+
+                shown_first, shown_second = await asyncio.gather(p_first(answer, reference), p_first(reference, answer))
+                if shown_first is None or shown_second is None:
+                    return None
+                return feedback.swap_average(shown_first, 1 - shown_second)
+
+        verdicts = await asyncio.gather(*(verdict(p) for p in principles))
+        if any(v is None for v in verdicts):
+            raise JudgeError(f"judge: no usable {self.spec.mode} verdict (no log-probability on the expected tokens) for an answer to {conversation_text(messages)[:80]!r}")
+        return feedback.ensemble(verdicts)
+
+    def close(self) -> None:
+        try:
+            self.loop.run(self.backend.close())
+        finally:
+            self.loop.stop()
+
+
+class Rewards:
+    """Reward models, rules (`token_fraction`: the share of answer tokens among given tokens) and the
+    judge, combined by weight (and gate) into one reward per answer: what the online trainers and
+    rejection sampling optimise. `start` sends the judge its calls at once and returns; the trainer
+    does its own work meanwhile and collects the rewards with `Pending.result`."""
+
+    def __init__(self, sources, gate: tuple[str, float] | None, tokenizer, device, file: str, field: str, seed: int = 0):
         models = {s.name: (s.model, s.weight) for s in sources if s.model is not None}
         self.scorer = RewardScorer(models, device=str(device)) if models else None
         self.weights = {s.name: s.weight for s in sources}
         self.gate = gate
         self.tokenizer = tokenizer
+        self.file, self.field = file, field
         self.rules: dict[str, torch.Tensor] = {}
+        self.judges: dict[str, tuple[int, Judge]] = {}
         for index, source in enumerate(sources):
-            if source.model is None:
+            if source.model is None and source.judge is None:
                 ids = []
                 for token in source.tokens:
                     encoded = tokenizer.encode(token, add_special_tokens=False)
@@ -277,19 +379,55 @@ class Rewards:
                         raise InputError(file, f"{field}[{index}].tokens", f"{token!r} is {len(encoded)} tokens for this tokenizer, not one")
                     ids.append(encoded[0])
                 self.rules[source.name] = torch.tensor(sorted(set(ids)))
+        for index, source in enumerate(sources):  # last: a judge engine starts only for a config found good
+            if source.judge is not None:
+                self.judges[source.name] = (index, Judge(source.judge, seed))
+
+    def check_prompts(self, prompts: list[data.Messages]) -> None:
+        for name, (index, judge) in self.judges.items():
+            judge.check_prompts(prompts, self.file, f"{self.field}[{index}].judge")
+
+    def start(self, prompts: list[data.Messages], texts: list[str], responses: torch.Tensor, mask: torch.Tensor) -> Pending:
+        """Send the judges their calls; the other sources are computed when the result is collected."""
+        return Pending(self, {name: judge.submit(prompts, texts) for name, (_, judge) in self.judges.items()}, prompts, texts, responses, mask)
 
     def score(self, prompts: list[data.Messages], texts: list[str], responses: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(combined reward, each source's) for answers given as text and as token ids with their mask."""
-        each = self.scorer.score_each(prompts, texts) if self.scorer else {}
-        for name, ids in self.rules.items():
-            hits = torch.isin(responses.cpu(), ids).float() * mask.cpu()
-            each[name] = hits.sum(1) / mask.cpu().sum(1).clamp(min=1)
-        return combine(each, self.weights, self.gate), each
+        combined, each, _ = self.start(prompts, texts, responses, mask).result()
+        return combined, each
 
     def score_texts(self, prompts: list[data.Messages], texts: list[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         ids = [self.tokenizer.encode(t, add_special_tokens=False) for t in texts]
         mask = data.pad([[1] * len(i) or [0] for i in ids], 0).float()  # an empty answer holds no token of any rule
         return self.score(prompts, texts, data.pad([i or [data.pad_id(self.tokenizer)] for i in ids], data.pad_id(self.tokenizer)), mask)
+
+    def close(self) -> None:
+        for _, judge in self.judges.values():
+            judge.close()
+
+
+@dataclass
+class Pending:
+    """Rewards whose judge calls are in flight."""
+
+    rewards: Rewards
+    judged: dict[str, Future]
+    prompts: list[data.Messages]
+    texts: list[str]
+    responses: torch.Tensor
+    mask: torch.Tensor
+
+    def result(self) -> tuple[torch.Tensor, dict[str, torch.Tensor], float]:
+        """(combined reward, each source's, seconds spent waiting for the judges)."""
+        r = self.rewards
+        each = r.scorer.score_each(self.prompts, self.texts) if r.scorer else {}
+        for name, ids in r.rules.items():
+            hits = torch.isin(self.responses.cpu(), ids).float() * self.mask.cpu()
+            each[name] = hits.sum(1) / self.mask.cpu().sum(1).clamp(min=1)
+        started = time.perf_counter()
+        for name, future in self.judged.items():
+            each[name] = future.result()  # a JudgeError from the loop is raised here
+        return combine(each, r.weights, r.gate), each, time.perf_counter() - started
 
 
 def evaluate_pairs(scorer: RewardScorer, pairs: list[data.Pair]) -> dict[str, object]:

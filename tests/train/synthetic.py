@@ -87,9 +87,45 @@ def ppo_config(tmp_path: Path, tiny_model: Path, tokens: list[str], name: str, b
         tmp_path / f"{name}.yaml",
         model=str(tiny_model), data={"train": str(PROMPTS)}, output_dir=str(tmp_path / name),
         max_steps=steps, batch_size=48, lr=2e-3, max_length=192, save_every=2, seed=1,
-        ppo={
+        ppo={k: v for k, v in {
             "rewards": [{"name": "share", "rule": "token_fraction", "tokens": tokens}],
             "max_new_tokens": 3, "kl_beta": beta, "ppo_epochs": 2, "reward_norm": "none", **ppo_options,
-        },
+        }.items() if v is not None},  # an option given as None is left out
     )  # fmt: skip
     return train_config.load("ppo", path)
+
+
+def group_config(tmp_path: Path, tiny_model: Path, tokens: list[str], kind: str, name: str, steps: int = 16, **options):
+    """GRPO or RLOO on the tiny model with PPO's rule reward: 12 prompts a step, 4 answers each."""
+    from cai.train import config as train_config
+
+    path = write_config(
+        tmp_path / f"{name}.yaml",
+        model=str(tiny_model), data={"train": str(PROMPTS)}, output_dir=str(tmp_path / name),
+        max_steps=steps, batch_size=12, lr=5e-3, max_length=192, save_every=2, seed=1,
+        **{kind: {"rewards": [{"name": "share", "rule": "token_fraction", "tokens": tokens}], "samples": 4, "max_new_tokens": 3, "kl_beta": 0.01, **options}},
+    )  # fmt: skip
+    return train_config.load(kind, path)
+
+
+def judge_model(tiny_model: Path, out: Path) -> Path:
+    """The tiny model made into a judge whose top 20 next tokens hold the score digits and A/B (a random
+    model's do not, and an API judge reads only the top 20): every input embedding gets one shared
+    direction added, which then dominates the last hidden state, and the output rows of those tokens
+    get that direction too. What follows the shared part still moves their log-probs a little."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    direction = torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    direction /= direction.norm()
+    with torch.no_grad():
+        embeddings, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+        embeddings += 1.5 * embeddings.norm(dim=1).mean() * direction
+        for choice in [*map(str, range(1, 10)), "A", "B"]:
+            (token,) = tokenizer.encode(choice, add_special_tokens=False)
+            head[token] += 2.5 * head.norm(dim=1).mean() * direction
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out

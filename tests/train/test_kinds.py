@@ -31,7 +31,7 @@ def test_every_kind_is_a_command_a_chain_step_and_a_service_job(tmp_path: Path) 
     assert [s.argv[:2] for s in loaded.steps] == [("train", kind) for kind in KINDS]
 
 
-@pytest.mark.parametrize("kind", ["ppo", "rejection", "rest"])
+@pytest.mark.parametrize("kind", ["ppo", "rejection", "rest", "grpo", "rloo"])
 def test_service_refuses_a_reward_model_outside_the_workspace(tmp_path: Path, kind: str, monkeypatch) -> None:
     root, outside = tmp_path / "ws", tmp_path / "outside"
     (outside / "rm").mkdir(parents=True)
@@ -53,3 +53,22 @@ def test_service_refuses_pretraining_data_outside_the_workspace(tmp_path: Path, 
     with pytest.raises(InputError) as info:
         Workspace.open(root).load_training("rm", "c.yaml", [])
     assert info.value.render().startswith("c.yaml: rm.pretrain.data: leaves the workspace")
+
+
+def test_service_refuses_a_judge_backend_the_operator_did_not_declare(tmp_path: Path, monkeypatch) -> None:
+    root = tmp_path / "ws"
+    write_jsonl(root / "prompts.jsonl", [{"prompt": "Hi?"}])
+    (root / "harmless.yaml").write_text((Path(__file__).resolve().parents[2] / "constitutions" / "harmless.yaml").read_text())
+    backend = {"type": "openai", "model": "judge", "base_url": "http://10.0.0.1:8000/v1", "api_key_env": "SOME_SECRET"}
+    rewards = [{"name": "judge", "judge": {"backend": backend, "constitution": "harmless.yaml"}}]
+    (root / "c.yaml").write_text(json.dumps({"model": "smollm2", "data": {"train": "prompts.jsonl"}, "output_dir": "runs/x", "grpo": {"rewards": rewards}}))
+    monkeypatch.chdir(root)
+    with pytest.raises(InputError) as info:
+        Workspace.open(root).load_training("grpo", "c.yaml", [])
+    assert info.value.render().startswith("c.yaml: grpo.rewards[0].judge.backend: http://10.0.0.1:8000/v1 with $SOME_SECRET is not a backend this server allows")
+
+
+def test_the_judge_backend_schema_is_the_pipelines(tmp_path: Path) -> None:
+    """One backend entry format: the train schema's copy is kept equal to the pipeline schema's."""
+    assert schema("train")["$defs"]["backend"] == schema("pipeline")["$defs"]["backend"]
+    assert schema("train")["$defs"]["url"] == schema("pipeline")["$defs"]["url"]

@@ -13,14 +13,20 @@ import torch
 from cai.train.losses import (
     AdaptiveKLController,
     FixedKLController,
+    a2c_loss,
     bradley_terry_loss,
     cpl_loss,
     dpo_loss,
     gae,
+    group_advantages,
+    grpo_loss,
+    k3_kl,
     kl_penalty,
     ppo_policy_loss,
     ppo_value_loss,
     reward_centering_loss,
+    rloo_advantages,
+    rloo_loss,
     sequence_logps,
 )
 
@@ -331,3 +337,81 @@ def test_adaptive_kl_controller() -> None:
     # on target: unchanged
     before = controller.value
     assert controller.update(6.0, n_steps=100) == pytest.approx(before)
+
+
+# ----------------------------------------------------------------------------- GRPO, RLOO, A2C
+
+
+def test_group_advantages_by_hand() -> None:
+    rewards = t(1.0, 2.0, 3.0, 6.0).reshape(2, 2)
+    # group 1: mean 1.5, sample std sqrt(0.5); group 2: mean 4.5, sample std sqrt(4.5)
+    scaled = group_advantages(rewards, scale=True, eps=0.0)
+    assert scaled.flatten().tolist() == pytest.approx([-0.5 / math.sqrt(0.5), 0.5 / math.sqrt(0.5), -1.5 / math.sqrt(4.5), 1.5 / math.sqrt(4.5)])
+    assert group_advantages(rewards, scale=False).flatten().tolist() == pytest.approx([-0.5, 0.5, -1.5, 1.5])
+    assert group_advantages(t(2.0, 2.0, 2.0).reshape(1, 3)).abs().max().item() == 0.0  # equal rewards: no signal, no nan
+
+
+def test_rloo_baseline_is_the_mean_of_the_others() -> None:
+    rewards = t(1.0, 2.0, 6.0).reshape(1, 3)
+    # 1 - (2+6)/2 = -3; 2 - (1+6)/2 = -1.5; 6 - (1+2)/2 = 4.5
+    assert rloo_advantages(rewards).flatten().tolist() == pytest.approx([-3.0, -1.5, 4.5])
+    with pytest.raises(ValueError):
+        rloo_advantages(t(1.0).reshape(1, 1))
+
+
+def test_k3_kl_by_hand() -> None:
+    logp, ref = t(math.log(0.5), math.log(0.2)), t(math.log(0.25), math.log(0.2))
+    # ratio ref/pi = 0.5: 0.5 - log 0.5 - 1 = 0.19315; equal probabilities: 0
+    assert k3_kl(logp, ref).tolist() == pytest.approx([0.5 - math.log(0.5) - 1, 0.0])
+
+
+def test_grpo_loss_by_hand() -> None:
+    logp = t(math.log(0.6), math.log(0.5), math.log(0.3), 0.0).reshape(2, 2)
+    old = t(math.log(0.5), math.log(0.5), math.log(0.3), 0.0).reshape(2, 2)
+    ref = t(math.log(0.5), math.log(0.25), math.log(0.3), 0.0).reshape(2, 2)
+    mask = t(1, 1, 1, 0).reshape(2, 2)
+    advantages = t(1.0, -2.0)
+    loss, kl, clip_fraction = grpo_loss(logp, old, ref, advantages, clip_range=0.1, beta=0.5, mask=mask)
+    # answer 1: rho = (1.2, 1); A = 1: min(1.2, 1.1) = 1.1 and 1; k3 = (5/6 - log(5/6) - 1, 0.5 - log 0.5 - 1)
+    k3_a = 5 / 6 - math.log(5 / 6) - 1
+    k3_b = 0.5 - math.log(0.5) - 1
+    answer_1 = (-(1.1 - 0.5 * k3_a) - (1.0 - 0.5 * k3_b)) / 2
+    # answer 2: one token, rho = 1, A = -2, k3 = 0
+    answer_2 = 2.0
+    assert loss.item() == pytest.approx((answer_1 + answer_2) / 2)
+    assert kl.item() == pytest.approx(((k3_a + k3_b) / 2 + 0) / 2)
+    assert clip_fraction.item() == pytest.approx(1 / 3)
+
+
+def test_grpo_loss_at_ratio_one_is_reinforce() -> None:
+    logp = torch.tensor([[-1.0, -2.0], [-0.5, -0.7]], requires_grad=True)
+    advantages = t(1.5, -0.5).float()
+    loss, _, _ = grpo_loss(logp, logp.detach(), None, advantages, 0.2, 0.0, torch.ones(2, 2))
+    loss.backward()
+    # d/dlogp of -(1/2) sum_i (1/2) sum_t A_i rho_t = -A_i / 4 at rho = 1
+    assert logp.grad.flatten().tolist() == pytest.approx([-0.375, -0.375, 0.125, 0.125])
+
+
+def test_rloo_loss_by_hand() -> None:
+    logp = torch.tensor([[-1.0, -1.0], [-0.5, 0.0]], dtype=torch.float64, requires_grad=True)
+    old = t(-1.0, -1.2, -0.5, 0.0).reshape(2, 2)
+    mask = t(1, 1, 1, 0).reshape(2, 2)
+    advantages = t(2.0, -1.0)
+    loss, clip_fraction = rloo_loss(logp, old, advantages, 0.1, mask)
+    # answer 1: rho = exp(0.2) = 1.2214 > 1.1, A > 0: min gives 1.1 * 2; answer 2: rho = 1: -1
+    assert loss.item() == pytest.approx(-(2.2 - 1.0) / 2)
+    assert clip_fraction.item() == pytest.approx(0.5)
+    loss.backward()
+    # clipped answer: no gradient; answer 2: -A/2 = 0.5 on its token, none on the masked one
+    assert logp.grad.flatten().tolist() == pytest.approx([0.0, 0.0, 0.5, 0.0])
+
+
+def test_a2c_loss_by_hand() -> None:
+    logp = t(-1.0, -2.0, -3.0).reshape(1, 3)
+    values, returns = t(0.5, 1.0, 0.0).reshape(1, 3), t(1.0, 1.0, 2.0).reshape(1, 3)
+    advantages = t(2.0, -1.0, 4.0).reshape(1, 3)
+    mask = t(1, 1, 0).reshape(1, 3)
+    loss, policy, value = a2c_loss(logp, values, advantages, returns, value_coef=0.5, mask=mask)
+    # policy: -(2 * -1 + -1 * -2) / 2 = 0; value: 0.5 * (0.25 + 0) / 2 = 0.0625
+    assert policy.item() == pytest.approx(0.0) and value.item() == pytest.approx(0.0625)
+    assert loss.item() == pytest.approx(0.03125)

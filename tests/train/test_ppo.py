@@ -8,7 +8,7 @@ import torch
 from synthetic import ppo_config, read_metrics
 
 from cai.errors import InputError
-from cai.train import ppo
+from cai.train import ppo, rollout
 
 
 def early_late(metrics: dict[int, dict], key: str, steps: int) -> tuple[float, float]:
@@ -66,7 +66,7 @@ def test_running_moments_match_the_whole_history():
 
 def test_response_mask_stops_after_the_first_eos():
     responses = torch.tensor([[5, 7, 2, 2, 9], [5, 6, 7, 8, 9], [2, 3, 3, 3, 3]])
-    assert ppo.response_mask(responses, eos_id=2).tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]
+    assert rollout.response_mask(responses, eos_id=2).tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]
 
 
 def test_a_rule_token_that_is_not_one_token_is_an_error(tmp_path, tiny_model):
@@ -74,3 +74,17 @@ def test_a_rule_token_that_is_not_one_token_is_an_error(tmp_path, tiny_model):
     with pytest.raises(InputError, match=r"ppo\.rewards\[0\]\.tokens: 'certainly not one token' is \d+ tokens"):
         ppo.train(cfg)
     assert not (tmp_path / "bad").exists()
+
+
+def test_a2c_raises_the_reward_with_one_unclipped_update_per_batch(tmp_path, tiny_model, target_tokens):
+    cfg = ppo_config(tmp_path, tiny_model, target_tokens, "a2c", algorithm="a2c", ppo_epochs=None)
+    ppo.train(cfg)
+    metrics = read_metrics(cfg.output_dir)
+    early, late = early_late(metrics, "reward", 16)
+    assert late > early + 0.1, (early, late)
+    assert "clip_fraction" not in metrics[16] and {"policy_loss", "value_loss", "approx_kl"} <= set(metrics[16])
+
+
+def test_a2c_refuses_ppo_only_options(tmp_path, tiny_model, target_tokens):
+    with pytest.raises(InputError, match=r"ppo\.ppo_epochs: an option of algorithm ppo"):
+        ppo_config(tmp_path, tiny_model, target_tokens, "a2c-bad", algorithm="a2c")

@@ -155,3 +155,18 @@ def test_bad_train_input(case: Case, tmp_path: Path, tiny_model: Path, monkeypat
     assert captured.out == ""
     assert snapshot(tmp_path) == before, "bad input must not write or change any file"
     assert not (tmp_path / "out").exists()
+
+
+def test_the_judge_is_refused_by_offline_trainers_and_pairwise_needs_references(tmp_path: Path) -> None:
+    from synthetic import write_config, write_jsonl
+
+    from cai.errors import InputError
+    from cai.train import config as train_config
+
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Hi?"}])
+    judge = {"backend": {"type": "vllm", "model": "smollm2"}, "constitution": str(Path(__file__).resolve().parents[2] / "constitutions" / "harmless.yaml")}
+    for kind, extra, field in (("rejection", {}, "rejection.rewards[0].judge"), ("grpo", {"mode": "pairwise"}, "grpo.rewards[0].judge.references")):
+        path = write_config(tmp_path / f"{kind}.yaml", model="smollm2", data={"train": str(prompts)}, output_dir="x", **{kind: {"rewards": [{"name": "j", "judge": {**judge, **extra}}]}})
+        with pytest.raises(InputError) as info:
+            train_config.load(kind, path)
+        assert info.value.render().startswith(f"{path}: {field}: "), info.value.render()

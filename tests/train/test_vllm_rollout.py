@@ -4,9 +4,9 @@ PPO run with `rollout: vllm` trains and reports the sync time."""
 from __future__ import annotations
 
 import torch
-from synthetic import ppo_config, read_metrics
+from synthetic import group_config, ppo_config, read_metrics
 
-from cai.train import ppo
+from cai.train import grpo, ppo
 from cai.train.losses import token_logps
 from cai.train.vllm_rollout import VLLMRollout
 
@@ -50,3 +50,13 @@ def test_ppo_with_vllm_rollouts(tmp_path, tiny_model, target_tokens):
     metrics = read_metrics(cfg.output_dir)
     assert all(metrics[s]["seconds_weight_sync"] > 0 and 0 <= metrics[s]["reward"] <= 1 for s in (1, 2))
     assert metrics[2]["response_length"] > 0 and (final / "model.safetensors").exists()
+
+
+def test_grpo_with_vllm_rollouts_raises_the_reward(tmp_path, tiny_model, target_tokens):
+    """The engine samples each prompt's K answers from the policy's current weights (a sync per step)."""
+    cfg = group_config(tmp_path, tiny_model, target_tokens, "grpo", "grpo-vllm", rollout="vllm", vllm_options={"kv_cache_memory_bytes": 256 << 20})
+    grpo.train(cfg)
+    metrics = read_metrics(cfg.output_dir)
+    assert all(metrics[s]["seconds_weight_sync"] > 0 for s in metrics)
+    early, late = (metrics[1]["reward"] + metrics[2]["reward"]) / 2, (metrics[15]["reward"] + metrics[16]["reward"]) / 2
+    assert late > early + 0.1, (early, late)

@@ -1,0 +1,174 @@
+"""`cai train grpo` and `cai train rloo`: K sampled answers per prompt, each answer's advantage taken
+relative to the other answers of its prompt, no value model.
+
+- GRPO (Shao et al. 2024, DeepSeekMath): A_i = (r_i - mean) / std over the prompt's K rewards (or
+  only centred: `scale_rewards: false`, Dr. GRPO); the KL to the reference is GRPO's per-token k3
+  estimator, weighted by `kl_beta`, in the loss; each answer's tokens are averaged, then the answers.
+- RLOO (Ahmadian et al. 2024, "Back to Basics"): the reward is r_i - kl_beta KL(y_i) with the
+  sequence KL sum_t log pi/pi_ref of the sampled tokens; A_i = that reward minus the mean of the
+  prompt's other K - 1; REINFORCE on the whole answer (one action).
+
+One module for both kinds: they differ only in those three places (advantage, where the KL goes,
+how the loss sums tokens); rollout, reference, scoring, update, metrics and checkpoints are the same,
+and the rollout and reference pieces are PPO's too (rollout.py).
+
+Each step: `batch_size` prompts, each sampled K times (HF generation, or the vLLM engine holding the
+policy's weights); rewards from the sources (reward models, rules, the judge); advantages; then
+`epochs` passes of minibatches of whole groups (one pass of one minibatch by default: on-policy,
+ratio 1, no need for the old log-probs' extra forward pass in GRPO). A prompt's K answers go through the
+model as one packed row that holds the prompt once (rollout.group_logps_and_entropy): the prompt's
+tokens are computed once, not K times, in the reference's pass and in the update's.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from cai.errors import InputError
+from cai.seeding import derive_seed
+from cai.train import checkpoint, data, runtime
+from cai.train.config import TrainConfig
+from cai.train.losses import group_advantages, grpo_loss, masked_mean, rloo_advantages, rloo_loss
+from cai.train.metrics import MetricsLog, plot
+from cai.train.reward import Rewards
+from cai.train.rollout import Sampler, group_logps_and_entropy, load_prompts, load_reference, reference_logps
+
+
+def train(config: TrainConfig, stop_after: int | None = None) -> Path:
+    """Train; returns OUTPUT/final. `stop_after=N` returns right after step N's checkpoint."""
+    from transformers import AutoModelForCausalLM
+
+    kind = config.kind
+    options = getattr(config, kind)
+    if config.grad_accum != 1:
+        raise InputError(str(config.file), "grad_accum", f"{kind} takes one optimizer step per minibatch: set {kind}.minibatch_size instead")
+    acc = runtime.accelerator(config)
+    tokenizer = runtime.load_tokenizer(runtime.model_path(config))
+    tokenizer.padding_side = "left"  # prompts end where the answers start
+
+    # --- prompts and rewards: validated before anything is written
+    conversations, encoded = load_prompts(config, tokenizer, options.max_new_tokens, acc)
+    rewards = Rewards(options.rewards, options.gate, tokenizer, acc.device, str(config.file), f"{kind}.rewards", config.seed)
+    rewards.check_prompts(conversations)
+
+    resume = runtime.prepare_output(config, acc)
+    batches = data.Batches([len(ids) for ids in encoded], config.batch_size, config.seed, rank=acc.process_index, world_size=acc.num_processes)
+    steps = config.max_steps or config.epochs * batches.per_epoch
+    k = options.samples
+    answers = config.batch_size * k
+    minibatch = options.minibatch_size or answers
+    updates = options.epochs * math.ceil(answers / minibatch)
+    # on-policy (one update per rollout) needs no separate pass for the sampling policy's log-probs in
+    # GRPO: they are the update's own, detached; RLOO needs them first, for the KL in its reward
+    needs_old = updates > 1 or (kind == "rloo" and options.kl_beta > 0)
+
+    # --- models: policy (trained), reference (frozen; not loaded when beta is 0)
+    policy = runtime.load_model(AutoModelForCausalLM, config, resume, task_type="CAUSAL_LM")
+    reference = load_reference(config, acc) if options.kl_beta > 0 else None
+    optimizer, scheduler = runtime.optimizer_and_scheduler(config, policy, steps * updates)
+    policy, optimizer = runtime.prepare(acc, policy, optimizer, scheduler)
+    sampler = Sampler(config, options, tokenizer, acc, f"{kind}-rollout")
+
+    state = checkpoint.restore(acc, resume) if resume else {"step": 0, "position": 0}
+    position = state["position"]
+    metrics = MetricsLog(config.output_dir / "metrics.jsonl", state["step"], config.output_dir / "tensorboard" if config.tensorboard else None, acc.is_main_process)
+
+    for step in range(state["step"] + 1, steps + 1):
+        indexes = batches(position)
+        position += 1
+        prompts = [conversations[i] for i in indexes for _ in range(k)]  # a prompt's K answers are adjacent
+
+        # --- rollout
+        rollout = sampler(policy, [encoded[i] for i in indexes for _ in range(k)], step)
+        mask, attention = rollout.mask, rollout.attention
+
+        # --- rewards (the judge's calls in flight while the log-probs are computed), advantages
+        started = time.perf_counter()
+        pending = rewards.start(prompts, sampler.texts(rollout), rollout.responses, mask)
+        with torch.no_grad():
+            everyone = torch.arange(len(rollout.ids))
+            old_logp = group_logps_and_entropy(policy, rollout, everyone, k, options.temperature)[0] if needs_old else None
+            ref_logp = reference_logps(reference, policy, acc, rollout, options.temperature, k) if options.kl_beta > 0 else None
+        reference_seconds = time.perf_counter() - started
+        started = time.perf_counter()
+        score, each, judge_wait = pending.result()
+        score = score.to(acc.device)
+        scoring_seconds = time.perf_counter() - started
+        if kind == "grpo":
+            advantages = group_advantages(score.view(-1, k), options.scale_rewards).flatten()
+        else:
+            shaped = score - options.kl_beta * ((old_logp - ref_logp) * mask).sum(1) if options.kl_beta > 0 else score
+            advantages = rloo_advantages(shaped.view(-1, k)).flatten()
+
+        # --- updates
+        started = time.perf_counter()
+        order = torch.Generator().manual_seed(derive_seed(config.seed, f"{kind}-minibatches", step))
+        sampled_logp = old_logp if old_logp is not None else torch.empty_like(mask)
+        logs = []
+        for _ in range(options.epochs):
+            for groups in torch.randperm(len(indexes), generator=order).split(minibatch // k):  # a prompt's answers stay together
+                chunk = (groups[:, None] * k + torch.arange(k)).flatten()
+                logp, entropy = group_logps_and_entropy(policy, rollout, chunk, k, options.temperature)
+                old = old_logp[chunk] if old_logp is not None else logp.detach()
+                if old_logp is None:
+                    sampled_logp[chunk] = logp.detach()
+                if kind == "grpo":
+                    ref = ref_logp[chunk] if ref_logp is not None else None
+                    loss, k3, clip_fraction = grpo_loss(logp, old, ref, advantages[chunk], options.clip_range, options.kl_beta, mask[chunk])
+                else:
+                    loss, clip_fraction = rloo_loss(logp, old, advantages[chunk], options.clip_range, mask[chunk])
+                runtime.check_finite(loss, "loss", step, config.output_dir)
+                acc.backward(loss)
+                grad_norm = acc.clip_grad_norm_(policy.parameters(), config.max_grad_norm)
+                runtime.check_finite(grad_norm, "gradient norm", step, config.output_dir)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+                log = {"loss": loss.item(), "clip_fraction": clip_fraction.item(), "entropy": masked_mean(entropy, mask[chunk]).item(), "grad_norm": grad_norm.item()}
+                if kind == "grpo" and ref_logp is not None:
+                    log["kl_k3"] = k3.item()
+                logs.append(log)
+        training_seconds = time.perf_counter() - started
+
+        answer_tokens = mask.sum().item()
+        grouped = score.view(-1, k)
+        values = {
+            "reward": score.mean().item(),
+            **{f"reward_{name}": v.mean().item() for name, v in each.items()},
+            "reward_std_in_group": grouped.std(dim=1).mean().item(),
+            "groups_without_signal": (grouped.std(dim=1) == 0).float().mean().item(),  # equal rewards: advantage 0
+            **{key: sum(log[key] for log in logs) / len(logs) for key in logs[0]},
+            "response_length": answer_tokens / answers,
+            "generation_tokens_per_s": answer_tokens / rollout.generation_seconds,
+            "training_tokens_per_s": options.epochs * attention.sum().item() / training_seconds,
+            "seconds_generation": rollout.generation_seconds,
+            "seconds_scoring": scoring_seconds,
+            "seconds_reference": reference_seconds,
+            "seconds_training": training_seconds,
+            "seconds_weight_sync": rollout.sync_seconds,
+            "seconds_judge_wait": judge_wait,
+            "lr": scheduler.get_last_lr()[0],
+        }
+        if ref_logp is not None:
+            token_kl = (sampled_logp - ref_logp) * mask
+            values["kl"] = token_kl.sum(1).mean().item()
+            values["kl_per_token"] = (token_kl.sum() / answer_tokens).item()
+        metrics.log(step, "train", values)
+        if step % config.save_every == 0 or step == steps:
+            checkpoint.save(acc, policy, tokenizer, config.output_dir, step, {"position": position}, config.keep_checkpoints)
+        if step == stop_after:
+            break
+    metrics.close()
+    sampler.close()
+    rewards.close()
+    if stop_after is not None and stop_after < steps:
+        return config.output_dir / "final"
+    tokenizer.padding_side = "right"  # the saved tokenizer pads as training and serving expect
+    final = checkpoint.save_final(acc, policy, tokenizer, config.output_dir)
+    if acc.is_main_process:
+        plot(config.output_dir / "metrics.jsonl", config.output_dir / "curves.png")
+    return final

@@ -1,0 +1,205 @@
+"""What the online trainers (PPO and A2C, GRPO, RLOO) share: the prompt set, the frozen reference, the
+rollout (HF generation, or the vLLM engine holding the policy's current weights), and the log-probs of
+the sampled answers under a model. Each trainer's own loop (advantages, loss, update) stays in its
+recipe.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from cai import prompts as prompt_sets
+from cai.errors import InputError
+from cai.seeding import derive_seed
+from cai.train import data, runtime
+from cai.train.config import TrainConfig
+from cai.train.losses import token_logps
+
+
+def response_mask(responses: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """1 on each answer's tokens up to and including its first end-of-sequence token (what follows is padding)."""
+    is_eos = (responses == eos_id).long()
+    after_eos = (is_eos.cumsum(1) - is_eos) > 0
+    return (~after_eos).float()
+
+
+def positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that skip left padding, as generation used them."""
+    return (attention_mask.cumsum(1) - 1).clamp(min=0)
+
+
+def load_prompts(config: TrainConfig, tokenizer, max_new_tokens: int, acc) -> tuple[list[list[dict]], list[list[int]]]:
+    """The prompt set's conversations and their chat-template token ids, leaving out (with a note)
+    prompts with no room for `max_new_tokens` in `max_length`."""
+    conversations = [list(p.messages) for p in prompt_sets.load(config.train_data)][: config.limit]
+    room = config.max_length - max_new_tokens
+    encoded = [tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=True, return_dict=False) for m in conversations]
+    kept = [i for i, ids in enumerate(encoded) if len(ids) <= room]
+    if not kept:
+        raise InputError(str(config.file), "max_length", f"no prompt fits in max_length - {config.kind}.max_new_tokens = {room} tokens")
+    if len(kept) < len(encoded):
+        acc.print(f"left out {len(encoded) - len(kept)} prompts longer than {room} tokens")
+    return [conversations[i] for i in kept], [encoded[i] for i in kept]
+
+
+def load_reference(config: TrainConfig, acc):
+    """The frozen reference (the starting model); None under LoRA, where the policy with its adapter
+    disabled is the reference (see `logps`)."""
+    from transformers import AutoModelForCausalLM
+
+    if config.lora is not None:
+        return None
+    reference = AutoModelForCausalLM.from_pretrained(runtime.model_path(config), dtype=torch.float32).to(acc.device).eval()
+    reference.requires_grad_(False)
+    return reference
+
+
+@dataclass
+class Rollout:
+    """Sampled answers after their prompts: `ids` [batch, prompt + answer] (prompts left-padded),
+    answers from column `start`, `mask` 1 on answer tokens, `attention` over the whole row."""
+
+    ids: torch.Tensor
+    start: int
+    mask: torch.Tensor
+    attention: torch.Tensor
+    generation_seconds: float
+    sync_seconds: float
+    pad_id: int
+
+    @property
+    def responses(self) -> torch.Tensor:
+        return self.ids[:, self.start :]
+
+
+class Sampler:
+    """Samples answers from the policy: HF `generate`, or the vLLM engine whose weights are replaced by
+    the policy's before each rollout (vllm_rollout.py). Seeded per step: a resumed run samples what an
+    uninterrupted one would have."""
+
+    def __init__(self, config: TrainConfig, options, tokenizer, acc, stage: str):
+        from transformers import GenerationConfig
+
+        self.config, self.options, self.tokenizer, self.acc, self.stage = config, options, tokenizer, acc, stage
+        self.pad_id, self.eos_id = data.pad_id(tokenizer), tokenizer.eos_token_id
+        self.generation = GenerationConfig(
+            do_sample=True, temperature=options.temperature, top_p=options.top_p, top_k=0,
+            max_new_tokens=options.max_new_tokens, pad_token_id=self.pad_id, eos_token_id=self.eos_id,
+        )  # fmt: skip
+        self.engine = None
+        if options.rollout == "vllm":
+            from cai.train.vllm_rollout import VLLMRollout
+
+            self.engine = VLLMRollout(runtime.model_path(config), options.vllm_options, config.max_length)
+
+    def __call__(self, policy, prompts: list[list[int]], step: int) -> Rollout:
+        options = self.options
+        started = time.perf_counter()
+        sync_seconds = 0.0
+        batch = self.tokenizer.pad({"input_ids": prompts}, return_tensors="pt").to(self.acc.device)
+        start = batch["input_ids"].shape[1]
+        if self.engine is None:
+            torch.manual_seed(derive_seed(self.config.seed, self.stage, step))
+            with torch.no_grad():
+                ids = self.acc.unwrap_model(policy).generate(**batch, generation_config=self.generation)
+        else:
+            sync_seconds = self.engine.sync(self.acc.unwrap_model(policy))
+            answers = self.engine.generate(prompts, derive_seed(self.config.seed, self.stage, step), options.temperature, options.top_p, options.max_new_tokens)
+            ids = torch.cat([batch["input_ids"], data.pad(answers, self.pad_id).to(self.acc.device)], dim=1)
+        mask = response_mask(ids[:, start:], self.eos_id)
+        attention = torch.cat([batch["attention_mask"], mask.long()], dim=1)
+        return Rollout(ids, start, mask, attention, time.perf_counter() - started - sync_seconds, sync_seconds, self.pad_id)
+
+    def texts(self, rollout: Rollout) -> list[str]:
+        """The answers as text, without what follows their end-of-sequence token."""
+        keep = rollout.mask.long()
+        return self.tokenizer.batch_decode(rollout.responses * keep + self.pad_id * (1 - keep), skip_special_tokens=True)
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.close()
+
+
+def logps_and_entropy(
+    model, ids: torch.Tensor, attention: torch.Tensor, start: int, temperature: float, entropy_grad: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """log pi(token) of each answer token (logits at the sampling temperature) and the entropy there.
+
+    Only the answer's positions go through the LM head (`logits_to_keep`): over a prompt's positions
+    the [T, vocab] logits would be computed and thrown away. The entropy carries gradients only when
+    asked (an entropy bonus in the loss); as a metric its softmax would otherwise be kept for backward.
+    """
+    logits = model(input_ids=ids, attention_mask=attention, position_ids=positions(attention), logits_to_keep=ids.shape[1] - start + 1).logits
+    if temperature != 1.0:
+        logits = logits / temperature
+    logp = token_logps(logits, ids[:, start - 1 :])  # logits at start-1 .. end-2 predict the answer's tokens
+    with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+        predicting = logits[:, :-1].float()
+        entropy = torch.logsumexp(predicting, -1) - (torch.softmax(predicting, -1) * predicting).sum(-1)
+    return logp, entropy
+
+
+def group_logps_and_entropy(
+    model, rollout: Rollout, members: torch.Tensor, k: int, temperature: float, entropy_grad: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`logps_and_entropy` for rollouts of K answers per prompt (rows g*K .. g*K+K-1 answer prompt g),
+    for the given `members` (whole groups, K consecutive indexes each): each group goes through the
+    model as one packed row holding its prompt once (data.pack), so the prompt is computed once, not
+    K times. Returns [len(members), answer columns] like the unpacked form, 0 past each answer's end.
+    """
+    lengths = rollout.mask.sum(1).long().tolist()
+    rows, placed = [], []  # placed: (member's output row, packed row, its answer's length)
+    for b, first in enumerate(members[::k].tolist()):
+        prompt = rollout.ids[first, : rollout.start][rollout.attention[first, : rollout.start].bool()].tolist()
+        answers = [rollout.ids[j, rollout.start : rollout.start + lengths[j]].tolist() for j in range(first, first + k)]
+        rows.append((len(prompt), [prompt + a for a in answers]))
+        placed += [(b * k + j, b, lengths[first + j]) for j in range(k)]
+    batch, starts = data.pack(rows, rollout.pad_id)
+    device = rollout.ids.device
+    batch = {key: value.to(device) for key, value in batch.items()}
+    keep = batch["input_ids"].shape[1] - (min(n for n, _ in rows) - 1)  # from the first position that predicts an answer token
+    offset = batch["input_ids"].shape[1] - keep
+    out_row, col, row, source, token = [], [], [], [], []
+    for member, b, length in placed:
+        n, start = rows[b][0], starts[b][member % k]
+        for t in range(length):
+            out_row.append(member)
+            col.append(t)
+            row.append(b)
+            source.append((n - 1 if t == 0 else start + t - 1) - offset)
+            token.append(rows[b][1][member % k][n + t])
+    dtype = next(model.parameters()).dtype
+    logits = model(
+        input_ids=batch["input_ids"], attention_mask=data.additive_mask(batch["attention_mask"], dtype), position_ids=batch["position_ids"], logits_to_keep=keep
+    ).logits  # fmt: skip
+    picked = logits[torch.tensor(row, device=device), torch.tensor(source, device=device)].float()
+    if temperature != 1.0:
+        picked = picked / temperature
+    normaliser = torch.logsumexp(picked, -1)
+    token_logp = picked.gather(1, torch.tensor(token, device=device)[:, None]).squeeze(1) - normaliser
+    where = (torch.tensor(out_row, device=device), torch.tensor(col, device=device))
+    shape = (len(members), rollout.mask.shape[1])
+    logp = torch.zeros(shape, device=device, dtype=token_logp.dtype).index_put(where, token_logp)
+    with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+        token_entropy = normaliser - (torch.softmax(picked, -1) * picked).sum(-1)
+        entropy = torch.zeros(shape, device=device, dtype=token_entropy.dtype).index_put(where, token_entropy)
+    return logp, entropy
+
+
+@torch.no_grad()
+def reference_logps(reference, policy, acc, rollout: Rollout, temperature: float, k: int | None = None) -> torch.Tensor:
+    """log pi_ref of each answer token: the frozen reference, or under LoRA the policy with its adapter
+    off. With `k`, the rollout holds K answers per prompt and each prompt's go through packed."""
+
+    def logps(model) -> torch.Tensor:
+        if k is None:
+            return logps_and_entropy(model, rollout.ids, rollout.attention, rollout.start, temperature)[0]
+        return group_logps_and_entropy(model, rollout, torch.arange(len(rollout.ids)), k, temperature)[0]
+
+    if reference is not None:
+        return logps(reference)
+    with acc.unwrap_model(policy).disable_adapter():
+        return logps(policy)
