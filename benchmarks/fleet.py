@@ -32,7 +32,7 @@ from engine_local import write_prompts  # noqa: E402
 def run(urls: list[str], prompts: Path, folder: Path, max_tokens: int, key_env: str) -> tuple[float, int]:
     doc = {
         "name": "fleet", "seed": 1, "constitution": str(ROOT / "constitutions" / "harmless.yaml"), "prompts": str(prompts),
-        "backends": {"api": {"type": "openai", "model": SERVED_NAME, "base_url": urls, "api_key_env": key_env, "max_concurrency": 64 * len(urls)}},
+        "backends": {"api": {"type": "openai", "model": SERVED_NAME, "base_url": urls, "api_key_env": key_env, "max_concurrency": 32 * len(urls), "timeout_s": 600}},
         "roles": {"responder": "api", "critic": "api", "reviser": "api"},
         "stages": [{"type": "respond", "max_tokens": max_tokens, "temperature": 0.7}, {"type": "critique_revise", "max_tokens": max_tokens, "temperature": 0.7}],
     }  # fmt: skip
@@ -67,7 +67,8 @@ def main() -> None:
         prompts = write_prompts(folder / "prompts.jsonl", args.prompts)
         for count in (1, 2):
             os.environ["OMP_NUM_THREADS"] = str(max(1, cores // count))  # the servers inherit it
-            servers = [VLLMServer(model, folder / f"server-{count}-{i}.log") for i in range(count)]
+            # a KV cache that holds a full batch of SmolLM2's critique-revision contexts (the tests' 256 MiB do not)
+            servers = [VLLMServer(model, folder / f"server-{count}-{i}.log", kv_cache_bytes=1 << 30) for i in range(count)]
             try:
                 for server in servers:
                     server.wait_healthy()

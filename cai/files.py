@@ -15,62 +15,61 @@ import yaml
 from cai.errors import InputError, field_path
 
 
-def read_text(path: str | Path) -> str:
-    """The file's text, or an InputError saying why it cannot be read as UTF-8 text."""
-    p = Path(path)
+def _open_bytes(p: Path):
+    """The file opened for reading bytes, or an InputError saying why it cannot be."""
     if not p.exists():
         raise InputError(str(p), None, "file not found")
     if p.is_dir():
         raise InputError(str(p), None, "is a directory, expected a file")
     try:
-        data = p.read_bytes()
+        return open(p, "rb")
     except OSError as exc:
         raise InputError(str(p), None, f"cannot read: {exc.strerror or exc}") from None
+
+
+def _decode(data: bytes, p: Path, line: int | None = None) -> str:
     if b"\x00" in data:
-        raise InputError(str(p), None, "binary file, expected UTF-8 text")
+        raise InputError(str(p), None, "binary file, expected UTF-8 text", line=line)
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise InputError(str(p), None, f"not UTF-8 text (byte {exc.start})") from None
+        raise InputError(str(p), None, f"not UTF-8 text (byte {exc.start})", line=line) from None
+
+
+def _json_line(line: str, path: str | Path, lineno: int) -> Any:
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise InputError(str(path), None, f"invalid JSON: {exc.msg} (column {exc.colno})", line=lineno) from None
+
+
+def read_text(path: str | Path) -> str:
+    """The file's text, or an InputError saying why it cannot be read as UTF-8 text."""
+    p = Path(path)
+    with _open_bytes(p) as f:
+        try:
+            data = f.read()
+        except OSError as exc:
+            raise InputError(str(p), None, f"cannot read: {exc.strerror or exc}") from None
+    return _decode(data, p)
 
 
 def jsonl_records(path: str | Path, text: str) -> Iterator[tuple[int, Any]]:
     """(line number, parsed value) for each non-blank line of a user's JSONL file."""
     for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            yield lineno, json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise InputError(str(path), None, f"invalid JSON: {exc.msg} (column {exc.colno})", line=lineno) from None
+        if line.strip():
+            yield lineno, _json_line(line, path, lineno)
 
 
 def jsonl_file_records(path: str | Path) -> Iterator[tuple[int, Any]]:
     """(line number, parsed value) for each non-blank line, read as the file is consumed: a file of
     millions of lines starts at once and never sits in memory whole. Errors as read_text's, per line."""
     p = Path(path)
-    if not p.exists():
-        raise InputError(str(p), None, "file not found")
-    if p.is_dir():
-        raise InputError(str(p), None, "is a directory, expected a file")
-    try:
-        f = open(p, "rb")
-    except OSError as exc:
-        raise InputError(str(p), None, f"cannot read: {exc.strerror or exc}") from None
-    with f:
+    with _open_bytes(p) as f:
         for lineno, raw in enumerate(f, start=1):
-            if b"\x00" in raw:
-                raise InputError(str(p), None, "binary file, expected UTF-8 text", line=lineno)
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise InputError(str(p), None, f"not UTF-8 text (byte {exc.start})", line=lineno) from None
-            if not line.strip():
-                continue
-            try:
-                yield lineno, json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise InputError(str(p), None, f"invalid JSON: {exc.msg} (column {exc.colno})", line=lineno) from None
+            line = _decode(raw, p, lineno)
+            if line.strip():
+                yield lineno, _json_line(line, p, lineno)
 
 
 def count_nonblank_lines(path: str | Path) -> int:

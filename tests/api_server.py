@@ -21,7 +21,7 @@ def free_port() -> int:
 
 
 class VLLMServer:
-    def __init__(self, model: Path, log: Path):
+    def __init__(self, model: Path, log: Path, kv_cache_bytes: int = 256 << 20):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/v1"
         self.log = log
@@ -30,7 +30,7 @@ class VLLMServer:
             "--model", str(model), "--served-model-name", SERVED_NAME,
             "--host", "127.0.0.1", "--port", str(self.port),
             "--dtype", "float32", "--max-model-len", "2048", "--enforce-eager",
-            "--kv-cache-memory-bytes", str(256 << 20), "--api-key", API_KEY, "--seed", "0",
+            "--kv-cache-memory-bytes", str(kv_cache_bytes), "--api-key", API_KEY, "--seed", "0",
             "--structured-outputs-config", '{"backend": "xgrammar", "disable_any_whitespace": true}',  # as the local engine's default
         ]  # fmt: skip
         self.proc = subprocess.Popen(
