@@ -148,6 +148,13 @@ def cmd_report(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from cai.export import convert
+
+    print(convert(args.run_dir, args.format, args.output))
+    return EXIT_OK
+
+
 def cmd_models_prepare(args: argparse.Namespace) -> int:
     from cai.models import ModelError, prepare
 
@@ -287,6 +294,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="write RUN_DIR/report.html: labels, judge bias checks, failures, with plots")
     p.add_argument("run_dir", type=Path)
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("export", help="a run's dataset as parquet, JSONL or a HF datasets folder, with its dataset card, in a new folder")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--format", required=True, choices=["parquet", "jsonl", "hf"])
+    p.add_argument("-o", "--output", required=True, type=Path, help="a new (or empty) folder")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("import-constitution", help="convert another project's constitution format")
     p.add_argument("--format", required=True, choices=["anthropic", "llm-swarm"])

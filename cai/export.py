@@ -10,7 +10,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from cai import feedback
+from cai import dataset_card, feedback
+from cai.errors import InputError
 from cai.files import canonical_json
 from cai.store import read_jsonl, replaced_folder
 
@@ -63,14 +64,16 @@ def preference_records(row: dict[str, Any]) -> list[dict[str, Any]]:
     return records
 
 
-def export(rows: Iterable[dict[str, Any]], datasets_dir: Path) -> dict[str, int]:
+def export(rows: Iterable[dict[str, Any]], datasets_dir: Path, provenance: dataset_card.Provenance | None = None) -> dict[str, int]:
     """Write datasets/rows.jsonl and, by what the rows hold, datasets/sft{,.jsonl} or
-    datasets/preferences{,.jsonl}: all or nothing, streaming (rows are read once, one at a time).
+    datasets/preferences{,.jsonl}, and with `provenance` the dataset card datasets/README.md: all or
+    nothing, streaming (rows are read once, one at a time).
 
     Flagged rows (empty revision, revision that repeats the critique) stay out of SFT; tied and
     invalid comparisons stay out of preferences. Both are counted.
     """
     counts: Counter[str] = Counter()
+    columns: dict[str, None] = {}  # every record's keys, in first-seen order
     with replaced_folder(datasets_dir) as tmp:
         rows_file = open(tmp / "rows.jsonl", "w", encoding="utf-8")
         name = None
@@ -88,6 +91,8 @@ def export(rows: Iterable[dict[str, Any]], datasets_dir: Path) -> dict[str, int]
                 records = [] if row.get("flags") else [sft_record(row)]
                 counts["flagged"] += not records
             counts[name] += len(records)
+            for record in records:
+                columns.update(dict.fromkeys(record))
             records_file.writelines(canonical_json(r) + "\n" for r in records)
         rows_file.close()
         if name is None:
@@ -97,20 +102,76 @@ def export(rows: Iterable[dict[str, Any]], datasets_dir: Path) -> dict[str, int]
             records_file.close()
         if counts[name]:
             _save_dataset(tmp / f"{name}.jsonl", tmp / name, tmp / ".cache")
-    keys = ("rows", "preferences", "ties", "invalid") if name == "preferences" else ("rows", "sft", "flagged")
-    return {key: counts[key] for key in keys}
+        keys = ("rows", "preferences", "ties", "invalid") if name == "preferences" else ("rows", "sft", "flagged")
+        summary = {key: counts[key] for key in keys}
+        if provenance is not None:
+            (tmp / "README.md").write_text(dataset_card.render(name, provenance, summary, list(columns)), encoding="utf-8")
+    return summary
+
+
+FORMATS = ("jsonl", "parquet", "hf")
+
+
+def convert(run_dir: Path, fmt: str, dest: Path) -> Path:
+    """`cai export`: a run's exported records as `fmt` in the new folder `dest`, with their dataset card;
+    all or nothing. Returns the records' path."""
+    datasets_dir = run_dir / "datasets"
+    kind = next((k for k in ("preferences", "sft") if (datasets_dir / f"{k}.jsonl").is_file()), None)
+    if kind is None:
+        raise InputError(str(run_dir), None, "no exported datasets here (datasets/sft.jsonl or preferences.jsonl): run its pipeline first")
+    if dest.exists() and any(dest.iterdir()):
+        raise InputError(str(dest), None, "exists and is not empty: name a new folder")
+    records = datasets_dir / f"{kind}.jsonl"
+    if records.stat().st_size == 0:
+        raise InputError(str(records), None, f"holds no {kind} records: nothing to export")
+    with replaced_folder(dest) as tmp:
+        if fmt == "jsonl":
+            shutil.copyfile(records, out := tmp / records.name)
+        elif fmt == "parquet":
+            _write_parquet(records, out := tmp / f"{kind}.parquet")
+        else:
+            _save_dataset(records, tmp, tmp / ".cache")
+            out = tmp
+        card = datasets_dir / "README.md"
+        if card.is_file():  # runs exported before cards existed have none
+            provenance, counts = dataset_card.read(card)
+            (tmp / "README.md").write_text(dataset_card.render(kind, provenance, counts, _columns(records), layout=fmt), encoding="utf-8")
+    return dest / out.relative_to(tmp)
+
+
+def _columns(jsonl: Path) -> list[str]:
+    columns: dict[str, None] = {}
+    for record in read_jsonl(jsonl):
+        columns.update(dict.fromkeys(record))
+    return list(columns)
+
+
+def _schema(jsonl: Path):
+    """One arrow schema for every record: a column null in the first chunks takes its values' type."""
+    import pyarrow as pa
+
+    return pa.unify_schemas([pa.Table.from_pylist(chunk).schema for chunk in _chunks(jsonl)], promote_options="permissive")
+
+
+def _write_parquet(jsonl: Path, path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = _schema(jsonl)
+    with pq.ParquetWriter(path, schema) as writer:
+        for chunk in _chunks(jsonl):
+            writer.write_table(pa.Table.from_pylist(chunk, schema=schema))
 
 
 def _save_dataset(jsonl: Path, folder: Path, cache_dir: Path) -> None:
     """A HF `datasets` folder (load_from_disk) from a JSONL file, in chunks: memory does not grow with it.
     The schema is unified over every chunk first, so a column that starts out null (say
     position_consistent without swaps) and holds values later gets the values' type."""
-    import pyarrow as pa
     from datasets import Dataset, Features
     from datasets.utils.logging import disable_progress_bar
 
     disable_progress_bar()  # cai draws its own progress; a second bar per save is noise
-    schema = pa.unify_schemas([pa.Table.from_pylist(chunk).schema for chunk in _chunks(jsonl)], promote_options="permissive")
+    schema = _schema(jsonl)
     dataset = Dataset.from_generator(_records, gen_kwargs={"path": str(jsonl)}, features=Features.from_arrow_schema(schema), cache_dir=str(cache_dir))
     dataset.save_to_disk(str(folder))
     del dataset

@@ -26,6 +26,7 @@ from typing import Any, Iterator
 from cai.backends import base as backends
 from cai.backends.cached import CachedBackend
 from cai.config import PipelineConfig
+from cai.dataset_card import Provenance
 from cai.errors import InputError
 from cai.export import export
 from cai.files import content_hash, count_nonblank_lines, sha256_file
@@ -97,6 +98,18 @@ def versions() -> dict[str, str]:
         except importlib.metadata.PackageNotFoundError:
             pass
     return out
+
+
+def provenance(config: PipelineConfig, limit: int | None) -> Provenance:
+    c = config.constitution
+    return Provenance(
+        pipeline=config.name,
+        constitution={"name": c.name, "version": c.version, "hash": c.hash, "principles": len(c.principles)},
+        models={role: config.backends[backend].model for role, backend in config.roles.items()},
+        seed=config.seed,
+        versions=versions(),
+        limit=limit,
+    )
 
 
 def _prepare_store(config: PipelineConfig, run_dir: Path, limit: int | None) -> RunStore:
@@ -313,7 +326,8 @@ async def arun(config: PipelineConfig, run_dir: Path | None = None, limit: int |
     if kept is not None and kept.get("key") == export_key:
         summary.exported, summary.exported_now = kept["counts"], False
     else:
-        summary.exported = await asyncio.to_thread(export, _rows_in_order(config, limit, final, run.reader), store.datasets_dir)
+        rows = _rows_in_order(config, limit, final, run.reader)
+        summary.exported = await asyncio.to_thread(export, rows, store.datasets_dir, provenance(config, limit))
         write_atomic(marker, json.dumps({"key": export_key, "counts": summary.exported}) + "\n")
     run.reader.close()
     summary.tokens = sum(b.stats.completion_tokens for b in shared.values())
