@@ -184,6 +184,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     except (NonFiniteError, JudgeError) as exc:
         print(f"cai train {args.kind}: {exc}", file=sys.stderr)
         return EXIT_FAILED
+    if os.environ.get("RANK", "0") != "0":  # under accelerate launch / torchrun the first process says where things are
+        return EXIT_OK
     print(f"model: {final}")
     if args.kind == "rejection":
         print(f"per iteration: {cfg.output_dir / 'rejection.jsonl'}, winners and fine-tuning in {cfg.output_dir}/iteration-N")

@@ -32,7 +32,9 @@ def accelerator(config: TrainConfig):
         bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     else:
         bf16 = config.precision == "bf16"
-    acc = Accelerator(mixed_precision="bf16" if bf16 else "no")
+    # cpu=True without a GPU: accelerate then takes `accelerate launch --multi_gpu` / torchrun processes
+    # as one CPU run over gloo; left out, each process trains alone on all the data
+    acc = Accelerator(mixed_precision="bf16" if bf16 else "no", cpu=not torch.cuda.is_available())
     checkpoint.skip_model_weights(acc)
     set_seed(config.seed)
     return acc
