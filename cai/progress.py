@@ -13,6 +13,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TextIO
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -46,10 +47,11 @@ class StageFigures:
 
 
 class RunProgress:
-    def __init__(self, stages: list[StageFigures], enabled: bool = True):
+    def __init__(self, stages: list[StageFigures], enabled: bool = True, stream: TextIO | None = None):
         self.stages = {s.name: s for s in stages}
         self.enabled = enabled
-        self._live = enabled and sys.stderr.isatty()
+        self._stream = stream or sys.stderr  # the terminal's stderr, also while a run's output goes to its log
+        self._live = enabled and self._stream.isatty()
         self._progress = Progress(
             TextColumn("[bold]{task.description}"),
             BarColumn(),
@@ -58,7 +60,7 @@ class RunProgress:
             TimeElapsedColumn(),
             TextColumn("ETA"),
             TimeRemainingColumn(),
-            console=Console(file=sys.stderr),
+            console=Console(file=self._stream),
             disable=not self._live,
         )
         self._tasks = {s.name: self._progress.add_task(s.name, total=s.total, completed=s.done, figures=s.describe()) for s in stages}
@@ -100,7 +102,7 @@ class RunProgress:
 
     def _print_plain(self) -> None:
         for s in self.stages.values():
-            print(f"{s.name}: {s.done}/{s.total} rows, {s.describe()}", file=sys.stderr, flush=True)
+            print(f"{s.name}: {s.done}/{s.total} rows, {s.describe()}", file=self._stream, flush=True)
 
     def _publish(self) -> None:
         self._published = time.monotonic()
