@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from cai import run_stats
+from cai import report_samples, run_stats
 from cai.errors import InputError
 from cai.stages.compare import Compare
 from cai.store import JsonlRecords, RunStore, replaced_folder, write_atomic
@@ -155,7 +155,7 @@ def _plots(stats: dict[str, Any], folder: Path) -> dict[str, str]:
 STYLE = (
     "body{font-family:sans-serif;max-width:1000px;margin:2em auto;color:#222}"
     "table{border-collapse:collapse;margin:0.5em 0}td,th{border:1px solid #ccc;padding:3px 8px;font-size:14px;text-align:left}"
-    "img{max-width:100%;display:block;margin:0.5em 0}"
+    "img{max-width:100%;display:block;margin:0.5em 0}" + report_samples.STYLE
 )
 
 
@@ -176,7 +176,7 @@ def _img(plots: dict[str, str], name: str) -> str:
     return f'<img src="report/{plots[name]}" alt="{name}">' if name in plots else ""
 
 
-def render(manifest: dict[str, Any], stats: dict[str, Any], plots: dict[str, str]) -> str:
+def render(manifest: dict[str, Any], stats: dict[str, Any], plots: dict[str, str], samples: str = "") -> str:
     e = html.escape
     c = manifest["constitution"]
     parts = [
@@ -186,6 +186,7 @@ def render(manifest: dict[str, Any], stats: dict[str, Any], plots: dict[str, str
             [[e(manifest["pipeline_file"]), e(f"{c['name']} v{c['version']} ({c['hash']})"), manifest["seed"], e(manifest["created"]), stats["rows"]]],
         ),
         "<p>stages: " + " &rarr; ".join(e(s.get("name", s["type"])) for s in manifest["config"]["stages"]) + "</p>",
+        samples,
     ]
     if "labels" in stats:
         labels, total = stats["labels"], sum(stats["labels"].values())
@@ -290,5 +291,5 @@ def write(run_dir: Path) -> Path:
     with replaced_folder(run_dir / "report") as tmp:
         plots = _plots(stats, tmp)
     page = run_dir / "report.html"
-    write_atomic(page, render(manifest, stats, plots))
+    write_atomic(page, render(manifest, stats, plots, report_samples.render(rows)))
     return page

@@ -64,6 +64,8 @@ def test_job_list_follows_a_submitted_job_to_100_percent(server, reference_job, 
     browser.switch_to.frame(browser.find_element(By.ID, "report"))  # the report with its plots, through the cookie
     wait.until(lambda d: d.find_elements(By.TAG_NAME, "img"))
     assert all(d for d in browser.execute_script("return [...document.images].map(i => i.naturalWidth)"))
+    samples = browser.find_elements(By.CSS_SELECTOR, ".sample")  # rows as a person reads them: prompt, answer, critique, revision
+    assert samples and "round 1 critique" in samples[0].text and "answer → final revision" in samples[0].text
     browser.switch_to.default_content()
 
     screenshot = tmp_path / "dashboard-job-page.png"
