@@ -350,7 +350,25 @@ async def _execute(config: PipelineConfig, store: RunStore, limit: int | None, s
     summary.cached_calls = sum(b.stats.cached_calls for b in shared.values())
     summary.endpoints = {name: stats for name, b in shared.items() if (stats := b.endpoint_stats())}
     summary.seconds = time.monotonic() - started
+    _record_figures(store, summary, {name: (b.stats, config.backends[name].settings.get("prices")) for name, b in shared.items()})
     return summary
+
+
+def _record_figures(store: RunStore, summary: RunSummary, backend_stats: dict[str, tuple[Any, dict[str, float] | None]]) -> None:
+    """This invocation's figures into the manifest, for the report: what each stage did, what each
+    backend generated and, where the pipeline declares its prices, what it cost."""
+    backends_figures = {}
+    for name, (stats, prices) in backend_stats.items():
+        figures = {"prompt_tokens": stats.prompt_tokens, "completion_tokens": stats.completion_tokens, "cached_calls": stats.cached_calls}
+        if prices:
+            figures["cost"] = (stats.prompt_tokens * prices["input_per_million"] + stats.completion_tokens * prices["output_per_million"]) / 1e6
+        backends_figures[name] = figures
+    manifest = store.read_manifest()
+    manifest["invocations"][-1].update(
+        seconds=round(summary.seconds, 3), rows=summary.input_rows, failed=len(summary.failed_ids), backends=backends_figures,
+        stages={s.name: {"done": s.done, "new": s.new, "failed": s.failed, "tokens": s.tokens, "seconds": round(s.seconds, 3)} for s in summary.stages},
+    )  # fmt: skip
+    store.write_manifest(manifest)
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:

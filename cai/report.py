@@ -176,6 +176,31 @@ def _img(plots: dict[str, str], name: str) -> str:
     return f'<img src="report/{plots[name]}" alt="{name}">' if name in plots else ""
 
 
+def run_figures(manifest: dict[str, Any]) -> str:
+    """What each invocation of the run did: rows, failures, tokens, throughput, time per stage and, for
+    backends with declared prices, cost. Invocations that did not finish recorded no figures."""
+    runs = [i for i in manifest.get("invocations", []) if "seconds" in i]
+    if not runs:
+        return ""
+    e = html.escape
+    rows = []
+    for i in runs:
+        new = list(i["stages"].values())[-1]["new"] if i["stages"] else 0
+        tokens = sum(b["completion_tokens"] for b in i["backends"].values())
+        prompt_tokens = sum(b["prompt_tokens"] for b in i["backends"].values())
+        costs = [b["cost"] for b in i["backends"].values() if "cost" in b]
+        stage_times = ", ".join(f"{e(name)} {s['seconds']:.1f} s" for name, s in i["stages"].items())
+        rows.append([e(i["started"]), f"{new} of {i['rows']}", i["failed"], tokens, prompt_tokens, f"{i['seconds']:.1f} s",
+                     f"{new / i['seconds']:.2f}" if i["seconds"] else "-", f"{tokens / i['seconds']:.1f}" if i["seconds"] else "-",
+                     f"${sum(costs):.4f}" if costs else "-", stage_times])  # fmt: skip
+    parts = ["<h2>Run figures</h2>", _table(["started", "rows finished", "failed", "tokens generated", "prompt tokens", "time", "rows/s", "tok/s",
+                                             "cost", "time per stage"], rows)]  # fmt: skip
+    costs = [b["cost"] for i in runs for b in i["backends"].values() if "cost" in b]
+    if costs:
+        parts.append(f"<p>API cost of the run: ${sum(costs):.4f} (from the prices its pipeline declares; calls replayed from the cache cost nothing).</p>")
+    return "\n".join(parts)
+
+
 def render(manifest: dict[str, Any], stats: dict[str, Any], plots: dict[str, str], samples: str = "") -> str:
     e = html.escape
     c = manifest["constitution"]
@@ -186,6 +211,7 @@ def render(manifest: dict[str, Any], stats: dict[str, Any], plots: dict[str, str
             [[e(manifest["pipeline_file"]), e(f"{c['name']} v{c['version']} ({c['hash']})"), manifest["seed"], e(manifest["created"]), stats["rows"]]],
         ),
         "<p>stages: " + " &rarr; ".join(e(s.get("name", s["type"])) for s in manifest["config"]["stages"]) + "</p>",
+        run_figures(manifest),
         samples,
     ]
     if "labels" in stats:

@@ -14,6 +14,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import pytest
 import yaml
 
 from canned_server import MODEL, CannedServer
@@ -194,3 +195,26 @@ def test_a_rerun_that_finishes_nothing_new_keeps_the_datasets_and_a_smaller_limi
         assert (run_dir / "datasets" / "rows.jsonl").stat().st_mtime_ns == written
         finish(cai_run(pipeline, run_dir, "--limit", "10"))
     assert len((run_dir / "datasets" / "rows.jsonl").read_text().splitlines()) == 10
+
+
+def test_each_invocation_records_its_figures_and_the_report_shows_them_with_the_cost(tmp_path):
+    from cai import report
+
+    prompts = write_prompts(tmp_path / "prompts.jsonl", 20)
+    with CannedServer("--median-s", "0.001", "--sigma", "0") as server:
+        pipeline = api_pipeline(tmp_path, server.url, prompts, prices={"input_per_million": 3.0, "output_per_million": 15.0})
+        finish(cai_run(pipeline, tmp_path / "run", "--limit", "12"))
+        finish(cai_run(pipeline, tmp_path / "run"))  # skips the 12 finished rows, makes 8 new ones
+    first, second = json.loads((tmp_path / "run" / "manifest.json").read_text())["invocations"]
+    assert first["rows"] == 12 and second["rows"] == 20 and first["failed"] == second["failed"] == 0
+    assert first["stages"]["critique_revise"]["new"] == 12 and second["stages"]["critique_revise"]["new"] == 8
+    for invocation in (first, second):
+        api = invocation["backends"]["api"]
+        assert api["completion_tokens"] > 0 and api["prompt_tokens"] > 0 and api["cached_calls"] == 0
+        assert api["cost"] == pytest.approx((3.0 * api["prompt_tokens"] + 15.0 * api["completion_tokens"]) / 1e6)
+    # 8 rows cost 8/12 of 12 rows, up to the prompts' lengths
+    assert second["backends"]["api"]["completion_tokens"] == pytest.approx(first["backends"]["api"]["completion_tokens"] * 8 / 12, rel=0.2)
+    page = report.write(tmp_path / "run").read_text()
+    total = first["backends"]["api"]["cost"] + second["backends"]["api"]["cost"]
+    assert "<h2>Run figures</h2>" in page and f"API cost of the run: ${total:.4f}" in page
+    assert page.index("Run figures") < page.index("<h2>Samples</h2>")

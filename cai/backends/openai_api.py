@@ -45,7 +45,7 @@ class OpenAISettings:
     @classmethod
     def from_options(cls, settings: dict[str, Any]) -> "OpenAISettings":
         urls = settings["base_url"]
-        values = {k: v for k, v in settings.items() if k != "base_url"}
+        values = {k: v for k, v in settings.items() if k not in ("base_url", "prices")}  # prices: the run's accounting, not the client's
         return cls(base_urls=tuple([urls] if isinstance(urls, str) else urls), **values)
 
 
