@@ -98,15 +98,13 @@ class Workspace:
             self.inside(read, relative, where)
         for section in ("ppo", "rejection", "rest", "grpo", "rloo"):
             check_engine_options(getattr(cfg, section).vllm_options, relative, f"{section}.vllm_options")
-            for index, source in enumerate(getattr(cfg, section).rewards):
-                if source.judge is None:
-                    continue
-                spec, where = source.judge.backend, f"{section}.rewards[{index}].judge.backend"
-                if spec.type == "openai":
-                    check_api_backend(spec, self.backends, relative, where)
-                else:
-                    self._check_model(spec.model, path, relative, f"{where}.model")
-                    check_engine_options(spec.options, relative, f"{where}.options")
+        for judge, judge_spec in cfg.judges():
+            spec, where = judge_spec.backend, f"{judge}.backend"
+            if spec.type == "openai":
+                check_api_backend(spec, self.backends, relative, where)
+            else:
+                self._check_model(spec.model, path, relative, f"{where}.model")
+                check_engine_options(spec.options, relative, f"{where}.options")
         self.inside(self.root / cfg.output_dir, relative, "output_dir")
         return cfg
 

@@ -20,9 +20,9 @@ from cai.models import EMBEDDED, looks_like_path
 # The one list of trainer kinds, with the module whose train() each runs: the CLI, the service and
 # the chain schema's enum (kept equal by a test) read it.
 RECIPES = {"sft": "cai.train.sft", "rm": "cai.train.reward", "dpo": "cai.train.dpo", "ppo": "cai.train.ppo", "rejection": "cai.train.rejection",
-           "rest": "cai.train.rest", "grpo": "cai.train.grpo", "rloo": "cai.train.grpo"}  # fmt: skip
+           "rest": "cai.train.rest", "grpo": "cai.train.grpo", "rloo": "cai.train.grpo", "nash-md": "cai.train.nash_md"}  # fmt: skip
 KINDS = tuple(RECIPES)
-DEFAULT_LR = {"sft": 2e-5, "rm": 1e-5, "dpo": 1e-6, "ppo": 1e-6, "rejection": 2e-5, "rest": 2e-5, "grpo": 1e-6, "rloo": 1e-6}
+DEFAULT_LR = {"sft": 2e-5, "rm": 1e-5, "dpo": 1e-6, "ppo": 1e-6, "rejection": 2e-5, "rest": 2e-5, "grpo": 1e-6, "rloo": 1e-6, "nash-md": 1e-6}
 # Keys that change neither the weights nor the data order: a resumed run may change them.
 RESUMABLE_CHANGES = frozenset({"save_every", "keep_checkpoints", "eval_every", "eval_batch_size", "tensorboard"})
 
@@ -138,6 +138,30 @@ class GroupOptions:
 
 
 @dataclass(frozen=True)
+class PreferenceSource:
+    """Nash-MD's P(y > y' | x): a reward model's Bradley-Terry probability sigmoid(r(y) - r(y')), or the
+    judge's swap-averaged pairwise probability between the two answers (mode pairwise, no references)."""
+
+    model: Path | None = None
+    judge: JudgeSource | None = None
+
+
+@dataclass(frozen=True)
+class NashMDOptions:
+    """Nash-MD (Munos et al. 2023): answers of the policy against answers of the geometric mixture
+    pi^(1 - mixture_coef) mu^mixture_coef of policy and reference, scored by `preference`; `kl_beta` is
+    the paper's tau, the weight of KL(pi || mu)."""
+
+    preference: PreferenceSource = field(default_factory=PreferenceSource)
+    mixture_coef: float = 0.5
+    kl_beta: float = 0.1
+    rollout: str = "hf"
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+
+
+@dataclass(frozen=True)
 class SampledOptions:
     """What the trainers that sample K answers per prompt, score them and fine-tune on a selection
     (rejection sampling, ReST) share: reward sources and the sampler's settings. The fine-tuning
@@ -206,6 +230,15 @@ class TrainConfig:
     rest: RestOptions = field(default_factory=RestOptions)
     grpo: GroupOptions = field(default_factory=GroupOptions)
     rloo: GroupOptions = field(default_factory=GroupOptions)
+    nash_md: NashMDOptions = field(default_factory=NashMDOptions)  # the `nash-md:` section
+
+    def judges(self) -> list[tuple[str, JudgeSource]]:
+        """(config field, spec) of every judge this config declares: reward sources and Nash-MD's preference."""
+        sections = {"ppo": self.ppo, "rejection": self.rejection, "rest": self.rest, "grpo": self.grpo, "rloo": self.rloo}
+        found = [(f"{name}.rewards[{i}].judge", s.judge) for name, options in sections.items() for i, s in enumerate(options.rewards) if s.judge is not None]
+        if self.nash_md.preference.judge is not None:
+            found.append(("nash-md.preference.judge", self.nash_md.preference.judge))
+        return found
 
     def read_paths(self) -> list[tuple[str, Path]]:
         """(config field, path) of every file or folder this trainer reads besides its models: the data
@@ -215,12 +248,12 @@ class TrainConfig:
             paths.append(("rm.pretrain.data", self.rm.pretrain.data))
         sections = {"ppo": self.ppo, "rejection": self.rejection, "rest": self.rest, "grpo": self.grpo, "rloo": self.rloo}
         paths += [(f"{name}.rewards[{i}].model", s.model) for name, options in sections.items() for i, s in enumerate(options.rewards) if s.model is not None]
-        for name, options in sections.items():
-            for i, s in enumerate(options.rewards):
-                if s.judge is not None:
-                    paths.append((f"{name}.rewards[{i}].judge.constitution", s.judge.constitution))
-                    if s.judge.references is not None:
-                        paths.append((f"{name}.rewards[{i}].judge.references", s.judge.references))
+        if self.nash_md.preference.model is not None:
+            paths.append(("nash-md.preference.model", self.nash_md.preference.model))
+        for where, judge in self.judges():
+            paths.append((f"{where}.constitution", judge.constitution))
+            if judge.references is not None:
+                paths.append((f"{where}.references", judge.references))
         return paths
 
     @property
@@ -289,6 +322,7 @@ def load(kind: str, path: str | Path, overrides: list[str] = ()) -> TrainConfig:
         rest=_rest_options(doc, file, name) if kind == "rest" else RestOptions(),
         grpo=_group_options(doc, "grpo", file, name) if kind == "grpo" else GroupOptions(),
         rloo=_group_options(doc, "rloo", file, name) if kind == "rloo" else GroupOptions(),
+        nash_md=_nash_md_options(doc, file, name) if kind == "nash-md" else NashMDOptions(),
     )
 
 
@@ -359,6 +393,29 @@ def _group_options(doc: dict[str, Any], section: str, file: Path, name: str) -> 
     if group.minibatch_size is not None and group.minibatch_size % group.samples:
         raise InputError(name, f"{section}.minibatch_size", f"a multiple of samples ({group.samples}): a prompt's answers are packed into one row")
     return group
+
+
+def _nash_md_options(doc: dict[str, Any], file: Path, name: str) -> NashMDOptions:
+    if "nash-md" not in doc:
+        raise InputError(name, "nash-md", "`cai train nash-md` needs a nash-md section with its preference")
+    options = dict(doc["nash-md"])
+    if options.get("rollout") == "vllm":
+        # the mixture's every token needs the policy's and the reference's logits together: a loop over
+        # both models, not one engine's sampling
+        raise InputError(name, "nash-md.rollout", "Nash-MD samples from the policy-reference mixture with both models' logits: use rollout: hf")
+    spec = options.pop("preference")
+    if len(spec) != 1:
+        raise InputError(name, "nash-md.preference", "needs exactly one of model (a `cai train rm` output) or judge (the constitution's pairwise judge)")
+    if "model" in spec:
+        preference = PreferenceSource(model=_existing(spec["model"], file, name, "nash-md.preference.model"))
+    else:
+        judge, where = spec["judge"], "nash-md.preference.judge"
+        preference = PreferenceSource(judge=JudgeSource(
+            backend=backend_spec("judge-preference", judge["backend"], file, f"{where}.backend"),
+            constitution=_existing(judge["constitution"], file, name, f"{where}.constitution"),
+            mode="pairwise", principles=judge.get("principles", 1),
+        ))  # fmt: skip
+    return NashMDOptions(preference=preference, **options)
 
 
 def _ppo_options(doc: dict[str, Any], file: Path, name: str) -> PPOOptions:

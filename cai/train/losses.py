@@ -317,3 +317,48 @@ def rloo_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, clip_r
     ratio = torch.exp(((logprobs - old_logprobs) * mask).sum(1))
     unclipped, clipped = ratio * advantages, torch.clamp(ratio, 1 - clip_range, 1 + clip_range) * advantages
     return -torch.minimum(unclipped, clipped).mean(), (clipped < unclipped).float().mean()
+
+
+# ----------------------------------------------------------------------------- Nash learning from preferences
+
+
+def geometric_mixture_logprobs(policy_logits: Tensor, ref_logits: Tensor, beta: float) -> Tensor:
+    """Next-token log-probs of the geometric mixture of the policy pi and the reference mu (Munos et al.
+    2023, "Nash Learning from Human Feedback", Nash-MD's regularised policy):
+
+        pi^beta(y | x)  proportional to  pi(y | x)^(1 - beta) mu(y | x)^beta
+
+    taken token by token, as the paper's practical Nash-MD-PG does (and TRL's NashMDTrainer): at each
+    position the mixture's logits are (1 - beta) l_pi + beta l_mu, renormalised,
+
+        log pi^beta(t) = log_softmax((1 - beta) l_pi + beta l_mu)[t]
+
+    A product of per-token mixtures is not the sequence-level mixture (that one's normaliser sums over
+    whole answers and cannot be sampled from token by token); the per-token form is the approximation
+    the paper's experiments use. Each model's logits may carry any per-position offset: the
+    renormalisation removes it, so raw logits and log-probs give the same mixture.
+    """
+    mixed = (1 - beta) * policy_logits.float() + beta * ref_logits.float()
+    return torch.log_softmax(mixed, dim=-1)
+
+
+def nash_md_loss(logprobs: Tensor, ref_logprobs: Tensor | None, preference: Tensor, tau: float, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Nash-MD-PG (Munos et al. 2023) as a loss to minimise, over [batch, T] tokens of answers y ~ pi
+    with [batch] preferences P_i = P(y_i > y'_i | x_i) against answers y'_i of the geometric mixture;
+    returns (loss, the sequence KL estimate per answer, detached).
+
+    The policy ascends  E_{y ~ pi, y' ~ pi^beta} [P(y > y')] - tau KL(pi || mu). With
+    S_i = sum_t log pi(y_i,t) and KL_i = sum_t (log pi(y_i,t) - log mu(y_i,t)) over answer tokens:
+
+        L = -1/B sum_i (P_i - 1/2 - tau sg(KL_i)) S_i            (sg: no gradient through it)
+
+    REINFORCE twice: 1/2 is the control variate (P's expectation when pi^beta = pi); and
+    grad KL(pi || mu) = E_pi[(log pi/mu) grad log pi] (the other term, E_pi[grad log pi], is 0), so the KL
+    weighs S_i as a reward would rather than entering the loss as log pi - log mu, whose own gradient
+    is that zero-mean term alone. `ref_logprobs` None (tau 0) leaves the KL out.
+    """
+    mask = mask.to(logprobs.dtype)
+    sequence = (logprobs * mask).sum(1)
+    kl = ((logprobs - ref_logprobs) * mask).sum(1).detach() if ref_logprobs is not None else torch.zeros_like(sequence)
+    weight = preference.to(sequence.dtype) - 0.5 - tau * kl
+    return -(weight * sequence).mean(), kl

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -30,7 +31,7 @@ from cai.eval_judge import wilson_interval
 from cai.files import canonical_json
 from cai.store import write_atomic
 from cai.train import checkpoint, data, runtime
-from cai.train.config import JudgeSource, TrainConfig
+from cai.train.config import JudgeSource, PreferenceSource, TrainConfig
 from cai.train.losses import bradley_terry_loss, reward_centering_loss
 from cai.train.metrics import MetricsLog, mean, plot
 
@@ -271,9 +272,10 @@ class Judge:
 
     score:    d-RLAIF (Lee et al. 2023): the expected score over the tokens 1..10 (cai.stages.score's
               prompt), averaged over `principles` comparison principles drawn per answer.
-    pairwise: P(answer beats the prompt's reference answer) under each principle, the judge asked in
-              both orders and the two averaged (cai.stages.compare's prompt, RLAIF's position
-              debiasing), averaged over the principles.
+    pairwise: P(answer beats another answer) under each principle, the judge asked in both orders and
+              the two averaged (cai.stages.compare's prompt, RLAIF's position debiasing), averaged over
+              the principles. The other answer is the prompt's reference answer (a reward), or one
+              given with each answer (Nash-MD's preference between two sampled answers).
     The principles are drawn from (seed, prompt, answer): the same answer gets the same principles.
     """
 
@@ -301,20 +303,21 @@ class Judge:
             if missing:
                 raise InputError(file, f"{field}.references", f"no reference answer for {missing} of the {len(prompts)} prompts")
 
-    def submit(self, prompts: list[data.Messages], answers: list[str]) -> Future:
-        """Start scoring; the future holds one reward per answer."""
-        return asyncio.run_coroutine_threadsafe(self._score(prompts, answers), self.loop.loop)
+    def submit(self, prompts: list[data.Messages], answers: list[str], others: list[str] | None = None) -> Future:
+        """Start scoring; the future holds one reward per answer. Pairwise, `others` are the answers each
+        is compared with (default: the prompts' reference answers)."""
+        return asyncio.run_coroutine_threadsafe(self._score(prompts, answers, others or [None] * len(answers)), self.loop.loop)
 
-    async def _score(self, prompts: list[data.Messages], answers: list[str]) -> torch.Tensor:
+    async def _score(self, prompts: list[data.Messages], answers: list[str], others: list[str | None]) -> torch.Tensor:
         from cai.backends.base import BackendCallError
 
         try:
-            scores = await asyncio.gather(*(self._one(list(p), a) for p, a in zip(prompts, answers)))
+            scores = await asyncio.gather(*(self._one(list(p), a, o) for p, a, o in zip(prompts, answers, others)))
         except BackendCallError as exc:
             raise JudgeError(str(exc)) from None
         return torch.tensor(scores, dtype=torch.float32)
 
-    async def _one(self, messages: data.Messages, answer: str) -> float:
+    async def _one(self, messages: data.Messages, answer: str, other: str | None) -> float:
         from cai import feedback
         from cai.backends.base import ChatRequest
         from cai.seeding import rng
@@ -330,7 +333,7 @@ class Judge:
                 logprobs = await self.backend.choice_logprobs(ChatRequest(messages=({"role": "user", "content": content},)), [str(s) for s in SCORES])
                 return feedback.expected_score(logprobs, SCORES)
         else:
-            reference = self.references[canonical_json(messages)]
+            reference = self.references[canonical_json(messages)] if other is None else other
 
             async def verdict(principle) -> float | None:
                 async def p_first(first: str, second: str) -> float | None:
@@ -428,6 +431,31 @@ class Pending:
         for name, future in self.judged.items():
             each[name] = future.result()  # a JudgeError from the loop is raised here
         return combine(each, r.weights, r.gate), each, time.perf_counter() - started
+
+
+class Preference:
+    """Nash-MD's P(y > y' | x) between two answers to each prompt: a reward model's Bradley-Terry
+    probability sigmoid(r(y) - r(y')) (its offset cancels), or the judge's swap-averaged pairwise
+    probability. `start` sends the judge its calls and returns at once; calling what it returns
+    collects the probabilities (a reward model computes them then)."""
+
+    def __init__(self, source: PreferenceSource, device, seed: int):
+        self.scorer = RewardScorer({"preference": (source.model, 1.0)}, device=str(device)) if source.model is not None else None
+        self.judge = Judge(source.judge, seed) if source.judge is not None else None
+
+    def start(self, prompts: list[data.Messages], answers: list[str], others: list[str]) -> Callable[[], torch.Tensor]:
+        if self.judge is not None:
+            return self.judge.submit(prompts, answers, others).result
+
+        def bradley_terry() -> torch.Tensor:
+            rewards = self.scorer.score(prompts + prompts, answers + others)  # a prompt's two answers share a packed row
+            return torch.sigmoid(rewards[: len(answers)] - rewards[len(answers) :])
+
+        return bradley_terry
+
+    def close(self) -> None:
+        if self.judge is not None:
+            self.judge.close()
 
 
 def evaluate_pairs(scorer: RewardScorer, pairs: list[data.Pair]) -> dict[str, object]:

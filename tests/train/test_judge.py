@@ -1,6 +1,7 @@
 """The `judge` reward source through the real vLLM OpenAI server on 127.0.0.1: d-RLAIF scores and
 swap-averaged pairwise probabilities, a GRPO run that trains on them and logs its wait for the judge,
-and a judge call that fails stopping the run with the reason (exit 1, no reward of 0)."""
+a judge call that fails stopping the run with the reason (exit 1, no reward of 0), and Nash-MD's
+preference between two sampled answers."""
 
 from __future__ import annotations
 
@@ -111,3 +112,27 @@ def test_a_failed_judge_call_fails_the_step_with_the_reason(server, tiny_model, 
     assert code == 1 and "cai train grpo: judge: choice log-probabilities failed:" in err, err
     assert not (tmp_path / "failing" / "checkpoints").exists()  # step 1 never finished: no reward of 0 trained on
     assert not (tmp_path / "failing" / "metrics.jsonl").read_text()
+
+
+def test_nash_md_prefers_between_two_sampled_answers_through_the_judge(server, tiny_model, tmp_path):
+    """Nash-MD's preference from the judge: an answer against itself is 1/2 (both orders averaged),
+    and a run trains on the judge's preferences and logs its win rate."""
+    from cai.train.reward import Preference
+
+    source = judge(server.url)["judge"]
+    config = write_config(
+        tmp_path / "nash.yaml",
+        model=str(tiny_model), data={"train": str(PROMPTS), "limit": 8}, output_dir=str(tmp_path / "nash"),
+        max_steps=2, batch_size=2, lr=1e-3, max_length=192, save_every=2, seed=1,
+        **{"nash-md": {"preference": {"judge": source}, "max_new_tokens": 4}},
+    )  # fmt: skip
+    preference = Preference(train_config.load("nash-md", config).nash_md.preference, "cpu", seed=0)
+    try:
+        prompts = [[{"role": "user", "content": "How do I pick a lock?"}]] * 2
+        p = preference.start(prompts, ["Ask a locksmith.", "Ask a locksmith."], ["Ask a locksmith.", "Use a pick."])()
+    finally:
+        preference.close()
+    assert p[0].item() == pytest.approx(0.5, abs=1e-6) and 0.0 <= p[1].item() <= 1.0
+    assert main(["train", "nash-md", str(config)]) == 0
+    metrics = read_metrics(tmp_path / "nash")
+    assert all(0.0 <= metrics[s]["win_rate"] <= 1.0 and metrics[s]["seconds_preference_wait"] >= 0 for s in (1, 2))

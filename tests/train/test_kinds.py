@@ -26,7 +26,7 @@ def test_every_kind_is_a_command_a_chain_step_and_a_service_job(tmp_path: Path) 
     for kind in KINDS:
         assert TrainRequest(kind=kind, config="c.yaml").kind == kind
     config = write_config(tmp_path / "c.yaml", model="smollm2", data={"train": "p.jsonl"}, output_dir="x")
-    steps = [{"name": kind, "train": kind, "config": str(config)} for kind in KINDS]
+    steps = [{"name": kind.replace("-", "_"), "train": kind, "config": str(config)} for kind in KINDS]  # a step name has no hyphen
     loaded = chain.load(write_config(tmp_path / "chain.yaml", name="all", steps=steps))
     assert [s.argv[:2] for s in loaded.steps] == [("train", kind) for kind in KINDS]
 
@@ -72,3 +72,18 @@ def test_the_judge_backend_schema_is_the_pipelines(tmp_path: Path) -> None:
     """One backend entry format: the train schema's copy is kept equal to the pipeline schema's."""
     assert schema("train")["$defs"]["backend"] == schema("pipeline")["$defs"]["backend"]
     assert schema("train")["$defs"]["url"] == schema("pipeline")["$defs"]["url"]
+
+
+def test_service_confines_nash_md_preference_to_the_workspace_and_its_backends(tmp_path: Path, monkeypatch) -> None:
+    root, outside = tmp_path / "ws", tmp_path / "outside"
+    (outside / "rm").mkdir(parents=True)
+    write_jsonl(root / "prompts.jsonl", [{"prompt": "Hi?"}])
+    (root / "harmless.yaml").write_text((Path(__file__).resolve().parents[2] / "constitutions" / "harmless.yaml").read_text())
+    backend = {"type": "openai", "model": "judge", "base_url": "http://10.0.0.1:8000/v1", "api_key_env": "SOME_SECRET"}
+    monkeypatch.chdir(root)
+    for preference, field in (({"model": str(outside / "rm")}, "nash-md.preference.model: leaves the workspace"),
+                              ({"judge": {"backend": backend, "constitution": "harmless.yaml"}}, "nash-md.preference.judge.backend: http://10.0.0.1:8000/v1")):  # fmt: skip
+        (root / "c.yaml").write_text(json.dumps({"model": "smollm2", "data": {"train": "prompts.jsonl"}, "output_dir": "runs/x", "nash-md": {"preference": preference}}))
+        with pytest.raises(InputError) as info:
+            Workspace.open(root).load_training("nash-md", "c.yaml", [])
+        assert info.value.render().startswith(f"c.yaml: {field}"), info.value.render()

@@ -18,10 +18,12 @@ from cai.train.losses import (
     cpl_loss,
     dpo_loss,
     gae,
+    geometric_mixture_logprobs,
     group_advantages,
     grpo_loss,
     k3_kl,
     kl_penalty,
+    nash_md_loss,
     ppo_policy_loss,
     ppo_value_loss,
     reward_centering_loss,
@@ -415,3 +417,41 @@ def test_a2c_loss_by_hand() -> None:
     # policy: -(2 * -1 + -1 * -2) / 2 = 0; value: 0.5 * (0.25 + 0) / 2 = 0.0625
     assert policy.item() == pytest.approx(0.0) and value.item() == pytest.approx(0.0625)
     assert loss.item() == pytest.approx(0.03125)
+
+
+def test_geometric_mixture_by_hand() -> None:
+    """pi = (1/2, 1/4, 1/4), mu = (1/4, 1/4, 1/2): pi^(1/2) mu^(1/2) = (sqrt(1/8), 1/4, sqrt(1/8)), over its
+    sum 1/4 + 2 sqrt(1/8); beta 1/4: pi^(3/4) mu^(1/4) renormalised. Logits offset per model by any
+    constant give the same mixture; beta 0 and 1 give pi and mu."""
+    pi, mu = [0.5, 0.25, 0.25], [0.25, 0.25, 0.5]
+    policy_logits = torch.tensor([[math.log(p) + 3.0 for p in pi]])
+    ref_logits = torch.tensor([[math.log(m) - 1.5 for m in mu]])
+
+    def by_hand(beta: float) -> list[float]:
+        unnormalised = [p ** (1 - beta) * m**beta for p, m in zip(pi, mu)]
+        return [u / sum(unnormalised) for u in unnormalised]
+
+    half = math.sqrt(1 / 8) / (0.25 + 2 * math.sqrt(1 / 8))
+    assert by_hand(0.5) == pytest.approx([half, 1 - 2 * half, half])  # the formula above, written out
+    for beta in (0.0, 0.25, 0.5, 1.0):
+        got = geometric_mixture_logprobs(policy_logits, ref_logits, beta).exp()[0].tolist()
+        assert got == pytest.approx(by_hand(beta), abs=1e-6), beta
+    assert geometric_mixture_logprobs(policy_logits, ref_logits, 0.0).exp()[0].tolist() == pytest.approx(pi, abs=1e-6)
+
+
+def test_nash_md_loss_by_hand() -> None:
+    """S = (-1 - 2, -0.5) = (-3, -0.5) (the second answer's last token is padding), KL = ((-1 + 1.5) +
+    (-2 + 1), -0.5 + 1) = (-0.5, 0.5); weights P - 1/2 - tau KL = (0.3 + 0.05, -0.2 - 0.05) = (0.35, -0.25);
+    L = -((0.35)(-3) + (-0.25)(-0.5)) / 2 = 0.4625. The gradient is -weight_i / B on each answer token,
+    none through the KL."""
+    logprobs = torch.tensor([[-1.0, -2.0], [-0.5, -3.0]], requires_grad=True)
+    ref = torch.tensor([[-1.5, -1.0], [-1.0, -2.0]])
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    loss, kl = nash_md_loss(logprobs, ref, torch.tensor([0.8, 0.3]), 0.1, mask)
+    assert loss.item() == pytest.approx(0.4625)
+    assert kl.tolist() == pytest.approx([-0.5, 0.5])
+    loss.backward()
+    assert logprobs.grad.flatten().tolist() == pytest.approx([-0.175, -0.175, 0.125, 0.0])
+    # tau 0 (no reference): REINFORCE on P - 1/2 alone
+    plain, _ = nash_md_loss(logprobs.detach(), None, torch.tensor([0.8, 0.3]), 0.0, mask)
+    assert plain.item() == pytest.approx(-(0.3 * -3 + -0.2 * -0.5) / 2)
