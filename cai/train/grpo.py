@@ -28,14 +28,13 @@ from pathlib import Path
 
 import torch
 
-from cai.errors import InputError
 from cai.seeding import derive_seed
 from cai.train import checkpoint, data, runtime
 from cai.train.config import TrainConfig
 from cai.train.losses import group_advantages, grpo_loss, masked_mean, rloo_advantages, rloo_loss
-from cai.train.metrics import MetricsLog, plot
+from cai.train.metrics import MetricsLog
 from cai.train.reward import Rewards
-from cai.train.rollout import Sampler, group_logps_and_entropy, load_prompts, load_reference, reference_logps
+from cai.train.rollout import Sampler, finish, group_logps_and_entropy, load_prompts, load_reference, reference_logps, setup
 
 
 def train(config: TrainConfig, stop_after: int | None = None) -> Path:
@@ -44,11 +43,7 @@ def train(config: TrainConfig, stop_after: int | None = None) -> Path:
 
     kind = config.kind
     options = getattr(config, kind)
-    if config.grad_accum != 1:
-        raise InputError(str(config.file), "grad_accum", f"{kind} takes one optimizer step per minibatch: set {kind}.minibatch_size instead")
-    acc = runtime.accelerator(config)
-    tokenizer = runtime.load_tokenizer(runtime.model_path(config))
-    tokenizer.padding_side = "left"  # prompts end where the answers start
+    acc, tokenizer = setup(config, f"set {kind}.minibatch_size instead")
 
     # --- prompts and rewards: validated before anything is written
     conversations, encoded = load_prompts(config, tokenizer, options.max_new_tokens, acc)
@@ -162,13 +157,4 @@ def train(config: TrainConfig, stop_after: int | None = None) -> Path:
             checkpoint.save(acc, policy, tokenizer, config.output_dir, step, {"position": position}, config.keep_checkpoints)
         if step == stop_after:
             break
-    metrics.close()
-    sampler.close()
-    rewards.close()
-    if stop_after is not None and stop_after < steps:
-        return config.output_dir / "final"
-    tokenizer.padding_side = "right"  # the saved tokenizer pads as training and serving expect
-    final = checkpoint.save_final(acc, policy, tokenizer, config.output_dir)
-    if acc.is_main_process:
-        plot(config.output_dir / "metrics.jsonl", config.output_dir / "curves.png")
-    return final
+    return finish(config, acc, policy, tokenizer, steps, stop_after, opened=(metrics, sampler, rewards))

@@ -28,14 +28,13 @@ from pathlib import Path
 
 import torch
 
-from cai.errors import InputError
 from cai.seeding import derive_seed
 from cai.train import checkpoint, data, runtime
 from cai.train.config import TrainConfig
 from cai.train.losses import geometric_mixture_logprobs, masked_mean, nash_md_loss
-from cai.train.metrics import MetricsLog, plot
+from cai.train.metrics import MetricsLog
 from cai.train.reward import Preference
-from cai.train.rollout import Rollout, Sampler, load_prompts, load_reference, logps_and_entropy, positions, reference_logps, response_mask
+from cai.train.rollout import Rollout, Sampler, finish, load_prompts, load_reference, logps_and_entropy, positions, reference_logps, response_mask, setup
 
 
 def train(config: TrainConfig, stop_after: int | None = None) -> Path:
@@ -43,11 +42,7 @@ def train(config: TrainConfig, stop_after: int | None = None) -> Path:
     from transformers import AutoModelForCausalLM
 
     options = config.nash_md
-    if config.grad_accum != 1:
-        raise InputError(str(config.file), "grad_accum", "nash-md takes one optimizer step per batch of prompts: raise batch_size instead")
-    acc = runtime.accelerator(config)
-    tokenizer = runtime.load_tokenizer(runtime.model_path(config))
-    tokenizer.padding_side = "left"  # prompts end where the answers start
+    acc, tokenizer = setup(config, "raise batch_size instead (a minibatch is the whole batch)")
 
     # --- prompts and the preference source: validated before anything is written
     conversations, encoded = load_prompts(config, tokenizer, options.max_new_tokens, acc)
@@ -141,15 +136,7 @@ def train(config: TrainConfig, stop_after: int | None = None) -> Path:
             checkpoint.save(acc, policy, tokenizer, config.output_dir, step, {"position": position}, config.keep_checkpoints)
         if step == stop_after:
             break
-    metrics.close()
-    preference.close()
-    if stop_after is not None and stop_after < steps:
-        return config.output_dir / "final"
-    tokenizer.padding_side = "right"  # the saved tokenizer pads as training and serving expect
-    final = checkpoint.save_final(acc, policy, tokenizer, config.output_dir)
-    if acc.is_main_process:
-        plot(config.output_dir / "metrics.jsonl", config.output_dir / "curves.png")
-    return final
+    return finish(config, acc, policy, tokenizer, steps, stop_after, opened=(metrics, preference))
 
 
 @contextlib.contextmanager

@@ -1,22 +1,50 @@
-"""What the online trainers (PPO and A2C, GRPO, RLOO) share: the prompt set, the frozen reference, the
-rollout (HF generation, or the vLLM engine holding the policy's current weights), and the log-probs of
-the sampled answers under a model. Each trainer's own loop (advantages, loss, update) stays in its
-recipe.
+"""What the online trainers (PPO and A2C, GRPO, RLOO, Nash-MD) share: their start and end, the prompt
+set, the frozen reference, the rollout (HF generation, or the vLLM engine holding the policy's current
+weights), and the log-probs of the sampled answers under a model. Each trainer's own loop (advantages,
+loss, update) stays in its recipe.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from cai import prompts as prompt_sets
 from cai.errors import InputError
 from cai.seeding import derive_seed
-from cai.train import data, runtime
+from cai.train import checkpoint, data, runtime
 from cai.train.config import TrainConfig
 from cai.train.losses import token_logps
+from cai.train.metrics import plot
+
+
+def setup(config: TrainConfig, instead: str):
+    """The accelerator and a left-padding tokenizer (prompts end where the answers start). An online
+    trainer takes one optimizer step per minibatch of its own rollout: grad_accum is refused, `instead`
+    says what to set."""
+    if config.grad_accum != 1:
+        raise InputError(str(config.file), "grad_accum", f"{config.kind} takes one optimizer step per minibatch: {instead}")
+    acc = runtime.accelerator(config)
+    tokenizer = runtime.load_tokenizer(runtime.model_path(config))
+    tokenizer.padding_side = "left"
+    return acc, tokenizer
+
+
+def finish(config: TrainConfig, acc, policy, tokenizer, steps: int, stop_after: int | None, opened=()) -> Path:
+    """Close what the run opened (metrics, engines, judges); unless it stopped early (as a kill would),
+    save the final model and plot the curves. Returns OUTPUT/final."""
+    for thing in opened:
+        thing.close()
+    if stop_after is not None and stop_after < steps:
+        return config.output_dir / "final"
+    tokenizer.padding_side = "right"  # the saved tokenizer pads as training and serving expect
+    final = checkpoint.save_final(acc, policy, tokenizer, config.output_dir)
+    if acc.is_main_process:
+        plot(config.output_dir / "metrics.jsonl", config.output_dir / "curves.png")
+    return final
 
 
 def response_mask(responses: torch.Tensor, eos_id: int) -> torch.Tensor:
