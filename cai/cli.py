@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import shutil
 import sys
 from pathlib import Path
 
+from cai import logs
 from cai.backends.base import BackendCallError, BackendStartError
 from cai.errors import InputError
 
@@ -167,6 +170,9 @@ def cmd_models_prepare(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+TRAIN_LOG = "train.log"  # in OUTPUT: the libraries' output during a training
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     import importlib
 
@@ -177,13 +183,20 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     trainer = importlib.import_module(train_config.RECIPES[args.kind])
     cfg = train_config.load(args.kind, args.config, args.set)
+    fresh = not cfg.output_dir.exists()
+    log = cfg.output_dir / TRAIN_LOG
     try:
-        final = trainer.train(cfg)
+        with contextlib.nullcontext() if args.verbose else logs.redirected(log):
+            final = trainer.train(cfg)
     except TemplateError as exc:
         raise InputError(cfg.model, "chat_template", str(exc)) from None
     except (NonFiniteError, JudgeError) as exc:
         print(f"cai train {args.kind}: {exc}", file=sys.stderr)
         return EXIT_FAILED
+    except InputError:
+        if fresh and log.exists() and [p.name for p in cfg.output_dir.iterdir()] == [TRAIN_LOG]:
+            shutil.rmtree(cfg.output_dir)  # bad input writes nothing: not even the log of a run that never started
+        raise
     if os.environ.get("RANK", "0") != "0":  # under accelerate launch / torchrun the first process says where things are
         return EXIT_OK
     print(f"model: {final}")
@@ -321,6 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("kind", choices=train_config.KINDS)
     p.add_argument("config", help="train config YAML (schema: cai/schemas/train.json)")
     p.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a config field")
+    p.add_argument("-v", "--verbose", action="store_true", help="library and engine output on the terminal (by default: OUTPUT/train.log)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval-rm", help="pairwise accuracy of a reward model on preference pairs (HH-RLHF style or cai's format)")

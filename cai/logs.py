@@ -13,10 +13,19 @@ import sys
 from pathlib import Path
 from typing import Iterator, TextIO
 
+_terminal: TextIO | None = None  # while output is redirected: the terminal's stderr
+
+
+def terminal() -> TextIO:
+    """Where cai's own live lines go: the terminal's stderr, also while descriptors 1 and 2 are redirected."""
+    return _terminal or sys.stderr
+
 
 @contextlib.contextmanager
 def redirected(path: Path) -> Iterator[TextIO]:
-    """Descriptors 1 and 2 append to `path` for the block; yields a stream to the terminal's stderr."""
+    """Descriptors 1 and 2 append to `path` for the block; yields a stream to the terminal's stderr
+    (also what `terminal()` returns meanwhile)."""
+    global _terminal
     sys.stdout.flush()
     sys.stderr.flush()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -26,8 +35,10 @@ def redirected(path: Path) -> Iterator[TextIO]:
     try:
         os.dup2(log, 1)
         os.dup2(log, 2)
+        _terminal = terminal
         yield terminal
     finally:
+        _terminal = None
         sys.stdout.flush()
         sys.stderr.flush()
         os.dup2(saved[0], 1)

@@ -3,35 +3,8 @@ engines' warnings and start-up lines (those go to RUN_DIR/engine.log, back on th
 
 from __future__ import annotations
 
-import os
-import pty
-import re
-import subprocess
-import sys
-
 from pipeline_files import tiny_pipeline
-
-ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
-ENGINE_LINE = re.compile(r"(^|\n)\s*(\(EngineCore[^)]*\)|INFO|WARNING|\[W\d|\[\w+\] )|FutureWarning|UserWarning|DeprecationWarning")
-
-
-def run_in_terminal(*argv: str) -> tuple[int, str]:
-    """Run `cai` with a pseudo-terminal as its stdout and stderr; its exit code and everything it showed."""
-    leader, follower = pty.openpty()
-    env = {**os.environ, "COLUMNS": "160", "TERM": "xterm"}
-    process = subprocess.Popen([sys.executable, "-m", "cai.cli", *argv], stdin=subprocess.DEVNULL, stdout=follower, stderr=follower, env=env)
-    os.close(follower)
-    shown = b""
-    while True:
-        try:
-            chunk = os.read(leader, 65536)
-        except OSError:  # EIO: the process closed the terminal
-            break
-        if not chunk:
-            break
-        shown += chunk
-    os.close(leader)
-    return process.wait(timeout=600), ANSI.sub("", shown.decode("utf-8", "replace"))
+from terminal import ENGINE_LINE, run_in_terminal
 
 
 def test_terminal_shows_the_live_display_and_no_engine_output(tiny_model, tmp_path):
@@ -51,3 +24,4 @@ def test_verbose_brings_the_engine_output_back(tiny_model, tmp_path):
     code, shown = run_in_terminal("run", str(pipeline), "--limit", "2", "--run-dir", str(tmp_path / "run"), "--quiet", "-v")
     assert code == 0 and ENGINE_LINE.search(shown), shown[-3000:]
     assert not (tmp_path / "run" / "engine.log").exists()
+

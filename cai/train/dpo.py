@@ -45,7 +45,7 @@ def train(config: TrainConfig, stop_after: int | None = None) -> Path:
     if not train_set:
         raise InputError(str(config.train_data), None, f"no pair keeps an answer token within max_length {config.max_length}")
     if dropped:
-        acc.print(f"left out {dropped} pairs with no answer token within max_length {config.max_length}")
+        runtime.note(acc, f"left out {dropped} pairs with no answer token within max_length {config.max_length}")
 
     resume = runtime.prepare_output(config, acc)
     batches = data.Batches([len(p.chosen.input_ids) + len(p.rejected.input_ids) for p in train_set], config.batch_size, config.seed,
@@ -116,7 +116,7 @@ def train(config: TrainConfig, stop_after: int | None = None) -> Path:
     # --- loop
     state = checkpoint.restore(acc, resume) if resume else {"step": 0, "position": 0}
     position = state["position"]
-    metrics = MetricsLog(config.output_dir / "metrics.jsonl", state["step"], config.output_dir / "tensorboard" if config.tensorboard else None, acc.is_main_process)
+    metrics = MetricsLog.open(config, acc, state["step"], steps)
     if state["step"] == 0 and eval_set:
         metrics.log(0, "eval", evaluate())
     policy.train()

@@ -4,21 +4,27 @@ asked), and OUTPUT/curves.png at the end."""
 from __future__ import annotations
 
 import json
+import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from cai import logs
 from cai.store import read_jsonl, write_atomic
+
+SHOWN = ("loss", "reward", "mean_reward", "accuracy", "win_rate", "kl")  # the figures the step line shows, when logged
+PLAIN_EVERY_S = 10.0
 
 
 class MetricsLog:
     """Appends `{"step", "split", ...}` lines. A resumed run first drops the lines past its checkpoint
     (a killed run may have logged steps it never saved), so the file reads as one uninterrupted run."""
 
-    def __init__(self, path: Path, resume_step: int, tensorboard_dir: Path | None = None, enabled: bool = True):
+    def __init__(self, path: Path, resume_step: int, tensorboard_dir: Path | None = None, enabled: bool = True, display: "StepLine | None" = None):
         self.path = path
         self.enabled = enabled  # only the main process writes
         self._tb = None
+        self._display = display
         if not enabled:
             return
         kept = [r for r in read_jsonl(path) if r["step"] <= resume_step] if path.exists() else []
@@ -29,9 +35,18 @@ class MetricsLog:
 
             self._tb = SummaryWriter(str(tensorboard_dir), purge_step=resume_step + 1)
 
+    @classmethod
+    def open(cls, config, acc, resume_step: int, total_steps: int) -> "MetricsLog":
+        """A trainer's log: OUTPUT/metrics.jsonl (and tensorboard when asked), and the step line on the terminal."""
+        output = config.output_dir
+        return cls(output / "metrics.jsonl", resume_step, output / "tensorboard" if config.tensorboard else None, acc.is_main_process,
+                   StepLine(config.kind, resume_step, total_steps))  # fmt: skip
+
     def log(self, step: int, split: str, values: dict[str, float]) -> None:
         if not self.enabled:
             return
+        if split == "train" and self._display is not None:
+            self._display.show(step, values)
         self._file.write(json.dumps({"step": step, "split": split, **values}) + "\n")
         self._file.flush()
         if self._tb is not None:
@@ -40,9 +55,43 @@ class MetricsLog:
 
     def close(self) -> None:
         if self.enabled:
+            if self._display is not None:
+                self._display.close()
             self._file.close()
             if self._tb is not None:
                 self._tb.close()
+
+
+class StepLine:
+    """The terminal's view of a training: `kind step N/M, loss ..., s/step, ETA`, rewritten in place on
+    a terminal; piped output gets a plain line every few seconds and at the last step."""
+
+    def __init__(self, kind: str, resume_step: int, total_steps: int):
+        self.kind, self.total = kind, total_steps
+        self._first, self._started = resume_step, time.monotonic()
+        self._printed = self._started
+        self._stream = logs.terminal()
+        self._live = self._stream.isatty()
+        self._shown = False
+
+    def show(self, step: int, values: dict[str, float]) -> None:
+        now = time.monotonic()
+        per_step = (now - self._started) / max(step - self._first, 1)
+        eta = per_step * (self.total - step)
+        figures = ", ".join(f"{key} {values[key]:.4g}" for key in SHOWN if isinstance(values.get(key), (int, float)))
+        line = f"{self.kind} step {step}/{self.total}, {figures}, {per_step:.2f} s/step, ETA {int(eta // 60)}:{int(eta % 60):02d}"
+        if self._live:
+            self._stream.write("\r" + line + "\x1b[K")
+            self._stream.flush()
+            self._shown = True
+        elif now - self._printed >= PLAIN_EVERY_S or step == self.total:
+            self._printed = now
+            print(line, file=self._stream, flush=True)
+
+    def close(self) -> None:
+        if self._shown:
+            self._stream.write("\n")
+            self._stream.flush()
 
 
 def plot(metrics_path: Path, png_path: Path) -> None:

@@ -67,7 +67,7 @@ def train(config: TrainConfig, stop_after: int | None = None) -> Path:
 
     state = checkpoint.restore(acc, resume) if resume else {"step": 0, "position": 0}
     position = state["position"]
-    metrics = MetricsLog(config.output_dir / "metrics.jsonl", state["step"], config.output_dir / "tensorboard" if config.tensorboard else None, acc.is_main_process)
+    metrics = MetricsLog.open(config, acc, state["step"], steps)
 
     for step in range(state["step"] + 1, steps + 1):
         indexes = batches(position)

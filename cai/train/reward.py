@@ -63,7 +63,7 @@ def train(config: TrainConfig, stop_after: int | None = None) -> Path:
     if not groups:
         raise InputError(str(config.train_data), None, f"no pair fits in max_length {config.max_length}")
     if dropped:
-        acc.print(f"left out {dropped} pairs longer than max_length {config.max_length}")
+        runtime.note(acc, f"left out {dropped} pairs longer than max_length {config.max_length}")
 
     resume = runtime.prepare_output(config, acc)
     batches = data.Batches([g.tokens for g in groups], config.batch_size, config.seed, bucket=True, rank=acc.process_index, world_size=acc.num_processes)
@@ -110,7 +110,7 @@ def train(config: TrainConfig, stop_after: int | None = None) -> Path:
     # --- loop
     state = checkpoint.restore(acc, resume) if resume else {"step": 0, "position": 0}
     position = state["position"]
-    metrics = MetricsLog(config.output_dir / "metrics.jsonl", state["step"], config.output_dir / "tensorboard" if config.tensorboard else None, acc.is_main_process)
+    metrics = MetricsLog.open(config, acc, state["step"], steps)
     if state["step"] == 0 and eval_groups:
         metrics.log(0, "eval", evaluate())
     model.train()

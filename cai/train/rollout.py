@@ -69,7 +69,7 @@ def load_prompts(config: TrainConfig, tokenizer, max_new_tokens: int, acc) -> tu
     if not kept:
         raise InputError(str(config.file), "max_length", f"no prompt fits in max_length - {config.kind}.max_new_tokens = {room} tokens")
     if len(kept) < len(encoded):
-        acc.print(f"left out {len(encoded) - len(kept)} prompts longer than {room} tokens")
+        runtime.note(acc, f"left out {len(encoded) - len(kept)} prompts longer than {room} tokens")
     return [conversations[i] for i in kept], [encoded[i] for i in kept]
 
 

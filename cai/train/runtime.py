@@ -10,10 +10,17 @@ from pathlib import Path
 
 import torch
 
-from cai import models
+from cai import logs, models
 from cai.errors import InputError
 from cai.train import checkpoint
 from cai.train.config import TrainConfig
+
+
+def note(acc, message: str) -> None:
+    """A line for the person running the training (on the terminal, also while library output goes to
+    OUTPUT/train.log), from the main process only."""
+    if acc.is_main_process:
+        print(message, file=logs.terminal(), flush=True)
 
 
 class NonFiniteError(Exception):

@@ -37,7 +37,7 @@ def train(config: TrainConfig, stop_after: int | None = None) -> Path:
     if not train_set:
         raise InputError(str(config.train_data), None, f"no record keeps an assistant token within max_length {config.max_length}")
     if len(train_set) < len(encoded):
-        acc.print(f"left out {len(encoded) - len(train_set)} records with no assistant token within max_length {config.max_length}")
+        runtime.note(acc, f"left out {len(encoded) - len(train_set)} records with no assistant token within max_length {config.max_length}")
 
     resume = runtime.prepare_output(config, acc)
     batches = data.Batches([len(e.input_ids) for e in train_set], config.batch_size, config.seed, bucket=config.sft.bucket_by_length,
@@ -70,7 +70,7 @@ def train(config: TrainConfig, stop_after: int | None = None) -> Path:
     # --- loop
     state = checkpoint.restore(acc, resume) if resume else {"step": 0, "position": 0}
     position = state["position"]
-    metrics = MetricsLog(config.output_dir / "metrics.jsonl", state["step"], config.output_dir / "tensorboard" if config.tensorboard else None, acc.is_main_process)
+    metrics = MetricsLog.open(config, acc, state["step"], steps)
     if state["step"] == 0 and eval_set:
         metrics.log(0, "eval", evaluate())
     model.train()
