@@ -204,6 +204,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"per iteration: {cfg.output_dir / 'rejection.jsonl'}, winners and fine-tuning in {cfg.output_dir}/iteration-N")
     elif args.kind == "rest":
         print(f"per Grow and threshold: {cfg.output_dir / 'rest.jsonl'}, samples and fine-tuning in {cfg.output_dir}/grow-N")
+    elif args.kind == "hir":
+        print(f"per iteration: {cfg.output_dir / 'hir.jsonl'}, relabeled samples and training in {cfg.output_dir}/iteration-N; "
+              f"prompt the model with {final / 'hir.json'}'s instruction")  # fmt: skip
     else:
         print(f"metrics: {cfg.output_dir / 'metrics.jsonl'}, curves: {cfg.output_dir / 'curves.png'}")
     return EXIT_OK
@@ -329,7 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("name", choices=["smollm2"])
     q.set_defaults(func=cmd_models_prepare)
 
-    p = sub.add_parser("train", help="train a model: sft, rm (reward model), dpo, ppo, rejection (best-of-K), rest (ReST), from a train config "
+    p = sub.add_parser("train", help="train a model: sft, rm (reward model), dpo, ppo, rejection (best-of-K), rest (ReST), hir (HIR), from a train config "
                                       "(resumes from OUTPUT's newest checkpoint)")
     p.add_argument("kind", choices=train_config.KINDS)
     p.add_argument("config", help="train config YAML (schema: cai/schemas/train.json)")

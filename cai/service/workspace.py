@@ -96,7 +96,7 @@ class Workspace:
             self._check_model(cfg.dpo.reference, path, relative, "dpo.reference")
         for where, read in cfg.read_paths():
             self.inside(read, relative, where)
-        for section in ("ppo", "rejection", "rest", "grpo", "rloo"):
+        for section in ("ppo", "rejection", "rest", "grpo", "rloo", "hir"):
             check_engine_options(getattr(cfg, section).vllm_options, relative, f"{section}.vllm_options")
         for judge, judge_spec in cfg.judges():
             spec, where = judge_spec.backend, f"{judge}.backend"

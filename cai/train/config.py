@@ -7,6 +7,7 @@ trainer's own keys in its section (`sft:`, `rm:`, `dpo:`, ...); a section for an
 from __future__ import annotations
 
 import re
+import string
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,9 +21,10 @@ from cai.models import EMBEDDED, looks_like_path
 # The one list of trainer kinds, with the module whose train() each runs: the CLI, the service and
 # the chain schema's enum (kept equal by a test) read it.
 RECIPES = {"sft": "cai.train.sft", "rm": "cai.train.reward", "dpo": "cai.train.dpo", "ppo": "cai.train.ppo", "rejection": "cai.train.rejection",
-           "rest": "cai.train.rest", "grpo": "cai.train.grpo", "rloo": "cai.train.grpo", "nash-md": "cai.train.nash_md"}  # fmt: skip
+           "rest": "cai.train.rest", "grpo": "cai.train.grpo", "rloo": "cai.train.grpo", "nash-md": "cai.train.nash_md",
+           "hir": "cai.train.hir"}  # fmt: skip
 KINDS = tuple(RECIPES)
-DEFAULT_LR = {"sft": 2e-5, "rm": 1e-5, "dpo": 1e-6, "ppo": 1e-6, "rejection": 2e-5, "rest": 2e-5, "grpo": 1e-6, "rloo": 1e-6, "nash-md": 1e-6}
+DEFAULT_LR = {"sft": 2e-5, "rm": 1e-5, "dpo": 1e-6, "ppo": 1e-6, "rejection": 2e-5, "rest": 2e-5, "grpo": 1e-6, "rloo": 1e-6, "nash-md": 1e-6, "hir": 2e-5}
 # Keys that change neither the weights nor the data order: a resumed run may change them.
 RESUMABLE_CHANGES = frozenset({"save_every", "keep_checkpoints", "eval_every", "eval_batch_size", "tensorboard"})
 
@@ -193,6 +195,27 @@ class RestOptions(SampledOptions):
     threshold_type: str = "reward"  # reward: the thresholds are rewards; quantile: quantiles of each Grow's rewards
 
 
+@dataclass(frozen=True)
+class Band:
+    """An outcome an answer can reach: its reward is at least `at_least` (None: the lowest band, any reward)."""
+
+    label: str
+    at_least: float | None = None
+
+
+@dataclass(frozen=True)
+class HIROptions(SampledOptions):
+    """HIR, Hindsight Instruction Relabeling (Zhang et al. 2023): `iterations` of sampling with the best
+    band's instruction, relabeling each answer with the band its reward reached (`bands`, rising, put into
+    `template`), and training on the relabeled pairs with the supervised and contrastive terms."""
+
+    bands: tuple[Band, ...] = ()
+    template: str = "{prompt}\n\n(Write an answer that is {band}.)"
+    iterations: int = 1
+    contrastive_coef: float = 1.0
+    entropy_coef: float = 0.0  # the paper's entropy regularisation: -coef * mean token entropy
+
+
 @dataclass
 class TrainConfig:
     kind: str
@@ -230,12 +253,16 @@ class TrainConfig:
     rest: RestOptions = field(default_factory=RestOptions)
     grpo: GroupOptions = field(default_factory=GroupOptions)
     rloo: GroupOptions = field(default_factory=GroupOptions)
+    hir: HIROptions = field(default_factory=HIROptions)
     nash_md: NashMDOptions = field(default_factory=NashMDOptions)  # the `nash-md:` section
+
+    def reward_sections(self) -> dict[str, Any]:
+        """The sections that hold `rewards:` lists, by name."""
+        return {"ppo": self.ppo, "rejection": self.rejection, "rest": self.rest, "grpo": self.grpo, "rloo": self.rloo, "hir": self.hir}
 
     def judges(self) -> list[tuple[str, JudgeSource]]:
         """(config field, spec) of every judge this config declares: reward sources and Nash-MD's preference."""
-        sections = {"ppo": self.ppo, "rejection": self.rejection, "rest": self.rest, "grpo": self.grpo, "rloo": self.rloo}
-        found = [(f"{name}.rewards[{i}].judge", s.judge) for name, options in sections.items() for i, s in enumerate(options.rewards) if s.judge is not None]
+        found = [(f"{name}.rewards[{i}].judge", s.judge) for name, options in self.reward_sections().items() for i, s in enumerate(options.rewards) if s.judge is not None]
         if self.nash_md.preference.judge is not None:
             found.append(("nash-md.preference.judge", self.nash_md.preference.judge))
         return found
@@ -246,8 +273,7 @@ class TrainConfig:
         paths = [("data.train", self.train_data)] + ([("data.eval", self.eval_data)] if self.eval_data is not None else [])
         if self.rm.pretrain is not None:
             paths.append(("rm.pretrain.data", self.rm.pretrain.data))
-        sections = {"ppo": self.ppo, "rejection": self.rejection, "rest": self.rest, "grpo": self.grpo, "rloo": self.rloo}
-        paths += [(f"{name}.rewards[{i}].model", s.model) for name, options in sections.items() for i, s in enumerate(options.rewards) if s.model is not None]
+        paths += [(f"{name}.rewards[{i}].model", s.model) for name, options in self.reward_sections().items() for i, s in enumerate(options.rewards) if s.model is not None]
         if self.nash_md.preference.model is not None:
             paths.append(("nash-md.preference.model", self.nash_md.preference.model))
         for where, judge in self.judges():
@@ -323,6 +349,7 @@ def load(kind: str, path: str | Path, overrides: list[str] = ()) -> TrainConfig:
         grpo=_group_options(doc, "grpo", file, name) if kind == "grpo" else GroupOptions(),
         rloo=_group_options(doc, "rloo", file, name) if kind == "rloo" else GroupOptions(),
         nash_md=_nash_md_options(doc, file, name) if kind == "nash-md" else NashMDOptions(),
+        hir=_hir_options(doc, file, name) if kind == "hir" else HIROptions(),
     )
 
 
@@ -378,6 +405,30 @@ def _rest_options(doc: dict[str, Any], file: Path, name: str) -> RestOptions:
     if options.get("threshold_type") == "quantile" and not all(0 <= q < 1 for q in thresholds):
         raise InputError(name, "rest.thresholds", f"quantile thresholds lie in [0, 1): {list(thresholds)}")
     return RestOptions(rewards=sources, gate=gate, thresholds=thresholds, **options)
+
+
+def _hir_options(doc: dict[str, Any], file: Path, name: str) -> HIROptions:
+    # The judge is accepted here (unlike rejection and ReST): the issue asks for it, and sample_scored
+    # scores through Rewards, which serves it.
+    options, sources, gate = _rewards(doc, "hir", file, name)
+    try:
+        fields = {f for _, f, _, _ in string.Formatter().parse(options.get("template", HIROptions.template)) if f is not None}
+    except ValueError as exc:
+        raise InputError(name, "hir.template", f"{exc} (a literal brace is written twice: {{{{ or }}}})") from None
+    if fields != {"prompt", "band"}:
+        raise InputError(name, "hir.template", f"needs the fields {{prompt}} and {{band}} and no other (has: {', '.join(sorted(fields)) or 'none'})")
+    bands = []
+    for index, band in enumerate(options.pop("bands")):
+        if index == 0 and "at_least" in band:
+            raise InputError(name, "hir.bands[0].at_least", "the first band is the lowest: it takes every reward below the next band's at_least")
+        if index > 0 and "at_least" not in band:
+            raise InputError(name, f"hir.bands[{index}].at_least", "every band but the first needs its lower bound")
+        if index > 1 and band["at_least"] <= bands[-1].at_least:
+            raise InputError(name, f"hir.bands[{index}].at_least", f"must rise: {band['at_least']} is not above the band before's {bands[-1].at_least}")
+        if any(b.label == band["label"] for b in bands):
+            raise InputError(name, f"hir.bands[{index}].label", f"a second band labelled {band['label']!r}")
+        bands.append(Band(band["label"], band.get("at_least")))
+    return HIROptions(rewards=sources, gate=gate, bands=tuple(bands), **options)
 
 
 def _check_rollout(doc: dict[str, Any], options: dict[str, Any], section: str, name: str) -> None:

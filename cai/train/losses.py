@@ -362,3 +362,62 @@ def nash_md_loss(logprobs: Tensor, ref_logprobs: Tensor | None, preference: Tens
     kl = ((logprobs - ref_logprobs) * mask).sum(1).detach() if ref_logprobs is not None else torch.zeros_like(sequence)
     weight = preference.to(sequence.dtype) - 0.5 - tau * kl
     return -(weight * sequence).mean(), kl
+
+
+# ----------------------------------------------------------------------------- hindsight instruction relabeling
+
+
+def token_entropy(logits: Tensor) -> Tensor:
+    """H_t = -sum_v p_t(v) log p_t(v) of each next-token distribution: [batch, T, V] -> [batch, T - 1],
+    aligned with `token_logps` (position t predicts token t + 1). Computed in at least fp32."""
+    logits = logits[:, :-1]
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return torch.logsumexp(logits, -1) - (torch.softmax(logits, -1) * logits).sum(-1)
+
+
+def hir_contrastive_loss(instruction_logps: Tensor, negatives: Tensor) -> Tensor:
+    """HIR's contrastive instruction-following term (Zhang et al. 2023, sec. 4): over a batch of n relabeled
+    pairs (q_i, p_i, o_i) (query, hindsight instruction, answer), with P_ij the answer o_i's log-likelihood
+    under the query q_i and the instruction p_j (`instruction_logps` [n, n]; sequence log-probs as in the
+    paper's equation, or per-token means as in the authors' code: cai.train.hir passes the former):
+
+        L_c = -1/n sum_i log( exp(P_ii) / (exp(P_ii) + sum_{j in N(i)} exp(P_ij)) )
+
+    each answer likelier under its own instruction than under the batch's others. N(i) (`negatives`
+    [n, n], bool) holds the j whose instruction differs from p_i: a pair relabeled with the same
+    instruction is the positive again, not a negative. A row without negatives adds 0 (log 1), and
+    still counts in the 1/n, as in the paper's sum over the batch.
+    """
+    n = instruction_logps.shape[0]
+    own = torch.eye(n, dtype=torch.bool, device=instruction_logps.device)
+    logits = instruction_logps.masked_fill(~(negatives | own), float("-inf"))
+    return (torch.logsumexp(logits, dim=1) - instruction_logps.diagonal()).mean()
+
+
+def hir_loss(
+    token_logps: Tensor,
+    mask: Tensor,
+    instruction_logps: Tensor,
+    negatives: Tensor,
+    contrastive_coef: float,
+    entropy: Tensor | None = None,
+    entropy_coef: float = 0.0,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """HIR's training objective (Zhang et al. 2023, sec. 4), returning (loss, L_sup, L_c, mean entropy):
+
+        L = L_sup + contrastive_coef L_c + entropy_coef L_ent
+        L_sup = -1/|tokens| sum_i sum_t log P(o_i,t | q_i, p_i, o_i,<t)     the answers under their own
+                                                                           (relabeled) instructions
+        L_c   = hir_contrastive_loss(P, negatives)
+        L_ent = sum_t P_t log P_t = -mean_t H_t                             negative entropy: minimising
+                                                                           it keeps the token distributions wide
+
+    `token_logps` and `mask` ([n, T]) are the own-instruction sequences' token log-probs and answer mask
+    (L_sup averages over all answer tokens of the batch, as `cai train sft`); `entropy` [n, T] the
+    entropy at the same positions (None: no entropy term, reported as 0).
+    """
+    mask = mask.to(token_logps.dtype)
+    supervised = -(token_logps * mask).sum() / mask.sum().clamp(min=1)
+    contrastive = hir_contrastive_loss(instruction_logps, negatives)
+    mean_entropy = masked_mean(entropy, mask) if entropy is not None else torch.zeros((), device=token_logps.device)
+    return supervised + contrastive_coef * contrastive - entropy_coef * mean_entropy, supervised, contrastive, mean_entropy

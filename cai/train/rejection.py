@@ -12,7 +12,7 @@ OUTPUT/
 
 A rerun reuses every iteration's written winners and resumes its fine-tuning where it stopped.
 `sample_scored`, `write_sft_records`, `fine_tune` and `publish_final` are the pieces ReST (rest.py)
-shares.
+and HIR (hir.py) share.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -72,14 +73,18 @@ class Sampled:
     rewards: list[float]
 
 
-def sample_scored(config: TrainConfig, options: SampledOptions, prompts, model: Path, rewards: Rewards, stage: str, iteration: int) -> list[Sampled]:
+def sample_scored(
+    config: TrainConfig, options: SampledOptions, prompts, model: Path, rewards: Rewards, stage: str, iteration: int, ask: Callable | None = None
+) -> list[Sampled]:
     """K answers per prompt from `model` (the vLLM engine, seeded per prompt and iteration), scored;
-    prompts the engine could not take (too long) are left out."""
+    prompts the engine could not take (too long) are left out. `ask` turns a prompt's messages into
+    the conversation the model is given (HIR's instruction); the rewards score the answers against
+    the prompt itself."""
     engine = create(BackendSpec(name="sampler", type="vllm", model=str(model), options={"max_model_len": config.max_length, **options.vllm_options}))
     try:
         requests = [
             ChatRequest(
-                messages=p.messages, max_tokens=options.max_new_tokens, temperature=options.temperature, top_p=options.top_p,
+                messages=tuple(ask(p.messages)) if ask else p.messages, max_tokens=options.max_new_tokens, temperature=options.temperature, top_p=options.top_p,
                 seed=derive_seed(config.seed, stage, iteration, p.id), n=options.samples,
             )  # fmt: skip
             for p in prompts

@@ -31,13 +31,16 @@ def test_every_kind_is_a_command_a_chain_step_and_a_service_job(tmp_path: Path) 
     assert [s.argv[:2] for s in loaded.steps] == [("train", kind) for kind in KINDS]
 
 
-@pytest.mark.parametrize("kind", ["ppo", "rejection", "rest", "grpo", "rloo"])
+NEEDS = {"hir": {"bands": [{"label": "low"}, {"label": "high", "at_least": 0.5}]}}  # what a kind's section requires besides its rewards
+
+
+@pytest.mark.parametrize("kind", ["ppo", "rejection", "rest", "grpo", "rloo", "hir"])
 def test_service_refuses_a_reward_model_outside_the_workspace(tmp_path: Path, kind: str, monkeypatch) -> None:
     root, outside = tmp_path / "ws", tmp_path / "outside"
     (outside / "rm").mkdir(parents=True)
     write_jsonl(root / "prompts.jsonl", [{"prompt": "Hi?"}])
     rewards = [{"name": "rule", "rule": "token_fraction", "tokens": ["a"]}, {"name": "harmless", "model": str(outside / "rm")}]
-    (root / "c.yaml").write_text(json.dumps({"model": "smollm2", "data": {"train": "prompts.jsonl"}, "output_dir": "runs/x", kind: {"rewards": rewards}}))
+    (root / "c.yaml").write_text(json.dumps({"model": "smollm2", "data": {"train": "prompts.jsonl"}, "output_dir": "runs/x", kind: {"rewards": rewards, **NEEDS.get(kind, {})}}))
     monkeypatch.chdir(root)  # as `cai serve` runs: in its workspace
     with pytest.raises(InputError) as info:
         Workspace.open(root).load_training(kind, "c.yaml", [])

@@ -21,6 +21,8 @@ from cai.train.losses import (
     geometric_mixture_logprobs,
     group_advantages,
     grpo_loss,
+    hir_contrastive_loss,
+    hir_loss,
     k3_kl,
     kl_penalty,
     nash_md_loss,
@@ -30,6 +32,7 @@ from cai.train.losses import (
     rloo_advantages,
     rloo_loss,
     sequence_logps,
+    token_entropy,
 )
 
 
@@ -455,3 +458,52 @@ def test_nash_md_loss_by_hand() -> None:
     # tau 0 (no reference): REINFORCE on P - 1/2 alone
     plain, _ = nash_md_loss(logprobs.detach(), None, torch.tensor([0.8, 0.3]), 0.0, mask)
     assert plain.item() == pytest.approx(-(0.3 * -3 + -0.2 * -0.5) / 2)
+
+
+def test_hir_contrastive_loss_by_hand() -> None:
+    """Pairs 0 and 2 share an instruction (band 0), pair 1 has its own (band 1): each row's negatives
+    are the pairs of the other band; P_02 and P_20 are left out of the sums."""
+    p = torch.tensor([[-1.0, -2.0, -7.0], [-3.0, -0.5, -4.0], [-2.0, -1.0, -2.5]], dtype=torch.float64, requires_grad=True)
+    band = torch.tensor([0, 1, 0])
+    negatives = band[None, :] != band[:, None]
+    loss = hir_contrastive_loss(p, negatives)
+    rows = [
+        -math.log(math.exp(-1.0) / (math.exp(-1.0) + math.exp(-2.0))),
+        -math.log(math.exp(-0.5) / (math.exp(-0.5) + math.exp(-3.0) + math.exp(-4.0))),
+        -math.log(math.exp(-2.5) / (math.exp(-2.5) + math.exp(-1.0))),
+    ]
+    assert loss.item() == pytest.approx(sum(rows) / 3)
+    loss.backward()
+    # d/dP_ii = -(1 - softmax_ii) / n; a left-out entry gets no gradient
+    own_2 = math.exp(-2.5) / (math.exp(-2.5) + math.exp(-1.0))
+    assert p.grad[2, 2].item() == pytest.approx(-(1 - own_2) / 3) and p.grad[2, 0].item() == 0.0 and p.grad[0, 2].item() == 0.0
+    assert p.grad[2, 1].item() == pytest.approx((1 - own_2) / 3)
+
+
+def test_hir_contrastive_loss_without_negatives_is_zero() -> None:
+    p = t(-1.0, -2.0, -3.0, -0.5).reshape(2, 2)
+    assert hir_contrastive_loss(p, torch.zeros(2, 2, dtype=torch.bool)).item() == 0.0
+
+
+def test_hir_loss_by_hand() -> None:
+    logp = t(-1.0, -2.0, -0.5, -1.0, -3.0, 0.0).reshape(2, 3)
+    mask = t(1, 1, 0, 0, 1, 1).reshape(2, 3)
+    p = t(-1.5, -2.5, -1.0, -1.5).reshape(2, 2)
+    negatives = torch.tensor([[False, True], [True, False]])
+    entropy = t(0.5, 1.0, 9.0, 9.0, 2.0, 1.5).reshape(2, 3)
+    loss, supervised, contrastive, mean_entropy = hir_loss(logp, mask, p, negatives, 0.5, entropy, 0.1)
+    # L_sup over the 4 answer tokens: (1 + 2 + 3 + 0) / 4; L_c: log(1 + e^-1) and log(1 + e^0.5), averaged
+    assert supervised.item() == pytest.approx(1.5)
+    assert contrastive.item() == pytest.approx((math.log1p(math.exp(-1.0)) + math.log1p(math.exp(0.5))) / 2)
+    assert mean_entropy.item() == pytest.approx((0.5 + 1.0 + 2.0 + 1.5) / 4)
+    assert loss.item() == pytest.approx(1.5 + 0.5 * contrastive.item() - 0.1 * 1.25)
+    plain, _, _, no_entropy = hir_loss(logp, mask, p, negatives, 0.0)
+    assert plain.item() == pytest.approx(1.5) and no_entropy.item() == 0.0
+
+
+def test_token_entropy_by_hand() -> None:
+    logits = torch.tensor([[[0.0, 0.0, 0.0, 0.0], [0.0, math.log(3.0), -math.inf, -math.inf], [5.0, 1.0, 2.0, 3.0]]], dtype=torch.float64)
+    entropy = token_entropy(logits.nan_to_num(neginf=-1e9))
+    # uniform over 4: log 4; (1/4, 3/4): -(1/4 log 1/4 + 3/4 log 3/4); the last position predicts nothing
+    assert entropy.shape == (1, 2)
+    assert entropy[0].tolist() == pytest.approx([math.log(4.0), -(0.25 * math.log(0.25) + 0.75 * math.log(0.75))])
