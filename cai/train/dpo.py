@@ -18,10 +18,10 @@ from pathlib import Path
 import torch
 
 from cai.errors import InputError
-from cai.train import checkpoint, data, runtime
+from cai.train import data, loop, runtime
 from cai.train.config import TrainConfig
 from cai.train.losses import cpl_loss, dpo_loss
-from cai.train.metrics import MetricsLog, mean, plot
+from cai.train.metrics import mean
 
 
 def train(config: TrainConfig, stop_after: int | None = None) -> Path:
@@ -113,41 +113,11 @@ def train(config: TrainConfig, stop_after: int | None = None) -> Path:
         policy.train()
         return mean(results)
 
-    # --- loop
-    state = checkpoint.restore(acc, resume) if resume else {"step": 0, "position": 0}
-    position = state["position"]
-    metrics = MetricsLog.open(config, acc, state["step"], steps)
-    if state["step"] == 0 and eval_set:
-        metrics.log(0, "eval", evaluate())
-    policy.train()
-    for step in range(state["step"] + 1, steps + 1):
-        logs = []
-        for micro in range(config.grad_accum):
-            indexes = batches(position)
-            position += 1
-            with runtime.sync_gradients_on(acc, policy, micro, config.grad_accum):
-                loss, values = step_values([train_set[i] for i in indexes], indexes, "train")
-                runtime.check_finite(loss, "loss", step, config.output_dir)
-                acc.backward(loss / config.grad_accum)
-            logs.append(values)
-        grad_norm = acc.clip_grad_norm_(policy.parameters(), config.max_grad_norm)
-        runtime.check_finite(grad_norm, "gradient norm", step, config.output_dir)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad()
-        metrics.log(step, "train", {**mean(logs), "grad_norm": grad_norm.item(), "lr": scheduler.get_last_lr()[0]})
-        if eval_set and (step == steps or (config.eval_every and step % config.eval_every == 0)):
-            metrics.log(step, "eval", evaluate())
-        if step % config.save_every == 0 or step == steps:
-            checkpoint.save(acc, policy, tokenizer, config.output_dir, step, {"position": position}, config.keep_checkpoints)
-        if step == stop_after:
-            metrics.close()
-            return config.output_dir / "final"
-    metrics.close()
-    final = checkpoint.save_final(acc, policy, tokenizer, config.output_dir)
-    if acc.is_main_process:
-        plot(config.output_dir / "metrics.jsonl", config.output_dir / "curves.png")
-    return final
+    final_eval = loop.fit(config, acc, policy, tokenizer, optimizer, scheduler, batches, steps, resume,
+                          lambda indexes: step_values([train_set[i] for i in indexes], indexes, "train"), evaluate if eval_set else None, stop_after)  # fmt: skip
+    if final_eval is None:
+        return config.output_dir / "final"
+    return loop.publish(config, acc, policy, tokenizer)
 
 
 def _precomputed(config: TrainConfig, acc, reference_logps, train_set, eval_set) -> dict[str, torch.Tensor]:

@@ -36,10 +36,9 @@ import torch
 from cai import prompts as prompt_sets
 from cai.errors import InputError
 from cai.store import read_jsonl, write_atomic
-from cai.train import checkpoint, data, runtime
+from cai.train import checkpoint, data, loop, runtime
 from cai.train.config import Band, TrainConfig
 from cai.train.losses import hir_loss, token_entropy, token_logps
-from cai.train.metrics import MetricsLog, mean, plot
 from cai.train.rejection import publish_final, sample_scored, write_sft_records
 from cai.train.reward import Rewards
 
@@ -157,34 +156,7 @@ def fine_tune(config: TrainConfig, model: Path, samples: Path, output_dir: Path,
             values["entropy"] = mean_entropy.item()
         return loss, values
 
-    # --- loop
-    state = checkpoint.restore(acc, resume) if resume else {"step": 0, "position": 0}
-    position = state["position"]
-    metrics = MetricsLog.open(config, acc, state["step"], steps)
-    policy.train()
-    for step in range(state["step"] + 1, steps + 1):
-        logs = []
-        for micro in range(config.grad_accum):
-            indexes = batches(position)
-            position += 1
-            with runtime.sync_gradients_on(acc, policy, micro, config.grad_accum):
-                loss, values = batch_values([examples[i] for i in indexes])
-                runtime.check_finite(loss, "loss", step, config.output_dir)
-                acc.backward(loss / config.grad_accum)
-            logs.append(values)
-        grad_norm = acc.clip_grad_norm_(policy.parameters(), config.max_grad_norm)
-        runtime.check_finite(grad_norm, "gradient norm", step, config.output_dir)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad()
-        metrics.log(step, "train", {**mean(logs), "grad_norm": grad_norm.item(), "lr": scheduler.get_last_lr()[0]})
-        if step % config.save_every == 0 or step == steps:
-            checkpoint.save(acc, policy, tokenizer, config.output_dir, step, {"position": position}, config.keep_checkpoints)
-        if step == stop_after:
-            metrics.close()
-            return config.output_dir / "final"
-    metrics.close()
-    final = checkpoint.save_final(acc, policy, tokenizer, config.output_dir)
-    if acc.is_main_process:
-        plot(config.output_dir / "metrics.jsonl", config.output_dir / "curves.png")
-    return final
+    if loop.fit(config, acc, policy, tokenizer, optimizer, scheduler, batches, steps, resume,
+                lambda indexes: batch_values([examples[i] for i in indexes]), stop_after=stop_after) is None:
+        return config.output_dir / "final"
+    return loop.publish(config, acc, policy, tokenizer)

@@ -30,10 +30,10 @@ from cai.errors import InputError
 from cai.eval_judge import wilson_interval
 from cai.files import canonical_json
 from cai.store import write_atomic
-from cai.train import checkpoint, data, runtime
+from cai.train import checkpoint, data, loop, runtime
 from cai.train.config import JudgeSource, PreferenceSource, TrainConfig
 from cai.train.losses import bradley_terry_loss, reward_centering_loss
-from cai.train.metrics import MetricsLog, mean, plot
+from cai.train.metrics import mean, plot
 
 REWARD_FILE = "reward.json"
 
@@ -107,39 +107,10 @@ def train(config: TrainConfig, stop_after: int | None = None) -> Path:
         model.train()
         return mean(results)
 
-    # --- loop
-    state = checkpoint.restore(acc, resume) if resume else {"step": 0, "position": 0}
-    position = state["position"]
-    metrics = MetricsLog.open(config, acc, state["step"], steps)
-    if state["step"] == 0 and eval_groups:
-        metrics.log(0, "eval", evaluate())
-    model.train()
-    eval_result: dict[str, float] = {}
-    for step in range(state["step"] + 1, steps + 1):
-        logs = []
-        for micro in range(config.grad_accum):
-            indexes = batches(position)
-            position += 1
-            with runtime.sync_gradients_on(acc, model, micro, config.grad_accum):
-                loss, values = batch_values([groups[i] for i in indexes])
-                runtime.check_finite(loss, "loss", step, config.output_dir)
-                acc.backward(loss / config.grad_accum)
-            logs.append(values)
-        grad_norm = acc.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-        runtime.check_finite(grad_norm, "gradient norm", step, config.output_dir)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad()
-        metrics.log(step, "train", {**mean(logs), "grad_norm": grad_norm.item(), "lr": scheduler.get_last_lr()[0]})
-        if eval_groups and (step == steps or (config.eval_every and step % config.eval_every == 0)):
-            eval_result = evaluate()
-            metrics.log(step, "eval", eval_result)
-        if step % config.save_every == 0 or step == steps:
-            checkpoint.save(acc, model, tokenizer, config.output_dir, step, {"position": position}, config.keep_checkpoints)
-        if step == stop_after:
-            metrics.close()
-            return config.output_dir / "final"
-    metrics.close()
+    eval_result = loop.fit(config, acc, model, tokenizer, optimizer, scheduler, batches, steps, resume,
+                           lambda indexes: batch_values([groups[i] for i in indexes]), evaluate if eval_groups else None, stop_after)  # fmt: skip
+    if eval_result is None:
+        return config.output_dir / "final"
 
     # --- centre: the mean reward over the training answers becomes the offset scoring subtracts
     model.eval()

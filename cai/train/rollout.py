@@ -15,10 +15,9 @@ import torch
 from cai import prompts as prompt_sets
 from cai.errors import InputError
 from cai.seeding import derive_seed
-from cai.train import checkpoint, data, runtime
+from cai.train import data, loop, runtime
 from cai.train.config import TrainConfig
 from cai.train.losses import token_logps
-from cai.train.metrics import plot
 
 
 def setup(config: TrainConfig, instead: str):
@@ -41,10 +40,7 @@ def finish(config: TrainConfig, acc, policy, tokenizer, steps: int, stop_after: 
     if stop_after is not None and stop_after < steps:
         return config.output_dir / "final"
     tokenizer.padding_side = "right"  # the saved tokenizer pads as training and serving expect
-    final = checkpoint.save_final(acc, policy, tokenizer, config.output_dir)
-    if acc.is_main_process:
-        plot(config.output_dir / "metrics.jsonl", config.output_dir / "curves.png")
-    return final
+    return loop.publish(config, acc, policy, tokenizer)
 
 
 def response_mask(responses: torch.Tensor, eos_id: int) -> torch.Tensor:

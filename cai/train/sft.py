@@ -10,10 +10,10 @@ import torch
 
 from cai.errors import InputError
 from cai.files import content_hash
-from cai.train import checkpoint, data, runtime
+from cai.train import data, loop, runtime
 from cai.train.config import TrainConfig
 from cai.train.losses import token_logps
-from cai.train.metrics import MetricsLog, mean, plot
+from cai.train.metrics import mean
 
 
 def train(config: TrainConfig, stop_after: int | None = None) -> Path:
@@ -67,38 +67,8 @@ def train(config: TrainConfig, stop_after: int | None = None) -> Path:
         model.train()
         return mean(results)
 
-    # --- loop
-    state = checkpoint.restore(acc, resume) if resume else {"step": 0, "position": 0}
-    position = state["position"]
-    metrics = MetricsLog.open(config, acc, state["step"], steps)
-    if state["step"] == 0 and eval_set:
-        metrics.log(0, "eval", evaluate())
-    model.train()
-    for step in range(state["step"] + 1, steps + 1):
-        logs = []
-        for micro in range(config.grad_accum):
-            indexes = batches(position)
-            position += 1
-            with runtime.sync_gradients_on(acc, model, micro, config.grad_accum):
-                loss, values = batch_values([train_set[i] for i in indexes])
-                runtime.check_finite(loss, "loss", step, config.output_dir)
-                acc.backward(loss / config.grad_accum)
-            logs.append(values)
-        grad_norm = acc.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-        runtime.check_finite(grad_norm, "gradient norm", step, config.output_dir)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad()
-        metrics.log(step, "train", {**mean(logs), "grad_norm": grad_norm.item(), "lr": scheduler.get_last_lr()[0]})
-        if eval_set and (step == steps or (config.eval_every and step % config.eval_every == 0)):
-            metrics.log(step, "eval", evaluate())
-        if step % config.save_every == 0 or step == steps:
-            checkpoint.save(acc, model, tokenizer, config.output_dir, step, {"position": position}, config.keep_checkpoints)
-        if step == stop_after:
-            metrics.close()
-            return config.output_dir / "final"
-    metrics.close()
-    final = checkpoint.save_final(acc, model, tokenizer, config.output_dir)
-    if acc.is_main_process:
-        plot(config.output_dir / "metrics.jsonl", config.output_dir / "curves.png")
-    return final
+    final_eval = loop.fit(config, acc, model, tokenizer, optimizer, scheduler, batches, steps, resume,
+                          lambda indexes: batch_values([train_set[i] for i in indexes]), evaluate if eval_set else None, stop_after)  # fmt: skip
+    if final_eval is None:
+        return config.output_dir / "final"
+    return loop.publish(config, acc, model, tokenizer)
