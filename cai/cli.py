@@ -182,6 +182,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"per iteration: {cfg.output_dir / 'rejection.jsonl'}, winners and fine-tuning in {cfg.output_dir}/iteration-N")
     elif args.kind == "rest":
         print(f"per Grow and threshold: {cfg.output_dir / 'rest.jsonl'}, samples and fine-tuning in {cfg.output_dir}/grow-N")
+    elif args.kind == "distill":
+        print(f"teacher answers: {cfg.output_dir / 'teacher'}, held-out KL to the teacher before and after: {cfg.output_dir / 'distill.json'}")
     else:
         print(f"metrics: {cfg.output_dir / 'metrics.jsonl'}, curves: {cfg.output_dir / 'curves.png'}")
     return EXIT_OK

@@ -20,9 +20,9 @@ from cai.models import EMBEDDED, looks_like_path
 # The one list of trainer kinds, with the module whose train() each runs: the CLI, the service and
 # the chain schema's enum (kept equal by a test) read it.
 RECIPES = {"sft": "cai.train.sft", "rm": "cai.train.reward", "dpo": "cai.train.dpo", "ppo": "cai.train.ppo", "rejection": "cai.train.rejection",
-           "rest": "cai.train.rest", "grpo": "cai.train.grpo", "rloo": "cai.train.grpo"}  # fmt: skip
+           "rest": "cai.train.rest", "grpo": "cai.train.grpo", "rloo": "cai.train.grpo", "distill": "cai.train.distill"}  # fmt: skip
 KINDS = tuple(RECIPES)
-DEFAULT_LR = {"sft": 2e-5, "rm": 1e-5, "dpo": 1e-6, "ppo": 1e-6, "rejection": 2e-5, "rest": 2e-5, "grpo": 1e-6, "rloo": 1e-6}
+DEFAULT_LR = {"sft": 2e-5, "rm": 1e-5, "dpo": 1e-6, "ppo": 1e-6, "rejection": 2e-5, "rest": 2e-5, "grpo": 1e-6, "rloo": 1e-6, "distill": 2e-5}
 # Keys that change neither the weights nor the data order: a resumed run may change them.
 RESUMABLE_CHANGES = frozenset({"save_every", "keep_checkpoints", "eval_every", "eval_batch_size", "tensorboard"})
 
@@ -169,6 +169,35 @@ class RestOptions(SampledOptions):
     threshold_type: str = "reward"  # reward: the thresholds are rewards; quantile: quantiles of each Grow's rewards
 
 
+@dataclass(frozen=True)
+class DistillContext:
+    """What the teacher reads before each prompt, as a system message: one of a constitution's
+    principles, a text, or a text file."""
+
+    constitution: Path | None = None
+    system: str | None = None
+    system_file: Path | None = None
+
+
+@dataclass(frozen=True)
+class DistillOptions:
+    """Context distillation (Askell et al. 2021): the teacher answers with `context` before each
+    prompt; the student, without it, learns the answers (`target: text`, SFT) or the teacher's
+    next-token distributions over them (`target: logits`, the KL at `kl_temperature`)."""
+
+    context: DistillContext = field(default_factory=DistillContext)
+    target: str = "logits"
+    teacher: str | None = None  # default: the starting model
+    kl: str = "forward"
+    kl_temperature: float = 1.0
+    samples: int = 1
+    rollout: str = "hf"
+    vllm_options: dict[str, Any] = field(default_factory=dict)
+    max_new_tokens: int = 128
+    temperature: float = 1.0
+    top_p: float = 1.0
+
+
 @dataclass
 class TrainConfig:
     kind: str
@@ -206,6 +235,7 @@ class TrainConfig:
     rest: RestOptions = field(default_factory=RestOptions)
     grpo: GroupOptions = field(default_factory=GroupOptions)
     rloo: GroupOptions = field(default_factory=GroupOptions)
+    distill: DistillOptions = field(default_factory=DistillOptions)
 
     def read_paths(self) -> list[tuple[str, Path]]:
         """(config field, path) of every file or folder this trainer reads besides its models: the data
@@ -221,6 +251,8 @@ class TrainConfig:
                     paths.append((f"{name}.rewards[{i}].judge.constitution", s.judge.constitution))
                     if s.judge.references is not None:
                         paths.append((f"{name}.rewards[{i}].judge.references", s.judge.references))
+        context = self.distill.context
+        paths += [(f"distill.context.{key}", p) for key, p in (("constitution", context.constitution), ("system_file", context.system_file)) if p is not None]
         return paths
 
     @property
@@ -289,6 +321,7 @@ def load(kind: str, path: str | Path, overrides: list[str] = ()) -> TrainConfig:
         rest=_rest_options(doc, file, name) if kind == "rest" else RestOptions(),
         grpo=_group_options(doc, "grpo", file, name) if kind == "grpo" else GroupOptions(),
         rloo=_group_options(doc, "rloo", file, name) if kind == "rloo" else GroupOptions(),
+        distill=_distill_options(doc, file, name) if kind == "distill" else DistillOptions(),
     )
 
 
@@ -371,6 +404,23 @@ def _ppo_options(doc: dict[str, Any], file: Path, name: str) -> PPOOptions:
     if options.get("value_from") == "reward" and not any(s.model for s in sources):
         raise InputError(name, "ppo.value_from", "no reward model to start the value model from")
     return PPOOptions(rewards=sources, gate=gate, **options)
+
+
+def _distill_options(doc: dict[str, Any], file: Path, name: str) -> DistillOptions:
+    if "distill" not in doc:
+        raise InputError(name, "distill", "`cai train distill` needs a distill section with the teacher's context")
+    options = dict(doc["distill"])
+    context = options.pop("context")
+    if len(context) != 1:
+        raise InputError(name, "distill.context", f"give exactly one of constitution, system, system_file (given: {', '.join(context) or 'none'})")
+    paths = {key: _existing(context[key], file, name, f"distill.context.{key}") for key in ("constitution", "system_file") if key in context}
+    if options.get("target", DistillOptions.target) == "text":
+        for key in ("kl", "kl_temperature"):
+            if key in options:
+                raise InputError(name, f"distill.{key}", "an option of target logits: target text fine-tunes on the teacher's answers")
+    if "teacher" in options:
+        _check_model(options["teacher"], file, name, "distill.teacher")
+    return DistillOptions(context=DistillContext(system=context.get("system"), **paths), **options)
 
 
 _EXPONENT_FLOAT = re.compile(r"^[-+]?[0-9]+(\.[0-9]*)?[eE][-+]?[0-9]+$")
