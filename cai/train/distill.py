@@ -48,8 +48,6 @@ from cai.train.rollout import Sampler
 def train(config: TrainConfig, stop_after: int | None = None) -> Path:
     """Train; returns OUTPUT/final. `stop_after=N` (target logits) returns right after step N's
     checkpoint, as a kill there would."""
-    from transformers import AutoModelForCausalLM
-
     options = config.distill
     acc = runtime.accelerator(config)
     tokenizer = runtime.load_tokenizer(runtime.model_path(config))
@@ -73,10 +71,23 @@ def train(config: TrainConfig, stop_after: int | None = None) -> Path:
 
     if options.target == "text":
         final = publish_final(fine_tune(config, Path(runtime.model_path(config)), files["train"], config.output_dir / "sft"), config.output_dir)
-        write_summary(config, acc, eval_set, teacher_path, pad_id)
-        return final
+    else:
+        final = fit_logits(config, acc, tokenizer, context, files["train"], eval_set, resume, stop_after)
+        if final is None:
+            return config.output_dir / "final"
+    write_summary(config, acc, eval_set, teacher_path, pad_id)
+    return final
 
-    train_set, dropped = encode_answers(tokenizer, context, files["train"], config.max_length)
+
+def fit_logits(config: TrainConfig, acc, tokenizer, context: dict[str, str], answers: Path, eval_set: list[Answer], resume: Path | None,
+               stop_after: int | None) -> Path | None:
+    """Target logits: the student trained on the KL to the teacher over the teacher's answers (a loop as
+    sft.py's); returns OUTPUT/final, or None when stopped after step `stop_after`."""
+    from transformers import AutoModelForCausalLM
+
+    options = config.distill
+    pad_id = data.pad_id(tokenizer)
+    train_set, dropped = encode_answers(tokenizer, context, answers, config.max_length)
     if not train_set:
         raise InputError(str(config.file), "max_length", f"no teacher answer keeps a token within max_length {config.max_length} after its context")
     if dropped:
@@ -90,7 +101,7 @@ def train(config: TrainConfig, stop_after: int | None = None) -> Path:
     teacher = None
     if config.lora is None or options.teacher is not None:
         dtype = torch.bfloat16 if acc.mixed_precision == "bf16" else torch.float32
-        teacher = AutoModelForCausalLM.from_pretrained(teacher_path, dtype=dtype).to(acc.device).eval().requires_grad_(False)
+        teacher = AutoModelForCausalLM.from_pretrained(runtime.model_path(config, options.teacher), dtype=dtype).to(acc.device).eval().requires_grad_(False)
     optimizer, scheduler = runtime.optimizer_and_scheduler(config, student, steps)
     student, optimizer = runtime.prepare(acc, student, optimizer, scheduler)
 
@@ -142,14 +153,12 @@ def train(config: TrainConfig, stop_after: int | None = None) -> Path:
             checkpoint.save(acc, student, tokenizer, config.output_dir, step, {"position": position}, config.keep_checkpoints)
         if step == stop_after:
             metrics.close()
-            return config.output_dir / "final"
+            return None
     metrics.close()
     final = checkpoint.save_final(acc, student, tokenizer, config.output_dir)
     if acc.is_main_process:
         plot(config.output_dir / "metrics.jsonl", config.output_dir / "curves.png")
-    del student, teacher, optimizer
     acc.free_memory()  # the summary loads its own models
-    write_summary(config, acc, eval_set, teacher_path, pad_id)
     return final
 
 
