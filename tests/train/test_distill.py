@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from synthetic import PROMPTS, read_metrics, write_config, write_jsonl
 
 from cai.cli import EXIT_BAD_INPUT, main
@@ -92,9 +93,13 @@ def next_token_kl(student: Path, teacher: Path, prompts: list[str]) -> float:
     return sum(kls) / len(kls)
 
 
-@pytest.mark.parametrize("target", ["logits", "text"])
-def test_the_student_comes_close_to_the_teacher_without_the_context(tmp_path, teacher_model, target):
+@pytest.mark.parametrize("target, rollout", [("logits", "hf"), ("text", "hf"), ("text", "vllm")])
+def test_the_student_comes_close_to_the_teacher_without_the_context(tmp_path, teacher_model, target, rollout):
     config = distill_config(tmp_path, teacher_model, "out", target)
+    if rollout == "vllm":  # the teacher's answers from the engine
+        doc = yaml.safe_load(config.read_text())
+        doc["distill"].update(rollout="vllm", vllm_options={"kv_cache_memory_bytes": 256 << 20})
+        config = write_config(config, **doc)
     assert main(["train", "distill", str(config)]) == 0
     out = tmp_path / "out"
 
