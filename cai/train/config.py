@@ -171,8 +171,8 @@ class RestOptions(SampledOptions):
 
 @dataclass(frozen=True)
 class DistillContext:
-    """What the teacher reads before each prompt, as a system message: one of a constitution's
-    principles, a text, or a text file."""
+    """What the teacher reads before each prompt, as a system message: one of a constitution (its
+    principles listed), a text, or a text file."""
 
     constitution: Path | None = None
     system: str | None = None
