@@ -207,6 +207,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     elif args.kind == "hir":
         print(f"per iteration: {cfg.output_dir / 'hir.jsonl'}, relabeled samples and training in {cfg.output_dir}/iteration-N; "
               f"prompt the model with {final / 'hir.json'}'s instruction")  # fmt: skip
+    elif args.kind == "distill":
+        print(f"teacher answers: {cfg.output_dir / 'teacher'}, held-out KL to the teacher before and after: {cfg.output_dir / 'distill.json'}")
     else:
         print(f"metrics: {cfg.output_dir / 'metrics.jsonl'}, curves: {cfg.output_dir / 'curves.png'}")
     return EXIT_OK

@@ -94,6 +94,9 @@ class Workspace:
         self._check_model(cfg.model, path, relative, "model")
         if cfg.dpo.reference is not None:
             self._check_model(cfg.dpo.reference, path, relative, "dpo.reference")
+        if cfg.distill.teacher is not None:
+            self._check_model(cfg.distill.teacher, path, relative, "distill.teacher")
+        check_engine_options(cfg.distill.vllm_options, relative, "distill.vllm_options")
         for where, read in cfg.read_paths():
             self.inside(read, relative, where)
         for section in ("ppo", "rejection", "rest", "grpo", "rloo", "hir"):

@@ -22,9 +22,10 @@ from cai.models import EMBEDDED, looks_like_path
 # the chain schema's enum (kept equal by a test) read it.
 RECIPES = {"sft": "cai.train.sft", "rm": "cai.train.reward", "dpo": "cai.train.dpo", "ppo": "cai.train.ppo", "rejection": "cai.train.rejection",
            "rest": "cai.train.rest", "grpo": "cai.train.grpo", "rloo": "cai.train.grpo", "nash-md": "cai.train.nash_md",
-           "hir": "cai.train.hir"}  # fmt: skip
+           "hir": "cai.train.hir",
+           "distill": "cai.train.distill"}  # fmt: skip
 KINDS = tuple(RECIPES)
-DEFAULT_LR = {"sft": 2e-5, "rm": 1e-5, "dpo": 1e-6, "ppo": 1e-6, "rejection": 2e-5, "rest": 2e-5, "grpo": 1e-6, "rloo": 1e-6, "nash-md": 1e-6, "hir": 2e-5}
+DEFAULT_LR = {"sft": 2e-5, "rm": 1e-5, "dpo": 1e-6, "ppo": 1e-6, "rejection": 2e-5, "rest": 2e-5, "grpo": 1e-6, "rloo": 1e-6, "nash-md": 1e-6, "hir": 2e-5, "distill": 2e-5}
 # Keys that change neither the weights nor the data order: a resumed run may change them.
 RESUMABLE_CHANGES = frozenset({"save_every", "keep_checkpoints", "eval_every", "eval_batch_size", "tensorboard"})
 
@@ -216,6 +217,35 @@ class HIROptions(SampledOptions):
     entropy_coef: float = 0.0  # the paper's entropy regularisation: -coef * mean token entropy
 
 
+@dataclass(frozen=True)
+class DistillContext:
+    """What the teacher reads before each prompt, as a system message: one of a constitution (its
+    principles listed), a text, or a text file."""
+
+    constitution: Path | None = None
+    system: str | None = None
+    system_file: Path | None = None
+
+
+@dataclass(frozen=True)
+class DistillOptions:
+    """Context distillation (Askell et al. 2021): the teacher answers with `context` before each
+    prompt; the student, without it, learns the answers (`target: text`, SFT) or the teacher's
+    next-token distributions over them (`target: logits`, the KL at `kl_temperature`)."""
+
+    context: DistillContext = field(default_factory=DistillContext)
+    target: str = "logits"
+    teacher: str | None = None  # default: the starting model
+    kl: str = "forward"
+    kl_temperature: float = 1.0
+    samples: int = 1
+    rollout: str = "hf"
+    vllm_options: dict[str, Any] = field(default_factory=dict)
+    max_new_tokens: int = 128
+    temperature: float = 1.0
+    top_p: float = 1.0
+
+
 @dataclass
 class TrainConfig:
     kind: str
@@ -255,6 +285,7 @@ class TrainConfig:
     rloo: GroupOptions = field(default_factory=GroupOptions)
     hir: HIROptions = field(default_factory=HIROptions)
     nash_md: NashMDOptions = field(default_factory=NashMDOptions)  # the `nash-md:` section
+    distill: DistillOptions = field(default_factory=DistillOptions)
 
     def reward_sections(self) -> dict[str, Any]:
         """The sections that hold `rewards:` lists, by name."""
@@ -280,6 +311,8 @@ class TrainConfig:
             paths.append((f"{where}.constitution", judge.constitution))
             if judge.references is not None:
                 paths.append((f"{where}.references", judge.references))
+        context = self.distill.context
+        paths += [(f"distill.context.{key}", p) for key, p in (("constitution", context.constitution), ("system_file", context.system_file)) if p is not None]
         return paths
 
     @property
@@ -350,6 +383,7 @@ def load(kind: str, path: str | Path, overrides: list[str] = ()) -> TrainConfig:
         rloo=_group_options(doc, "rloo", file, name) if kind == "rloo" else GroupOptions(),
         nash_md=_nash_md_options(doc, file, name) if kind == "nash-md" else NashMDOptions(),
         hir=_hir_options(doc, file, name) if kind == "hir" else HIROptions(),
+        distill=_distill_options(doc, file, name) if kind == "distill" else DistillOptions(),
     )
 
 
@@ -479,6 +513,23 @@ def _ppo_options(doc: dict[str, Any], file: Path, name: str) -> PPOOptions:
     if options.get("value_from") == "reward" and not any(s.model for s in sources):
         raise InputError(name, "ppo.value_from", "no reward model to start the value model from")
     return PPOOptions(rewards=sources, gate=gate, **options)
+
+
+def _distill_options(doc: dict[str, Any], file: Path, name: str) -> DistillOptions:
+    if "distill" not in doc:
+        raise InputError(name, "distill", "`cai train distill` needs a distill section with the teacher's context")
+    options = dict(doc["distill"])
+    context = options.pop("context")
+    if len(context) != 1:
+        raise InputError(name, "distill.context", f"give exactly one of constitution, system, system_file (given: {', '.join(context) or 'none'})")
+    paths = {key: _existing(context[key], file, name, f"distill.context.{key}") for key in ("constitution", "system_file") if key in context}
+    if options.get("target", DistillOptions.target) == "text":
+        for key in ("kl", "kl_temperature"):
+            if key in options:
+                raise InputError(name, f"distill.{key}", "an option of target logits: target text fine-tunes on the teacher's answers")
+    if "teacher" in options:
+        _check_model(options["teacher"], file, name, "distill.teacher")
+    return DistillOptions(context=DistillContext(system=context.get("system"), **paths), **options)
 
 
 _EXPONENT_FLOAT = re.compile(r"^[-+]?[0-9]+(\.[0-9]*)?[eE][-+]?[0-9]+$")

@@ -421,3 +421,29 @@ def hir_loss(
     contrastive = hir_contrastive_loss(instruction_logps, negatives)
     mean_entropy = masked_mean(entropy, mask) if entropy is not None else torch.zeros((), device=token_logps.device)
     return supervised + contrastive_coef * contrastive - entropy_coef * mean_entropy, supervised, contrastive, mean_entropy
+
+
+# ----------------------------------------------------------------------------- distillation
+
+
+def distill_kl(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor | None = None, temperature: float = 1.0, direction: str = "forward") -> Tensor:
+    """Token-level distillation loss (context distillation, Askell et al. 2021; Hinton et al. 2015's
+    softened targets), the mean over the masked tokens of the KL between the two next-token
+    distributions at each position, over the whole vocabulary:
+
+        p_T = softmax(z_T / tau),  p_S = softmax(z_S / tau)
+        forward:  KL(p_T || p_S) = sum_v p_T(v) (log p_T(v) - log p_S(v))   (mass-covering)
+        reverse:  KL(p_S || p_T) = sum_v p_S(v) (log p_S(v) - log p_T(v))   (mode-seeking)
+        L = sum_t m_t KL_t / sum_t m_t
+
+    Logits are [..., V], the mask [...] (1 on the tokens that count). The teacher's logits are
+    detached. Hinton's tau^2 factor is not applied: it only rescales the gradient, as the learning
+    rate does.
+    """
+    if direction not in ("forward", "reverse"):
+        raise ValueError(f"unknown KL direction {direction!r} (known: forward, reverse)")
+    dtype = torch.promote_types(student_logits.dtype, torch.float32)
+    student = F.log_softmax(student_logits.to(dtype) / temperature, dim=-1)
+    teacher = F.log_softmax(teacher_logits.detach().to(dtype) / temperature, dim=-1)
+    p, log_p, log_q = (teacher.exp(), teacher, student) if direction == "forward" else (student.exp(), student, teacher)
+    return masked_mean((p * (log_p - log_q)).sum(-1), mask)

@@ -12,7 +12,7 @@ OUTPUT/
 
 A rerun reuses every iteration's written winners and resumes its fine-tuning where it stopped.
 `sample_scored`, `write_sft_records`, `fine_tune` and `publish_final` are the pieces ReST (rest.py)
-and HIR (hir.py) share.
+and HIR (hir.py) share; context distillation (distill.py) samples its teacher with `sample`.
 """
 
 from __future__ import annotations
@@ -80,28 +80,35 @@ def sample_scored(
     prompts the engine could not take (too long) are left out. `ask` turns a prompt's messages into
     the conversation the model is given (HIR's instruction); the rewards score the answers against
     the prompt itself."""
+    seeds = [derive_seed(config.seed, stage, iteration, p.id) for p in prompts]
+    kept = [(prompts[i], texts) for i, texts in sample(config, options, [tuple(ask(p.messages)) if ask else p.messages for p in prompts], seeds, model)]
+    conversations = [list(p.messages) for p, texts in kept for _ in texts]
+    scores, _ = rewards.score_texts(conversations, [text for _, texts in kept for text in texts])
+    out, start = [], 0
+    for p, texts in kept:
+        out.append(Sampled(p, texts, scores[start : start + len(texts)].tolist()))
+        start += len(texts)
+    return out
+
+
+def sample(config: TrainConfig, options, conversations, seeds: list[int], model: Path) -> list[tuple[int, tuple[str, ...]]]:
+    """`options.samples` answers to each conversation from `model` with the vLLM engine, one seed per
+    conversation: (index, answers) of those the engine could take (the others are too long)."""
     engine = create(BackendSpec(name="sampler", type="vllm", model=str(model), options={"max_model_len": config.max_length, **options.vllm_options}))
     try:
         requests = [
             ChatRequest(
-                messages=tuple(ask(p.messages)) if ask else p.messages, max_tokens=options.max_new_tokens, temperature=options.temperature, top_p=options.top_p,
-                seed=derive_seed(config.seed, stage, iteration, p.id), n=options.samples,
+                messages=messages, max_tokens=options.max_new_tokens, temperature=options.temperature, top_p=options.top_p, seed=seed, n=options.samples,
             )  # fmt: skip
-            for p in prompts
+            for messages, seed in zip(conversations, seeds)
         ]
         completions = engine.complete(requests)
     finally:
         engine.close()
-    kept = [(p, c) for p, c in zip(prompts, completions) if c.ok]
+    kept = [(i, c.texts) for i, c in enumerate(completions) if c.ok]
     if not kept:
         raise InputError(str(config.train_data), None, f"no prompt fits the sampler's max_length {config.max_length}: {completions[0].error}")
-    conversations = [list(p.messages) for p, c in kept for _ in c.texts]
-    scores, _ = rewards.score_texts(conversations, [text for _, c in kept for text in c.texts])
-    out, start = [], 0
-    for p, c in kept:
-        out.append(Sampled(p, c.texts, scores[start : start + len(c.texts)].tolist()))
-        start += len(c.texts)
-    return out
+    return kept
 
 
 def sft_record(sampled: Sampled, index: int) -> dict:

@@ -58,6 +58,19 @@ def test_service_refuses_pretraining_data_outside_the_workspace(tmp_path: Path, 
     assert info.value.render().startswith("c.yaml: rm.pretrain.data: leaves the workspace")
 
 
+@pytest.mark.parametrize("key", ["constitution", "system_file"])
+def test_service_refuses_a_distill_context_outside_the_workspace(tmp_path: Path, key: str, monkeypatch) -> None:
+    root = tmp_path / "ws"
+    write_jsonl(root / "prompts.jsonl", [{"prompt": "Hi?"}])
+    outside = tmp_path / "context.txt"
+    outside.write_text("Be kind.")
+    (root / "c.yaml").write_text(json.dumps({"model": "smollm2", "data": {"train": "prompts.jsonl"}, "output_dir": "runs/x", "distill": {"context": {key: str(outside)}}}))
+    monkeypatch.chdir(root)
+    with pytest.raises(InputError) as info:
+        Workspace.open(root).load_training("distill", "c.yaml", [])
+    assert info.value.render().startswith(f"c.yaml: distill.context.{key}: leaves the workspace")
+
+
 def test_service_refuses_a_judge_backend_the_operator_did_not_declare(tmp_path: Path, monkeypatch) -> None:
     root = tmp_path / "ws"
     write_jsonl(root / "prompts.jsonl", [{"prompt": "Hi?"}])

@@ -16,6 +16,7 @@ from cai.train.losses import (
     a2c_loss,
     bradley_terry_loss,
     cpl_loss,
+    distill_kl,
     dpo_loss,
     gae,
     geometric_mixture_logprobs,
@@ -507,3 +508,32 @@ def test_token_entropy_by_hand() -> None:
     # uniform over 4: log 4; (1/4, 3/4): -(1/4 log 1/4 + 3/4 log 3/4); the last position predicts nothing
     assert entropy.shape == (1, 2)
     assert entropy[0].tolist() == pytest.approx([math.log(4.0), -(0.25 * math.log(0.25) + 0.75 * math.log(0.75))])
+
+
+def test_distill_kl_by_hand() -> None:
+    p, q = [0.8, 0.1, 0.1], [0.4, 0.4, 0.2]  # teacher, student
+    teacher = torch.log(t(*p)).reshape(1, 1, 3).requires_grad_()
+    student = torch.log(t(*q)).reshape(1, 1, 3).requires_grad_()
+    # forward: .8 ln 2 + .1 ln(1/4) + .1 ln(1/2) = .5 ln 2; reverse: .4 ln(1/2) + .4 ln 4 + .2 ln 2 = .6 ln 2
+    forward = distill_kl(student, teacher)
+    assert forward.item() == pytest.approx(0.5 * math.log(2))
+    assert distill_kl(student, teacher, direction="reverse").item() == pytest.approx(0.6 * math.log(2))
+    forward.backward()
+    # d KL(p || softmax(z)) / dz = softmax(z) - p; nothing flows into the teacher
+    assert student.grad.flatten().tolist() == pytest.approx([-0.4, 0.3, 0.1])
+    assert teacher.grad is None
+    with pytest.raises(ValueError):
+        distill_kl(student, teacher, direction="sideways")
+
+
+def test_distill_kl_temperature_and_mask_by_hand() -> None:
+    p, q = t(0.8, 0.1, 0.1), t(0.4, 0.4, 0.2)
+    # at tau = 2, logits 2 log p + c soften to p again; a shift c changes no distribution
+    teacher = torch.stack([2 * torch.log(p), 2 * torch.log(q), 2 * torch.log(p)]).reshape(1, 3, 3)
+    student = torch.stack([2 * torch.log(q) + 5, 2 * torch.log(q) - 1, 2 * torch.log(q)]).reshape(1, 3, 3)
+    mask = t(1, 1, 0).reshape(1, 3)  # token 2: equal distributions (KL 0); token 3 is masked out
+    assert distill_kl(student, teacher, mask, temperature=2.0).item() == pytest.approx((0.5 * math.log(2) + 0.0) / 2)
+    # at tau = 1 token 1 compares p^2 and q^2 normalised: (.64, .01, .01)/.66 against (.16, .16, .04)/.36
+    p2, q2 = [x / 0.66 for x in (0.64, 0.01, 0.01)], [x / 0.36 for x in (0.16, 0.16, 0.04)]
+    by_hand = sum(a * math.log(a / b) for a, b in zip(p2, q2))
+    assert distill_kl(student, teacher, mask).item() == pytest.approx(by_hand / 2)

@@ -84,6 +84,26 @@ CASES = [
     pytest.param(Case("dpo", sets=("lr=abc",), where=": lr: ", says="got string"), id="set-wrong-type"),
     pytest.param(Case("dpo", sets=("lr",), says="key.path=value"), id="set-without-equals"),
     pytest.param(Case("dpo", sets=("max_steps.x=1",), where=": max_steps.x: ", says="no such place"), id="set-through-a-scalar"),
+    pytest.param(Case("distill", where=": distill: ", says="needs a distill section"), id="distill-without-section"),
+    pytest.param(Case("distill", config=put("distill.context", {}), where=": distill.context: ", says="exactly one of"), id="distill-no-context"),
+    pytest.param(
+        Case("distill", config=put("distill.context", {"system": "Be kind.", "system_file": "data.jsonl"}), where=": distill.context: ", says="exactly one of"),
+        id="distill-two-contexts",
+    ),
+    pytest.param(Case("distill", config=put("distill.context", {"prompt": "Be kind."}), where=": distill.context: ", says="'prompt'"), id="distill-context-unknown"),
+    pytest.param(
+        Case("distill", config=put("distill.context", {"constitution": "none.yaml"}), where=": distill.context.constitution: ", says="not found: none.yaml"),
+        id="distill-constitution-missing",
+    ),
+    pytest.param(Case("distill", config=put("distill", {"context": {"system": "Be kind."}, "target": "probs"}), where=": distill.target: ", says="logits, text"), id="distill-target"),
+    pytest.param(
+        Case("distill", config=put("distill", {"context": {"system": "Be kind."}, "target": "text", "kl": "reverse"}), where=": distill.kl: ", says="an option of target logits"),
+        id="distill-kl-with-text",
+    ),
+    pytest.param(
+        Case("distill", config=put("distill", {"context": {"system": "Be kind."}, "teacher": "./no-teacher"}), where=": distill.teacher: ", says="model folder not found"),
+        id="distill-teacher-missing",
+    ),
     # --- the training data
     pytest.param(Case("dpo", data=[PAIR, '{"prompt": oops'], file="data.jsonl", where=":2: ", says="invalid JSON"), id="data-invalid-json"),
     pytest.param(Case("dpo", data=[{k: v for k, v in PAIR.items() if k != "rejected"}], file="data.jsonl", where=":1: <root>: ", says="'rejected' is required"), id="data-no-rejected"),
