@@ -1,9 +1,10 @@
-"""`cai report RUN_DIR`: one HTML page (RUN_DIR/report.html) with PNG plots (RUN_DIR/report/) of what a
+"""`cai report RUN_DIR`: one HTML page (RUN_DIR/report.html, its PNG plots inside it and in RUN_DIR/report/) of what a
 run produced and how far its judge can be trusted. The figures come from run_stats.py. For a chain's
 workdir, a page with every step: each run's own report, each training's curves and last metrics."""
 
 from __future__ import annotations
 
+import base64
 import html
 import json
 from pathlib import Path
@@ -173,7 +174,13 @@ def _table(header: list[str], rows: list[list[Any]]) -> str:
 
 
 def _img(plots: dict[str, str], name: str) -> str:
-    return f'<img src="report/{plots[name]}" alt="{name}">' if name in plots else ""
+    return f'<img src="{plots[name]}" alt="{name}">' if name in plots else ""
+
+
+def _embedded(folder: Path, plots: dict[str, str]) -> dict[str, str]:
+    """Each plot as a data URI: report.html is one file that reads the same offline, sent by mail or
+    opened outside the run folder (the PNGs stay in report/ for those who want the files)."""
+    return {name: "data:image/png;base64," + base64.b64encode((folder / file).read_bytes()).decode("ascii") for name, file in plots.items()}
 
 
 def run_figures(manifest: dict[str, Any]) -> str:
@@ -315,7 +322,7 @@ def write(run_dir: Path) -> Path:
     manifest, rows, failures = load_run(run_dir)
     stats = figures(manifest, rows, failures)
     with replaced_folder(run_dir / "report") as tmp:
-        plots = _plots(stats, tmp)
+        plots = _embedded(tmp, _plots(stats, tmp))
     page = run_dir / "report.html"
     write_atomic(page, render(manifest, stats, plots, report_samples.render(rows)))
     return page

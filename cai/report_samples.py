@@ -47,7 +47,7 @@ def _text(label: str, text: str | None) -> str:
 
 def _row(row: dict[str, Any]) -> str:
     e = html.escape
-    prompt = next((m["content"] for m in reversed(row["messages"]) if m["role"] == "user"), "")
+    prompt = next((m["content"] for m in reversed(row.get("messages", [])) if m["role"] == "user"), "")
     parts = [f"<div class='sample'><p><code>{e(row['id'])}</code> {e(row.get('source_id') or '')}"]
     if row.get("flags"):
         parts.append(f" <span class='flag'>flagged: {e(', '.join(row['flags']))}</span>")

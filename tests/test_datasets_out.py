@@ -39,6 +39,16 @@ def preference_run(tiny_model, tmp_path_factory) -> Path:
     return run_dir
 
 
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """TRL's trainers set accelerate's process-wide state (its mixed precision among it); cai's trainers
+    in later tests of this process must find none."""
+    yield
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
 def trl_args(config_class, out: Path, **extra):
     """One optimizer step of two examples on the CPU, nothing saved or reported."""
     return config_class(output_dir=str(out), max_steps=1, per_device_train_batch_size=2, learning_rate=1e-4, save_strategy="no",

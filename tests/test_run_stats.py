@@ -104,3 +104,4 @@ def test_report_of_hand_made_run_flags_a_mostly_invalid_principle(tmp_path):
     assert "mostly invalid" in row_w and "mostly invalid" not in page.split("<td>x</td>")[1].split("</tr>")[0]
     assert "1 rows still failed" in page and "judge: timed out" in page
     assert {"labels.png", "principles.png", "agreement.png", "length.png", "failures.png"} <= {p.name for p in (tmp_path / "report").iterdir()}
+    assert page.count('<img src="data:image/png;base64,') == 5  # the page alone holds its plots: one file to send or open offline
