@@ -29,10 +29,9 @@ from pathlib import Path
 import torch
 
 from cai.seeding import derive_seed
-from cai.train import checkpoint, data, runtime
+from cai.train import checkpoint, data, loop, runtime
 from cai.train.config import TrainConfig
 from cai.train.losses import group_advantages, grpo_loss, masked_mean, rloo_advantages, rloo_loss
-from cai.train.metrics import MetricsLog
 from cai.train.reward import Rewards
 from cai.train.rollout import Sampler, finish, group_logps_and_entropy, load_prompts, load_reference, reference_logps, setup
 
@@ -68,9 +67,8 @@ def train(config: TrainConfig, stop_after: int | None = None) -> Path:
     policy, optimizer = runtime.prepare(acc, policy, optimizer, scheduler)
     sampler = Sampler(config, options, tokenizer, acc, f"{kind}-rollout")
 
-    state = checkpoint.restore(acc, resume) if resume else {"step": 0, "position": 0}
+    state, metrics = loop.begin(config, acc, resume, steps)
     position = state["position"]
-    metrics = MetricsLog.open(config, acc, state["step"], steps)
 
     for step in range(state["step"] + 1, steps + 1):
         indexes = batches(position)

@@ -16,14 +16,20 @@ from cai.train.metrics import MetricsLog, mean, plot
 BatchLoss = Callable[[list[int]], tuple[torch.Tensor, dict[str, float]]]  # item indexes -> (loss, figures)
 
 
+def begin(config: TrainConfig, acc, resume: Path | None, steps: int) -> tuple[dict, MetricsLog]:
+    """Where a training goes on from (the checkpoint `resume`'s state, or step 0 at data position 0) and
+    its metrics log, trimmed to that step."""
+    state = checkpoint.restore(acc, resume) if resume else {"step": 0, "position": 0}
+    return state, MetricsLog.open(config, acc, state["step"], steps)
+
+
 def fit(config: TrainConfig, acc, model, tokenizer, optimizer, scheduler, batches: data.Batches, steps: int, resume: Path | None,
         batch_loss: BatchLoss, evaluate: Callable[[], dict[str, float]] | None = None, stop_after: int | None = None) -> dict[str, float] | None:
     """Train from the checkpoint `resume` (or the start) to step `steps`, evaluating at the start, every
     `eval_every` steps and at the end. Returns the last evaluation's figures ({} without `evaluate`), or
     None when it stopped right after step `stop_after`'s checkpoint, as a kill there would."""
-    state = checkpoint.restore(acc, resume) if resume else {"step": 0, "position": 0}
+    state, metrics = begin(config, acc, resume, steps)
     position = state["position"]
-    metrics = MetricsLog.open(config, acc, state["step"], steps)
     last_eval: dict[str, float] = {}
     if state["step"] == 0 and evaluate is not None:
         metrics.log(0, "eval", evaluate())

@@ -29,10 +29,9 @@ from pathlib import Path
 import torch
 
 from cai.seeding import derive_seed
-from cai.train import checkpoint, data, runtime
+from cai.train import checkpoint, data, loop, runtime
 from cai.train.config import TrainConfig
 from cai.train.losses import geometric_mixture_logprobs, masked_mean, nash_md_loss
-from cai.train.metrics import MetricsLog
 from cai.train.reward import Preference
 from cai.train.rollout import Rollout, Sampler, finish, load_prompts, load_reference, logps_and_entropy, positions, reference_logps, response_mask, setup
 
@@ -65,9 +64,8 @@ def train(config: TrainConfig, stop_after: int | None = None) -> Path:
         """The reference model, or under LoRA the policy with its adapter off."""
         return contextlib.nullcontext(reference) if reference is not None else _adapter_off(acc.unwrap_model(policy))
 
-    state = checkpoint.restore(acc, resume) if resume else {"step": 0, "position": 0}
+    state, metrics = loop.begin(config, acc, resume, steps)
     position = state["position"]
-    metrics = MetricsLog.open(config, acc, state["step"], steps)
 
     for step in range(state["step"] + 1, steps + 1):
         indexes = batches(position)

@@ -26,10 +26,9 @@ from pathlib import Path
 import torch
 
 from cai.seeding import derive_seed
-from cai.train import checkpoint, data, runtime
+from cai.train import checkpoint, data, loop, runtime
 from cai.train.config import TrainConfig
 from cai.train.losses import AdaptiveKLController, FixedKLController, a2c_loss, gae, masked_mean, ppo_policy_loss, ppo_value_loss
-from cai.train.metrics import MetricsLog
 from cai.train.reward import Rewards
 from cai.train.rollout import Sampler, finish, load_prompts, load_reference, logps_and_entropy, positions, reference_logps, setup
 
@@ -104,7 +103,7 @@ def train(config: TrainConfig, stop_after: int | None = None) -> Path:
     policy, optimizer, value = runtime.prepare(acc, policy, optimizer, scheduler, value)
     sampler = Sampler(config, options, tokenizer, acc, "ppo-rollout")
 
-    state = checkpoint.restore(acc, resume) if resume else {"step": 0, "position": 0}
+    state, metrics = loop.begin(config, acc, resume, steps)
     position = state["position"]
     kl = (
         AdaptiveKLController(state.get("kl_beta", options.kl_beta), options.kl_target, options.kl_horizon)
@@ -112,7 +111,6 @@ def train(config: TrainConfig, stop_after: int | None = None) -> Path:
         else FixedKLController(options.kl_beta)
     )
     moments = RunningMoments(state.get("reward_moments"))
-    metrics = MetricsLog.open(config, acc, state["step"], steps)
 
     for step in range(state["step"] + 1, steps + 1):
         indexes = batches(position)
