@@ -116,11 +116,7 @@ def train(config: TrainConfig, stop_after: int | None = None) -> Path:
                     loss, clip_fraction = rloo_loss(logp, old, advantages[chunk], options.clip_range, mask[chunk])
                 runtime.check_finite(loss, "loss", step, config.output_dir)
                 acc.backward(loss)
-                grad_norm = acc.clip_grad_norm_(policy.parameters(), config.max_grad_norm)
-                runtime.check_finite(grad_norm, "gradient norm", step, config.output_dir)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad()
+                grad_norm = runtime.apply_gradients(config, acc, policy.parameters(), optimizer, scheduler, step)
                 log = {"loss": loss.item(), "clip_fraction": clip_fraction.item(), "entropy": masked_mean(entropy, mask[chunk]).item(), "grad_norm": grad_norm.item()}
                 if kind == "grpo" and ref_logp is not None:
                     log["kl_k3"] = k3.item()

@@ -44,11 +44,7 @@ def fit(config: TrainConfig, acc, model, tokenizer, optimizer, scheduler, batche
                 runtime.check_finite(loss, "loss", step, config.output_dir)
                 acc.backward(loss / config.grad_accum)
             logs.append(values)
-        grad_norm = acc.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-        runtime.check_finite(grad_norm, "gradient norm", step, config.output_dir)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad()
+        grad_norm = runtime.apply_gradients(config, acc, model.parameters(), optimizer, scheduler, step)
         metrics.log(step, "train", {**mean(logs), "grad_norm": grad_norm.item(), "lr": scheduler.get_last_lr()[0]})
         if evaluate is not None and (step == steps or (config.eval_every and step % config.eval_every == 0)):
             last_eval = evaluate()

@@ -104,11 +104,7 @@ def train(config: TrainConfig, stop_after: int | None = None) -> Path:
         loss, kl = nash_md_loss(logp, ref_logp, p, options.kl_beta, mask)
         runtime.check_finite(loss, "loss", step, config.output_dir)
         acc.backward(loss)
-        grad_norm = acc.clip_grad_norm_(policy.parameters(), config.max_grad_norm)
-        runtime.check_finite(grad_norm, "gradient norm", step, config.output_dir)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad()
+        grad_norm = runtime.apply_gradients(config, acc, policy.parameters(), optimizer, scheduler, step)
         training_seconds = time.perf_counter() - started
 
         answer_tokens = mask.sum().item()

@@ -159,11 +159,7 @@ def train(config: TrainConfig, stop_after: int | None = None) -> Path:
                 loss = loss - options.entropy_coef * mean_entropy
                 runtime.check_finite(loss, "loss", step, config.output_dir)
                 acc.backward(loss)
-                grad_norm = acc.clip_grad_norm_(list(policy.parameters()) + list(value.parameters()), config.max_grad_norm)
-                runtime.check_finite(grad_norm, "gradient norm", step, config.output_dir)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad()
+                grad_norm = runtime.apply_gradients(config, acc, list(policy.parameters()) + list(value.parameters()), optimizer, scheduler, step)
                 logs.append(
                     {
                         "policy_loss": policy_loss.item(), "value_loss": value_loss.item(), **clipping,

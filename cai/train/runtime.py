@@ -23,6 +23,17 @@ def note(acc, message: str) -> None:
         print(message, file=logs.terminal(), flush=True)
 
 
+def apply_gradients(config: TrainConfig, acc, parameters, optimizer, scheduler, step: int) -> torch.Tensor:
+    """One optimizer step on the accumulated gradients: clipped to max_grad_norm (a non-finite norm stops
+    the training), then the schedule's step. Returns the gradient norm before clipping."""
+    grad_norm = acc.clip_grad_norm_(parameters, config.max_grad_norm)
+    check_finite(grad_norm, "gradient norm", step, config.output_dir)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad()
+    return grad_norm
+
+
 class NonFiniteError(Exception):
     """A loss or gradient norm that is nan or inf: training stops, the last good checkpoint stays."""
 
