@@ -1,7 +1,7 @@
 """Our DPO trainer against TRL's DPOTrainer on the same model, pairs, batch size, max length and steps:
 steps/s and peak memory ratios (ours/TRL), and our dpo_loss against TRL's on identical log-probs.
 
-    /tmp/venvtest/bin/python benchmarks/dpo_vs_trl.py [--steps 4] [--warmup 1] [--rounds 2] [--batch-size 2]
+    .venv/bin/python benchmarks/dpo_vs_trl.py [--steps 4] [--warmup 1] [--rounds 2] [--batch-size 2]
         [--max-length 128] [--lora] [--precompute-ref] [--trl-gradient-checkpointing] [--threads 1]
 
 The model is the embedded SmolLM2-135M-Instruct, in fp32 on both sides (TRL 1.16 would pick bf16 even

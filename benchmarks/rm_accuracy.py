@@ -1,7 +1,7 @@
 """Held-out pairwise accuracy of a SmolLM2 reward model trained on HH-RLHF harmless pairs, against the
 same model with its reward head untrained, on the same held-out pairs.
 
-    /tmp/venvtest/bin/python benchmarks/rm_accuracy.py [--train-lines 300] [--holdout 200] [--max-length 256]
+    .venv/bin/python benchmarks/rm_accuracy.py [--train-lines 300] [--holdout 200] [--max-length 256]
         [--batch-size 4] [--epochs 1] [--lr 2e-5] [--lora] [--keep DIR] [--threads 1]
 
 Training reads the first --train-lines lines of ../shared/data/hh-rlhf/harmless-base-test.dev.jsonl

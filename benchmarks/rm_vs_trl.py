@@ -1,7 +1,7 @@
 """Our reward-model trainer against TRL's RewardTrainer on the same model, pairs, batch size, max length
 and steps: steps/s and peak memory ratios (ours/TRL).
 
-    /tmp/venvtest/bin/python benchmarks/rm_vs_trl.py [--steps 4] [--warmup 1] [--rounds 2] [--batch-size 2]
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/rm_vs_trl.py [--steps 4] [--warmup 1] [--rounds 2] [--batch-size 4]
         [--max-length 128] [--lora] [--trl-gradient-checkpointing] [--threads 1]
 
 The model is the embedded SmolLM2-135M-Instruct with a one-output sequence-classification head, in
