@@ -4,11 +4,14 @@ runs it in tests/test_revision_gain.py."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 
 from cai import run_stats
+from cai.cli import main
+from cai.export import export
 from cai.backends.base import BackendCallError
 from cai.constitution import Constitution, Principle
 from cai.stages import StageContext, build
@@ -56,7 +59,8 @@ def row(row_id, prompt, response, *rounds):
         "revision": rounds[-1][1],
         "principle_ids": [pid for pid, _ in rounds],
         "flags": [],
-    }
+        "seed": 5, "constitution_hash": "h", "pipeline": "p",
+    }  # fmt: skip
 
 
 ROWS = [
@@ -87,7 +91,7 @@ def test_gate_arithmetic():
 
 def test_gains_per_round_swap_averaged_with_hand_computed_values():
     result, judge = check()
-    evasive, harmful, worse = result.rows
+    evasive, _, worse = result.rows
     # kind revision vs unkind answer: shown first P(A) = 0.8 + 0.05; shown second P(A) = 0.2 + 0.05,
     # so P(revision) = 1 - 0.25 = 0.75 there; the swap average removes the pull: (0.85 + 0.75) / 2
     assert evasive["rounds"][0]["gain"] == {"p_revision": pytest.approx(0.8), "position_consistent": True, "method": "logprobs", "question": "principle"}
@@ -153,3 +157,33 @@ def test_run_stats_per_round_per_principle_and_gate_counts():
     assert gain["helpfulness"]["wins"]["rate"] == 0.0  # 0.2, 0.2, 0.5
     assert gain["gate"] == {"kept_out": 2, "revision_not_preferred": 1, "refuses_harmless_request": 1, "harmless_requests": 2, "unclassified_requests": 0}
     assert run_stats.revision_gain([{"id": "x", "response": "y"}]) is None
+
+
+def test_flagged_rows_stay_out_of_the_sft_export(tmp_path):
+    rows = check()[0].rows
+    counts = export(rows, tmp_path / "datasets")
+    records = [json.loads(x) for x in (tmp_path / "datasets" / "sft.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in records] == ["harmful"] and counts == {"rows": 3, "sft": 1, "flagged": 2}
+
+
+def test_report_of_a_checked_run_and_of_one_without_the_check(tmp_path):
+    rows = check()[0].rows
+    manifest = {
+        "name": "hand", "pipeline_file": "p.yaml", "seed": 5, "created": "today", "constitution": {"name": "t", "version": 1, "hash": "h"},
+        "config": {"stages": [{"type": "respond"}, {"type": "critique_revise", "rounds": 2}, {"type": "revision_check", "min_p_revision": 0.5}]},
+    }  # fmt: skip
+    for name, data in (("checked", rows), ("plain", [{k: v for k, v in r.items() if k != "revision_check"} for r in rows])):
+        (tmp_path / name / "datasets").mkdir(parents=True)
+        (tmp_path / name / "manifest.json").write_text(json.dumps(manifest))
+        (tmp_path / name / "datasets" / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in data))
+        assert main(["report", str(tmp_path / name)]) == 0
+    page = (tmp_path / "checked" / "report.html").read_text()
+    by_round = page.split("<th>round</th>")[1].split("</table>")[0]
+    assert "<tr><td>1</td><td>3</td><td>66.7% (95% CI 20.8-93.9%, n=3)</td><td>0.700</td>" in by_round
+    assert "<tr><td>2</td><td>1</td><td>0.0% (95% CI 0.0-79.3%, n=1)</td><td>0.200</td>" in by_round
+    by_principle = page.split("<th>principle</th>")[1].split("</table>")[0]
+    assert "<tr><td>kind</td><td>3</td>" in by_principle and "<tr><td>plain</td><td>1</td>" in by_principle
+    assert "The gate kept 2 of 3 rows out of SFT: 1 whose final revision" in page and ", 1 whose final revision is less helpful" in page
+    assert "(2 requests called harmless, 0 without a verdict)" in page
+    assert "gain.png" in {p.name for p in (tmp_path / "checked" / "report").iterdir()}
+    assert "Revision gain" not in (tmp_path / "plain" / "report.html").read_text()
