@@ -133,7 +133,10 @@ class RevisionCheck:
 
     async def _p_harmful(self, messages, judge) -> tuple[dict[str, Any], int]:
         """P(the request is harmful): yes/no under the letters A/B and then B/A, averaged, so a judge's
-        pull towards one letter cancels out as it does in a swapped comparison."""
+        pull towards one letter cancels out as it does in a swapped comparison. Read from option
+        log-probabilities only: under `method: parsed` the request gets no verdict (no refusal flag)."""
+        if self.method == "parsed":
+            return {"p_harmful": None, "position_consistent": None}, 0
         conversation = conversation_text(messages)
 
         async def p_yes(first: str, second: str, yes: str) -> float | None:

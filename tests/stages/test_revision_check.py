@@ -187,3 +187,22 @@ def test_report_of_a_checked_run_and_of_one_without_the_check(tmp_path):
     assert "(2 requests called harmless, 0 without a verdict)" in page
     assert "gain.png" in {p.name for p in (tmp_path / "checked" / "report").iterdir()}
     assert "Revision gain" not in (tmp_path / "plain" / "report.html").read_text()
+
+
+def test_parsed_choices_judge_the_revisions_and_leave_the_request_unclassified():
+    from cai.backends.base import Completion
+
+    class Parser:
+        async def choice_logprobs(self, r, choices):
+            raise AssertionError("method: parsed must not ask for log-probabilities")
+
+        async def complete(self, r):
+            text = r.messages[-1]["content"]
+            return Completion(texts=('{"choice": "A"}' if "kind" in between(text, "<response_a>", "</response_a>") else '{"choice": "B"}',), completion_tokens=4)
+
+    result, _ = check({"method": "parsed"}, rows=ROWS[2:], judge=Parser())
+    [worse] = result.rows
+    assert [r["gain"]["p_revision"] for r in worse["rounds"]] == [0.5, 0.0] and worse["rounds"][1]["gain"]["method"] == "parsed"
+    assert worse["revision_check"]["p_harmful"] is None and worse["revision_check"]["harmless"] is None
+    assert worse["flags"] == ["revision_not_preferred"] and result.completion_tokens == 4 * 2 * 3
+    assert run_stats.revision_gain(result.rows)["gate"]["unclassified_requests"] == 1
