@@ -122,9 +122,10 @@ class RevisionCheck:
 
     @staticmethod
     async def _prefer(compare: Compare, messages, principle: Principle, first: str, second: str, judge) -> tuple[dict[str, Any], int]:
-        """P(first better) under one principle, both orders swap-averaged, by the compare stage's votes."""
+        """P(first better) (first: the revision) under one principle, both orders swap-averaged, by the
+        compare stage's own votes."""
         votes = [
-            {"principle": principle, "swapped": swapped, "probe": False, "first": second if swapped else first, "second": first if swapped else second}
+            {"principle": principle, "swapped": swapped, "first": second if swapped else first, "second": first if swapped else second}
             for swapped in (False, True)
         ]
         tokens = sum(await asyncio.gather(*(compare._vote(v, messages, judge) for v in votes)))
