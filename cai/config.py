@@ -166,6 +166,8 @@ def load(path: str | Path, overrides: list[str] = (), check_path: Callable[[Path
         if stage_name in seen:
             raise InputError(name, f"stages[{index}].name", f"duplicate stage name {stage_name!r} (give each stage a distinct name)")
         seen[stage_name] = index
+        if s["type"] == "revision_check" and not any(earlier.type == "critique_revise" for earlier in stages):
+            raise InputError(name, f"stages[{index}].type", "revision_check judges revisions: put it after a critique_revise stage")
         params = {k: v for k, v in s.items() if k not in ("type", "name")}
         for role in build(s["type"], params).roles:
             if role not in roles:

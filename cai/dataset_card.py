@@ -34,7 +34,7 @@ COLUMNS = {
     "models": "the model each role used",
     "pipeline": "the pipeline's name",
 }
-LEFT_OUT = {"sft": {"flagged": "flagged rows (an empty revision, or one that repeats the critique)"},
+LEFT_OUT = {"sft": {"flagged": "flagged rows (an empty revision, one that repeats the critique, or, with a revision check, one the judge does not prefer to the first answer or that refuses a harmless request)"},
             "preferences": {"ties": "ties (the labeler preferred neither answer)", "invalid": "comparisons with no valid label"}}  # fmt: skip
 
 

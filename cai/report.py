@@ -13,6 +13,7 @@ from typing import Any
 from cai import report_samples, run_stats
 from cai.errors import InputError
 from cai.stages.compare import Compare
+from cai.stages.revision_check import RevisionCheck
 from cai.store import JsonlRecords, RunStore, replaced_folder, write_atomic
 
 
@@ -39,6 +40,7 @@ def figures(manifest: dict[str, Any], rows: JsonlRecords | list[dict[str, Any]],
         "rows": len(rows),
         "failures": run_stats.failure_counts(failures, {r["id"] for r in rows}),
         "revisions": run_stats.revision_stats(rows),
+        "revision_gain": run_stats.revision_gain(rows),
         "scores": run_stats.score_values(rows),
     }
     if compared:
@@ -142,6 +144,23 @@ def _plots(stats: dict[str, Any], folder: Path) -> dict[str, str]:
         ax.set_title("revisions")
         save(fig, "revisions")
 
+    gain = stats.get("revision_gain")
+    if gain:
+        rounds = list(gain["by_round"])
+        wins = [gain["by_round"][k]["wins"] for k in rounds]
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        centre = [w["rate"] or 0.0 for w in wins]
+        low = [c - w["ci95"][0] for c, w in zip(centre, wins)]
+        high = [w["ci95"][1] - c for c, w in zip(centre, wins)]
+        ax.errorbar(rounds, centre, yerr=[low, high], marker="o", capsize=4)
+        ax.axhline(0.5, color="grey", linewidth=0.8)
+        ax.set_xticks(rounds)
+        ax.set_ylim(0, 1)
+        ax.set_xlabel("revision round")
+        ax.set_ylabel("revision preferred to the initial answer")
+        ax.set_title("revision gain (95% CI)")
+        save(fig, "gain")
+
     if stats["failures"]["recorded"]:
         by_stage = stats["failures"]["by_stage"]
         fig, ax = plt.subplots(figsize=(5, 3))
@@ -208,6 +227,38 @@ def run_figures(manifest: dict[str, Any]) -> str:
     return "\n".join(parts)
 
 
+def _gain_section(manifest: dict[str, Any], gain: dict[str, Any], plots: dict[str, str]) -> list[str]:
+    e = html.escape
+    params = next((s for s in manifest["config"].get("stages", []) if s.get("type") == "revision_check"), {})
+    header = ["judged", "revision wins (P > 0.5)", "mean P(revision better)", "position consistency", "no verdict"]
+
+    def cells(w: dict[str, Any]) -> list[Any]:
+        mean = "-" if w["mean_p_revision"] is None else f"{w['mean_p_revision']:.3f}"
+        return [w["n"], _pct(w["wins"]), mean, _pct(w["position_consistency"]), w["invalid"]]
+
+    g = gain["gate"]
+    min_p = params.get("min_p_revision", RevisionCheck.min_p_revision)
+    gate = (f"<p>The gate kept {g['kept_out']} of {gain['rows']} rows out of SFT: {g['revision_not_preferred']} whose final revision "
+            f"the judge does not prefer to the initial answer (P(revision better) below {min_p}, or no verdict)")  # fmt: skip
+    if g["harmless_requests"] is None:
+        gate += "; the helpfulness check is off.</p>"
+    else:
+        gate += (f", {g['refuses_harmless_request']} whose final revision is less helpful than the initial answer to a request "
+                 f"the judge calls harmless ({g['harmless_requests']} requests called harmless, {g['unclassified_requests']} without a verdict). "
+                 "A row can have both flags.</p>")  # fmt: skip
+    parts = [
+        "<h2>Revision gain</h2>",
+        "<p>The judge compares each round's revision with the initial answer under the comparison question of the principle that "
+        "round used, in both orders (swap-averaged).</p>",
+        _table(["round", *header], [[k, *cells(w)] for k, w in gain["by_round"].items()]),
+        _img(plots, "gain"),
+        _table(["principle", *header], [[e(pid), *cells(w)] for pid, w in gain["by_principle"].items()]),
+    ]
+    if gain["helpfulness"]:
+        parts.append("<p>Final revision more helpful than the initial answer: " + _pct(gain["helpfulness"]["wins"]) + ".</p>")
+    return [*parts, gate]
+
+
 def render(manifest: dict[str, Any], stats: dict[str, Any], plots: dict[str, str], samples: str = "") -> str:
     e = html.escape
     c = manifest["constitution"]
@@ -270,6 +321,8 @@ def render(manifest: dict[str, Any], stats: dict[str, Any], plots: dict[str, str
             _table(["principle", "critiques"], [[e(k), v] for k, v in sorted(revisions["principles"].items())]),
             _img(plots, "revisions"),
         ]
+    if stats.get("revision_gain"):
+        parts += _gain_section(manifest, stats["revision_gain"], plots)
     failures = stats["failures"]
     parts.append("<h2>Failures</h2>")
     if failures["recorded"]:

@@ -57,11 +57,25 @@ def _row(row: dict[str, Any]) -> str:
     else:
         parts.append(_text("answer", row.get("response")))
         for k, r in enumerate(row.get("rounds", []), 1):
-            parts += [_text(f"round {k} critique ({r['principle_id']})", r["critique"]), _text(f"round {k} revision", r["revision"])]
+            parts += [_text(f"round {k} critique ({r['principle_id']})", r["critique"]), _text(f"round {k} revision{_gain(r.get('gain'))}", r["revision"])]
+        check = row.get("revision_check")
+        if check and "helpfulness" in check:
+            harmful = "no verdict" if check["p_harmful"] is None else f"{check['p_harmful']:.3f}"
+            parts.append(f"<p>P(request harmful) = {e(harmful)}; final revision vs answer on helpfulness{e(_gain(check['helpfulness']))}</p>")
         if "revision" in row:
             parts.append(f"<b>answer &rarr; final revision</b><pre>{word_diff(row.get('response') or '', row['revision'] or '')}</pre>")
     parts.append("</div>")
     return "".join(parts)
+
+
+def _gain(gain: dict[str, Any] | None) -> str:
+    """The revision check's verdict on a revision against the initial answer, for a heading."""
+    if gain is None:
+        return ""
+    if gain["p_revision"] is None:
+        return " (judge: no verdict)"
+    consistency = "" if gain["position_consistent"] is None else ", position consistent" if gain["position_consistent"] else ", position inconsistent"
+    return f" (P(better than the answer) = {gain['p_revision']:.3f}{consistency})"
 
 
 def _pair(row: dict[str, Any], pair: dict[str, Any]) -> str:

@@ -130,6 +130,61 @@ def revision_stats(rows: Iterable[dict[str, Any]]) -> dict[str, Any] | None:
     return {"rows": count, "flags": dict(flags), "principles": dict(principles), "lengths": lengths}
 
 
+def _wins(judged: list[tuple[float | None, bool | None]]) -> dict[str, Any]:
+    """(P(revision better), position consistent) of some comparisons: how often the revision wins
+    (P > 0.5) among those the judge decided, its mean P, and the position consistency of the votes."""
+    valid = [p for p, _ in judged if p is not None]
+    consistent = [c for _, c in judged if c is not None]
+    return {
+        "n": len(judged),
+        "invalid": len(judged) - len(valid),
+        "wins": rate(sum(p > 0.5 for p in valid), len(valid)),
+        "mean_p_revision": sum(valid) / len(valid) if valid else None,
+        "position_consistency": rate(sum(consistent), len(consistent)),
+    }
+
+
+def revision_gain(rows: Iterable[dict[str, Any]]) -> dict[str, Any] | None:
+    """The revision_check stage's figures: revisions against the initial answer, by round (the CAI
+    paper's improvement with the number of revisions) and by principle, and what the gate kept out
+    of SFT, for each reason (a row can have both)."""
+    by_round: dict[int, list] = {}
+    by_principle: dict[str, list] = {}
+    helpfulness: list = []
+    gate: Counter[str] = Counter()
+    checked = harmless = unclassified = 0
+    for row in rows:
+        check = row.get("revision_check")
+        if check is None:
+            continue
+        checked += 1
+        for k, r in enumerate(row["rounds"], 1):
+            judged = (r["gain"]["p_revision"], r["gain"]["position_consistent"])
+            by_round.setdefault(k, []).append(judged)
+            by_principle.setdefault(r["principle_id"], []).append(judged)
+        if "helpfulness" in check:
+            helpfulness.append((check["helpfulness"]["p_revision"], check["helpfulness"]["position_consistent"]))
+            harmless += check["harmless"] is True
+            unclassified += check["harmless"] is None
+        gate.update(check["flags"])
+        gate["kept_out"] += bool(check["flags"])
+    if not checked:
+        return None
+    return {
+        "rows": checked,
+        "by_round": {k: _wins(v) for k, v in sorted(by_round.items())},
+        "by_principle": {pid: _wins(v) for pid, v in sorted(by_principle.items())},
+        "helpfulness": _wins(helpfulness) if helpfulness else None,
+        "gate": {
+            "kept_out": gate["kept_out"],
+            "revision_not_preferred": gate["revision_not_preferred"],
+            "refuses_harmless_request": gate["refuses_harmless_request"],
+            "harmless_requests": harmless if helpfulness else None,
+            "unclassified_requests": unclassified if helpfulness else None,
+        },
+    }
+
+
 def failure_counts(failures: list[dict[str, Any]], done_ids: set[str]) -> dict[str, Any]:
     """failures.jsonl keeps every failure; a row that a rerun then finished is `retried`, not lost."""
     by_stage = Counter(f.get("stage", "?") for f in failures)

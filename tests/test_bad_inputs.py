@@ -210,6 +210,14 @@ def _with_compare(doc: dict) -> None:
     doc["stages"].append({"type": "compare"})
 
 
+def _with_check(**options: Any) -> Edit:
+    def edit(doc: dict) -> None:
+        doc["roles"]["judge"] = "local"
+        doc["stages"].append({"type": "revision_check", **options})
+
+    return edit
+
+
 def _make_cdir(ws: Workspace) -> None:
     ws.folder("cdir")
 
@@ -324,6 +332,11 @@ CASES = [
     ),
     pytest.param(pipeline_case(put("stages.1", {"type": "compare", "pairing": "best"}), ": stages[1].pairing: ", "initial_vs_revision"), id="compare-bad-pairing"),
     pytest.param(pipeline_case(put("stages.0.samples", 0), ": stages[0].samples: ", "0"), id="respond-zero-samples"),
+    pytest.param(pipeline_case(_with_check(min_p_revision=1.5), ": stages[2].min_p_revision: ", "1.5", command="run"), id="check-threshold-above-1-run"),
+    pytest.param(pipeline_case(_with_check(max_p_harmful="half"), ": stages[2].max_p_harmful: ", "got string"), id="check-threshold-string"),
+    pytest.param(pipeline_case(_with_check(helpfulness_question=" "), ": stages[2].helpfulness_question: ", "must not be blank"), id="check-blank-question"),
+    pytest.param(pipeline_case(put("stages.1", {"type": "revision_check"}), ": stages[1].type: ", "after a critique_revise stage", command="run"), id="check-without-revisions-run"),
+    pytest.param(pipeline_case(lambda doc: doc["stages"].append({"type": "revision_check"}), ": roles: ", "needs the role 'judge'"), id="check-without-judge"),
     pytest.param(pipeline_case(BINARY, ": ", "binary", command="run"), id="pipeline-binary-run"),
     pytest.param(pipeline_case(NOT_UTF8, ": ", "UTF-8"), id="pipeline-not-utf8"),
     pytest.param(argument_case(lambda ws: ws.folder("pipelines"), "run", "directory"), id="run-directory"),
