@@ -12,6 +12,7 @@ from typing import Any, Iterator
 
 import yaml
 
+from cai import calibration
 from cai import constitution as constitution_mod
 from cai import prompts as prompts_mod
 from cai.backends.base import BackendSpec
@@ -167,6 +168,8 @@ def load(path: str | Path, overrides: list[str] = (), check_path: Callable[[Path
             raise InputError(name, f"stages[{index}].name", f"duplicate stage name {stage_name!r} (give each stage a distinct name)")
         seen[stage_name] = index
         params = {k: v for k, v in s.items() if k not in ("type", "name")}
+        if "calibration" in params:  # read here, like every file a pipeline names: a bad one stops the run before it starts
+            params["calibration"] = calibration.load(existing(params["calibration"], f"stages[{index}].calibration"))
         for role in build(s["type"], params).roles:
             if role not in roles:
                 raise InputError(name, "roles", f"stage {stage_name!r} needs the role {role!r}, which roles does not assign")
