@@ -222,7 +222,8 @@ def reliability_plot(before: Sequence[dict[str, Any]], after: Sequence[dict[str,
         filled = [b for b in bins if b["n"]]
         width = bins[0]["upper"] - bins[0]["lower"]
         ax.bar([b["lower"] for b in filled], [b["accuracy"] for b in filled], width=width, align="edge", edgecolor="black", label="accuracy")
-        ax.plot([b["confidence"] for b in filled], [b["accuracy"] for b in filled], "o", color="tab:orange", label="mean confidence")
+        # the bin's mean confidence over its bar: the gap between them is what ECE averages
+        ax.plot([b["lower"] + width / 2 for b in filled], [b["confidence"] for b in filled], "D", color="tab:red", label="mean confidence")
         ax.plot([0.5, 1], [0.5, 1], "--", color="gray", label="perfect calibration")
         for b in filled:
             ax.annotate(str(b["n"]), (b["lower"] + width / 2, 0.02), ha="center", fontsize="x-small")
