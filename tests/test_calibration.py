@@ -135,7 +135,9 @@ def test_a_pipeline_reads_its_calibration_relative_to_itself_and_its_content_is_
     monkeypatch.chdir(tmp_path.parent)  # not the pipeline's folder: the path is found beside the pipeline
     (tmp_path / "no-model").mkdir()
     write(tmp_path / "cal.json", {"temperature": 2.0, "position_offset": 1.0, "fitted_on": {"n": 3}})
-    config = load(compare_pipeline(tmp_path, "cal.json"))
+    seen = []  # a server confines every path a pipeline names to its workspace, this one too
+    config = load(compare_pipeline(tmp_path, "cal.json"), check_path=lambda path, field: seen.append((path, field)))
+    assert (tmp_path / "cal.json", "stages[1].calibration") in seen
     cal = config.stages[1].params["calibration"]
     assert (cal.temperature, cal.position_offset) == (2.0, 1.0) and len(cal.sha256) == 64
     before = fingerprint(config)
