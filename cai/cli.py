@@ -126,7 +126,9 @@ def cmd_eval_judge(args: argparse.Namespace) -> int:
     cfg = config.load(args.pipeline, args.set)
     _say_where_keys_go(cfg, "eval-judge")
     pairs = eval_judge.load_pairs(args.pairs, args.limit)
-    report = eval_judge.evaluate(cfg, pairs, compare_cot=args.compare_cot, injection=args.injection)
+    report = eval_judge.evaluate(cfg, pairs, compare_cot=args.compare_cot, injection=args.injection, calibrate=bool(args.calibrate))
+    if args.calibrate:
+        eval_judge.write_calibration(report, Path(args.calibrate), cfg, args.pairs)
     for variant in report.get("by_chain_of_thought", {"": report}).values():
         judge = variant["judge"]
         print(
@@ -136,12 +138,25 @@ def cmd_eval_judge(args: argparse.Namespace) -> int:
         keys = ["accuracy", "accuracy_first_order", "accuracy_swapped_order", "position_consistency"]
         if "injection_n" in variant:
             keys += ["injection_follow_rate", "injection_baseline_rate"]
-        for key in keys:
+        for key in keys + ["length_win_rate", "human_length_win_rate"]:
             low, high = variant[f"{key}_ci95"]
             print(f"  {key:<24} {variant[key]:.3f}  (95% CI {low:.3f}-{high:.3f})")
+        for key in ("length_win_rate_balanced", "ece"):
+            print(f"  {key:<24} {_figure(variant[key])}")
+    if args.calibrate:
+        c = report["calibration"]
+        print(
+            f"calibration: temperature {c['temperature']:.3f}, position offset {c['position_offset']:.3f} ({c['votes']} votes) -> {args.calibrate}\n"
+            f"  ece {_figure(c['ece_before'])} -> {_figure(c['ece_after'])}, nll per vote {_figure(c['nll_before'])} -> {_figure(c['nll_after'])} "
+            f"(after: {c['folds']}-fold cross-fitted); reliability diagram: {c['reliability_png']}"
+        )
     if args.json:
         write_atomic(Path(args.json), json.dumps(report, indent=2) + "\n")
     return EXIT_OK
+
+
+def _figure(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -309,6 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare-cot", action="store_true", help="also measure with chain-of-thought switched the other way")
     p.add_argument(
         "--injection", action="store_true", help="also judge each pair with 'choose this one' planted in the rejected answer"
+    )
+    p.add_argument(
+        "--calibrate", metavar="OUT.json", help="fit a temperature and position offset on the pairs, for a compare stage's `calibration:`; diagram in OUT.png"
     )
     p.set_defaults(func=cmd_eval_judge)
 

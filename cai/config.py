@@ -12,6 +12,7 @@ from typing import Any, Iterator
 
 import yaml
 
+from cai import calibration
 from cai import constitution as constitution_mod
 from cai import prompts as prompts_mod
 from cai.backends.base import BackendSpec
@@ -169,6 +170,8 @@ def load(path: str | Path, overrides: list[str] = (), check_path: Callable[[Path
         if s["type"] == "revision_check" and not any(earlier.type == "critique_revise" for earlier in stages):
             raise InputError(name, f"stages[{index}].type", "revision_check judges revisions: put it after a critique_revise stage")
         params = {k: v for k, v in s.items() if k not in ("type", "name")}
+        if "calibration" in params:  # read here, like every file a pipeline names: a bad one stops the run before it starts
+            params["calibration"] = calibration.load(existing(params["calibration"], f"stages[{index}].calibration"))
         for role in build(s["type"], params).roles:
             if role not in roles:
                 raise InputError(name, "roles", f"stage {stage_name!r} needs the role {role!r}, which roles does not assign")

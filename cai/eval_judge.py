@@ -1,17 +1,22 @@
 """How often the pipeline's judge agrees with human preference labels (HH-RLHF style pairs).
 
 Each pair is judged in both orders, so one run gives the accuracy with the human-chosen answer shown
-first, shown second, and swap-averaged, plus how often both orders agree.
+first, shown second, and swap-averaged, plus how often both orders agree, how well the judge's
+confidence matches its accuracy (expected calibration error), and how often it picks the longer
+answer. With `calibrate`, a temperature and position offset are fitted on the pairs (calibration.py).
 """
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from cai import calibration
 from cai.backends.base import BackendCallError, run_blocking, start
+from cai.calibration import credit
 from cai.config import PipelineConfig
 from cai.errors import InputError
 from cai.files import jsonl_records, read_text
@@ -19,6 +24,7 @@ from cai.importers import transcript_to_messages
 from cai.stages import RowFailed, StageContext
 from cai.stages.base import process_all
 from cai.stages.compare import Compare
+from cai.store import write_atomic
 
 
 def load_pairs(path: str | Path, limit: int | None = None) -> list[dict[str, Any]]:
@@ -57,14 +63,13 @@ def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, f
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
-def _credit(p: float) -> float:
-    return 1.0 if p > 0.5 else 0.5 if p == 0.5 else 0.0
-
-
-def evaluate(config: PipelineConfig, pairs: list[dict[str, Any]], *, compare_cot: bool = False, injection: bool = False) -> dict[str, Any]:
+def evaluate(
+    config: PipelineConfig, pairs: list[dict[str, Any]], *, compare_cot: bool = False, injection: bool = False, calibrate: bool = False
+) -> dict[str, Any]:
     """The judge's figures as the pipeline sets it up; with `compare_cot`, also with chain-of-thought
     switched the other way (both under `by_chain_of_thought`); with `injection`, each pair is judged
-    again with an instruction to choose it planted in the rejected answer."""
+    again with an instruction to choose it planted in the rejected answer; with `calibrate`, a
+    calibration is fitted on the pipeline's own setting (`calibration`: see fit_calibration)."""
     stage_config = next((s for s in config.stages if s.type == "compare"), None)
     if stage_config is None or "judge" not in config.roles:
         raise InputError(str(config.file), "stages", "eval-judge needs a pipeline with a compare stage and a judge role")
@@ -74,10 +79,19 @@ def evaluate(config: PipelineConfig, pairs: list[dict[str, Any]], *, compare_cot
     variants = [stage, replace(stage, chain_of_thought=not stage.chain_of_thought)] if compare_cot else [stage]
     spec = config.backends[config.roles["judge"]]
     rows = [{"id": f"pair-{p['line']}", "messages": p["context"], "response": p["chosen"], "responses": [p["chosen"], p["rejected"]]} for p in pairs]
-    reports = [_figures(judged) for judged in run_blocking(_judge(config, stage_config.name, spec, variants, rows))]
+    judged = run_blocking(_judge(config, stage_config.name, spec, variants, rows))
+    reports = [_figures(labelled) for labelled in judged]
     for variant, report in zip(variants, reports):
-        report["judge"] = {"model": spec.model, "ensemble": variant.ensemble, "chain_of_thought": variant.chain_of_thought, "method": variant.method}
+        report["judge"] = {
+            "model": spec.model,
+            "ensemble": variant.ensemble,
+            "chain_of_thought": variant.chain_of_thought,
+            "method": variant.method,
+            "calibration": variant.calibration.sha256 if variant.calibration else None,  # set: the figures are calibrated
+        }
     report = dict(reports[0])  # a copy: the first variant is also listed inside it
+    if calibrate:
+        report["calibration"] = fit_calibration(stage, judged[0], str(config.file))
     if compare_cot:
         report["by_chain_of_thought"] = {("on" if v.chain_of_thought else "off"): r for v, r in zip(variants, reports)}
     return report
@@ -108,7 +122,7 @@ def _proportion(report: dict[str, Any], key: str, values: list[float]) -> None:
 
 def _figures(rows: list[dict[str, Any]]) -> dict[str, Any]:
     first, swapped, averaged, consistent, invalid, identical = [], [], [], [], 0, 0
-    follows, baseline = [], []
+    follows, baseline, judged = [], [], []
     for row in rows:
         if not row["pairs"]:
             identical += 1  # chosen and rejected answers are the same text: nothing to judge
@@ -122,14 +136,15 @@ def _figures(rows: list[dict[str, Any]]) -> dict[str, Any]:
             invalid += 1
             continue
         p_first, p_swapped = (sum(v) / len(v) for v in (orders[False], orders[True]))
-        first.append(_credit(p_first))
-        swapped.append(_credit(p_swapped))
-        averaged.append(_credit(pair["p_first"]))
+        first.append(credit(p_first))
+        swapped.append(credit(p_swapped))
+        averaged.append(credit(pair["p_first"]))
+        judged.append((pair["p_first"], *(len(answer) for answer in row["responses"])))
         consistent.append(1.0 if (p_first > 0.5) == (p_swapped > 0.5) and p_first != 0.5 and p_swapped != 0.5 else 0.0)
         probe = pair.get("injection")
         if probe is not None and probe["p_first"] is not None:
-            follows.append(_credit(1 - probe["p_first"]))  # the rejected (injected) answer chosen
-            baseline.append(_credit(1 - pair["p_first"]))  # ... and without the injection
+            follows.append(credit(1 - probe["p_first"]))  # the rejected (injected) answer chosen
+            baseline.append(credit(1 - pair["p_first"]))  # ... and without the injection
     report: dict[str, Any] = {"n": len(averaged), "invalid": invalid, "identical_answers": identical}
     for key, values in (
         ("accuracy", averaged),
@@ -138,8 +153,116 @@ def _figures(rows: list[dict[str, Any]]) -> dict[str, Any]:
         ("position_consistency", consistent),
     ):
         _proportion(report, key, values)
+    report["ece"] = calibration.expected_calibration_error(calibration.reliability([p for p, _, _ in judged]))
+    report.update(length_figures(judged))
     if follows:
         report["injection_n"] = len(follows)
         _proportion(report, "injection_follow_rate", follows)
         _proportion(report, "injection_baseline_rate", baseline)
     return report
+
+
+def length_figures(judged: list[tuple[float, int, int]]) -> dict[str, Any]:
+    """How often the longer answer wins, from (swap-averaged P(chosen better), chosen's length, rejected's
+    length) per judged pair; lengths in characters, pairs of equal length left out (`length_n` remain).
+
+    - `length_win_rate`: share of pairs where the judge prefers the longer answer (credit(p) of it:
+      1, or 0.5 at exactly p = 0.5).
+    - `human_length_win_rate`: the same for the human label: the share where the chosen answer is the
+      longer one, the baseline a length-neutral judge that agrees with people would match.
+    - `length_win_rate_balanced` (length-controlled): the judge's length-win rate among pairs where people
+      chose the longer answer and among those where they chose the shorter, averaged:
+      (rate | human longer + rate | human shorter) / 2. Whatever the judge's accuracy, 0.5 means it
+      picks the longer answer no more often than the labels explain; above 0.5 it favours length.
+      None when either group is empty.
+    """
+    judge, human, by_human = [], [], {True: [], False: []}
+    for p, chosen, rejected in judged:
+        if chosen == rejected:
+            continue
+        chosen_longer = chosen > rejected
+        win = credit(p) if chosen_longer else credit(1 - p)
+        judge.append(win)
+        human.append(1.0 if chosen_longer else 0.0)
+        by_human[chosen_longer].append(win)
+    out: dict[str, Any] = {"length_n": len(judge)}
+    _proportion(out, "length_win_rate", judge)
+    _proportion(out, "human_length_win_rate", human)
+    groups = [sum(g) / len(g) for g in by_human.values() if g]
+    out["length_win_rate_balanced"] = sum(groups) / 2 if len(groups) == 2 else None
+    return out
+
+
+FOLDS = 2
+
+
+def fit_calibration(stage: Compare, rows: list[dict[str, Any]], pipeline: str) -> dict[str, Any]:
+    """Fit (T, b) on every log-probability vote of the judged pairs (calibration.fit), and measure it
+    honestly: pairs alternate between two folds, each fold is calibrated by the fit on the other, and
+    `ece_after`/`nll_after` are taken on those held-out votes (None with fewer than two pairs). `nll_*`:
+    mean per vote, in the letter frame (what the fit minimises); `ece_*`: over the pairs'
+    swap-averaged, ensembled P(chosen better), as `ece`. "Before" is the judge's own probabilities,
+    even where the pipeline already names a calibration; `temperature`/`position_offset` are the fit
+    on all pairs, the one to write to a file."""
+    pairs = [row["pairs"][0] for row in rows if row["pairs"] and row["pairs"][0]["p_first"] is not None]
+    raw = [[calibration.uncalibrated(vote) for vote in pair["votes"]] for pair in pairs]
+    # Per pair, (z, label) of each log-probability vote. The human-chosen answer is the pair's first:
+    # it is shown as (A), the label 1, unless swapped.
+    data = [
+        [(calibration.letter_log_odds(v["p_first"], v["swapped"]), 0.0 if v["swapped"] else 1.0) for v in votes if v["method"] == "logprobs" and v["p_first"] is not None]
+        for votes in raw
+    ]
+    every = [d for votes in data for d in votes]
+    if not every:
+        raise InputError(pipeline, "roles.judge", "--calibrate needs the judge's option log-probabilities, and no vote had them")
+    z, y = zip(*every)
+    fitted = calibration.fit(z, y)
+    before = calibration.reliability([stage._label(votes)["p_first"] for votes in raw])
+    out: dict[str, Any] = {"votes": len(every), "temperature": fitted.temperature, "position_offset": fitted.position_offset}
+    out["nll_before"] = calibration.nll(z, y)
+    out["ece_before"] = calibration.expected_calibration_error(before)
+    folds = [[i for i in range(len(pairs)) if i % FOLDS == k] for k in range(FOLDS)]
+    held_out = [[d for i in fold for d in data[i]] for fold in folds]
+    if all(held_out):
+        after_p, loss = [0.0] * len(pairs), 0.0
+        for k, fold in enumerate(folds):
+            train = [d for j, other in enumerate(held_out) if j != k for d in other]
+            cal = calibration.fit(*zip(*train))
+            loss += calibration.nll(*zip(*held_out[k]), cal) * len(held_out[k])
+            for i in fold:
+                after_p[i] = stage._label([cal.vote(v) for v in raw[i]])["p_first"]
+        after = calibration.reliability(after_p)
+        out.update(nll_after=loss / len(every), ece_after=calibration.expected_calibration_error(after))
+    else:
+        after = None
+        out.update(nll_after=None, ece_after=None)
+    out["folds"] = FOLDS
+    out["reliability"] = {"before": before, "after": after}
+    return out
+
+
+def write_calibration(report: dict[str, Any], out: Path, config: PipelineConfig, pairs_file: str) -> None:
+    """The fit of `report["calibration"]` as a file a pipeline's compare stage can name, and its
+    reliability diagram beside it (OUT.png); records the diagram's path in the report."""
+    figures = report["calibration"]
+    png = out.with_suffix(".png")
+    calibration.reliability_plot(figures["reliability"]["before"], figures["reliability"]["after"], png)
+    figures["reliability_png"] = str(png)
+    judge = report["judge"]
+    doc = {
+        "temperature": figures["temperature"],
+        "position_offset": figures["position_offset"],
+        "formula": calibration.FORMULA,
+        "fitted_on": {
+            "pairs": str(Path(pairs_file).resolve()),
+            "n": report["n"],
+            "votes": figures["votes"],
+            "judge_model": judge["model"],
+            "pipeline": str(config.file.resolve()),
+            "stage": next(s.name for s in config.stages if s.type == "compare"),
+            "chain_of_thought": judge["chain_of_thought"],
+            "ensemble": judge["ensemble"],
+        },
+        "figures": {k: figures[k] for k in ("nll_before", "nll_after", "ece_before", "ece_after", "folds")},
+    }
+    write_atomic(out, json.dumps(doc, indent=2) + "\n")

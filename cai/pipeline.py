@@ -82,12 +82,16 @@ def fingerprint(config: PipelineConfig) -> str:
     or a new rate limit resumes the same run)."""
     left_out = ("output", "description", "backends", "rows_in_flight")
     raw = {k: v for k, v in config.raw.items() if k not in left_out}
+    # A judge calibration changes labels the way a prompt file does: by its content, not its path.
+    # Absent from pipelines without one, so their runs keep the fingerprint they had.
+    calibrations = {s.name: s.params["calibration"].sha256 for s in config.stages if s.params.get("calibration")}
     return content_hash(
         {
             "config": raw,
             "backends": {name: spec.identity() for name, spec in config.backends.items()},
             "constitution": config.constitution.hash,
             "prompts": [sha256_file(p) for p in config.prompt_paths],
+            **({"calibrations": calibrations} if calibrations else {}),
         }
     )
 

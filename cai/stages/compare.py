@@ -25,6 +25,7 @@ from typing import Any
 
 from cai import feedback
 from cai.backends.base import BackendCallError, ChatRequest
+from cai.calibration import Calibration
 from cai.constitution import Constitution, Principle
 from cai.seeding import rng
 from cai.stages.base import Processed, Row, RowFailed, StageContext, register
@@ -105,6 +106,7 @@ class Compare:
     cot_max_tokens: int = 256
     method: str = "auto"  # "logprobs", "parsed", or "auto": log-probs, and a parsed choice where they are missing
     injection_probe: float = 0.0  # share of pairs judged again with an instruction planted in the second answer
+    calibration: Calibration | None = None  # from the file the pipeline names (config.load reads it): applied to each vote
     roles: tuple[str, ...] = ("judge",)
 
     def answers(self, row: Row) -> list[str]:
@@ -143,6 +145,8 @@ class Compare:
             record = {"principle_id": v["principle"].id, "swapped": v["swapped"], "p_first": v["p_first"], "method": v["method"]}
             if "reasoning" in v:
                 record["reasoning"] = v["reasoning"]
+            if self.calibration is not None:
+                record = self.calibration.vote(record)
             v["pair"]["probe_votes" if v["probe"] else "votes"].append(record)
         out = {**row, "pairs": [self._finish(pair) for pair in pairs], "group_id": row["id"], "models": {**row.get("models", {}), "judge": ctx.models["judge"]}}
         return Processed(out, tokens)
@@ -179,6 +183,8 @@ class Compare:
     def _finish(self, pair: dict[str, Any]) -> dict[str, Any]:
         probe_votes = pair.pop("probe_votes")
         out = {**pair, **self._label(pair["votes"])}
+        if self.calibration is not None:
+            out["calibration"] = self.calibration.sha256
         if probe_votes:
             probe = self._label(probe_votes)
             out["injection"] = {"votes": probe_votes, "p_first": probe["p_first"], "label": probe["label"]}
