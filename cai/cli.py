@@ -113,7 +113,10 @@ def cmd_import(args: argparse.Namespace) -> int:
     import yaml
 
     write_atomic(out, yaml.safe_dump(constitution.to_dict(), sort_keys=False, allow_unicode=True, width=100))
-    print(f"{out}: {len(constitution.principles)} principles, {len(constitution.few_shot)} few-shot dialogues")
+    print(
+        f"{out}: {len(constitution.principles)} principles, {len(constitution.few_shot)} few-shot dialogues, "
+        f"{len(constitution.comparison_few_shot)} comparison few-shots"
+    )
     return EXIT_OK
 
 
