@@ -142,6 +142,13 @@ def cmd_eval_judge(args: argparse.Namespace) -> int:
         for key in keys:
             low, high = variant[f"{key}_ci95"]
             print(f"  {key:<24} {variant[key]:.3f}  (95% CI {low:.3f}-{high:.3f})")
+        for role, figures in variant.get("jurors", {}).items():
+            print(f"  juror {role} ({judge['jury'][role]['model']}, weight {judge['jury'][role]['weight']}): accuracy {figures['accuracy']:.3f}, "
+                  f"position consistency {figures['position_consistency']:.3f} on {figures['n']} pairs")  # fmt: skip
+        if "juror_agreement" in variant:
+            agreement, kappa = variant["juror_agreement"], variant["juror_agreement"]["fleiss_kappa"]
+            share = "-" if agreement["percent_agreement"] is None else f"{agreement['percent_agreement']:.3f}"
+            print(f"  jurors agree on {share} of {agreement['n']} pairs (Fleiss' kappa {'-' if kappa is None else f'{kappa:.3f}'})")
     if args.json:
         write_atomic(Path(args.json), json.dumps(report, indent=2) + "\n")
     return EXIT_OK

@@ -7,9 +7,10 @@ first, shown second, and swap-averaged, plus how often both orders agree.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from cai import feedback
 from cai.backends.base import BackendCallError, run_blocking, start

@@ -172,7 +172,10 @@ def _jury(jury: dict[str, Any] | None) -> str:
     if jury is None:
         return ""
     e, agreement = html.escape, jury["agreement"]
-    kappa = lambda k: "-" if k is None else f"{k:.2f}"  # noqa: E731
+
+    def kappa(k: float | None) -> str:
+        return "-" if k is None else f"{k:.2f}"
+
     rows = [[e(role), e(j["model"]), j["weight"], *j["labels"].values()] for role, j in jury["jurors"].items()]
     pairs = [[e(key.replace("|", " / ")), f"{100 * p['agree'] / p['n']:.1f}%" if p["n"] else "-", kappa(p["cohen_kappa"])] for key, p in agreement["pairs"].items()]
     share = "-" if agreement["percent_agreement"] is None else f"{100 * agreement['percent_agreement']:.1f}%"
@@ -181,8 +184,10 @@ def _jury(jury: dict[str, Any] | None) -> str:
             "<h2>Jury</h2>",
             "<p>Each juror labels every pair; the pair's probability is their weighted mean.</p>",
             _table(["juror", "model", "weight", *run_stats.LABELS], rows),
-            f"<p>Over the {agreement['n']} pairs every juror labelled, two jurors give the same label {share} of the time "
-            f"(Fleiss' kappa {kappa(agreement['fleiss_kappa'])}; 0 is chance agreement, 1 full agreement).</p>",
+            (
+                f"<p>Over the {agreement['n']} pairs every juror labelled, two jurors give the same label {share} of the time "
+                f"(Fleiss' kappa {kappa(agreement['fleiss_kappa'])}; 0 is chance agreement, 1 full agreement).</p>"
+            ),
             _table(["jurors", "same label", "Cohen's kappa"], pairs),
         ]
     )

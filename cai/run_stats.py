@@ -8,7 +8,7 @@ from collections import Counter
 from itertools import combinations
 from typing import Any, Iterable
 
-from cai.eval_judge import jury_agreement, juror_view, wilson_interval
+from cai.eval_judge import juror_view, jury_agreement, wilson_interval
 
 LABELS = ("a", "b", "tie", "invalid")
 MOSTLY_INVALID = 0.5  # a principle with more invalid votes than this share is flagged
