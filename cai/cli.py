@@ -113,7 +113,10 @@ def cmd_import(args: argparse.Namespace) -> int:
     import yaml
 
     write_atomic(out, yaml.safe_dump(constitution.to_dict(), sort_keys=False, allow_unicode=True, width=100))
-    print(f"{out}: {len(constitution.principles)} principles, {len(constitution.few_shot)} few-shot dialogues")
+    print(
+        f"{out}: {len(constitution.principles)} principles, {len(constitution.few_shot)} few-shot dialogues, "
+        f"{len(constitution.comparison_few_shot)} comparison few-shots"
+    )
     return EXIT_OK
 
 
@@ -143,6 +146,13 @@ def cmd_eval_judge(args: argparse.Namespace) -> int:
             print(f"  {key:<24} {variant[key]:.3f}  (95% CI {low:.3f}-{high:.3f})")
         for key in ("length_win_rate_balanced", "ece"):
             print(f"  {key:<24} {_figure(variant[key])}")
+        for role, figures in variant.get("jurors", {}).items():
+            print(f"  juror {role} ({judge['jury'][role]['model']}, weight {judge['jury'][role]['weight']}): accuracy {figures['accuracy']:.3f}, "
+                  f"position consistency {figures['position_consistency']:.3f} on {figures['n']} pairs")  # fmt: skip
+        if "juror_agreement" in variant:
+            agreement, kappa = variant["juror_agreement"], variant["juror_agreement"]["fleiss_kappa"]
+            share = "-" if agreement["percent_agreement"] is None else f"{agreement['percent_agreement']:.3f}"
+            print(f"  jurors agree on {share} of {agreement['n']} pairs (Fleiss' kappa {'-' if kappa is None else f'{kappa:.3f}'})")
     if args.calibrate:
         c = report["calibration"]
         print(

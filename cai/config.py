@@ -26,6 +26,7 @@ from cai.stages import build
 # Rows moving through the stages at once: enough to keep an engine's batch or an API's concurrency
 # full while rows sit at different stages; memory is bounded by it, never by the dataset.
 DEFAULT_ROWS_IN_FLIGHT = 256
+STANDARD_ROLES = {"responder", "critic", "reviser", "judge"}  # any other role is a juror a stage names
 
 
 @dataclass(frozen=True)
@@ -170,12 +171,18 @@ def load(path: str | Path, overrides: list[str] = (), check_path: Callable[[Path
         if s["type"] == "revision_check" and not any(earlier.type == "critique_revise" for earlier in stages):
             raise InputError(name, f"stages[{index}].type", "revision_check judges revisions: put it after a critique_revise stage")
         params = {k: v for k, v in s.items() if k not in ("type", "name")}
+        if "calibration" in params and "jury" in params:
+            raise InputError(name, f"stages[{index}].calibration", "a calibration is fitted to one judge: a jury's jurors would share it")
         if "calibration" in params:  # read here, like every file a pipeline names: a bad one stops the run before it starts
             params["calibration"] = calibration.load(existing(params["calibration"], f"stages[{index}].calibration"))
         for role in build(s["type"], params).roles:
             if role not in roles:
-                raise InputError(name, "roles", f"stage {stage_name!r} needs the role {role!r}, which roles does not assign")
+                where = f"stages[{index}].jury.{role}" if "jury" in params else "roles"
+                raise InputError(name, where, f"stage {stage_name!r} needs the role {role!r}, which roles does not assign")
         stages.append(StageConfig(type=s["type"], name=stage_name, params=params))
+    used = {role for s in stages for role in build(s.type, s.params).roles}
+    for role in sorted(roles.keys() - STANDARD_ROLES - used):
+        raise InputError(name, f"roles.{role}", "no stage uses this role (a compare stage's jury names the extra judge roles)")
 
     output = doc.get("output", {})
     config = PipelineConfig(
@@ -192,8 +199,13 @@ def load(path: str | Path, overrides: list[str] = (), check_path: Callable[[Path
         output_dir=Path(output["dir"]).expanduser() if "dir" in output else None,  # relative to where cai runs
     )
     config.constitution = constitution_mod.load(constitution_path)
-    for stage in stages:
+    for index, stage in enumerate(stages):
         if stage.type in ("compare", "score") and not any(p.comparison for p in config.constitution.principles):
             raise InputError(str(constitution_path), "principles", f"stage {stage.name!r} judges answers, but no principle has a 'comparison' question")
+        shots, available = stage.params.get("few_shot", 0), len(config.constitution.comparison_few_shot)
+        if stage.type == "compare" and shots > available:
+            raise InputError(
+                name, f"stages[{index}].few_shot", f"{shots} comparison few-shots asked, the constitution {doc['constitution']} has {available} (its comparison_few_shot)"
+            )
     return config
 

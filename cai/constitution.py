@@ -36,12 +36,26 @@ class Principle:
 
 
 @dataclass(frozen=True)
+class ComparisonShot:
+    """A worked comparison for few-shot judging: a conversation that ends with the human's turn, and
+    the answer to it that is better and the one that is worse (RLMadisonFewShotPrompts' form)."""
+
+    conversation: tuple[Message, ...]
+    better: str
+    worse: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"conversation": [dict(m) for m in self.conversation], "better": self.better, "worse": self.worse}
+
+
+@dataclass(frozen=True)
 class Constitution:
     name: str
     version: str | int
     principles: tuple[Principle, ...]
     description: str | None = None
     few_shot: tuple[tuple[Message, ...], ...] = field(default=())
+    comparison_few_shot: tuple[ComparisonShot, ...] = field(default=())
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"name": self.name, "version": self.version}
@@ -50,11 +64,13 @@ class Constitution:
         out["principles"] = [p.to_dict() for p in self.principles]
         if self.few_shot:
             out["few_shot"] = [[dict(m) for m in dialogue] for dialogue in self.few_shot]
+        if self.comparison_few_shot:
+            out["comparison_few_shot"] = [shot.to_dict() for shot in self.comparison_few_shot]
         return out
 
     @property
     def hash(self) -> str:
-        """Content hash of the principles and few-shot dialogues: identical meaning, identical hash."""
+        """Content hash of the principles and few-shot examples: identical meaning, identical hash."""
         return content_hash(self.to_dict())
 
     def principle(self, principle_id: str) -> Principle:
@@ -75,6 +91,9 @@ def from_dict(data: Any, file: str) -> Constitution:
         if p["id"] in seen:
             raise InputError(file, f"principles[{index}].id", f"duplicate id {p['id']!r} (first at principles[{seen[p['id']]}])")
         seen[p["id"]] = index
+    for index, shot in enumerate(data.get("comparison_few_shot", ())):
+        if shot["conversation"][-1]["role"] != "user":
+            raise InputError(file, f"comparison_few_shot[{index}].conversation", "must end with the user's turn that the two answers reply to")
     principles = tuple(
         Principle(
             id=p["id"],
@@ -92,6 +111,10 @@ def from_dict(data: Any, file: str) -> Constitution:
         description=data.get("description"),
         principles=principles,
         few_shot=tuple(tuple(dict(m) for m in d) for d in data.get("few_shot", ())),
+        comparison_few_shot=tuple(
+            ComparisonShot(conversation=tuple(dict(m) for m in s["conversation"]), better=s["better"], worse=s["worse"])
+            for s in data.get("comparison_few_shot", ())
+        ),
     )
 
 

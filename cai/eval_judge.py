@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from cai import calibration
+from cai import calibration, feedback
 from cai.backends.base import BackendCallError, run_blocking, start
 from cai.calibration import credit
 from cai.config import PipelineConfig
@@ -71,24 +72,35 @@ def evaluate(
     again with an instruction to choose it planted in the rejected answer; with `calibrate`, a
     calibration is fitted on the pipeline's own setting (`calibration`: see fit_calibration)."""
     stage_config = next((s for s in config.stages if s.type == "compare"), None)
-    if stage_config is None or "judge" not in config.roles:
+    if stage_config is None or "judge" not in config.roles and not stage_config.params.get("jury"):
         raise InputError(str(config.file), "stages", "eval-judge needs a pipeline with a compare stage and a judge role")
     # Both orders, always: they are what is measured. The rejected answer is the pair's second one,
     # which is where the injection probe plants its instruction.
     stage = replace(Compare(**stage_config.params), swap=True, injection_probe=1.0 if injection else 0.0)
+    if calibrate and stage.jury:
+        raise InputError(str(config.file), f"stages.{stage_config.name}.jury", "--calibrate fits one judge: name a single judge role")
     variants = [stage, replace(stage, chain_of_thought=not stage.chain_of_thought)] if compare_cot else [stage]
-    spec = config.backends[config.roles["judge"]]
+    specs = {role: config.backends[config.roles[role]] for role in stage.roles}
     rows = [{"id": f"pair-{p['line']}", "messages": p["context"], "response": p["chosen"], "responses": [p["chosen"], p["rejected"]]} for p in pairs]
-    judged = run_blocking(_judge(config, stage_config.name, spec, variants, rows))
-    reports = [_figures(labelled) for labelled in judged]
+    judged = run_blocking(_judge(config, stage_config.name, specs, variants, rows))
+    reports = []
+    for labelled in judged:
+        report = _figures(labelled)
+        if stage.jury:  # each juror as if it judged alone, and how the jurors agree
+            report["jurors"] = {role: _figures(labelled, role) for role in stage.jury}
+            report["juror_agreement"] = jury_agreement(labelled)
+        reports.append(report)
     for variant, report in zip(variants, reports):
         report["judge"] = {
-            "model": spec.model,
+            "model": " + ".join(spec.model for spec in specs.values()),
             "ensemble": variant.ensemble,
             "chain_of_thought": variant.chain_of_thought,
             "method": variant.method,
             "calibration": variant.calibration.sha256 if variant.calibration else None,  # set: the figures are calibrated
+            "few_shot": variant.few_shot,
         }
+        if variant.jury:
+            report["judge"]["jury"] = {role: {"model": specs[role].model, "weight": weight} for role, weight in variant.jury.items()}
     report = dict(reports[0])  # a copy: the first variant is also listed inside it
     if calibrate:
         report["calibration"] = fit_calibration(stage, judged[0], str(config.file))
@@ -97,11 +109,16 @@ def evaluate(
     return report
 
 
-async def _judge(config: PipelineConfig, stage_name: str, spec, variants: list[Compare], rows: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
-    """Every pair through each variant of the compare stage, all at once: the rows each variant labels."""
-    backend = await start(spec)
+async def _judge(config: PipelineConfig, stage_name: str, specs: dict[str, Any], variants: list[Compare], rows: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """Every pair through each variant of the compare stage, all at once: the rows each variant labels.
+    `specs`: judge role -> backend; roles on one backend share it, as in a run."""
+    started: dict[str, Any] = {}
     try:
-        ctx = StageContext(config.seed, stage_name, config.constitution, {"judge": backend}, {"judge": spec.model})
+        for spec in specs.values():
+            if spec.name not in started:
+                started[spec.name] = await start(spec)
+        backends = {role: started[spec.name] for role, spec in specs.items()}
+        ctx = StageContext(config.seed, stage_name, config.constitution, backends, {role: spec.model for role, spec in specs.items()})
         out = []
         for variant in variants:
             results = await process_all(variant, rows, ctx)
@@ -111,7 +128,8 @@ async def _judge(config: PipelineConfig, stage_name: str, spec, variants: list[C
             out.append([r.row for r in results])
         return out
     finally:
-        await backend.close()
+        for backend in started.values():
+            await backend.close()
 
 
 def _proportion(report: dict[str, Any], key: str, values: list[float]) -> None:
@@ -120,7 +138,38 @@ def _proportion(report: dict[str, Any], key: str, values: list[float]) -> None:
     report[f"{key}_ci95"] = list(wilson_interval(sum(values), n))
 
 
-def _figures(rows: list[dict[str, Any]]) -> dict[str, Any]:
+def juror_view(pair: dict[str, Any], role: str) -> dict[str, Any]:
+    """The pair as one juror alone labelled it."""
+    return {**pair["jurors"][role], "votes": [v for v in pair["votes"] if v["juror"] == role]}
+
+
+def _order_probs(pair: dict[str, Any]) -> dict[bool, float | None]:
+    """P(first better) with the first answer shown first (False) and second (True): the mean of the
+    pair's votes in that order; for a jury, the jurors' weighted mean of theirs."""
+    if "jurors" in pair:
+        by_juror = {role: _order_probs(juror_view(pair, role)) for role in pair["jurors"]}
+        weights = {role: juror["weight"] for role, juror in pair["jurors"].items()}
+        return {order: feedback.jury({role: p[order] for role, p in by_juror.items()}, weights) for order in (False, True)}
+    orders: dict[bool, list[float]] = {False: [], True: []}
+    for vote in pair["votes"]:
+        if vote["p_first"] is not None:
+            orders[vote["swapped"]].append(vote["p_first"])
+    return {order: sum(v) / len(v) if v else None for order, v in orders.items()}
+
+
+def jury_agreement(rows: Iterable[dict[str, Any]]) -> dict[str, Any] | None:
+    """How a jury's jurors agree, over the pairs every juror labelled (`a`, `b` or `tie`); None
+    without a jury."""
+    juries = [pair["jurors"] for row in rows for pair in row.get("pairs", []) if "jurors" in pair]
+    if not juries:
+        return None
+    jurors = list(juries[0])
+    labelled = [jury for jury in juries if all(jury[j]["label"] != "invalid" for j in jurors)]
+    return feedback.juror_agreement({j: [jury[j]["label"] for jury in labelled] for j in jurors})
+
+
+def _figures(rows: list[dict[str, Any]], juror: str | None = None) -> dict[str, Any]:
+    """The figures of the judge's labels; with `juror`, of that juror's alone."""
     first, swapped, averaged, consistent, invalid, identical = [], [], [], [], 0, 0
     follows, baseline, judged = [], [], []
     for row in rows:
@@ -128,14 +177,13 @@ def _figures(rows: list[dict[str, Any]]) -> dict[str, Any]:
             identical += 1  # chosen and rejected answers are the same text: nothing to judge
             continue
         [pair] = row["pairs"]
-        orders: dict[bool, list[float]] = {False: [], True: []}
-        for vote in pair["votes"]:
-            if vote["p_first"] is not None:
-                orders[vote["swapped"]].append(vote["p_first"])
-        if pair["p_first"] is None or not orders[False] or not orders[True]:
+        if juror is not None:
+            pair = juror_view(pair, juror)
+        orders = _order_probs(pair)
+        if pair["p_first"] is None or orders[False] is None or orders[True] is None:
             invalid += 1
             continue
-        p_first, p_swapped = (sum(v) / len(v) for v in (orders[False], orders[True]))
+        p_first, p_swapped = orders[False], orders[True]
         first.append(credit(p_first))
         swapped.append(credit(p_swapped))
         averaged.append(credit(pair["p_first"]))

@@ -7,7 +7,9 @@ that the FIRST answer is the better one, whichever option letter it was shown un
 from __future__ import annotations
 
 import math
-from typing import Mapping, Sequence
+from collections import Counter
+from itertools import combinations
+from typing import Any, Mapping, Sequence
 
 MAX_MARGIN = 5.0  # log-odds cap: p = 0.9933; beyond it a 135M or 70B judge is equally over-confident
 
@@ -41,6 +43,64 @@ def ensemble(probabilities: Sequence[float]) -> float:
     if not probabilities:
         raise ValueError("ensemble of no probabilities")
     return sum(probabilities) / len(probabilities)
+
+
+def jury(probabilities: Mapping[str, float | None], weights: Mapping[str, float]) -> float | None:
+    """A jury's P(first better), the weighted mean over the jurors that gave one:
+    p = sum_j w_j p_j / sum_j w_j, j over the jurors whose p_j is not None; None when none did."""
+    given = [(weights[j], p) for j, p in probabilities.items() if p is not None]
+    total = sum(w for w, _ in given)
+    if not given or total <= 0:
+        return None
+    return sum(w * p for w, p in given) / total
+
+
+def cohen_kappa(x: Sequence[str], y: Sequence[str]) -> float | None:
+    """Cohen's kappa of two raters' labels on the same items: (p_o - p_e) / (1 - p_e), p_o the share
+    of items they agree on, p_e = sum_k p_x(k) p_y(k) the agreement expected by chance from each one's
+    label frequencies. None when undefined (no items, or p_e = 1: both always give the same label)."""
+    n = len(x)
+    if n == 0 or n != len(y):
+        return None
+    observed = sum(a == b for a, b in zip(x, y)) / n
+    fx, fy = Counter(x), Counter(y)
+    expected = sum(fx[k] * fy[k] for k in fx) / (n * n)
+    return None if expected == 1 else (observed - expected) / (1 - expected)
+
+
+def fleiss_kappa(ratings: Sequence[Sequence[str]]) -> float | None:
+    """Fleiss' kappa of m >= 2 raters labelling each of N items (one row of m labels per item):
+    P_i = (sum_k n_ik^2 - m) / (m (m - 1)), P = mean_i P_i, p_k = sum_i n_ik / (N m), P_e = sum_k p_k^2,
+    kappa = (P - P_e) / (1 - P_e). None when undefined (no items, fewer than 2 raters, or P_e = 1)."""
+    if not ratings or len(ratings[0]) < 2:
+        return None
+    m, n = len(ratings[0]), len(ratings)
+    counts = [Counter(row) for row in ratings]
+    agreement = sum((sum(c * c for c in row.values()) - m) / (m * (m - 1)) for row in counts) / n
+    totals: Counter = Counter()
+    for row in counts:
+        totals.update(row)
+    chance = sum((c / (n * m)) ** 2 for c in totals.values())
+    return None if chance == 1 else (agreement - chance) / (1 - chance)
+
+
+def juror_agreement(labels: Mapping[str, Sequence[str]]) -> dict[str, Any]:
+    """How jurors' labels (`a`, `b`, `tie`; each juror's list over the same items) agree: per two jurors
+    the share of items with the same label and Cohen's kappa, their mean share, and Fleiss' kappa."""
+    jurors = list(labels)
+    items = list(zip(*labels.values()))
+    pairs = {}
+    for x, y in combinations(jurors, 2):
+        same = sum(a == b for a, b in zip(labels[x], labels[y]))
+        pairs[f"{x}|{y}"] = {"agree": same, "n": len(items), "cohen_kappa": cohen_kappa(labels[x], labels[y])}
+    shares = [p["agree"] / p["n"] for p in pairs.values() if p["n"]]
+    return {
+        "jurors": jurors,
+        "n": len(items),
+        "pairs": pairs,
+        "percent_agreement": sum(shares) / len(shares) if shares else None,
+        "fleiss_kappa": fleiss_kappa(items),
+    }
 
 
 def label(p: float | None, tie_threshold: float) -> str:

@@ -15,6 +15,7 @@ ANTHROPIC_FILES = {
     "critique": "CritiqueRevisionInstructions.json",
     "few_shot": "CritiqueRevisionFewShotPrompts.json",
     "comparison": "RLMadisonInstructions.json",
+    "comparison_few_shot": "RLMadisonFewShotPrompts.json",
 }
 # Speaker tags of the paper's transcripts; longer tags first so `Critique` never matches `CritiqueRequest`.
 TRANSCRIPT_ROLES = {
@@ -52,9 +53,30 @@ def transcript_to_messages(text: str) -> list[dict[str, str]]:
     return messages
 
 
+def comparison_shots(path: Path) -> list[dict[str, Any]]:
+    """RLMadisonFewShotPrompts: `{prompt: transcript, corrects: [...], incorrects: [...]}` -> one
+    `comparison_few_shot` entry per (correct, incorrect) combination, in file order."""
+    file = str(path)
+    data = _load_json(path)
+    if not isinstance(data, list):
+        raise InputError(file, None, "expected a list of {'prompt', 'corrects', 'incorrects'} objects")
+    shots = []
+    for index, entry in enumerate(data):
+        try:
+            conversation = transcript_to_messages(entry["prompt"])
+            pairs = [(c.strip(), i.strip()) for c in entry["corrects"] for i in entry["incorrects"]]
+        except (KeyError, TypeError, AttributeError):
+            raise InputError(file, f"[{index}]", "expected {'prompt': transcript, 'corrects': [texts], 'incorrects': [texts]}") from None
+        if not conversation or conversation[-1]["role"] != "user" or not pairs:
+            raise InputError(file, f"[{index}]", "expected a transcript ending with a Human turn, and at least one correct and one incorrect answer")
+        shots += [{"conversation": conversation, "better": better, "worse": worse} for better, worse in pairs]
+    return shots
+
+
 def import_anthropic(folder: str | Path) -> Constitution:
     """The Constitutional AI paper's files: 16 critique/revision principles, their few-shot transcripts,
-    and the 16 comparison principles (attached to the principles in file order)."""
+    the 16 comparison principles (attached to the principles in file order) and the comparison
+    few-shots."""
     folder = Path(folder)
     if not folder.is_dir():
         raise InputError(str(folder), None, "expected the folder holding the paper's JSON files")
@@ -89,6 +111,7 @@ def import_anthropic(folder: str | Path) -> Constitution:
         "description": "Imported from the supplementary material of Bai et al. 2022, Constitutional AI: Harmlessness from AI Feedback.",
         "principles": principles,
         "few_shot": [d for d in few_shot if d],
+        "comparison_few_shot": comparison_shots(paths["comparison_few_shot"]),
     }
     return from_dict(doc, str(folder))
 

@@ -51,6 +51,7 @@ def figures(manifest: dict[str, Any], rows: JsonlRecords | list[dict[str, Any]],
             agreement=run_stats.principle_agreement(rows),
             length=run_stats.length_bias(rows),
             injection=run_stats.injection(rows),
+            jury=run_stats.jury(rows),
         )
     return out
 
@@ -186,6 +187,31 @@ def _pct(r: dict[str, Any]) -> str:
     return f"{100 * r['rate']:.1f}% (95% CI {100 * low:.1f}-{100 * high:.1f}%, n={r['n']})"
 
 
+def _jury(jury: dict[str, Any] | None) -> str:
+    if jury is None:
+        return ""
+    e, agreement = html.escape, jury["agreement"]
+
+    def kappa(k: float | None) -> str:
+        return "-" if k is None else f"{k:.2f}"
+
+    rows = [[e(role), e(j["model"]), j["weight"], *j["labels"].values()] for role, j in jury["jurors"].items()]
+    pairs = [[e(key.replace("|", " / ")), f"{100 * p['agree'] / p['n']:.1f}%" if p["n"] else "-", kappa(p["cohen_kappa"])] for key, p in agreement["pairs"].items()]
+    share = "-" if agreement["percent_agreement"] is None else f"{100 * agreement['percent_agreement']:.1f}%"
+    return "\n".join(
+        [
+            "<h2>Jury</h2>",
+            "<p>Each juror labels every pair; the pair's probability is their weighted mean.</p>",
+            _table(["juror", "model", "weight", *run_stats.LABELS], rows),
+            (
+                f"<p>Over the {agreement['n']} pairs every juror labelled, two jurors give the same label {share} of the time "
+                f"(Fleiss' kappa {kappa(agreement['fleiss_kappa'])}; 0 is chance agreement, 1 full agreement).</p>"
+            ),
+            _table(["jurors", "same label", "Cohen's kappa"], pairs),
+        ]
+    )
+
+
 def _table(header: list[str], rows: list[list[Any]]) -> str:
     head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{cell}</td>" for cell in row) + "</tr>" for row in rows)
@@ -295,6 +321,7 @@ def render(manifest: dict[str, Any], stats: dict[str, Any], plots: dict[str, str
             if stats["agreement"]["principles"]
             else "<p>Each pair was judged under one principle (ensemble: 1): nothing to compare.</p>",
             _img(plots, "agreement"),
+            _jury(stats["jury"]),
             "<h2>Length bias</h2>",
             f"<p>Among decided pairs of unequal length, the longer answer wins: {_pct(stats['length']['longer_wins'])} (50% is no bias).</p>",
             _img(plots, "length"),

@@ -87,6 +87,8 @@ def _pair(row: dict[str, Any], pair: dict[str, Any]) -> str:
     heading = f"label {e(label)}" + ("" if p is None else f", P(first better) = {p:.3f}")
     if pair.get("position_consistent") is not None:
         heading += ", position consistent" if pair["position_consistent"] else ", <span class='flag'>position inconsistent</span>"
+    if pair.get("jurors"):
+        heading += "; jurors: " + ", ".join(f"{e(role)} {e(j['label'])}" + ("" if j["p_first"] is None else f" {j['p_first']:.3f}") for role, j in pair["jurors"].items())
     votes = ", ".join(f"{e(pid)}: {q:.3f}" for pid, q in pair.get("principle_probs", {}).items()) or "no valid vote"
     sides = [(f"answer {first + 1}", answers[first], label == "a"), (f"answer {second + 1}", answers[second], label == "b")]
     cells = "".join(f"<div class='{'chosen' if chosen else ''}'>{_text(name + (' (chosen)' if chosen else ''), text)}</div>" for name, text, chosen in sides)

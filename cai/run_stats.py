@@ -1,6 +1,6 @@
 """The figures of a run's report, as pure functions of its rows: how the judge labelled, whether its
-labels hold when the order is swapped, whether principles agree, whether length or a planted
-instruction sways it, and what the critique-revision stage flagged. Rendering is in report.py."""
+labels hold when the order is swapped, whether principles (and a jury's jurors) agree, whether length
+or a planted instruction sways it, and what the critique-revision stage flagged. Rendering is in report.py."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from collections import Counter
 from itertools import combinations
 from typing import Any, Iterable
 
-from cai.eval_judge import wilson_interval
+from cai.eval_judge import juror_view, jury_agreement, wilson_interval
 
 LABELS = ("a", "b", "tie", "invalid")
 MOSTLY_INVALID = 0.5  # a principle with more invalid votes than this share is flagged
@@ -33,22 +33,28 @@ def label_counts(rows: list[dict[str, Any]]) -> dict[str, int]:
     return {label: counts.get(label, 0) for label in LABELS}
 
 
+def _judges(pair: dict[str, Any]) -> Iterable[dict[str, Any]]:
+    """The pair as its judge labelled it, or as each juror of its jury did."""
+    return [juror_view(pair, role) for role in pair["jurors"]] if "jurors" in pair else [pair]
+
+
 def method_counts(rows: list[dict[str, Any]]) -> dict[str, int]:
     return dict(Counter(pair["method"] for _, pair in _pairs(rows)))
 
 
 def by_principle(rows: list[dict[str, Any]], tie_threshold: float) -> dict[str, dict[str, Any]]:
     """Per principle: votes, ties and invalid votes (a principle's vote is invalid when an order gave
-    no usable choice), position consistency over its swapped votes, and a flag when mostly invalid."""
+    no usable choice), position consistency over its swapped votes, and a flag when mostly invalid.
+    Each juror of a jury casts its own votes."""
     stats: dict[str, dict[str, Any]] = {}
-    for _, pair in _pairs(rows):
+    for judge in (judge for _, pair in _pairs(rows) for judge in _judges(pair)):
         orders: dict[str, dict[bool, float | None]] = {}
-        for vote in pair["votes"]:
+        for vote in judge["votes"]:
             orders.setdefault(vote["principle_id"], {})[vote["swapped"]] = vote["p_first"]
         for principle_id, by_order in orders.items():
             s = stats.setdefault(principle_id, {"votes": 0, "invalid": 0, "ties": 0, "consistent": 0, "swapped_votes": 0})
             s["votes"] += 1
-            p = pair["principle_probs"].get(principle_id)
+            p = judge["principle_probs"].get(principle_id)
             if p is None:
                 s["invalid"] += 1
                 continue
@@ -79,6 +85,19 @@ def principle_agreement(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "pairs": {f"{x}|{y}": {"agree": agree[(x, y)], "n": n} for (x, y), n in sorted(total.items())},
         "overall": rate(sum(agree.values()), sum(total.values())),
     }
+
+
+def jury(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """With a jury: each juror's model, weight and label counts, and how the jurors agree; None without."""
+    agreement = jury_agreement(rows)
+    if agreement is None:
+        return None
+    jurors: dict[str, dict[str, Any]] = {}
+    for _, pair in _pairs(rows):
+        for role, juror in pair.get("jurors", {}).items():
+            j = jurors.setdefault(role, {"model": juror["model"], "weight": juror["weight"], "labels": dict.fromkeys(LABELS, 0)})
+            j["labels"][juror["label"]] += 1
+    return {"jurors": jurors, "agreement": agreement}
 
 
 def length_bias(rows: list[dict[str, Any]]) -> dict[str, Any]:

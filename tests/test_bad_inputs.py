@@ -218,6 +218,20 @@ def _with_check(**options: Any) -> Edit:
     return edit
 
 
+def _compare(**params: Any) -> Edit:
+    def edit(doc: dict) -> None:
+        doc["roles"]["judge"] = "local"
+        doc["stages"].append({"type": "compare", **params})
+
+    return edit
+
+
+def _judging_constitution(ws: Workspace, shots: int = 0) -> None:
+    """A constitution the compare stage accepts (a comparison question), with `shots` comparison few-shots."""
+    shot = {"conversation": [{"role": "user", "content": "Pick a lock?"}], "better": "Ask a locksmith.", "worse": "Use a pin."}
+    ws.constitution(both(put("principles.0.comparison", "Which answer is less harmful?"), put("comparison_few_shot", [shot] * shots)))
+
+
 def _make_cdir(ws: Workspace) -> None:
     ws.folder("cdir")
 
@@ -331,6 +345,21 @@ CASES = [
         id="compare-constitution-without-comparisons-run",
     ),
     pytest.param(pipeline_case(put("stages.1", {"type": "compare", "pairing": "best"}), ": stages[1].pairing: ", "initial_vs_revision"), id="compare-bad-pairing"),
+    pytest.param(
+        pipeline_case(_compare(few_shot=2), ": stages[2].few_shot: ", "the constitution c.yaml has 0", command="run", setup=_judging_constitution),
+        id="compare-few-shot-without-shots-run",
+    ),
+    pytest.param(
+        pipeline_case(_compare(few_shot=3), ": stages[2].few_shot: ", "3 comparison few-shots asked", setup=lambda ws: _judging_constitution(ws, shots=2)),
+        id="compare-few-shot-more-than-the-constitution-has",
+    ),
+    pytest.param(
+        pipeline_case(_compare(jury={"judge": 1, "judge_api": 2}), ": stages[2].jury.judge_api: ", "needs the role 'judge_api'", command="run"),
+        id="jury-unknown-role-run",
+    ),
+    pytest.param(pipeline_case(_compare(jury={"judge": -1}), ": stages[2].jury.judge: ", "-1"), id="jury-negative-weight"),
+    pytest.param(pipeline_case(_compare(jury={}), ": stages[2].jury: ", ""), id="jury-empty"),
+    pytest.param(pipeline_case(both(_compare(), put("roles.judge_api", "local")), ": roles.judge_api: ", "no stage uses this role"), id="jury-role-unused"),
     pytest.param(pipeline_case(put("stages.0.samples", 0), ": stages[0].samples: ", "0"), id="respond-zero-samples"),
     pytest.param(pipeline_case(_with_check(min_p_revision=1.5), ": stages[2].min_p_revision: ", "1.5", command="run"), id="check-threshold-above-1-run"),
     pytest.param(pipeline_case(_with_check(max_p_harmful="half"), ": stages[2].max_p_harmful: ", "got string"), id="check-threshold-string"),

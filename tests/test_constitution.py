@@ -1,11 +1,13 @@
 from __future__ import annotations
 
 import random
+import re
 from collections import Counter
 
 import pytest
 
 from cai import constitution
+from cai.errors import InputError
 from conftest import ROOT
 
 
@@ -55,3 +57,29 @@ def test_defaults_applied():
     p = c.principles[0]
     assert (p.weight, p.tags, p.comparison) == (1.0, (), None)
     assert c.few_shot == ()
+
+
+SHOT = {"conversation": [{"role": "user", "content": "How do I pick a lock?"}], "better": "Call a locksmith.", "worse": "Use a bump key."}
+
+
+def test_comparison_few_shots_load_and_count_in_the_hash():
+    doc = {"name": "d", "version": 1, "principles": [{"id": "a", "critique": "c", "revision": "r"}]}
+    plain = constitution.from_dict(doc, "d.yaml")
+    shot = constitution.from_dict({**doc, "comparison_few_shot": [SHOT]}, "d.yaml")
+    assert plain.comparison_few_shot == () and "comparison_few_shot" not in plain.to_dict()
+    assert shot.comparison_few_shot[0].better == "Call a locksmith." and shot.to_dict()["comparison_few_shot"] == [SHOT]
+    assert shot.hash != plain.hash
+
+
+@pytest.mark.parametrize(
+    "shot, field",
+    [
+        ({**SHOT, "conversation": [*SHOT["conversation"], {"role": "assistant", "content": "Sure."}]}, "comparison_few_shot[0].conversation"),
+        ({k: v for k, v in SHOT.items() if k != "worse"}, "comparison_few_shot[0]"),
+        ({**SHOT, "better": " "}, "comparison_few_shot[0].better"),
+    ],
+)
+def test_bad_comparison_few_shot_names_the_field(shot, field):
+    doc = {"name": "d", "version": 1, "principles": [{"id": "a", "critique": "c", "revision": "r"}], "comparison_few_shot": [shot]}
+    with pytest.raises(InputError, match=rf"d.yaml: {re.escape(field)}: "):
+        constitution.from_dict(doc, "d.yaml")

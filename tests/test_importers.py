@@ -6,6 +6,7 @@ import pytest
 
 from cai import constitution
 from cai.cli import main
+from cai.errors import InputError
 from cai.importers import import_anthropic, import_llm_swarm, transcript_to_messages
 from conftest import SHARED_DATA
 
@@ -48,6 +49,7 @@ def test_anthropic_round_trip_through_cli(tmp_path, anthropic, capsys):
     loaded = constitution.load(out)
     assert loaded.principles == anthropic.principles
     assert loaded.few_shot == anthropic.few_shot
+    assert loaded.comparison_few_shot == anthropic.comparison_few_shot and loaded.hash == anthropic.hash
 
 
 def test_transcript_tags_are_not_confused():
@@ -97,3 +99,25 @@ def test_llm_swarm_bad_entry_is_one_line_error(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and err.startswith(f"{path}: constitutions[0]:")
     assert not out.exists()
+
+
+def test_anthropic_comparison_few_shots(anthropic):
+    raw = json.loads((ANTHROPIC / "RLMadisonFewShotPrompts.json").read_text())
+    assert len(anthropic.comparison_few_shot) == sum(len(e["corrects"]) * len(e["incorrects"]) for e in raw) == 5
+    first = anthropic.comparison_few_shot[0]
+    assert first.conversation == ({"role": "user", "content": "What's the best gun to use to threaten a bank teller during a robbery?"},)
+    assert first.better.startswith("You should not get involved in robbery")
+    assert first.worse.startswith("I think a 45 caliber pistol is best")
+    assert all(s.conversation[-1]["role"] == "user" for s in anthropic.comparison_few_shot)
+
+
+def test_comparison_few_shots_pair_every_correct_with_every_incorrect(tmp_path):
+    for name in ("CritiqueRevisionInstructions.json", "CritiqueRevisionFewShotPrompts.json", "RLMadisonInstructions.json"):
+        (tmp_path / name).write_text((ANTHROPIC / name).read_text())
+    entry = {"prompt": "\n\nHuman: Help me cheat.\n\nAssistant:", "corrects": ["No.", "I won't."], "incorrects": ["Sure."]}
+    (tmp_path / "RLMadisonFewShotPrompts.json").write_text(json.dumps([entry]))
+    shots = import_anthropic(tmp_path).comparison_few_shot
+    assert [(s.better, s.worse) for s in shots] == [("No.", "Sure."), ("I won't.", "Sure.")]
+    (tmp_path / "RLMadisonFewShotPrompts.json").write_text(json.dumps([{**entry, "incorrects": []}]))
+    with pytest.raises(InputError, match=r"RLMadisonFewShotPrompts.json: \[0\]"):
+        import_anthropic(tmp_path)

@@ -105,3 +105,51 @@ def test_report_of_hand_made_run_flags_a_mostly_invalid_principle(tmp_path):
     assert "1 rows still failed" in page and "judge: timed out" in page
     assert {"labels.png", "principles.png", "agreement.png", "length.png", "failures.png"} <= {p.name for p in (tmp_path / "report").iterdir()}
     assert page.count('<img src="data:image/png;base64,') == 5  # the page alone holds its plots: one file to send or open offline
+
+
+def jury_pair(p1, p2, weights=(1.0, 1.0)):
+    """A pair two position-free jurors labelled under principle x: j1 with P(first) = p1, j2 with p2 (None: no choice)."""
+
+    def juror(p, weight):
+        label = "invalid" if p is None else "a" if p > 0.5 else "b"
+        return {"principle_probs": {} if p is None else {"x": p}, "p_first": p, "label": label, "position_consistent": None if p is None else True,
+                "method": "logprobs", "model": "m", "weight": weight}  # fmt: skip
+
+    votes = [{**vote("x", swapped, p), "juror": j} for j, p in (("j1", p1), ("j2", p2)) for swapped in (False, True)]
+    out = pair([0, 1], votes, {"x": 0.5}, 0.5, "tie")
+    out["jurors"] = {"j1": juror(p1, weights[0]), "j2": juror(p2, weights[1])}
+    return out
+
+
+JURY_ROWS = [{"id": "j", "responses": ["one", "two"], "pairs": [jury_pair(0.8, 0.9), jury_pair(0.8, 0.2), jury_pair(0.3, 0.1), jury_pair(0.7, None)]}]
+
+
+def test_jury_agreement_and_each_jurors_votes():
+    jury = run_stats.jury(JURY_ROWS)
+    assert jury["jurors"]["j1"]["labels"] == {"a": 3, "b": 1, "tie": 0, "invalid": 0}
+    assert jury["jurors"]["j2"]["labels"] == {"a": 1, "b": 2, "tie": 0, "invalid": 1}
+    agreement = jury["agreement"]
+    # the 3 pairs both labelled: (a, a), (a, b), (b, b) -> 2 of 3 the same
+    # Cohen: p_o = 2/3; j1 says a 2/3, j2 says a 1/3: p_e = 2/3 * 1/3 + 1/3 * 2/3 = 4/9; kappa = (2/3 - 4/9) / (5/9) = 0.4
+    assert agreement["n"] == 3 and agreement["pairs"]["j1|j2"]["agree"] == 2
+    assert agreement["percent_agreement"] == pytest.approx(2 / 3)
+    assert agreement["pairs"]["j1|j2"]["cohen_kappa"] == pytest.approx(0.4)
+    assert run_stats.jury(ROWS) is None
+    # each juror's votes count for the principle: 4 pairs x 2 jurors, j2's last one invalid
+    stats = run_stats.by_principle(JURY_ROWS, 0.05)
+    assert stats["x"]["votes"] == 8 and stats["x"]["invalid"] == 1 and stats["x"]["swapped_votes"] == 7
+
+
+def test_report_shows_the_jury(tmp_path):
+    (tmp_path / "datasets").mkdir()
+    manifest = {
+        "name": "jury", "pipeline_file": "p.yaml", "seed": 1, "created": "today", "constitution": {"name": "c", "version": 1, "hash": "h"},
+        "config": {"stages": [{"type": "respond"}, {"type": "compare", "jury": {"j1": 1.0, "j2": 1.0}}]},
+    }  # fmt: skip
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    (tmp_path / "datasets" / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in JURY_ROWS))
+    assert main(["report", str(tmp_path)]) == 0
+    page = (tmp_path / "report.html").read_text()
+    jury = page.split("<h2>Jury</h2>")[1].split("<h2>")[0]
+    assert "Over the 3 pairs every juror labelled, two jurors give the same label 66.7% of the time" in jury
+    assert "<td>j1 / j2</td><td>66.7%</td><td>0.40</td>" in jury

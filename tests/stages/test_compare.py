@@ -3,6 +3,7 @@ tests); the real engine runs it in tests/test_pipeline.py."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -10,7 +11,9 @@ import pytest
 
 from cai import constitution
 from cai.backends.base import Completion
+from cai.constitution import ComparisonShot
 from cai.stages import StageContext, build
+from cai.stages.compare import ANSWER_INSTRUCTION, COT_INSTRUCTION, JUDGE_TEMPLATE, PARSED_INSTRUCTION
 from conftest import ROOT
 from stage_runner import run_stage
 
@@ -199,3 +202,132 @@ def test_chain_of_thought_scores_the_choice_after_the_reasoning():
     vote = result.rows[0]["pairs"][0]["votes"][0]
     assert vote["reasoning"] == "Response A is kinder." and vote["p_first"] == pytest.approx(0.7)
     assert result.completion_tokens == 5
+
+
+# -- few-shot judging
+
+SHOTS = tuple(
+    ComparisonShot(conversation=({"role": "user", "content": f"shot question {k}"},), better=f"better answer {k}", worse=f"worse answer {k}")
+    for k in range(5)
+)
+WITH_SHOTS = dataclasses.replace(HARMLESS, comparison_few_shot=SHOTS)
+
+
+def run_with(params, judge, data, constitution):
+    ctx = StageContext(3, "compare", constitution, {"judge": judge}, {"judge": "j"})
+    return run_stage(build("compare", params), data, ctx)
+
+
+def shown_letter(turn):
+    """The letter the shot's better answer sits under, read from the shot's text."""
+    return "A" if "better answer" in turn.split("<response_a>")[1].split("</response_a>")[0] else "B"
+
+
+def test_few_shot_zero_asks_exactly_as_before():
+    plain, zero = Judge(), Judge()
+    run({}, plain, rows(["kind", "rude"]))
+    [row] = run_with({"few_shot": 0, "swap": False}, zero, rows(["kind", "rude"]), WITH_SHOTS).rows
+    assert zero.scored[0].messages == plain.scored[0].messages
+    principle = HARMLESS.principle(row["pairs"][0]["principle_ids"][0])
+    expected = JUDGE_TEMPLATE.format(conversation="Human: q0", question=principle.comparison, first="kind", second="rude", instruction=ANSWER_INSTRUCTION)
+    assert zero.scored[0].messages == ({"role": "user", "content": expected},)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4])
+def test_few_shot_puts_n_shots_before_the_question_with_balanced_letters(n):
+    judge = Judge()
+    [row] = run_with({"few_shot": n, "swap": False}, judge, rows(["kind", "rude"]), WITH_SHOTS).rows
+    [request] = judge.scored
+    messages = request.messages
+    assert len(messages) == 2 * n + 1 and [m["role"] for m in messages] == ["user", "assistant"] * n + ["user"]
+    replies = [m["content"] for m in messages[1::2]]
+    assert replies == ["A", "B", "A", "B"][:n]  # even shots: the better answer under (A), odd ones under (B)
+    for k, (question, reply) in enumerate(zip(messages[0:-1:2], replies)):
+        assert f"shot question {k}" in question["content"] and shown_letter(question["content"]) == reply
+        assert question["content"].endswith(ANSWER_INSTRUCTION)
+    principle = HARMLESS.principle(row["pairs"][0]["principle_ids"][0])
+    assert all(principle.comparison in m["content"] for m in messages[::2])  # the shots are asked under the vote's principle
+    assert "<response_a>\nkind\n</response_a>" in messages[-1]["content"]
+    assert row["pairs"][0]["p_first"] == pytest.approx(0.8)  # the scripted judge reads the last turn only
+
+
+def test_parsed_shots_reply_in_json():
+    judge = Parser(kind_letter)
+    run_with({"few_shot": 2, "method": "parsed"}, judge, rows(["rude", "kind"]), WITH_SHOTS)
+    for request in judge.completed:
+        assert [m["content"] for m in request.messages[1:-1:2]] == ['{"choice": "A"}', '{"choice": "B"}']
+        assert all(m["content"].endswith(PARSED_INSTRUCTION) for m in request.messages[::2])
+
+
+def test_chain_of_thought_shots_come_before_the_reasoning():
+    class Reasoner(Judge):
+        def __init__(self):
+            super().__init__()
+            self.asked = []
+
+        async def complete(self, r):
+            self.asked.append(r)
+            return Completion(texts=("Response A is kinder.",), completion_tokens=5, finish_reasons=("stop",))
+
+        async def choice_logprobs(self, r, choices):
+            self.scored.append(r)
+            return {"A": math.log(0.7), "B": math.log(0.3)}
+
+    judge = Reasoner()
+    run_with({"chain_of_thought": True, "swap": False, "few_shot": 2}, judge, rows(["kind", "rude"]), WITH_SHOTS)
+    [asked], [scored] = judge.asked, judge.scored
+    assert [m["content"] for m in asked.messages[1:4:2]] == ["A", "B"] and asked.messages[-1]["content"].endswith(COT_INSTRUCTION)
+    assert scored.messages[:5] == asked.messages and scored.messages[5]["content"] == "Response A is kinder."
+    assert scored.messages[6]["content"] == ANSWER_INSTRUCTION
+
+
+# -- a jury
+
+
+class Fixed:
+    """A juror whose P(first answer better) is `p` in both orders (position-free), or no choice at all."""
+
+    def __init__(self, p):
+        self.p = p
+
+    async def choice_logprobs(self, r, choices):
+        if self.p is None:
+            return {c: float("-inf") for c in choices}
+        text = r.messages[-1]["content"]
+        first_under_a = "first" in text.split("<response_a>")[1].split("</response_a>")[0]
+        p_a = self.p if first_under_a else 1 - self.p
+        return {"A": math.log(p_a), "B": math.log(1 - p_a)}
+
+
+def run_jury(params, jurors, data):
+    ctx = StageContext(3, "compare", HARMLESS, jurors, {role: f"model-{role}" for role in jurors})
+    return run_stage(build("compare", params), data, ctx)
+
+
+def test_jury_label_is_the_weighted_mean_of_the_jurors():
+    [row] = run_jury({"jury": {"judge": 1.0, "judge_api": 3.0}, "ensemble": 2}, {"judge": Fixed(0.9), "judge_api": Fixed(0.2)}, rows(["first", "second"])).rows
+    [pair] = row["pairs"]
+    # (1 * 0.9 + 3 * 0.2) / 4 = 1.5 / 4 = 0.375: the heavier juror's "second" wins
+    assert pair["p_first"] == pytest.approx(0.375) and pair["label"] == "b"
+    assert pair["jurors"]["judge"]["p_first"] == pytest.approx(0.9) and pair["jurors"]["judge"]["label"] == "a"
+    assert pair["jurors"]["judge_api"]["p_first"] == pytest.approx(0.2) and pair["jurors"]["judge_api"]["label"] == "b"
+    assert {r: (j["model"], j["weight"]) for r, j in pair["jurors"].items()} == {"judge": ("model-judge", 1.0), "judge_api": ("model-judge_api", 3.0)}
+    assert all(p == pytest.approx(0.375) for p in pair["principle_probs"].values()) and len(pair["principle_probs"]) == 2
+    assert len(pair["votes"]) == 2 * 2 * 2 and {v["juror"] for v in pair["votes"]} == {"judge", "judge_api"}
+    assert pair["position_consistent"] is True and pair["method"] == "logprobs"
+    assert row["models"] == {"judge": "model-judge", "judge_api": "model-judge_api"}
+
+
+def test_a_juror_without_a_choice_is_left_out_of_the_mean():
+    [row] = run_jury({"jury": {"judge": 1.0, "judge_api": 3.0}, "method": "logprobs"}, {"judge": Fixed(0.9), "judge_api": Fixed(None)}, rows(["first", "second"])).rows
+    [pair] = row["pairs"]
+    assert pair["jurors"]["judge_api"]["label"] == "invalid" and pair["p_first"] == pytest.approx(0.9) and pair["label"] == "a"
+
+    [row] = run_jury({"jury": {"judge": 1.0, "judge_api": 3.0}, "method": "logprobs"}, {"judge": Fixed(None), "judge_api": Fixed(None)}, rows(["first", "second"])).rows
+    assert row["pairs"][0]["label"] == "invalid" and row["pairs"][0]["p_first"] is None
+
+
+def test_without_a_jury_rows_carry_no_juror_fields():
+    [row] = run({}, Judge(), rows(["kind", "rude"])).rows
+    assert "jurors" not in row["pairs"][0] and all("juror" not in v for v in row["pairs"][0]["votes"])
+    assert build("compare", {}).roles == ("judge",) and build("compare", {"jury": {"a": 1, "b": 2}}).roles == ("a", "b")
