@@ -23,6 +23,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from cai import chain, config, pipeline, report
 
@@ -128,7 +135,7 @@ def cmd_eval_judge(args: argparse.Namespace) -> int:
 
     cfg = config.load(args.pipeline, args.set)
     _say_where_keys_go(cfg, "eval-judge")
-    pairs = eval_judge.load_pairs(args.pairs, args.limit)
+    pairs = eval_judge.load_pairs(args.pairs, args.limit, args.skip)
     report = eval_judge.evaluate(cfg, pairs, compare_cot=args.compare_cot, injection=args.injection, calibrate=bool(args.calibrate))
     if args.calibrate:
         eval_judge.write_calibration(report, Path(args.calibrate), cfg, args.pairs)
@@ -232,6 +239,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     elif args.kind == "hir":
         print(f"per iteration: {cfg.output_dir / 'hir.jsonl'}, relabeled samples and training in {cfg.output_dir}/iteration-N; "
               f"prompt the model with {final / 'hir.json'}'s instruction")  # fmt: skip
+    elif args.kind == "judge":
+        print(f"held-out accuracy and position consistency before and after: {final / 'judge.json'}; name {final} as a pipeline's judge model")
     elif args.kind == "distill":
         print(f"teacher answers: {cfg.output_dir / 'teacher'}, held-out KL to the teacher before and after: {cfg.output_dir / 'distill.json'}")
     else:
@@ -329,6 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("pairs", help="JSONL of {'chosen', 'rejected'} transcripts")
     p.add_argument("--pipeline", required=True, help="pipeline whose judge role and compare stage are measured")
     p.add_argument("--limit", type=_positive_int, help="use only the first N pairs")
+    p.add_argument("--skip", type=_non_negative_int, default=0, metavar="N", help="pass over the first N pairs (with --limit: pairs N+1 to N+limit)")
     p.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a pipeline field")
     p.add_argument("--json", help="also write the figures to this JSON file")
     p.add_argument("--compare-cot", action="store_true", help="also measure with chain-of-thought switched the other way")

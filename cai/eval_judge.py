@@ -28,11 +28,14 @@ from cai.stages.compare import Compare
 from cai.store import write_atomic
 
 
-def load_pairs(path: str | Path, limit: int | None = None) -> list[dict[str, Any]]:
-    """`{"chosen", "rejected"}` transcripts -> the shared context and the two final assistant answers."""
+def load_pairs(path: str | Path, limit: int | None = None, skip: int = 0) -> list[dict[str, Any]]:
+    """`{"chosen", "rejected"}` transcripts -> the shared context and the two final assistant answers;
+    the first `skip` records are passed over unchecked (pairs 801-1000: skip 800, limit 200)."""
     file = str(path)
     pairs = []
-    for lineno, obj in jsonl_records(file, read_text(path)):
+    for index, (lineno, obj) in enumerate(jsonl_records(file, read_text(path))):
+        if index < skip:
+            continue
         if not isinstance(obj, dict) or not all(isinstance(obj.get(k), str) for k in ("chosen", "rejected")):
             raise InputError(file, None, "expected an object with 'chosen' and 'rejected' transcripts", line=lineno)
         chosen, rejected = _turns(obj["chosen"]), _turns(obj["rejected"])
@@ -43,7 +46,7 @@ def load_pairs(path: str | Path, limit: int | None = None) -> list[dict[str, Any
         if limit is not None and len(pairs) == limit:
             break
     if not pairs:
-        raise InputError(file, None, "no pairs in file")
+        raise InputError(file, None, f"no pairs after the {skip} skipped" if skip else "no pairs in file")
     return pairs
 
 

@@ -42,6 +42,12 @@ def engine_args(options: dict[str, Any]) -> dict[str, Any]:
     return args
 
 
+def prompt_ids(tokenizer, messages) -> list[int]:
+    """A chat request's prompt tokens as the engine gets them: the model's chat template with the
+    assistant's turn opened. `cai train judge` trains on exactly these tokens."""
+    return tokenizer.apply_chat_template([dict(m) for m in messages], add_generation_prompt=True, tokenize=True, return_dict=False)
+
+
 def shutdown(llm) -> None:
     """Stop an offline engine's (`vllm.LLM`, used by training rollouts) core process now, not whenever
     the garbage collector gets to it."""
@@ -73,9 +79,7 @@ class LocalVLLM:
 
     def _prompt_ids(self, request: ChatRequest) -> list[int]:
         # The chat template is applied once, here, and its tokens handed to the engine.
-        return self.tokenizer.apply_chat_template(
-            [dict(m) for m in request.messages], add_generation_prompt=True, tokenize=True, return_dict=False
-        )
+        return prompt_ids(self.tokenizer, request.messages)
 
     async def _generate(self, prompt_ids: list[int], params):
         """The engine's final output for one prompt."""

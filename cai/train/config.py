@@ -23,9 +23,10 @@ from cai.models import EMBEDDED, looks_like_path
 RECIPES = {"sft": "cai.train.sft", "rm": "cai.train.reward", "dpo": "cai.train.dpo", "ppo": "cai.train.ppo", "rejection": "cai.train.rejection",
            "rest": "cai.train.rest", "grpo": "cai.train.grpo", "rloo": "cai.train.grpo", "nash-md": "cai.train.nash_md",
            "hir": "cai.train.hir",
-           "distill": "cai.train.distill"}  # fmt: skip
+           "distill": "cai.train.distill",
+           "judge": "cai.train.judge"}  # fmt: skip
 KINDS = tuple(RECIPES)
-DEFAULT_LR = {"sft": 2e-5, "rm": 1e-5, "dpo": 1e-6, "ppo": 1e-6, "rejection": 2e-5, "rest": 2e-5, "grpo": 1e-6, "rloo": 1e-6, "nash-md": 1e-6, "hir": 2e-5, "distill": 2e-5}
+DEFAULT_LR = {"sft": 2e-5, "rm": 1e-5, "dpo": 1e-6, "ppo": 1e-6, "rejection": 2e-5, "rest": 2e-5, "grpo": 1e-6, "rloo": 1e-6, "nash-md": 1e-6, "hir": 2e-5, "distill": 2e-5, "judge": 1e-5}
 # Keys that change neither the weights nor the data order: a resumed run may change them.
 RESUMABLE_CHANGES = frozenset({"save_every", "keep_checkpoints", "eval_every", "eval_batch_size", "tensorboard"})
 
@@ -246,6 +247,17 @@ class DistillOptions:
     top_p: float = 1.0
 
 
+@dataclass(frozen=True)
+class JudgeTrainOptions:
+    """A generative judge fine-tuned on labeled pairs in the compare stage's prompt, both orders: the
+    Bradley-Terry loss on the option letters' logits, plus `lm_coef` times the full-vocabulary NLL of
+    the right letter (keeps the letters the judge's likely replies, for a top-k API or a parsed choice)."""
+
+    constitution: Path | None = None  # its comparison principles pose the question; None: the project's harmless.yaml
+    soft_labels: bool = False  # the target is each pair's label_prob, not 1
+    lm_coef: float = 0.1
+
+
 @dataclass
 class TrainConfig:
     kind: str
@@ -257,6 +269,7 @@ class TrainConfig:
     eval_data: Path | None = None
     eval_fraction: float = 0.1
     limit: int | None = None
+    eval_skip: int = 0  # records of eval_data passed over: pairs 801-1000 of the training file are a held-out set
     seed: int = 0
     max_steps: int | None = None
     epochs: int = 1
@@ -286,6 +299,7 @@ class TrainConfig:
     hir: HIROptions = field(default_factory=HIROptions)
     nash_md: NashMDOptions = field(default_factory=NashMDOptions)  # the `nash-md:` section
     distill: DistillOptions = field(default_factory=DistillOptions)
+    judge: JudgeTrainOptions = field(default_factory=JudgeTrainOptions)
 
     def reward_sections(self) -> dict[str, Any]:
         """The sections that hold `rewards:` lists, by name."""
@@ -313,6 +327,8 @@ class TrainConfig:
                 paths.append((f"{where}.references", judge.references))
         context = self.distill.context
         paths += [(f"distill.context.{key}", p) for key, p in (("constitution", context.constitution), ("system_file", context.system_file)) if p is not None]
+        if self.judge.constitution is not None:  # the default is the project's own file, not one a job names
+            paths.append(("judge.constitution", self.judge.constitution))
         return paths
 
     @property
@@ -348,6 +364,8 @@ def load(kind: str, path: str | Path, overrides: list[str] = ()) -> TrainConfig:
     data = doc["data"]
     train_data = _existing(data["train"], file, name, "data.train")
     eval_data = _existing(data["eval"], file, name, "data.eval") if "eval" in data else None
+    if "eval_skip" in data and eval_data is None:
+        raise InputError(name, "data.eval_skip", "skips records of data.eval: give data.eval")
 
     rm_doc = dict(doc.get("rm", {}))
     if "pretrain" in rm_doc:
@@ -371,6 +389,7 @@ def load(kind: str, path: str | Path, overrides: list[str] = ()) -> TrainConfig:
         eval_data=eval_data,
         eval_fraction=data.get("eval_fraction", 0.0 if eval_data else 0.1),
         limit=data.get("limit"),
+        eval_skip=data.get("eval_skip", 0),
         **{"lr": DEFAULT_LR[kind], **scalars},
         lora=LoraOptions(**doc["lora"]) if "lora" in doc else None,
         sft=SFTOptions(**doc.get("sft", {})),
@@ -384,6 +403,7 @@ def load(kind: str, path: str | Path, overrides: list[str] = ()) -> TrainConfig:
         nash_md=_nash_md_options(doc, file, name) if kind == "nash-md" else NashMDOptions(),
         hir=_hir_options(doc, file, name) if kind == "hir" else HIROptions(),
         distill=_distill_options(doc, file, name) if kind == "distill" else DistillOptions(),
+        judge=_judge_train_options(doc, file, name) if kind == "judge" else JudgeTrainOptions(),
     )
 
 
@@ -530,6 +550,13 @@ def _distill_options(doc: dict[str, Any], file: Path, name: str) -> DistillOptio
     if "teacher" in options:
         _check_model(options["teacher"], file, name, "distill.teacher")
     return DistillOptions(context=DistillContext(system=context.get("system"), **paths), **options)
+
+
+def _judge_train_options(doc: dict[str, Any], file: Path, name: str) -> JudgeTrainOptions:
+    options = dict(doc.get("judge", {}))
+    if "constitution" in options:
+        options["constitution"] = _existing(options["constitution"], file, name, "judge.constitution")
+    return JudgeTrainOptions(**options)
 
 
 _EXPONENT_FLOAT = re.compile(r"^[-+]?[0-9]+(\.[0-9]*)?[eE][-+]?[0-9]+$")

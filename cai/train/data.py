@@ -8,6 +8,7 @@ any template that renders conversations prefix-consistently, `{% generation %}` 
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 from dataclasses import dataclass
@@ -56,11 +57,12 @@ def _records(path: Path) -> Iterator[tuple[int, Any]]:
         yield from jsonl_records(path, read_text(path))
 
 
-def load_sft(path: Path, limit: int | None = None) -> list[Messages]:
-    """`messages` records (a cai run's datasets/sft folder or sft.jsonl), each with an assistant turn."""
+def load_sft(path: Path, limit: int | None = None, skip: int = 0) -> list[Messages]:
+    """`messages` records (a cai run's datasets/sft folder or sft.jsonl), each with an assistant turn;
+    the first `skip` records passed over."""
     file = str(path)
     out = []
-    for line, record in _records(path):
+    for line, record in itertools.islice(_records(path), skip, None):
         validate(record, "train_sft_record", file, line)
         if not any(m["role"] == "assistant" for m in record["messages"]):
             raise InputError(file, "messages", "no assistant message to train on", line=line)
@@ -68,22 +70,22 @@ def load_sft(path: Path, limit: int | None = None) -> list[Messages]:
         if limit is not None and len(out) == limit:
             break
     if not out:
-        raise InputError(file, None, "no records")
+        raise InputError(file, None, f"no records after the {skip} skipped" if skip else "no records")
     return out
 
 
-def load_preferences(path: Path, limit: int | None = None) -> list[Pair]:
+def load_preferences(path: Path, limit: int | None = None, skip: int = 0) -> list[Pair]:
     """Preference pairs from a cai run's datasets/preferences (folder or .jsonl: TRL's conversational
     format with optional `label_prob`, `margin`, `group_id`) or HH-RLHF style `chosen`/`rejected`
-    transcripts."""
+    transcripts; the first `skip` records passed over (a held-out slice of the training file)."""
     if path.is_file() and _is_transcript_file(path):
         return [
             Pair(prompt=p["context"], chosen=[_assistant(p["chosen"])], rejected=[_assistant(p["rejected"])], group=content_hash(p["context"]))
-            for p in eval_judge.load_pairs(path, limit)
+            for p in eval_judge.load_pairs(path, limit, skip)
         ]
     file = str(path)
     pairs = []
-    for line, record in _records(path):
+    for line, record in itertools.islice(_records(path), skip, None):
         validate(record, "train_preference", file, line)
         for key in ("chosen", "rejected"):
             if record[key][-1]["role"] != "assistant":
@@ -105,7 +107,7 @@ def load_preferences(path: Path, limit: int | None = None) -> list[Pair]:
         if limit is not None and len(pairs) == limit:
             break
     if not pairs:
-        raise InputError(file, None, "no pairs")
+        raise InputError(file, None, f"no pairs after the {skip} skipped" if skip else "no pairs")
     return pairs
 
 

@@ -56,7 +56,7 @@ def train(config: TrainConfig, stop_after: int | None = None) -> Path:
     context = context_message(config)
     prompts = prompt_sets.load(config.train_data)[: config.limit]
     if config.eval_data is not None:
-        eval_prompts = prompt_sets.load(config.eval_data)
+        eval_prompts = prompt_sets.load(config.eval_data)[config.eval_skip :]
     else:
         prompts, eval_prompts = data.split_eval(prompts, [p.id for p in prompts], config.eval_fraction, config.seed)
     if options.target == "logits" and runtime.load_tokenizer(teacher_path).get_vocab() != tokenizer.get_vocab():

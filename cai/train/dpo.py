@@ -35,7 +35,7 @@ def train(config: TrainConfig, stop_after: int | None = None) -> Path:
     # --- data: validated before anything is written
     pairs = data.load_preferences(config.train_data, config.limit)
     if config.eval_data is not None:
-        eval_pairs = data.load_preferences(config.eval_data)
+        eval_pairs = data.load_preferences(config.eval_data, skip=config.eval_skip)
     else:
         pairs, eval_pairs = data.split_eval(pairs, [p.group for p in pairs], config.eval_fraction, config.seed)
     if config.dpo.use_soft_labels and any(p.label_prob is None for p in pairs):

@@ -447,3 +447,30 @@ def distill_kl(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor | No
     teacher = F.log_softmax(teacher_logits.detach().to(dtype) / temperature, dim=-1)
     p, log_p, log_q = (teacher.exp(), teacher, student) if direction == "forward" else (student.exp(), student, teacher)
     return masked_mean((p * (log_p - log_q)).sum(-1), mask)
+
+
+# ----------------------------------------------------------------------------- generative judge
+
+
+def judge_choice_loss(logits: Tensor, right: Tensor, wrong: Tensor, label_prob: Tensor | None = None, lm_coef: float = 0.0) -> Tensor:
+    """Per-example loss of a generative judge at its answer position (where it writes its first token).
+    `logits` [N, V]; `right`, `wrong` [N]: the token of the letter the better answer is shown under and
+    of the other letter. With z_r, z_w their logits and q the target probability that the right letter
+    is the answer (1 for a human label, an API judge's label_prob for a soft one):
+
+        L = -[q log sigmoid(z_r - z_w) + (1 - q) log sigmoid(z_w - z_r)]
+            + lm_coef * -[q log p(r) + (1 - q) log p(w)],     p = softmax(logits) over the vocabulary
+
+    The first term is the cross-entropy over the two letters alone, softmax over two being the sigmoid
+    of their difference: Bradley-Terry on the letter logits (bradley_terry_loss), and exactly the
+    probability the compare stage reads (option log-probs normalised over A and B). It leaves the
+    letters' share of the whole vocabulary free; the second term keeps them the judge's likely reply.
+    """
+    z = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    z_right, z_wrong = z.gather(1, right[:, None])[:, 0], z.gather(1, wrong[:, None])[:, 0]
+    loss = bradley_terry_loss(z_right, z_wrong, label_prob=label_prob)
+    if lm_coef:
+        q = torch.ones_like(z_right) if label_prob is None else label_prob
+        normaliser = torch.logsumexp(z, dim=-1)
+        loss = loss - lm_coef * (q * (z_right - normaliser) + (1 - q) * (z_wrong - normaliser))
+    return loss

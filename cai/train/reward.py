@@ -52,7 +52,7 @@ def train(config: TrainConfig, stop_after: int | None = None) -> Path:
     # --- data: validated before anything is written
     pairs = data.load_preferences(config.train_data, config.limit)
     if config.eval_data is not None:
-        eval_pairs = data.load_preferences(config.eval_data)
+        eval_pairs = data.load_preferences(config.eval_data, skip=config.eval_skip)
     else:
         pairs, eval_pairs = data.split_eval(pairs, [p.group for p in pairs], config.eval_fraction, config.seed)
     for enabled, column in ((options.use_soft_labels, "label_prob"), (options.use_margin, "margin")):

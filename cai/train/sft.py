@@ -27,7 +27,7 @@ def train(config: TrainConfig, stop_after: int | None = None) -> Path:
     # --- data: validated before anything is written
     conversations = data.load_sft(config.train_data, config.limit)
     if config.eval_data is not None:
-        eval_conversations = data.load_sft(config.eval_data)
+        eval_conversations = data.load_sft(config.eval_data, skip=config.eval_skip)
     else:
         keys = [content_hash(c[:-1]) for c in conversations]  # same prompt, same side of the split
         conversations, eval_conversations = data.split_eval(conversations, keys, config.eval_fraction, config.seed)

@@ -71,6 +71,20 @@ def test_service_refuses_a_distill_context_outside_the_workspace(tmp_path: Path,
     assert info.value.render().startswith(f"c.yaml: distill.context.{key}: leaves the workspace")
 
 
+def test_service_refuses_a_judge_constitution_outside_the_workspace(tmp_path: Path, monkeypatch) -> None:
+    root = tmp_path / "ws"
+    write_jsonl(root / "prefs.jsonl", [])
+    outside = tmp_path / "harmless.yaml"
+    outside.write_text((Path(__file__).resolve().parents[2] / "constitutions" / "harmless.yaml").read_text())
+    (root / "c.yaml").write_text(json.dumps({"model": "smollm2", "data": {"train": "prefs.jsonl"}, "output_dir": "runs/x", "judge": {"constitution": str(outside)}}))
+    monkeypatch.chdir(root)
+    with pytest.raises(InputError) as info:
+        Workspace.open(root).load_training("judge", "c.yaml", [])
+    assert info.value.render().startswith("c.yaml: judge.constitution: leaves the workspace")
+    (root / "c.yaml").write_text(json.dumps({"model": "smollm2", "data": {"train": "prefs.jsonl"}, "output_dir": "runs/x"}))
+    assert Workspace.open(root).load_training("judge", "c.yaml", []).judge.constitution is None  # the project's own default is no job's choice
+
+
 def test_service_refuses_a_judge_backend_the_operator_did_not_declare(tmp_path: Path, monkeypatch) -> None:
     root = tmp_path / "ws"
     write_jsonl(root / "prompts.jsonl", [{"prompt": "Hi?"}])

@@ -537,3 +537,21 @@ def test_distill_kl_temperature_and_mask_by_hand() -> None:
     p2, q2 = [x / 0.66 for x in (0.64, 0.01, 0.01)], [x / 0.36 for x in (0.16, 0.16, 0.04)]
     by_hand = sum(a * math.log(a / b) for a, b in zip(p2, q2))
     assert distill_kl(student, teacher, mask).item() == pytest.approx(by_hand / 2)
+
+
+def test_judge_choice_loss_by_hand() -> None:
+    """Bradley-Terry on the letter logits, plus lm_coef times the NLL of the letters over the vocabulary."""
+    from cai.train.losses import judge_choice_loss
+
+    logits = torch.tensor([[2.0, 0.0, 1.0], [0.5, -1.0, 3.0]])
+    right, wrong = torch.tensor([0, 1]), torch.tensor([2, 0])
+    # row 0: z_r - z_w = 1, q = 1:   -log sigmoid(1) = log(1 + e^-1) = 0.313262
+    #        NLL of token 0:          log(e^2 + e^0 + e^1) - 2 = 0.407606
+    # row 1: z_r - z_w = -1.5, q = 0.25: -(0.25 log sigmoid(-1.5) + 0.75 log sigmoid(1.5)) = 0.25 * 1.701413 + 0.75 * 0.201413 = 0.576413
+    #        lse = log(e^0.5 + e^-1 + e^3) = 3.095674; -(0.25 (-1 - lse) + 0.75 (0.5 - lse)) = 0.25 * 4.095674 + 0.75 * 2.595674 = 2.970674
+    q = torch.tensor([1.0, 0.25])
+    assert judge_choice_loss(logits, right, wrong, q).tolist() == pytest.approx([0.313262, 0.576413], abs=1e-5)
+    assert judge_choice_loss(logits, right, wrong, q, lm_coef=0.5).tolist() == pytest.approx([0.313262 + 0.5 * 0.407606, 0.576413 + 0.5 * 2.970674], abs=1e-5)
+    assert judge_choice_loss(logits, right, wrong).tolist() == pytest.approx([0.313262, -math.log(torch.sigmoid(torch.tensor(-1.5)).item())], abs=1e-5)
+    # the letters' part sees only their difference: a shift of every logit changes nothing, unlike the NLL
+    assert torch.allclose(judge_choice_loss(logits + 3.0, right, wrong, q), judge_choice_loss(logits, right, wrong, q))

@@ -104,6 +104,13 @@ CASES = [
         Case("distill", config=put("distill", {"context": {"system": "Be kind."}, "teacher": "./no-teacher"}), where=": distill.teacher: ", says="model folder not found"),
         id="distill-teacher-missing",
     ),
+    pytest.param(Case("judge", config=put("judge.constitution", "none.yaml"), where=": judge.constitution: ", says="not found: none.yaml"), id="judge-constitution-missing"),
+    pytest.param(Case("judge", config=put("judge.lm_coef", -0.1), where=": judge.lm_coef: ", says="minimum"), id="judge-lm-coef-negative"),
+    pytest.param(Case("judge", config=put("data.eval_skip", 10), where=": data.eval_skip: ", says="give data.eval"), id="eval-skip-without-eval"),
+    pytest.param(
+        Case("judge", config=put("judge.soft_labels", True), data=[{k: v for k, v in PAIR.items() if k != "label_prob"}] * 3, file="data.jsonl", where=": label_prob: ", says="judge.soft_labels"),
+        id="judge-soft-labels-without-label-prob",
+    ),
     # --- the training data
     pytest.param(Case("dpo", data=[PAIR, '{"prompt": oops'], file="data.jsonl", where=":2: ", says="invalid JSON"), id="data-invalid-json"),
     pytest.param(Case("dpo", data=[{k: v for k, v in PAIR.items() if k != "rejected"}], file="data.jsonl", where=":1: <root>: ", says="'rejected' is required"), id="data-no-rejected"),
