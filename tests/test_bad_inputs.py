@@ -358,6 +358,9 @@ CASES = [
         id="jury-unknown-role-run",
     ),
     pytest.param(pipeline_case(_compare(jury={"judge": -1}), ": stages[2].jury.judge: ", "-1"), id="jury-negative-weight"),
+    pytest.param(
+        pipeline_case(_compare(jury={"judge": 1}, calibration="cal.json"), ": stages[2].calibration: ", "fitted to one judge"), id="jury-with-calibration"
+    ),
     pytest.param(pipeline_case(_compare(jury={}), ": stages[2].jury: ", ""), id="jury-empty"),
     pytest.param(pipeline_case(both(_compare(), put("roles.judge_api", "local")), ": roles.judge_api: ", "no stage uses this role"), id="jury-role-unused"),
     pytest.param(pipeline_case(put("stages.0.samples", 0), ": stages[0].samples: ", "0"), id="respond-zero-samples"),
