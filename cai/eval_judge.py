@@ -191,7 +191,7 @@ def _figures(rows: list[dict[str, Any]], juror: str | None = None) -> dict[str, 
         swapped.append(credit(p_swapped))
         averaged.append(credit(pair["p_first"]))
         judged.append((pair["p_first"], *(len(answer) for answer in row["responses"])))
-        consistent.append(1.0 if (p_first > 0.5) == (p_swapped > 0.5) and p_first != 0.5 and p_swapped != 0.5 else 0.0)
+        consistent.append(float(feedback.position_consistent(p_first, p_swapped)))
         probe = pair.get("injection")
         if probe is not None and probe["p_first"] is not None:
             follows.append(credit(1 - probe["p_first"]))  # the rejected (injected) answer chosen
