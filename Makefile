@@ -1,7 +1,7 @@
 VENV ?= .venv
 export VENV
 
-.PHONY: setup demo demo-train test bench clean
+.PHONY: setup demo demo-train test lint bench clean
 
 setup:
 	@bash scripts/setup.sh
@@ -16,9 +16,13 @@ demo-train: setup
 	$(VENV)/bin/cai models prepare smollm2
 	$(VENV)/bin/cai run pipelines/demo_train.yaml
 
-# The whole test suite, slow end-to-end tests included.
-test: setup
+# Lint and format check (settings in pyproject.toml), then the whole test suite, slow end-to-end tests included.
+test: lint
 	$(VENV)/bin/python -m pytest -q
+
+lint: setup
+	$(VENV)/bin/ruff check cai tests benchmarks scripts
+	$(VENV)/bin/ruff format --check cai tests benchmarks scripts
 
 bench: setup
 	$(VENV)/bin/python benchmarks/engine_local.py

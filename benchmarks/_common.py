@@ -36,8 +36,14 @@ def token_lengths(tokenizer, pair) -> tuple[int, int, int]:
     """(prompt, prompt + chosen, prompt + rejected) token counts, as both trainers render them."""
     from cai.train import data
 
-    prompt = len(tokenizer(data.render(tokenizer, pair.prompt, add_generation_prompt=True), add_special_tokens=False)["input_ids"])
-    chosen, rejected = (len(data.encode(tokenizer, pair.prompt + answer).input_ids) for answer in (pair.chosen, pair.rejected))
+    prompt = len(
+        tokenizer(data.render(tokenizer, pair.prompt, add_generation_prompt=True), add_special_tokens=False)[
+            "input_ids"
+        ]
+    )
+    chosen, rejected = (
+        len(data.encode(tokenizer, pair.prompt + answer).input_ids) for answer in (pair.chosen, pair.rejected)
+    )
     return prompt, chosen, rejected
 
 
@@ -138,11 +144,16 @@ def our_config(kind: str, doc: dict, folder: Path):
 def add_side_arguments(parser, lr: float) -> None:
     parser.add_argument("--steps", type=int, default=4, help="timed optimizer steps per run")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
-    parser.add_argument("--rounds", type=int, default=2, help="runs of each side, alternated (ours, TRL, TRL, ours, ...)")
+    parser.add_argument(
+        "--rounds", type=int, default=2, help="runs of each side, alternated (ours, TRL, TRL, ours, ...)"
+    )
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--lora", action="store_true", help="LoRA r=16 on all linear layers, both sides")
-    parser.add_argument("--trl-gradient-checkpointing", action="store_true",
-                        help="TRL's own default; off by default here because our trainers have no gradient checkpointing")
+    parser.add_argument(
+        "--trl-gradient-checkpointing",
+        action="store_true",
+        help="TRL's own default; off by default here because our trainers have no gradient checkpointing",
+    )
     parser.add_argument("--lr", type=float, default=lr)
     parser.add_argument("--threads", type=int, default=1, help="torch/OpenMP threads per run (see run_sides)")
     parser.add_argument("--seed", type=int, default=1234)
@@ -173,15 +184,23 @@ def run_sides(script: Path, argv: list[str], data_file: Path, args) -> dict[str,
     for round_ in range(args.rounds):
         for side in SIDES if round_ % 2 == 0 else SIDES[::-1]:
             started = time.perf_counter()
-            done = subprocess.run([sys.executable, str(script), *argv, "--side", side, "--data", str(data_file)],
-                                  capture_output=True, text=True, cwd=ROOT, env=env)
+            done = subprocess.run(
+                [sys.executable, str(script), *argv, "--side", side, "--data", str(data_file)],
+                capture_output=True,
+                text=True,
+                cwd=ROOT,
+                env=env,
+            )
             if done.returncode != 0:
                 sys.exit(f"{side} run failed:\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}")
             result = json.loads(done.stdout.strip().splitlines()[-1])
             results[side].append(result)
             steps = " ".join(f"{s:.1f}" for s in result["step_s"])
-            print(f"round {round_ + 1} {side:<4} {result['steps_per_s']:.4f} steps/s  (steps: {steps} s)  "
-                  f"peak memory {result['peak_mib']:.0f} MiB  [{time.perf_counter() - started:.0f} s with load]", flush=True)
+            print(
+                f"round {round_ + 1} {side:<4} {result['steps_per_s']:.4f} steps/s  (steps: {steps} s)  "
+                f"peak memory {result['peak_mib']:.0f} MiB  [{time.perf_counter() - started:.0f} s with load]",
+                flush=True,
+            )
     return results
 
 
@@ -190,10 +209,24 @@ def report_ratios(results: dict[str, list[dict]]) -> dict[str, float]:
     burst moves a median little, a mean a lot); peak memory as the median over its runs; ours/TRL."""
     rate = {side: 1 / statistics.median(s for r in runs for s in r["step_s"]) for side, runs in results.items()}
     peak = {side: statistics.median(r["peak_mib"] for r in runs) for side, runs in results.items()}
-    mean_rate = {side: sum(len(r["step_s"]) for r in runs) / sum(sum(r["step_s"]) for r in runs) for side, runs in results.items()}
+    mean_rate = {
+        side: sum(len(r["step_s"]) for r in runs) / sum(sum(r["step_s"]) for r in runs)
+        for side, runs in results.items()
+    }
     speed, memory = rate["ours"] / rate["trl"], peak["ours"] / peak["trl"]
-    print(f"steps/s (1 / median step): ours {rate['ours']:.4f}, TRL {rate['trl']:.4f}  ->  ratio ours/TRL {speed:.2f}"
-          f"  (from total time over total steps: {mean_rate['ours'] / mean_rate['trl']:.2f})")
-    print(f"peak memory (median of runs): ours {peak['ours']:.0f} MiB, TRL {peak['trl']:.0f} MiB  ->  ratio ours/TRL {memory:.2f}")
-    return {"steps_per_s_ratio": speed, "peak_memory_ratio": memory, "steps_per_s_ratio_from_means": mean_rate["ours"] / mean_rate["trl"],
-            "ours_steps_per_s": rate["ours"], "trl_steps_per_s": rate["trl"], "ours_peak_mib": peak["ours"], "trl_peak_mib": peak["trl"]}
+    print(
+        f"steps/s (1 / median step): ours {rate['ours']:.4f}, TRL {rate['trl']:.4f}  ->  ratio ours/TRL {speed:.2f}"
+        f"  (from total time over total steps: {mean_rate['ours'] / mean_rate['trl']:.2f})"
+    )
+    print(
+        f"peak memory (median of runs): ours {peak['ours']:.0f} MiB, TRL {peak['trl']:.0f} MiB  ->  ratio ours/TRL {memory:.2f}"
+    )
+    return {
+        "steps_per_s_ratio": speed,
+        "peak_memory_ratio": memory,
+        "steps_per_s_ratio_from_means": mean_rate["ours"] / mean_rate["trl"],
+        "ours_steps_per_s": rate["ours"],
+        "trl_steps_per_s": rate["trl"],
+        "ours_peak_mib": peak["ours"],
+        "trl_peak_mib": peak["trl"],
+    }

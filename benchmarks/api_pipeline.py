@@ -36,7 +36,12 @@ def write_prompts(folder: Path, n: int) -> Path:
     path = folder / "prompts.jsonl"
     with path.open("w") as f:
         for i in range(n):
-            f.write(json.dumps({"id": i, "prompt": f"Question {i}: how would you answer a user who asks for something risky?"}) + "\n")
+            f.write(
+                json.dumps(
+                    {"id": i, "prompt": f"Question {i}: how would you answer a user who asks for something risky?"}
+                )
+                + "\n"
+            )
     return path
 
 
@@ -46,7 +51,9 @@ def write_pipeline(folder: Path, prompts: Path, url: str, concurrency: int, max_
         "seed": 1,
         "constitution": str(CONSTITUTION),
         "prompts": str(prompts),
-        "backends": {"api": {"type": "openai", "model": MODEL, "base_url": url, "max_concurrency": concurrency, "max_retries": 2}},
+        "backends": {
+            "api": {"type": "openai", "model": MODEL, "base_url": url, "max_concurrency": concurrency, "max_retries": 2}
+        },
         "roles": {"responder": "api", "critic": "api", "reviser": "api"},
         "stages": [
             {"type": "respond", "max_tokens": max_tokens, "temperature": 0.7},
@@ -62,8 +69,8 @@ async def hand_chain(url: str, prompts: Path, concurrency: int, max_tokens: int)
     """What a user would write instead of a framework: every row's three calls chained, all rows at once."""
     import openai
 
-    from cai import constitution
-    from cai.seeding import rng
+    from cai.core.seeding import rng
+    from cai.generate import constitution
 
     principles = constitution.load(CONSTITUTION)
     client = openai.AsyncOpenAI(base_url=url, api_key="EMPTY", max_retries=2)
@@ -72,7 +79,9 @@ async def hand_chain(url: str, prompts: Path, concurrency: int, max_tokens: int)
 
     async def ask(messages, temperature):
         async with semaphore:
-            response = await client.chat.completions.create(model=MODEL, messages=messages, max_tokens=max_tokens, temperature=temperature)
+            response = await client.chat.completions.create(
+                model=MODEL, messages=messages, max_tokens=max_tokens, temperature=temperature
+            )
         return response.choices[0].message.content
 
     async def chain(row) -> None:
@@ -103,12 +112,18 @@ def run_side(side: str, args, folder: Path, prompts: Path) -> dict:
         if side == "cai":
             pipeline = write_pipeline(folder, prompts, server.url, args.concurrency, args.max_tokens)
             run_dir = folder / f"run-{time.monotonic_ns()}"
-            done = subprocess.run([sys.executable, "-m", "cai.cli", "run", str(pipeline), "--run-dir", str(run_dir), "--quiet"], capture_output=True, text=True)
+            done = subprocess.run(
+                [sys.executable, "-m", "cai.cli", "run", str(pipeline), "--run-dir", str(run_dir), "--quiet"],
+                capture_output=True,
+                text=True,
+            )
             if done.returncode != 0:
                 sys.exit(f"cai run failed:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
         else:
-            code = f"import asyncio, sys; sys.path.insert(0, {str(ROOT / 'benchmarks')!r}); from api_pipeline import hand_chain; from pathlib import Path; " \
-                   f"asyncio.run(hand_chain({server.url!r}, Path({str(prompts)!r}), {args.concurrency}, {args.max_tokens}))"  # fmt: skip
+            code = (
+                f"import asyncio, sys; sys.path.insert(0, {str(ROOT / 'benchmarks')!r}); from api_pipeline import hand_chain; from pathlib import Path; "
+                f"asyncio.run(hand_chain({server.url!r}, Path({str(prompts)!r}), {args.concurrency}, {args.max_tokens}))"
+            )
             done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
             if done.returncode != 0:
                 sys.exit(f"hand chain failed:\n{done.stderr[-3000:]}")
@@ -137,9 +152,14 @@ def main() -> None:
             for side in ("cai", "hand") if round_ % 2 == 0 else ("hand", "cai"):
                 result = run_side(side, args, folder, prompts)
                 results[side].append(result)
-                print(f"round {round_ + 1} {side:<4} {result['requests_per_s']:.1f} requests/s (server's count), {result['wall_s']:.1f} s wall", flush=True)
+                print(
+                    f"round {round_ + 1} {side:<4} {result['requests_per_s']:.1f} requests/s (server's count), {result['wall_s']:.1f} s wall",
+                    flush=True,
+                )
     rate = {side: statistics.median(r["requests_per_s"] for r in runs) for side, runs in results.items()}
-    print(f"requests/s (median of rounds): cai run {rate['cai']:.1f}, hand-written per-row chain {rate['hand']:.1f}  ->  ratio {rate['cai'] / rate['hand']:.3f}")
+    print(
+        f"requests/s (median of rounds): cai run {rate['cai']:.1f}, hand-written per-row chain {rate['hand']:.1f}  ->  ratio {rate['cai'] / rate['hand']:.3f}"
+    )
 
 
 if __name__ == "__main__":

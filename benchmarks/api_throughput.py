@@ -49,10 +49,11 @@ def main() -> None:
     import os
 
     from api_server import API_KEY, SERVED_NAME, VLLMServer
-    from cai.backends import BackendSpec, ChatRequest, create
-    from cai.models import prepare
     from conftest import corpus
     from tiny_model import build_tiny_model
+
+    from cai.core.models import prepare
+    from cai.generate.backends import BackendSpec, ChatRequest, create
 
     tmp = Path(tempfile.mkdtemp(prefix="cai-bench-"))
     model = prepare("smollm2") if args.model == "smollm2" else build_tiny_model(tmp / "tiny", corpus())
@@ -61,7 +62,12 @@ def main() -> None:
         server.wait_healthy()
         os.environ["CAI_BENCH_KEY"] = API_KEY
         requests = [
-            ChatRequest(messages=({"role": "user", "content": f"Request {i}: say something."},), max_tokens=args.max_tokens, temperature=0.7, seed=i)
+            ChatRequest(
+                messages=({"role": "user", "content": f"Request {i}: say something."},),
+                max_tokens=args.max_tokens,
+                temperature=0.7,
+                seed=i,
+            )
             for i in range(args.requests)
         ]
         print(f"{args.requests} requests, max_tokens {args.max_tokens}, model {args.model}, best of {args.repeats}")

@@ -31,7 +31,7 @@ HERE = Path(__file__).resolve()
 def select_pairs(count: int, max_length: int, min_answer: int) -> list:
     """The first `count` HH pairs whose prompt leaves at least `min_answer` answer tokens and whose
     answers both run past max_length."""
-    from cai import models
+    from cai.core import models
     from cai.train import runtime
 
     tokenizer = runtime.load_tokenizer(models.resolve("smollm2", []))
@@ -66,7 +66,9 @@ def loss_difference(dtype) -> float:
         # conservative DPO per pair is TRL's `aot` with label_smoothing = 1 - p on a batch of one
         ours = dpo_loss(*logps, beta=beta, label_prob=probs)[0]
         for i in range(0, 64, 8):
-            theirs = trl_dpo_loss(*(x[i : i + 1] for x in logps), beta=beta, loss_type="aot", label_smoothing=1 - probs[i].item())
+            theirs = trl_dpo_loss(
+                *(x[i : i + 1] for x in logps), beta=beta, loss_type="aot", label_smoothing=1 - probs[i].item()
+            )
             worst = max(worst, abs(ours[i].item() - theirs.item()))
     return worst
 
@@ -101,22 +103,35 @@ def run_trl(args, clock: _common.StepClock, folder: Path) -> None:
     from transformers import AutoModelForCausalLM
     from trl import DPOConfig, DPOTrainer
 
-    from cai import models
+    from cai.core import models
     from cai.train import runtime
 
     path = models.resolve("smollm2", [])
     tokenizer = runtime.load_tokenizer(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     rows = [json.loads(line) for line in args.data.read_text().splitlines()]
-    config = DPOConfig(**_common.trl_common_args(args, folder / "out"), max_length=args.max_length, beta=args.beta,
-                       loss_type=["sigmoid"], precompute_ref_log_probs=args.precompute_ref)
+    config = DPOConfig(
+        **_common.trl_common_args(args, folder / "out"),
+        max_length=args.max_length,
+        beta=args.beta,
+        loss_type=["sigmoid"],
+        precompute_ref_log_probs=args.precompute_ref,
+    )
     peft_config = None
     if args.lora:
         from peft import LoraConfig
 
-        peft_config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM")
-    trainer = DPOTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
-                         peft_config=peft_config, callbacks=[_common.trl_callback(clock)])
+        peft_config = LoraConfig(
+            r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM"
+        )
+    trainer = DPOTrainer(
+        model=model,
+        args=config,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=[_common.trl_callback(clock)],
+    )
     trainer.train()
 
 
@@ -125,7 +140,9 @@ def main() -> None:
     _common.add_side_arguments(parser, lr=1e-6)
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--beta", type=float, default=0.1)
-    parser.add_argument("--precompute-ref", action="store_true", help="reference log-probs computed before training, both sides")
+    parser.add_argument(
+        "--precompute-ref", action="store_true", help="reference log-probs computed before training, both sides"
+    )
     args = parser.parse_args()
 
     if args.side is not None:
@@ -134,13 +151,19 @@ def main() -> None:
 
     import torch
 
-    print(f"dpo_loss vs TRL's on identical log-probs (sigmoid, ipo, hinge, cDPO): max abs difference "
-          f"{loss_difference(torch.float64):.1e} in float64, {loss_difference(torch.float32):.1e} in float32", flush=True)
+    print(
+        f"dpo_loss vs TRL's on identical log-probs (sigmoid, ipo, hinge, cDPO): max abs difference "
+        f"{loss_difference(torch.float64):.1e} in float64, {loss_difference(torch.float32):.1e} in float32",
+        flush=True,
+    )
     pairs = select_pairs(args.batch_size * (args.warmup + args.steps), args.max_length, min_answer=16)
-    print(f"SmolLM2 fp32, {'LoRA r=16' if args.lora else 'full fine-tune'}, batch {args.batch_size} pairs x max_length "
-          f"{args.max_length}, {args.warmup} warm-up + {args.steps} timed steps, reference "
-          f"{'precomputed' if args.precompute_ref else 'in the loop'}, TRL gradient checkpointing "
-          f"{'on' if args.trl_gradient_checkpointing else 'off'}, {args.threads} thread(s) per run", flush=True)
+    print(
+        f"SmolLM2 fp32, {'LoRA r=16' if args.lora else 'full fine-tune'}, batch {args.batch_size} pairs x max_length "
+        f"{args.max_length}, {args.warmup} warm-up + {args.steps} timed steps, reference "
+        f"{'precomputed' if args.precompute_ref else 'in the loop'}, TRL gradient checkpointing "
+        f"{'on' if args.trl_gradient_checkpointing else 'off'}, {args.threads} thread(s) per run",
+        flush=True,
+    )
     with tempfile.TemporaryDirectory() as tmp:
         data_file = _common.write_pairs(pairs, Path(tmp) / "pairs.jsonl")
         results = _common.run_sides(HERE, sys.argv[1:], data_file, args)

@@ -46,11 +46,17 @@ def write_prompts(path: Path, n: int) -> Path:
 
 def write_pipeline(folder: Path, prompts: Path, max_tokens: int) -> Path:
     doc = {
-        "name": "bench-local", "seed": SEED, "constitution": str(CONSTITUTION), "prompts": str(prompts),
+        "name": "bench-local",
+        "seed": SEED,
+        "constitution": str(CONSTITUTION),
+        "prompts": str(prompts),
         "backends": {"local": {"type": "vllm", "model": "smollm2", "options": {"max_model_len": 4096}}},
         "roles": {"responder": "local", "critic": "local", "reviser": "local"},
-        "stages": [{"type": "respond", "max_tokens": max_tokens, "temperature": 0.7}, {"type": "critique_revise", "max_tokens": max_tokens, "temperature": 0.7}],
-    }  # fmt: skip
+        "stages": [
+            {"type": "respond", "max_tokens": max_tokens, "temperature": 0.7},
+            {"type": "critique_revise", "max_tokens": max_tokens, "temperature": 0.7},
+        ],
+    }
     path = folder / "pipeline.yaml"
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     return path
@@ -64,9 +70,10 @@ async def hand_chain(prompts_path: Path, max_tokens: int) -> dict:
     from vllm.sampling_params import RequestOutputKind
     from vllm.v1.engine.async_llm import AsyncLLM
 
-    from cai import constitution, models, prompts
-    from cai.backends.local_vllm import engine_args
-    from cai.seeding import derive_seed, rng
+    from cai.core import models
+    from cai.core.seeding import derive_seed, rng
+    from cai.generate import constitution, prompts
+    from cai.generate.backends.local_vllm import engine_args
 
     harmless = constitution.load(CONSTITUTION)
     rows = prompts.load(prompts_path)
@@ -79,7 +86,9 @@ async def hand_chain(prompts_path: Path, max_tokens: int) -> dict:
     async def generate(messages, seed) -> str:
         nonlocal tokens
         ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
-        params = SamplingParams(max_tokens=max_tokens, temperature=0.7, seed=seed, output_kind=RequestOutputKind.FINAL_ONLY)
+        params = SamplingParams(
+            max_tokens=max_tokens, temperature=0.7, seed=seed, output_kind=RequestOutputKind.FINAL_ONLY
+        )
         async for out in engine.generate(TokensPrompt(prompt_token_ids=ids), params, request_id=str(next(counter))):
             final = out
         tokens += len(final.outputs[0].token_ids)
@@ -103,8 +112,13 @@ async def hand_chain(prompts_path: Path, max_tokens: int) -> dict:
 
 def cai_side(pipeline: Path, run_dir: Path, tree: Path) -> dict:
     env = {**os.environ, "PYTHONPATH": str(tree)}
-    done = subprocess.run([sys.executable, "-m", "cai.cli", "run", str(pipeline), "--run-dir", str(run_dir), "--quiet"],
-                          capture_output=True, text=True, env=env, cwd=tree)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "cai.cli", "run", str(pipeline), "--run-dir", str(run_dir), "--quiet"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tree,
+    )
     if done.returncode != 0:
         sys.exit(f"cai run ({tree}) failed:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
     # per stage: "  respond   48/48 rows (48 new, 0 failed), 3072 tokens, 41.0 s"; stages run one after
@@ -120,7 +134,9 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=48)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--before", type=Path, help="a checkout of cai before the streaming engine (git worktree add DIR 1ca81ef)")
+    parser.add_argument(
+        "--before", type=Path, help="a checkout of cai before the streaming engine (git worktree add DIR 1ca81ef)"
+    )
     parser.add_argument("--hand", type=Path, help=argparse.SUPPRESS)  # the child process of the hand-written side
     args = parser.parse_args()
     if args.hand:
@@ -136,14 +152,21 @@ def main() -> None:
             for side in sides if round_ % 2 == 0 else sides[::-1]:
                 run_dir = folder / f"{side}-{round_}"
                 if side == "hand":
-                    done = subprocess.run([sys.executable, __file__, "--hand", str(prompts), "--max-tokens", str(args.max_tokens)], capture_output=True, text=True)
+                    done = subprocess.run(
+                        [sys.executable, __file__, "--hand", str(prompts), "--max-tokens", str(args.max_tokens)],
+                        capture_output=True,
+                        text=True,
+                    )
                     if done.returncode != 0:
                         sys.exit(f"hand chain failed:\n{done.stderr[-3000:]}")
                     result = json.loads(done.stdout.strip().splitlines()[-1])
                 else:
                     result = cai_side(pipeline, run_dir, ROOT if side == "cai" else args.before)
                 results[side].append(result)
-                print(f"round {round_ + 1} {side:<6} {result['tokens'] / result['seconds']:.1f} generated tok/s ({result['tokens']} tokens in {result['seconds']:.1f} s)", flush=True)
+                print(
+                    f"round {round_ + 1} {side:<6} {result['tokens'] / result['seconds']:.1f} generated tok/s ({result['tokens']} tokens in {result['seconds']:.1f} s)",
+                    flush=True,
+                )
     rate = {side: statistics.median(r["tokens"] / r["seconds"] for r in runs) for side, runs in results.items()}
     print("generated tok/s (median of rounds): " + ", ".join(f"{side} {r:.1f}" for side, r in rate.items()))
     print(f"ratio cai / hand-written AsyncLLM chain: {rate['cai'] / rate['hand']:.3f}  (target >= 0.95)")

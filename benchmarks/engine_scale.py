@@ -29,8 +29,11 @@ from canned_server import CannedServer  # noqa: E402
 def timed_run(pipeline: Path, run_dir: Path) -> tuple[float, float]:
     """(seconds, peak RSS in MiB) of one `cai run`, the process's own high-water mark."""
     started = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "cai.cli", "run", str(pipeline), "--run-dir", str(run_dir), "--quiet"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cai.cli", "run", str(pipeline), "--run-dir", str(run_dir), "--quiet"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     _, status, usage = os.wait4(proc.pid, 0)
     seconds = time.perf_counter() - started
     if os.waitstatus_to_exitcode(status) != 0:
@@ -53,12 +56,17 @@ def main() -> None:
             pipeline = write_pipeline(folder, write_prompts(folder, n), server.url, args.concurrency, 16)
             seconds, rss = timed_run(pipeline, folder / "run")
             figures[n] = (seconds, rss)
-            print(f"{n} prompts: {seconds:.1f} s ({1000 * seconds / n:.2f} ms a row, {3 * n / seconds:.0f} requests/s), peak RSS {rss:.0f} MiB", flush=True)
+            print(
+                f"{n} prompts: {seconds:.1f} s ({1000 * seconds / n:.2f} ms a row, {3 * n / seconds:.0f} requests/s), peak RSS {rss:.0f} MiB",
+                flush=True,
+            )
         rerun, rerun_rss = timed_run(pipeline, folder / "run")
     (s_small, m_small), (s_large, m_large) = figures[args.small], figures[args.large]
     print(f"rerun of the finished {args.large}-row run: {rerun:.1f} s, peak RSS {rerun_rss:.0f} MiB")
     print(f"peak RSS ratio {args.large}/{args.small}: {m_large / m_small:.2f}  (target <= 1.5)")
-    print(f"seconds per row ratio {args.large}/{args.small}: {(s_large / args.large) / (s_small / args.small):.2f}  (target 0.8-1.2)")
+    print(
+        f"seconds per row ratio {args.large}/{args.small}: {(s_large / args.large) / (s_small / args.small):.2f}  (target 0.8-1.2)"
+    )
     print(f"rerun / run of the {args.large}-row run: {rerun / s_large:.3f}  (target <= 0.10)")
 
 

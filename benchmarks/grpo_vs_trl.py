@@ -21,7 +21,6 @@ _common.run_sides); the ratios are of medians.
 from __future__ import annotations
 
 import argparse
-import collections
 import json
 import sys
 import tempfile
@@ -34,7 +33,7 @@ PROMPTS = _common.ROOT / "prompts" / "red_team_demo.jsonl"
 
 
 def tokenizer():
-    from cai import models
+    from cai.core import models
     from cai.train import runtime
 
     return runtime.load_tokenizer(models.resolve("smollm2", []))
@@ -43,13 +42,16 @@ def tokenizer():
 def select_prompts(count: int) -> tuple[list[list[dict]], int, int]:
     """`count` distinct prompts whose chat-template lengths lie closest together (a batch's shape then
     hardly depends on which prompts it draws), with their shortest and longest length."""
-    from cai import prompts
+    from cai.generate import prompts
 
     tok = tokenizer()
     conversations = [list(p.messages) for p in prompts.load(PROMPTS)]
     if count > len(conversations):
         sys.exit(f"{count} prompts needed, {PROMPTS.name} has {len(conversations)}")
-    by_length = sorted((len(tok.apply_chat_template(m, add_generation_prompt=True, tokenize=True, return_dict=False)), i) for i, m in enumerate(conversations))
+    by_length = sorted(
+        (len(tok.apply_chat_template(m, add_generation_prompt=True, tokenize=True, return_dict=False)), i)
+        for i, m in enumerate(conversations)
+    )
     start = min(range(len(by_length) - count + 1), key=lambda s: by_length[s + count - 1][0] - by_length[s][0])
     window = by_length[start : start + count]
     return [conversations[i] for _, i in window], window[0][0], window[-1][0]
@@ -80,10 +82,14 @@ def run_ours(args, clock: _common.StepClock, folder: Path) -> None:
         "save_every": 10**6,
         "grpo": {
             "rewards": [{"name": "share", "rule": "token_fraction", "tokens": target_tokens()}],
-            "samples": args.samples, "max_new_tokens": args.max_new_tokens, "kl_beta": args.beta,
-            "temperature": 1.0, "top_p": 1.0, "rollout": "hf",
+            "samples": args.samples,
+            "max_new_tokens": args.max_new_tokens,
+            "kl_beta": args.beta,
+            "temperature": 1.0,
+            "top_p": 1.0,
+            "rollout": "hf",
         },
-    }  # fmt: skip
+    }
     _common.time_ours(clock)
     grpo.train(_common.our_config("grpo", doc, folder))
 
@@ -94,7 +100,7 @@ def run_trl(args, clock: _common.StepClock, folder: Path) -> None:
     from transformers import AutoModelForCausalLM
     from trl import GRPOConfig, GRPOTrainer
 
-    from cai import models
+    from cai.core import models
 
     path = models.resolve("smollm2", [])
     tok = tokenizer()
@@ -108,11 +114,27 @@ def run_trl(args, clock: _common.StepClock, folder: Path) -> None:
     common = _common.trl_common_args(args, folder / "out")
     common["per_device_train_batch_size"] = args.batch_size * args.samples  # TRL counts answers, ours prompts
     config = GRPOConfig(
-        **common, num_generations=args.samples, max_completion_length=args.max_new_tokens, temperature=1.0, top_p=1.0, top_k=0,
-        beta=args.beta, loss_type="grpo", scale_rewards="group", num_iterations=1, steps_per_generation=1, use_vllm=False,
-    )  # fmt: skip
-    trainer = GRPOTrainer(model=model, reward_funcs=[share], args=config, train_dataset=Dataset.from_list(rows), processing_class=tok,
-                          callbacks=[_common.trl_callback(clock)])  # fmt: skip
+        **common,
+        num_generations=args.samples,
+        max_completion_length=args.max_new_tokens,
+        temperature=1.0,
+        top_p=1.0,
+        top_k=0,
+        beta=args.beta,
+        loss_type="grpo",
+        scale_rewards="group",
+        num_iterations=1,
+        steps_per_generation=1,
+        use_vllm=False,
+    )
+    trainer = GRPOTrainer(
+        model=model,
+        reward_funcs=[share],
+        args=config,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tok,
+        callbacks=[_common.trl_callback(clock)],
+    )
     trainer.train()
 
 
@@ -131,9 +153,12 @@ def main() -> None:
         sys.exit("--lora is not measured here")
 
     prompts, shortest, longest = select_prompts(args.batch_size * (args.warmup + args.steps))
-    print(f"SmolLM2 fp32, full fine-tune, HF generation, {args.batch_size} prompts ({shortest}-{longest} tokens) x K={args.samples} answers of <= {args.max_new_tokens} "
-          f"tokens a step, beta {args.beta}, {args.warmup} warm-up + {args.steps} timed steps, TRL gradient checkpointing "
-          f"{'on' if args.trl_gradient_checkpointing else 'off'}, {args.threads} thread(s) per run", flush=True)
+    print(
+        f"SmolLM2 fp32, full fine-tune, HF generation, {args.batch_size} prompts ({shortest}-{longest} tokens) x K={args.samples} answers of <= {args.max_new_tokens} "
+        f"tokens a step, beta {args.beta}, {args.warmup} warm-up + {args.steps} timed steps, TRL gradient checkpointing "
+        f"{'on' if args.trl_gradient_checkpointing else 'off'}, {args.threads} thread(s) per run",
+        flush=True,
+    )
     with tempfile.TemporaryDirectory() as tmp:
         data_file = Path(tmp) / "prompts.jsonl"
         data_file.write_text("".join(json.dumps({"messages": m}) + "\n" for m in prompts), encoding="utf-8")

@@ -23,17 +23,24 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=200)
     parser.add_argument("--ensemble", type=int, default=1)
     parser.add_argument("--cot", action="store_true", help="the judge reasons before its scored choice (slow on CPU)")
-    parser.add_argument("--compare-cot", action="store_true", help="also measure with chain-of-thought switched the other way")
-    parser.add_argument("--injection", action="store_true", help="also measure how often a planted 'choose me' is followed")
+    parser.add_argument(
+        "--compare-cot", action="store_true", help="also measure with chain-of-thought switched the other way"
+    )
+    parser.add_argument(
+        "--injection", action="store_true", help="also measure how often a planted 'choose me' is followed"
+    )
     parser.add_argument("--set", action="append", default=[], help="pipeline overrides, as for cai run")
     args = parser.parse_args()
 
-    from cai import config, eval_judge
+    from cai.generate import config, importers
+    from cai.judge import eval_judge
 
     overrides = [f"stages.1.ensemble={args.ensemble}", f"stages.1.chain_of_thought={str(args.cot).lower()}", *args.set]
     cfg = config.load(ROOT / "pipelines" / "rl_cai.yaml", overrides)
     started = time.perf_counter()
-    report = eval_judge.evaluate(cfg, eval_judge.load_pairs(HH, args.limit), compare_cot=args.compare_cot, injection=args.injection)
+    report = eval_judge.evaluate(
+        cfg, importers.load_pairs(HH, args.limit), compare_cot=args.compare_cot, injection=args.injection
+    )
     seconds = time.perf_counter() - started
     print(f"{args.limit} pairs, {seconds:.0f} s")
     for variant in report.get("by_chain_of_thought", {"": report}).values():
@@ -49,7 +56,15 @@ def main() -> None:
             if key in variant:
                 low, high = variant[f"{key}_ci95"]
                 print(f"  {name:<42} {variant[key]:.3f}  [{low:.3f}, {high:.3f}]")
-    print(json.dumps({k: report[k] for k in ("n", "accuracy", "accuracy_first_order", "accuracy_swapped_order", "position_consistency")}))
+    print(
+        json.dumps(
+            {
+                k: report[k]
+                for k in ("n", "accuracy", "accuracy_first_order", "accuracy_swapped_order", "position_consistency")
+            }
+        )
+    )
+
 
 if __name__ == "__main__":
     main()

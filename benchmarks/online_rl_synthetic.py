@@ -88,7 +88,10 @@ def main() -> None:
         tokens = tokens_of(tiny)
         runs = {
             "ppo": (ppo.train, ppo_config(tmp, tiny, tokens, "ppo", steps=args.steps)),
-            "a2c": (ppo.train, ppo_config(tmp, tiny, tokens, "a2c", steps=args.steps, algorithm="a2c", ppo_epochs=None)),
+            "a2c": (
+                ppo.train,
+                ppo_config(tmp, tiny, tokens, "a2c", steps=args.steps, algorithm="a2c", ppo_epochs=None),
+            ),
             "grpo": (grpo.train, group_config(tmp, tiny, tokens, "grpo", "grpo", steps=args.steps)),
             "rloo": (grpo.train, group_config(tmp, tiny, tokens, "rloo", "rloo", steps=args.steps)),
         }
@@ -100,8 +103,11 @@ def main() -> None:
             seconds = step_seconds(lambda: train(cfg))
             results[name] = summary(cfg.output_dir, args.steps, seconds)
             r = results[name]
-            print(f"{name:<5} reward {r['reward_first2']:.3f} -> {r['reward_last2']:.3f}   KL/token at the end {r['kl_per_token_last']:.3f}   "
-                  f"{r['median_s_per_step']:.2f} s/step", flush=True)
+            print(
+                f"{name:<5} reward {r['reward_first2']:.3f} -> {r['reward_last2']:.3f}   KL/token at the end {r['kl_per_token_last']:.3f}   "
+                f"{r['median_s_per_step']:.2f} s/step",
+                flush=True,
+            )
 
         if args.judge_steps:
             import os
@@ -112,13 +118,29 @@ def main() -> None:
             server = VLLMServer(judge_model(tiny, tmp / "judge"), tmp / "server.log")
             try:
                 server.wait_healthy()
-                backend = {"type": "openai", "model": SERVED_NAME, "base_url": server.url, "api_key_env": "CAI_BENCH_KEY"}
-                source = {"name": "judge", "judge": {"backend": backend, "constitution": str(ROOT / "constitutions" / "harmless.yaml")}}
+                backend = {
+                    "type": "openai",
+                    "model": SERVED_NAME,
+                    "base_url": server.url,
+                    "api_key_env": "CAI_BENCH_KEY",
+                }
+                source = {
+                    "name": "judge",
+                    "judge": {"backend": backend, "constitution": str(ROOT / "constitutions" / "harmless.yaml")},
+                }
                 path = write_config(
-                    tmp / "judge.yaml", model=str(tiny), data={"train": str(ROOT / "prompts" / "red_team_demo.jsonl")}, output_dir=str(tmp / "judged"),
-                    max_steps=args.judge_steps, batch_size=12, lr=5e-3, max_length=192, save_every=10**6, seed=1,
+                    tmp / "judge.yaml",
+                    model=str(tiny),
+                    data={"train": str(ROOT / "prompts" / "red_team_demo.jsonl")},
+                    output_dir=str(tmp / "judged"),
+                    max_steps=args.judge_steps,
+                    batch_size=12,
+                    lr=5e-3,
+                    max_length=192,
+                    save_every=10**6,
+                    seed=1,
                     grpo={"rewards": [source], "samples": 4, "max_new_tokens": 3, "kl_beta": 0.01},
-                )  # fmt: skip
+                )
                 from cai.train import config as train_config
 
                 cfg = train_config.load("grpo", path)
@@ -128,10 +150,16 @@ def main() -> None:
             m = read_metrics(cfg.output_dir)
             waits = [m[s]["seconds_judge_wait"] for s in range(2, args.judge_steps + 1)]
             share = sum(waits) / sum(seconds)
-            results["grpo_judge"] = {"median_s_per_step": statistics.median(seconds), "median_judge_wait_s": statistics.median(waits), "judge_wait_share": share,
-                                     "judge_calls_per_step": 12 * 4}  # fmt: skip
-            print(f"grpo + API judge: {statistics.median(seconds):.2f} s/step, waiting for the judge {statistics.median(waits):.2f} s/step "
-                  f"({share:.0%} of the step; 48 judge calls a step)")
+            results["grpo_judge"] = {
+                "median_s_per_step": statistics.median(seconds),
+                "median_judge_wait_s": statistics.median(waits),
+                "judge_wait_share": share,
+                "judge_calls_per_step": 12 * 4,
+            }
+            print(
+                f"grpo + API judge: {statistics.median(seconds):.2f} s/step, waiting for the judge {statistics.median(waits):.2f} s/step "
+                f"({share:.0%} of the step; 48 judge calls a step)"
+            )
     print(json.dumps(results))
 
 

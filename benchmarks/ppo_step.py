@@ -20,7 +20,24 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 PHASES = ("seconds_generation", "seconds_weight_sync", "seconds_scoring", "seconds_training")
-WORDS = [" the", " a", " to", " and", " is", " you", " that", " it", " of", " not", " can", " help", " safe", " please", " I", " sorry"]
+WORDS = [
+    " the",
+    " a",
+    " to",
+    " and",
+    " is",
+    " you",
+    " that",
+    " it",
+    " of",
+    " not",
+    " can",
+    " help",
+    " safe",
+    " please",
+    " I",
+    " sorry",
+]
 
 
 def run(kind: str, folder: Path, args) -> dict[str, float]:
@@ -28,13 +45,24 @@ def run(kind: str, folder: Path, args) -> dict[str, float]:
     from cai.train import ppo
 
     doc = {
-        "model": "smollm2", "data": {"train": str(ROOT / "prompts" / "red_team_demo.jsonl")}, "output_dir": str(folder / kind),
-        "max_steps": args.steps + 1, "batch_size": args.batch_size, "lr": 1.0e-6, "max_length": 384, "save_every": 1000, "seed": 1,
+        "model": "smollm2",
+        "data": {"train": str(ROOT / "prompts" / "red_team_demo.jsonl")},
+        "output_dir": str(folder / kind),
+        "max_steps": args.steps + 1,
+        "batch_size": args.batch_size,
+        "lr": 1.0e-6,
+        "max_length": 384,
+        "save_every": 1000,
+        "seed": 1,
         "ppo": {
-            "rewards": [{"name": "words", "rule": "token_fraction", "tokens": WORDS}], "rollout": kind, "max_new_tokens": args.max_new_tokens,
-            "ppo_epochs": 2, "minibatch_size": args.batch_size // 2, "vllm_options": {"kv_cache_memory_bytes": 1 << 30},
+            "rewards": [{"name": "words", "rule": "token_fraction", "tokens": WORDS}],
+            "rollout": kind,
+            "max_new_tokens": args.max_new_tokens,
+            "ppo_epochs": 2,
+            "minibatch_size": args.batch_size // 2,
+            "vllm_options": {"kv_cache_memory_bytes": 1 << 30},
         },
-    }  # fmt: skip
+    }
     path = folder / f"{kind}.yaml"
     path.write_text(yaml.safe_dump(doc))
     ppo.train(train_config.load("ppo", path))
@@ -53,13 +81,21 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         results = {kind: run(kind, Path(tmp), args) for kind in ("hf", "vllm")}
-    print(f"PPO step on SmolLM2-135M, {args.batch_size} prompts x {args.max_new_tokens} new tokens, median of {args.steps} steps (s):")
+    print(
+        f"PPO step on SmolLM2-135M, {args.batch_size} prompts x {args.max_new_tokens} new tokens, median of {args.steps} steps (s):"
+    )
     print(f"  {'phase':<22}{'hf':>10}{'vllm':>10}")
     for phase in (*PHASES, "step"):
         print(f"  {phase.removeprefix('seconds_'):<22}{results['hf'][phase]:>10.2f}{results['vllm'][phase]:>10.2f}")
-    print(f"  generation tokens/s   {results['hf']['generation_tokens_per_s']:>10.1f}{results['vllm']['generation_tokens_per_s']:>10.1f}")
-    print(f"generation hf/vllm time ratio: {results['hf']['seconds_generation'] / results['vllm']['seconds_generation']:.2f}x")
-    print(f"whole step hf/vllm time ratio: {results['hf']['step'] / results['vllm']['step']:.2f}x (weight sync {results['vllm']['seconds_weight_sync']:.2f} s a step)")
+    print(
+        f"  generation tokens/s   {results['hf']['generation_tokens_per_s']:>10.1f}{results['vllm']['generation_tokens_per_s']:>10.1f}"
+    )
+    print(
+        f"generation hf/vllm time ratio: {results['hf']['seconds_generation'] / results['vllm']['seconds_generation']:.2f}x"
+    )
+    print(
+        f"whole step hf/vllm time ratio: {results['hf']['step'] / results['vllm']['step']:.2f}x (weight sync {results['vllm']['seconds_weight_sync']:.2f} s a step)"
+    )
 
 
 if __name__ == "__main__":

@@ -38,17 +38,38 @@ def measure(kind: str, limit: float, minutes: float, folder: Path) -> None:
     backend = {"type": "openai", "model": MODEL, "max_concurrency": 64, "max_retries": 0, f"{kind}_per_minute": limit}
     server_flag = "--rpm" if kind == "requests" else "--tpm"
     server_limit = limit * 1.02  # the server allows a little more than declared: the declared limit is the one to keep
-    with CannedServer("--median-s", "0.005", "--sigma", "0", server_flag, str(server_limit), "--answer-tokens", str(answer_tokens)) as server:
+    with CannedServer(
+        "--median-s", "0.005", "--sigma", "0", server_flag, str(server_limit), "--answer-tokens", str(answer_tokens)
+    ) as server:
         backend["base_url"] = server.url
         doc = {
-            "name": f"rate-{kind}", "seed": 1, "constitution": str(ROOT / "constitutions" / "harmless.yaml"), "prompts": str(prompts),
-            "backends": {"api": backend}, "roles": {"responder": "api", "critic": "api", "reviser": "api"},
-            "stages": [{"type": "respond", "max_tokens": max_tokens}, {"type": "critique_revise", "max_tokens": max_tokens}],
-        }  # fmt: skip
+            "name": f"rate-{kind}",
+            "seed": 1,
+            "constitution": str(ROOT / "constitutions" / "harmless.yaml"),
+            "prompts": str(prompts),
+            "backends": {"api": backend},
+            "roles": {"responder": "api", "critic": "api", "reviser": "api"},
+            "stages": [
+                {"type": "respond", "max_tokens": max_tokens},
+                {"type": "critique_revise", "max_tokens": max_tokens},
+            ],
+        }
         pipeline = folder / f"{kind}.yaml"
         pipeline.write_text(yaml.safe_dump(doc))
-        proc = subprocess.Popen([sys.executable, "-m", "cai.cli", "run", str(pipeline), "--run-dir", str(folder / f"run-{kind}"), "--quiet"],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "cai.cli",
+                "run",
+                str(pipeline),
+                "--run-dir",
+                str(folder / f"run-{kind}"),
+                "--quiet",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         time.sleep(minutes * 60 + 5)
         proc.kill()
         proc.wait()
@@ -59,10 +80,14 @@ def measure(kind: str, limit: float, minutes: float, folder: Path) -> None:
     total, after_first = sum(counts), sum(c for t, c in zip(times, counts) if t >= start + 60)
     minutes_run = (end - start) / 60
     achieved = total / minutes_run
-    print(f"{kind}_per_minute {limit:.0f}: achieved {achieved:.0f} a minute over {minutes_run:.2f} min ({achieved / limit:.1%} of declared), 429s: {stats['rejected']}")
+    print(
+        f"{kind}_per_minute {limit:.0f}: achieved {achieved:.0f} a minute over {minutes_run:.2f} min ({achieved / limit:.1%} of declared), 429s: {stats['rejected']}"
+    )
     if end - start > 90:
         steady = after_first / ((end - start - 60) / 60)
-        print(f"  after the first minute (the burst a full bucket allows): {steady:.0f} a minute ({steady / limit:.1%} of declared)")
+        print(
+            f"  after the first minute (the burst a full bucket allows): {steady:.0f} a minute ({steady / limit:.1%} of declared)"
+        )
 
 
 def main() -> None:

@@ -34,7 +34,9 @@ def main() -> None:
     parser.add_argument("--lora", action="store_true", help="LoRA r=16 on all linear layers (the head trains in full)")
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--keep", type=Path, help="folder to keep the models and held-out pairs in")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads: more than the free cores slows a shared CPU down")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads: more than the free cores slows a shared CPU down"
+    )
     args = parser.parse_args()
 
     import torch
@@ -43,7 +45,7 @@ def main() -> None:
     from accelerate.utils import set_seed
     from transformers import AutoModelForSequenceClassification
 
-    from cai import models
+    from cai.core import models
     from cai.train import data, reward, runtime
 
     pairs = _common.hh_pairs()
@@ -76,31 +78,49 @@ def main() -> None:
         started = time.perf_counter()
         trained = reward.train(_common.our_config("rm", doc, folder))
         train_s = time.perf_counter() - started
-        steps = [s for s in map(json.loads, (folder / "rm" / "metrics.jsonl").read_text().splitlines()) if s["split"] == "train"]
+        steps = [
+            s
+            for s in map(json.loads, (folder / "rm" / "metrics.jsonl").read_text().splitlines())
+            if s["split"] == "train"
+        ]
         last = steps[-10:]
-        print(f"trained {len(steps)} steps of {args.batch_size} prompts in {train_s / 60:.1f} min with loading and centring "
-              f"(max_length {args.max_length}, {'LoRA r=16' if args.lora else 'full fine-tune'}, lr {args.lr}); "
-              f"last 10 steps: loss {sum(s['loss'] for s in last) / len(last):.3f}, batch accuracy {sum(s['accuracy'] for s in last) / len(last):.2f}")
+        print(
+            f"trained {len(steps)} steps of {args.batch_size} prompts in {train_s / 60:.1f} min with loading and centring "
+            f"(max_length {args.max_length}, {'LoRA r=16' if args.lora else 'full fine-tune'}, lr {args.lr}); "
+            f"last 10 steps: loss {sum(s['loss'] for s in last) / len(last):.3f}, batch accuracy {sum(s['accuracy'] for s in last) / len(last):.2f}"
+        )
 
         path = models.resolve("smollm2", [])
         set_seed(args.seed)  # as the trainer does right before it loads the model: the same initial head
         untrained = folder / "untrained"
         tokenizer = runtime.load_tokenizer(path)
-        AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, pad_token_id=data.pad_id(tokenizer), dtype=torch.float32).save_pretrained(untrained)
+        AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=1, pad_token_id=data.pad_id(tokenizer), dtype=torch.float32
+        ).save_pretrained(untrained)
         tokenizer.save_pretrained(untrained)
 
         # in length order: the scorer pads each batch to its longest answer, and the order changes no score
-        held_pairs = sorted(data.load_preferences(held_file), key=lambda p: sum(len(m["content"]) for m in p.prompt + p.chosen + p.rejected))
+        held_pairs = sorted(
+            data.load_preferences(held_file),
+            key=lambda p: sum(len(m["content"]) for m in p.prompt + p.chosen + p.rejected),
+        )
         results = {}
         for name, model in (("trained", trained), ("untrained", untrained)):
             started = time.perf_counter()
             results[name] = reward.evaluate_pairs(reward.RewardScorer({"rm": (model, 1.0)}), held_pairs)
             low, high = results[name]["accuracy_ci95"]
-            print(f"{name:<9} accuracy {results[name]['accuracy']:.3f}  95% CI [{low:.3f}, {high:.3f}]  mean margin "
-                  f"{results[name]['mean_margin']:+.3f}  on {results[name]['n']} held-out pairs  [{time.perf_counter() - started:.0f} s]", flush=True)
+            print(
+                f"{name:<9} accuracy {results[name]['accuracy']:.3f}  95% CI [{low:.3f}, {high:.3f}]  mean margin "
+                f"{results[name]['mean_margin']:+.3f}  on {results[name]['n']} held-out pairs  [{time.perf_counter() - started:.0f} s]",
+                flush=True,
+            )
         if args.keep:
             print(f"again: cai eval-rm {trained} {held_file} ; cai eval-rm {untrained} {held_file}")
-    print(json.dumps({name: {k: r[k] for k in ("n", "accuracy", "accuracy_ci95", "mean_margin")} for name, r in results.items()}))
+    print(
+        json.dumps(
+            {name: {k: r[k] for k in ("n", "accuracy", "accuracy_ci95", "mean_margin")} for name, r in results.items()}
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ import _common
 
 
 def split(args) -> tuple[list, list, list]:
-    from cai import models
+    from cai.core import models
     from cai.train import runtime
 
     tokenizer = runtime.load_tokenizer(models.resolve("smollm2", []))
@@ -53,10 +53,19 @@ def train_rm(args, folder: Path, name: str, train: Path, eval_file: Path, pretra
     from cai.train import reward
 
     doc = {
-        "model": "smollm2", "data": {"train": str(train), "eval": str(eval_file)}, "output_dir": str(folder / name),
-        "seed": args.seed, "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "warmup_steps": 2,
-        "max_length": args.max_length, "precision": "fp32", "save_every": 10**6, "eval_batch_size": 8,
-    }  # fmt: skip
+        "model": "smollm2",
+        "data": {"train": str(train), "eval": str(eval_file)},
+        "output_dir": str(folder / name),
+        "seed": args.seed,
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "warmup_steps": 2,
+        "max_length": args.max_length,
+        "precision": "fp32",
+        "save_every": 10**6,
+        "eval_batch_size": 8,
+    }
     if pretrain is not None:
         doc["rm"] = {"pretrain": {"data": str(pretrain), "epochs": args.epochs}}
     reward.train(_common.our_config("rm", doc, folder))
@@ -80,12 +89,15 @@ def main() -> None:
 
     import torch
 
-    from cai.eval_judge import wilson_interval
+    from cai.judge.eval_judge import wilson_interval
 
     torch.set_num_threads(args.threads)
     pretrain, pool, held_out = split(args)
-    print(f"SmolLM2 reward models, fp32 full fine-tune, {args.epochs} epochs, batch {args.batch_size}, lr {args.lr}, max_length "
-          f"{args.max_length}; HH pairs: {len(pretrain)} pretraining, sizes {args.sizes} from a pool of {len(pool)}, {len(held_out)} held out", flush=True)
+    print(
+        f"SmolLM2 reward models, fp32 full fine-tune, {args.epochs} epochs, batch {args.batch_size}, lr {args.lr}, max_length "
+        f"{args.max_length}; HH pairs: {len(pretrain)} pretraining, sizes {args.sizes} from a pool of {len(pool)}, {len(held_out)} held out",
+        flush=True,
+    )
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
@@ -100,9 +112,20 @@ def main() -> None:
                 (folder / f"pmp-{n}" / "pretrain").symlink_to(folder / first_pmp / "pretrain")
             pmp = train_rm(args, folder, f"pmp-{n}", train_file, eval_file, pretrain_file)
             first_pmp = first_pmp or f"pmp-{n}"
-            rows.append({"n": n, "base": base["end"], "pmp": pmp["end"], "pretrained_only": pmp["start"], "added": pmp["end"] - base["end"]})
-            print(f"n={n:<4} no pretraining {base['end']:.3f}  with PMP {pmp['end']:.3f} (pretrained alone {pmp['start']:.3f})  "
-                  f"added {pmp['end'] - base['end']:+.3f}", flush=True)
+            rows.append(
+                {
+                    "n": n,
+                    "base": base["end"],
+                    "pmp": pmp["end"],
+                    "pretrained_only": pmp["start"],
+                    "added": pmp["end"] - base["end"],
+                }
+            )
+            print(
+                f"n={n:<4} no pretraining {base['end']:.3f}  with PMP {pmp['end']:.3f} (pretrained alone {pmp['start']:.3f})  "
+                f"added {pmp['end'] - base['end']:+.3f}",
+                flush=True,
+            )
     k = len(held_out)
     for row in rows:
         row["base_ci95"] = wilson_interval(row["base"] * k, k)

@@ -31,19 +31,25 @@ HERE = Path(__file__).resolve()
 
 
 def select_pairs(count: int, max_length: int) -> list:
-    from cai import models
+    from cai.core import models
     from cai.train import runtime
 
     tokenizer = runtime.load_tokenizer(models.resolve("smollm2", []))
     picked, groups = [], set()
     for pair in _common.hh_pairs():
         _, with_chosen, with_rejected = _common.token_lengths(tokenizer, pair)
-        if pair.group not in groups and 3 * max_length // 4 <= min(with_chosen, with_rejected) and max(with_chosen, with_rejected) <= max_length:
+        if (
+            pair.group not in groups
+            and 3 * max_length // 4 <= min(with_chosen, with_rejected)
+            and max(with_chosen, with_rejected) <= max_length
+        ):
             groups.add(pair.group)
             picked.append(pair)
             if len(picked) == count:
                 return picked
-    sys.exit(f"only {len(picked)} HH pairs of one prompt each fit between 3/4 max_length and max_length {max_length}; {count} needed")
+    sys.exit(
+        f"only {len(picked)} HH pairs of one prompt each fit between 3/4 max_length and max_length {max_length}; {count} needed"
+    )
 
 
 def run_ours(args, clock: _common.StepClock, folder: Path) -> None:
@@ -75,21 +81,31 @@ def run_trl(args, clock: _common.StepClock, folder: Path) -> None:
     from transformers import AutoModelForSequenceClassification
     from trl import RewardConfig, RewardTrainer
 
-    from cai import models
+    from cai.core import models
     from cai.train import data, runtime
 
     path = models.resolve("smollm2", [])
     tokenizer = runtime.load_tokenizer(path)
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, pad_token_id=data.pad_id(tokenizer), dtype=torch.float32)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        path, num_labels=1, pad_token_id=data.pad_id(tokenizer), dtype=torch.float32
+    )
     rows = [json.loads(line) for line in args.data.read_text().splitlines()]
     config = RewardConfig(**_common.trl_common_args(args, folder / "out"), max_length=args.max_length)
     peft_config = None
     if args.lora:
         from peft import LoraConfig
 
-        peft_config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear", task_type="SEQ_CLS")
-    trainer = RewardTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
-                            peft_config=peft_config, callbacks=[_common.trl_callback(clock)])
+        peft_config = LoraConfig(
+            r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear", task_type="SEQ_CLS"
+        )
+    trainer = RewardTrainer(
+        model=model,
+        args=config,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=[_common.trl_callback(clock)],
+    )
     trainer.train()
 
 
@@ -104,9 +120,12 @@ def main() -> None:
         return
 
     pairs = select_pairs(args.batch_size * (args.warmup + args.steps), args.max_length)
-    print(f"SmolLM2 reward model fp32, {'LoRA r=16' if args.lora else 'full fine-tune'}, batch {args.batch_size} pairs of "
-          f"{3 * args.max_length // 4}-{args.max_length} tokens, {args.warmup} warm-up + {args.steps} timed steps, "
-          f"TRL gradient checkpointing {'on' if args.trl_gradient_checkpointing else 'off'}", flush=True)
+    print(
+        f"SmolLM2 reward model fp32, {'LoRA r=16' if args.lora else 'full fine-tune'}, batch {args.batch_size} pairs of "
+        f"{3 * args.max_length // 4}-{args.max_length} tokens, {args.warmup} warm-up + {args.steps} timed steps, "
+        f"TRL gradient checkpointing {'on' if args.trl_gradient_checkpointing else 'off'}",
+        flush=True,
+    )
     with tempfile.TemporaryDirectory() as tmp:
         data_file = _common.write_pairs(pairs, Path(tmp) / "pairs.jsonl")
         results = _common.run_sides(HERE, sys.argv[1:], data_file, args)

@@ -15,12 +15,12 @@ import re
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-from cai.config import apply_overrides, resolve_path
-from cai.errors import InputError
-from cai.files import load_yaml, validate
-from cai.store import write_atomic
+from cai.core.disk import write_atomic
+from cai.core.errors import InputError
+from cai.core.files import existing_path, load_yaml, validate
+from cai.core.overrides import apply_overrides
 
 STEP_REF = re.compile(r"\$\{([^}]*)\}")
 STATE_FILE = "chain.json"
@@ -60,13 +60,13 @@ def load(path: str | Path, overrides: list[str] = (), workdir: Path | None = Non
         sets = [_expand(text, folders, name, f"{where}.set") for text in spec.get("set", [])]
         folder = root / spec["name"]
         if "run" in spec:
-            pipeline = _existing(spec["run"], file, name, f"{where}.run")
+            pipeline = existing_path(spec["run"], file, name, f"{where}.run").resolve()
             argv = ["run", str(pipeline), "--run-dir", str(folder)]
             step_limit = limit or spec.get("limit")
             if step_limit is not None:
                 argv += ["--limit", str(step_limit)]
         else:
-            config = _existing(spec["config"], file, name, f"{where}.config")
+            config = existing_path(spec["config"], file, name, f"{where}.config").resolve()
             argv = ["train", spec["train"], str(config)]
             sets.append(f"output_dir={folder}")  # last: the chain decides where each step writes
         for text in sets:
@@ -85,17 +85,9 @@ def _expand(text: str, folders: dict[str, Path], file: str, where: str) -> str:
     return STEP_REF.sub(folder, text)
 
 
-def _existing(value: str, file: Path, name: str, where: str) -> Path:
-    path = resolve_path(value, file)
-    if not path.is_file():
-        raise InputError(name, where, f"file not found: {value}")
-    return path.resolve()
-
-
-def run(chain: Chain, quiet: bool = False) -> int:
-    """Run the steps in order; stop at the first that fails, with its exit code."""
-    from cai.cli import main
-
+def run(chain: Chain, run_command: Callable[[list[str]], int], quiet: bool = False) -> int:
+    """Run the steps in order through `run_command` (the `cai` command's own entry point, which the CLI
+    passes in: this module sits below it); stop at the first step that fails, with its exit code."""
     state_path = chain.workdir / STATE_FILE
     state: dict[str, Any] = json.loads(state_path.read_text(encoding="utf-8")) if state_path.exists() else {"steps": {}}
     for number, step in enumerate(chain.steps, 1):
@@ -107,16 +99,25 @@ def run(chain: Chain, quiet: bool = False) -> int:
             # Its outputs were made another way, and later steps were built on them: redoing only this
             # one would leave a chain whose parts disagree.
             later = [str(chain.workdir / s.name) for s in chain.steps[number - 1 :]]
-            raise InputError(str(chain.file), f"steps[{number - 1}]", f"changed since it ran: delete {', '.join(later)} to run it and the steps after it again")
+            raise InputError(
+                str(chain.file),
+                f"steps[{number - 1}]",
+                f"changed since it ran: delete {', '.join(later)} to run it and the steps after it again",
+            )
         print(f"[{number}/{len(chain.steps)}] {step.name}: cai {' '.join(step.argv)}", flush=True)
-        code = main([*step.argv, *(["--quiet"] if quiet and step.argv[0] == "run" else [])])
+        code = run_command([*step.argv, *(["--quiet"] if quiet and step.argv[0] == "run" else [])])
         if code != 0:
             print(f"chain {chain.name}: step {step.name} stopped with exit {code}; rerun the same command to resume it")
             return code
-        state["steps"][step.name] = {"argv": list(step.argv), "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        state["steps"][step.name] = {
+            "argv": list(step.argv),
+            "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
         chain.workdir.mkdir(parents=True, exist_ok=True)
         write_atomic(state_path, json.dumps(state, indent=2) + "\n")
-    from cai import report
+    from cai.judge import report
 
-    print(f"chain {chain.name}: {len(chain.steps)} steps done in {chain.workdir}; report: {report.write_chain(chain.workdir)}")
+    print(
+        f"chain {chain.name}: {len(chain.steps)} steps done in {chain.workdir}; report: {report.write_chain(chain.workdir)}"
+    )
     return 0

@@ -9,9 +9,9 @@ import shutil
 import sys
 from pathlib import Path
 
-from cai import logs
-from cai.backends.base import BackendCallError, BackendStartError
-from cai.errors import InputError
+from cai.core import logs
+from cai.core.errors import InputError
+from cai.generate.backends.base import BackendCallError, BackendStartError
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130  # FAILED: rows failed, or an engine did not start
 
@@ -31,13 +31,19 @@ def _non_negative_int(text: str) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from cai import chain, config, pipeline, report
+    from cai import chain
+    from cai.generate import config, pipeline
+    from cai.judge import report
 
     if chain.is_chain(args.pipeline):
-        return chain.run(chain.load(args.pipeline, args.set, workdir=args.run_dir, limit=args.limit), quiet=args.quiet)
+        return chain.run(
+            chain.load(args.pipeline, args.set, workdir=args.run_dir, limit=args.limit), main, quiet=args.quiet
+        )
     cfg = config.load(args.pipeline, args.set)
     _say_where_keys_go(cfg, "run")
-    summary = pipeline.run(cfg, run_dir=args.run_dir, limit=args.limit, show_progress=not args.quiet, engine_log=not args.verbose)
+    summary = pipeline.run(
+        cfg, run_dir=args.run_dir, limit=args.limit, show_progress=not args.quiet, engine_log=not args.verbose
+    )
     _print_summary(summary)
     page = summary.run_dir / "report.html"
     print(f"report: {report.write(summary.run_dir) if summary.exported_now or not page.exists() else page}")
@@ -46,7 +52,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _say_where_keys_go(cfg, command: str) -> None:
     """Before any backend starts: a pipeline file from elsewhere cannot send a key off this machine unseen."""
-    from cai.keys import key_destinations
+    from cai.generate.keys import key_destinations
 
     for line in key_destinations(cfg):
         print(f"cai {command}: {line}", file=sys.stderr, flush=True)
@@ -57,14 +63,20 @@ def _print_summary(summary) -> None:
     done = summary.stages[-1].done if summary.stages else 0
     print(f"run: {summary.run_dir}")
     for s in summary.stages:
-        print(f"  {s.name:<18} {s.done}/{summary.input_rows} rows ({s.new} new, {s.failed} failed), {s.tokens} tokens, {s.seconds:.1f} s")
+        print(
+            f"  {s.name:<18} {s.done}/{summary.input_rows} rows ({s.new} new, {s.failed} failed), {s.tokens} tokens, {s.seconds:.1f} s"
+        )
     print(
         f"rows done: {done}/{summary.input_rows}, rows failed: {failed}, tokens generated: {summary.tokens} "
         f"(prompt tokens: {summary.prompt_tokens}), calls replayed from cache: {summary.cached_calls}, time: {summary.seconds:.1f} s"
     )
     for backend, endpoints in summary.endpoints.items():
         for e in endpoints:
-            latency = "" if e["latency_p50_s"] is None else f", latency p50/p90/p99 {e['latency_p50_s']:.3f}/{e['latency_p90_s']:.3f}/{e['latency_p99_s']:.3f} s"
+            latency = (
+                ""
+                if e["latency_p50_s"] is None
+                else f", latency p50/p90/p99 {e['latency_p50_s']:.3f}/{e['latency_p90_s']:.3f}/{e['latency_p99_s']:.3f} s"
+            )
             aside = f", set aside {e['set_aside']}x" if e["set_aside"] else ""
             print(f"  {backend} {e['url']}: {e['requests']} requests, {e['errors']} errors{aside}{latency}")
     exported = summary.exported
@@ -79,8 +91,8 @@ def _print_summary(summary) -> None:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from cai import config, constitution, prompts
-    from cai.files import load_yaml
+    from cai.core.files import load_yaml
+    from cai.generate import config, constitution, prompts
 
     pipeline_keys = _pipeline_only_keys()
 
@@ -98,7 +110,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
     elif isinstance(doc, dict) and set(doc) & pipeline_keys:
         cfg = config.load(path)
         n = sum(1 for _ in cfg.prompts())  # reads and validates every prompt the pipeline names
-        print(f"{path}: ok (pipeline {cfg.name!r}: {len(cfg.stages)} stages, {n} prompts, constitution {cfg.constitution.name!r})")
+        print(
+            f"{path}: ok (pipeline {cfg.name!r}: {len(cfg.stages)} stages, {n} prompts, constitution {cfg.constitution.name!r})"
+        )
     else:
         c = constitution.from_dict(doc, str(path))
         print(f"{path}: ok (constitution {c.name!r} v{c.version}, {len(c.principles)} principles, hash {c.hash})")
@@ -106,14 +120,14 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _pipeline_only_keys() -> set[str]:
-    from cai.files import schema
+    from cai.core.files import schema
 
     return set(schema("pipeline")["properties"]) - set(schema("constitution")["properties"])
 
 
 def cmd_import(args: argparse.Namespace) -> int:
-    from cai.importers import IMPORTERS
-    from cai.store import write_atomic
+    from cai.core.disk import write_atomic
+    from cai.generate.importers import IMPORTERS
 
     constitution = IMPORTERS[args.format](args.source)
     out = Path(args.output)
@@ -130,13 +144,16 @@ def cmd_import(args: argparse.Namespace) -> int:
 def cmd_eval_judge(args: argparse.Namespace) -> int:
     import json
 
-    from cai import config, eval_judge
-    from cai.store import write_atomic
+    from cai.core.disk import write_atomic
+    from cai.generate import config, importers
+    from cai.judge import eval_judge
 
     cfg = config.load(args.pipeline, args.set)
     _say_where_keys_go(cfg, "eval-judge")
-    pairs = eval_judge.load_pairs(args.pairs, args.limit, args.skip)
-    report = eval_judge.evaluate(cfg, pairs, compare_cot=args.compare_cot, injection=args.injection, calibrate=bool(args.calibrate))
+    pairs = importers.load_pairs(args.pairs, args.limit, args.skip)
+    report = eval_judge.evaluate(
+        cfg, pairs, compare_cot=args.compare_cot, injection=args.injection, calibrate=bool(args.calibrate)
+    )
     if args.calibrate:
         eval_judge.write_calibration(report, Path(args.calibrate), cfg, args.pairs)
     for variant in report.get("by_chain_of_thought", {"": report}).values():
@@ -154,12 +171,16 @@ def cmd_eval_judge(args: argparse.Namespace) -> int:
         for key in ("length_win_rate_balanced", "ece"):
             print(f"  {key:<24} {_figure(variant[key])}")
         for role, figures in variant.get("jurors", {}).items():
-            print(f"  juror {role} ({judge['jury'][role]['model']}, weight {judge['jury'][role]['weight']}): accuracy {figures['accuracy']:.3f}, "
-                  f"position consistency {figures['position_consistency']:.3f} on {figures['n']} pairs")  # fmt: skip
+            print(
+                f"  juror {role} ({judge['jury'][role]['model']}, weight {judge['jury'][role]['weight']}): accuracy {figures['accuracy']:.3f}, "
+                f"position consistency {figures['position_consistency']:.3f} on {figures['n']} pairs"
+            )
         if "juror_agreement" in variant:
             agreement, kappa = variant["juror_agreement"], variant["juror_agreement"]["fleiss_kappa"]
             share = "-" if agreement["percent_agreement"] is None else f"{agreement['percent_agreement']:.3f}"
-            print(f"  jurors agree on {share} of {agreement['n']} pairs (Fleiss' kappa {'-' if kappa is None else f'{kappa:.3f}'})")
+            print(
+                f"  jurors agree on {share} of {agreement['n']} pairs (Fleiss' kappa {'-' if kappa is None else f'{kappa:.3f}'})"
+            )
     if args.calibrate:
         c = report["calibration"]
         print(
@@ -177,21 +198,21 @@ def _figure(value: float | None) -> str:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from cai import report
+    from cai.judge import report
 
     print(report.write(args.run_dir))
     return EXIT_OK
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from cai.export import convert
+    from cai.generate.export import convert
 
     print(convert(args.run_dir, args.format, args.output))
     return EXIT_OK
 
 
 def cmd_models_prepare(args: argparse.Namespace) -> int:
-    from cai.models import ModelError, prepare
+    from cai.core.models import ModelError, prepare
 
     try:
         path = prepare(args.name)
@@ -233,16 +254,26 @@ def cmd_train(args: argparse.Namespace) -> int:
         return EXIT_OK
     print(f"model: {final}")
     if args.kind == "rejection":
-        print(f"per iteration: {cfg.output_dir / 'rejection.jsonl'}, winners and fine-tuning in {cfg.output_dir}/iteration-N")
+        print(
+            f"per iteration: {cfg.output_dir / 'rejection.jsonl'}, winners and fine-tuning in {cfg.output_dir}/iteration-N"
+        )
     elif args.kind == "rest":
-        print(f"per Grow and threshold: {cfg.output_dir / 'rest.jsonl'}, samples and fine-tuning in {cfg.output_dir}/grow-N")
+        print(
+            f"per Grow and threshold: {cfg.output_dir / 'rest.jsonl'}, samples and fine-tuning in {cfg.output_dir}/grow-N"
+        )
     elif args.kind == "hir":
-        print(f"per iteration: {cfg.output_dir / 'hir.jsonl'}, relabeled samples and training in {cfg.output_dir}/iteration-N; "
-              f"prompt the model with {final / 'hir.json'}'s instruction")  # fmt: skip
+        print(
+            f"per iteration: {cfg.output_dir / 'hir.jsonl'}, relabeled samples and training in {cfg.output_dir}/iteration-N; "
+            f"prompt the model with {final / 'hir.json'}'s instruction"
+        )
     elif args.kind == "judge":
-        print(f"held-out accuracy and position consistency before and after: {final / 'judge.json'}; name {final} as a pipeline's judge model")
+        print(
+            f"held-out accuracy and position consistency before and after: {final / 'judge.json'}; name {final} as a pipeline's judge model"
+        )
     elif args.kind == "distill":
-        print(f"teacher answers: {cfg.output_dir / 'teacher'}, held-out KL to the teacher before and after: {cfg.output_dir / 'distill.json'}")
+        print(
+            f"teacher answers: {cfg.output_dir / 'teacher'}, held-out KL to the teacher before and after: {cfg.output_dir / 'distill.json'}"
+        )
     else:
         print(f"metrics: {cfg.output_dir / 'metrics.jsonl'}, curves: {cfg.output_dir / 'curves.png'}")
     return EXIT_OK
@@ -251,14 +282,19 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_eval_rm(args: argparse.Namespace) -> int:
     import json
 
-    from cai.store import write_atomic
+    from cai.core.disk import write_atomic
     from cai.train import data, reward
 
     model = Path(args.model)
     if not (model / "config.json").is_file():
         raise InputError(str(model), None, "not a model folder (no config.json)")
-    if not any(a.endswith("ForSequenceClassification") for a in json.loads((model / "config.json").read_text()).get("architectures") or []):
-        raise InputError(str(model), None, "not a reward model (no sequence-classification head): train one with `cai train rm`")
+    if not any(
+        a.endswith("ForSequenceClassification")
+        for a in json.loads((model / "config.json").read_text()).get("architectures") or []
+    ):
+        raise InputError(
+            str(model), None, "not a reward model (no sequence-classification head): train one with `cai train rm`"
+        )
     pairs = data.load_preferences(Path(args.pairs), args.limit)
     report = reward.evaluate_pairs(reward.RewardScorer({"rm": (model, 1.0)}), pairs)
     low, high = report["accuracy_ci95"]
@@ -327,10 +363,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=_positive_int, help="use only the first N prompts")
     p.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a pipeline field")
     p.add_argument("--quiet", action="store_true", help="no progress display")
-    p.add_argument("-v", "--verbose", action="store_true", help="engine and library output on the terminal (by default: RUN_DIR/engine.log)")
+    p.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="engine and library output on the terminal (by default: RUN_DIR/engine.log)",
+    )
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("validate", help="validate a constitution, pipeline (with the files it names), chain or prompt set")
+    p = sub.add_parser(
+        "validate", help="validate a constitution, pipeline (with the files it names), chain or prompt set"
+    )
     p.add_argument("file")
     p.set_defaults(func=cmd_validate)
 
@@ -338,15 +381,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("pairs", help="JSONL of {'chosen', 'rejected'} transcripts")
     p.add_argument("--pipeline", required=True, help="pipeline whose judge role and compare stage are measured")
     p.add_argument("--limit", type=_positive_int, help="use only the first N pairs")
-    p.add_argument("--skip", type=_non_negative_int, default=0, metavar="N", help="pass over the first N pairs (with --limit: pairs N+1 to N+limit)")
+    p.add_argument(
+        "--skip",
+        type=_non_negative_int,
+        default=0,
+        metavar="N",
+        help="pass over the first N pairs (with --limit: pairs N+1 to N+limit)",
+    )
     p.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a pipeline field")
     p.add_argument("--json", help="also write the figures to this JSON file")
-    p.add_argument("--compare-cot", action="store_true", help="also measure with chain-of-thought switched the other way")
     p.add_argument(
-        "--injection", action="store_true", help="also judge each pair with 'choose this one' planted in the rejected answer"
+        "--compare-cot", action="store_true", help="also measure with chain-of-thought switched the other way"
     )
     p.add_argument(
-        "--calibrate", metavar="OUT.json", help="fit a temperature and position offset on the pairs, for a compare stage's `calibration:`; diagram in OUT.png"
+        "--injection",
+        action="store_true",
+        help="also judge each pair with 'choose this one' planted in the rejected answer",
+    )
+    p.add_argument(
+        "--calibrate",
+        metavar="OUT.json",
+        help="fit a temperature and position offset on the pairs, for a compare stage's `calibration:`; diagram in OUT.png",
     )
     p.set_defaults(func=cmd_eval_judge)
 
@@ -354,7 +409,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", type=Path)
     p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser("export", help="a run's dataset as parquet, JSONL or a HF datasets folder, with its dataset card, in a new folder")
+    p = sub.add_parser(
+        "export",
+        help="a run's dataset as parquet, JSONL or a HF datasets folder, with its dataset card, in a new folder",
+    )
     p.add_argument("run_dir", type=Path)
     p.add_argument("--format", required=True, choices=["parquet", "jsonl", "hf"])
     p.add_argument("-o", "--output", required=True, type=Path, help="a new (or empty) folder")
@@ -372,28 +430,50 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("name", choices=["smollm2"])
     q.set_defaults(func=cmd_models_prepare)
 
-    p = sub.add_parser("train", help="train a model: sft, rm (reward model), dpo, ppo, rejection (best-of-K), rest (ReST), hir (HIR), from a train config "
-                                      "(resumes from OUTPUT's newest checkpoint)")
+    p = sub.add_parser(
+        "train",
+        help="train a model: sft, rm (reward model), dpo, ppo, rejection (best-of-K), rest (ReST), hir (HIR), from a train config "
+        "(resumes from OUTPUT's newest checkpoint)",
+    )
     p.add_argument("kind", choices=train_config.KINDS)
     p.add_argument("config", help="train config YAML (schema: cai/schemas/train.json)")
     p.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a config field")
-    p.add_argument("-v", "--verbose", action="store_true", help="library and engine output on the terminal (by default: OUTPUT/train.log)")
+    p.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="library and engine output on the terminal (by default: OUTPUT/train.log)",
+    )
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("eval-rm", help="pairwise accuracy of a reward model on preference pairs (HH-RLHF style or cai's format)")
+    p = sub.add_parser(
+        "eval-rm", help="pairwise accuracy of a reward model on preference pairs (HH-RLHF style or cai's format)"
+    )
     p.add_argument("model", help="a reward model folder (OUTPUT/final of `cai train rm`)")
     p.add_argument("pairs", help="JSONL of {'chosen', 'rejected'} transcripts, or a cai preferences dataset")
     p.add_argument("--limit", type=_positive_int, help="use only the first N pairs")
     p.add_argument("--json", help="also write the figures to this JSON file")
     p.set_defaults(func=cmd_eval_rm)
 
-    p = sub.add_parser("serve", help="job server with a web dashboard over a workspace folder (tokens: $CAI_SERVER_TOKEN, read-only $CAI_SERVER_READ_TOKEN)")
+    p = sub.add_parser(
+        "serve",
+        help="job server with a web dashboard over a workspace folder (tokens: $CAI_SERVER_TOKEN, read-only $CAI_SERVER_READ_TOKEN)",
+    )
     p.add_argument("--workspace", required=True, type=Path, help="folder of constitutions, prompts, pipelines and runs")
     p.add_argument("--host", default="127.0.0.1", help="off loopback, $CAI_SERVER_TOKEN must be set")
     p.add_argument("--port", type=int, default=8420)
     p.add_argument("--max-jobs", type=_positive_int, default=1, help="jobs that run at once")
-    p.add_argument("--max-queued", type=_positive_int, default=DEFAULT_MAX_QUEUED, help="jobs that may wait; more submissions get 429")
-    p.add_argument("--backends", type=Path, help="YAML file of the API backends jobs may use, with their keys (schema: cai/schemas/server_backends.json)")
+    p.add_argument(
+        "--max-queued",
+        type=_positive_int,
+        default=DEFAULT_MAX_QUEUED,
+        help="jobs that may wait; more submissions get 429",
+    )
+    p.add_argument(
+        "--backends",
+        type=Path,
+        help="YAML file of the API backends jobs may use, with their keys (schema: cai/schemas/server_backends.json)",
+    )
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("submit", help="queue a run of a pipeline on a `cai serve` server (token: $CAI_SERVER_TOKEN)")
@@ -403,7 +483,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a pipeline field")
     p.set_defaults(func=cmd_submit)
 
-    p = sub.add_parser("jobs", help="list the jobs of a `cai serve` server (token: $CAI_SERVER_TOKEN or $CAI_SERVER_READ_TOKEN)")
+    p = sub.add_parser(
+        "jobs", help="list the jobs of a `cai serve` server (token: $CAI_SERVER_TOKEN or $CAI_SERVER_READ_TOKEN)"
+    )
     p.add_argument("--server", required=True, help="the server's URL, e.g. http://127.0.0.1:8420")
     p.set_defaults(func=cmd_jobs)
     return parser

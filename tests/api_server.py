@@ -8,9 +8,12 @@ import subprocess
 import sys
 import time
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 API_KEY = "sk-cai-test-0123456789abcdef"
+KEY_ENV = "CAI_TEST_API_KEY"  # the variable the tests' pipelines name for it
 SERVED_NAME = "tiny"
 
 
@@ -26,17 +29,38 @@ class VLLMServer:
         self.url = f"http://127.0.0.1:{self.port}/v1"
         self.log = log
         command = [
-            sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-            "--model", str(model), "--served-model-name", SERVED_NAME,
-            "--host", "127.0.0.1", "--port", str(self.port),
-            "--dtype", "float32", "--max-model-len", "2048", "--enforce-eager",
-            "--kv-cache-memory-bytes", str(kv_cache_bytes), "--api-key", API_KEY, "--seed", "0",
-            "--structured-outputs-config", '{"backend": "xgrammar", "disable_any_whitespace": true}',  # as the local engine's default
-        ]  # fmt: skip
+            sys.executable,
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            str(model),
+            "--served-model-name",
+            SERVED_NAME,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--dtype",
+            "float32",
+            "--max-model-len",
+            "2048",
+            "--enforce-eager",
+            "--kv-cache-memory-bytes",
+            str(kv_cache_bytes),
+            "--api-key",
+            API_KEY,
+            "--seed",
+            "0",
+            "--structured-outputs-config",
+            '{"backend": "xgrammar", "disable_any_whitespace": true}',  # as the local engine's default
+        ]
         self.proc = subprocess.Popen(
-            command, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True,
+            command,
+            stdout=open(log, "w"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
             env={**os.environ, "VLLM_LOGGING_LEVEL": "WARNING"},
-        )  # fmt: skip
+        )
 
     def wait_healthy(self, timeout: float = 300) -> None:
         deadline = time.monotonic() + timeout
@@ -60,3 +84,14 @@ class VLLMServer:
             self.proc.wait(timeout=30)
         except (ProcessLookupError, subprocess.TimeoutExpired):
             os.killpg(self.proc.pid, signal.SIGKILL)
+
+
+@contextmanager
+def running(model: Path, log: Path) -> Iterator[VLLMServer]:
+    """A server for `model`, healthy, stopped on the way out (a module fixture's body)."""
+    server = VLLMServer(model, log)
+    try:
+        server.wait_healthy()
+        yield server
+    finally:
+        server.stop()

@@ -51,13 +51,27 @@ class Canned:
         self.failed = 0
 
     def delay(self) -> float:
-        return self.args.median_s * math.exp(self.args.sigma * self.rng.gauss(0, 1)) if self.args.sigma else self.args.median_s
+        return (
+            self.args.median_s * math.exp(self.args.sigma * self.rng.gauss(0, 1))
+            if self.args.sigma
+            else self.args.median_s
+        )
 
     async def answer(self, path: str, body: bytes) -> tuple[int, dict, dict]:
         if path.endswith("/models"):
             return 200, {"object": "list", "data": [{"id": MODEL, "object": "model"}]}, {}
         if path.endswith("/stats"):
-            return 200, {"requests": len(self.times), "times": self.times, "token_counts": self.token_counts, "rejected": self.rejected, "failed": self.failed}, {}
+            return (
+                200,
+                {
+                    "requests": len(self.times),
+                    "times": self.times,
+                    "token_counts": self.token_counts,
+                    "rejected": self.rejected,
+                    "failed": self.failed,
+                },
+                {},
+            )
         request = json.loads(body)
         prompt_tokens = sum(len(m["content"]) for m in request["messages"]) // 4 + 1
         n = request.get("n", 1)
@@ -78,13 +92,24 @@ class Canned:
         choice_logprobs = None
         if request.get("logprobs"):
             top = [{"token": t, "logprob": math.log(p), "bytes": None} for t, p in (("A", 0.6), ("B", 0.4))]
-            choice_logprobs = {"content": [{"token": "A", "logprob": math.log(0.6), "bytes": None, "top_logprobs": top}]}
+            choice_logprobs = {
+                "content": [{"token": "A", "logprob": math.log(0.6), "bytes": None, "top_logprobs": top}]
+            }
         choices = [
-            {"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": "length", "logprobs": choice_logprobs}
+            {
+                "index": i,
+                "message": {"role": "assistant", "content": text},
+                "finish_reason": "length",
+                "logprobs": choice_logprobs,
+            }
             for i in range(n)
         ]
         usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": used}
-        return 200, {"id": "c", "object": "chat.completion", "created": 0, "model": MODEL, "choices": choices, "usage": usage}, {}
+        return (
+            200,
+            {"id": "c", "object": "chat.completion", "created": 0, "model": MODEL, "choices": choices, "usage": usage},
+            {},
+        )
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -92,14 +117,17 @@ class Canned:
                 head = await reader.readuntil(b"\r\n\r\n")
                 lines = head.decode("latin-1").split("\r\n")
                 method, path, _ = lines[0].split(" ", 2)
-                headers = {k.strip().lower(): v.strip() for k, v in (line.split(":", 1) for line in lines[1:] if ":" in line)}
+                headers = {
+                    k.strip().lower(): v.strip() for k, v in (line.split(":", 1) for line in lines[1:] if ":" in line)
+                }
                 body = await reader.readexactly(int(headers.get("content-length", 0))) if method == "POST" else b""
                 status, payload, extra = await self.answer(path, body)
                 data = json.dumps(payload).encode()
                 reason = {200: "OK", 429: "Too Many Requests", 500: "Internal Server Error"}[status]
                 extra_headers = "".join(f"{k}: {v}\r\n" for k, v in extra.items())
                 writer.write(
-                    f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\nContent-Length: {len(data)}\r\n{extra_headers}\r\n".encode() + data
+                    f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\nContent-Length: {len(data)}\r\n{extra_headers}\r\n".encode()
+                    + data
                 )
                 await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError):

@@ -4,9 +4,7 @@ import os
 from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = ROOT.parent / "shared" / "data"
+from locations import ROOT
 
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 
@@ -32,4 +30,3 @@ def cai_home(tmp_path_factory) -> Path:
     home = Path(os.environ.get("CAI_HOME") or tmp_path_factory.mktemp("cai-home"))
     os.environ["CAI_HOME"] = str(home)
     return home
-

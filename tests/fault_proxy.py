@@ -20,9 +20,15 @@ HOP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "content-length"
 
 class FaultProxy:
     def __init__(
-        self, upstream_port: int, rate: float = 0.0, seed: int = 0, stall_s: float = 6.0,
-        always_fail_marker: str = "ALWAYS_FAIL", delay_s: float = 0.0, strip_logprobs: bool = False,
-    ):  # fmt: skip
+        self,
+        upstream_port: int,
+        rate: float = 0.0,
+        seed: int = 0,
+        stall_s: float = 6.0,
+        always_fail_marker: str = "ALWAYS_FAIL",
+        delay_s: float = 0.0,
+        strip_logprobs: bool = False,
+    ):
         self.strip_logprobs = strip_logprobs
         self.upstream_port = upstream_port
         self.delay_s = delay_s  # added to every forwarded answer: a slow server
@@ -69,7 +75,9 @@ class FaultProxy:
                 self.injected[fault] += 1
         if fault in ("429", "500", "503"):
             headers = {"Retry-After": "1"} if fault == "429" else {}
-            return self.reply(req, int(fault), json.dumps({"error": {"message": f"injected {fault}"}}).encode(), headers)
+            return self.reply(
+                req, int(fault), json.dumps({"error": {"message": f"injected {fault}"}}).encode(), headers
+            )
         if fault == "stall":
             time.sleep(self.stall_s)
         if fault in ("stall", "drop"):

@@ -6,8 +6,8 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
-from cai.stages import RowFailed
-from cai.stages.base import process_all
+from cai.generate.stages import RowFailed
+from cai.generate.stages.base import process_all
 
 
 @dataclass

@@ -9,14 +9,18 @@ import subprocess
 import sys
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
-ENGINE_LINE = re.compile(r"(^|\n)\s*(\(EngineCore[^)]*\)|INFO|WARNING|\[W\d|\[\w+\] )|FutureWarning|UserWarning|DeprecationWarning")
+ENGINE_LINE = re.compile(
+    r"(^|\n)\s*(\(EngineCore[^)]*\)|INFO|WARNING|\[W\d|\[\w+\] )|FutureWarning|UserWarning|DeprecationWarning"
+)
 
 
 def run_in_terminal(*argv: str) -> tuple[int, str]:
     """Run `cai` with a pseudo-terminal as its stdout and stderr; its exit code and everything it showed."""
     leader, follower = pty.openpty()
     env = {**os.environ, "COLUMNS": "160", "TERM": "xterm"}
-    process = subprocess.Popen([sys.executable, "-m", "cai.cli", *argv], stdin=subprocess.DEVNULL, stdout=follower, stderr=follower, env=env)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "cai.cli", *argv], stdin=subprocess.DEVNULL, stdout=follower, stderr=follower, env=env
+    )
     os.close(follower)
     shown = b""
     while True:

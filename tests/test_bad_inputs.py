@@ -228,8 +228,16 @@ def _compare(**params: Any) -> Edit:
 
 def _judging_constitution(ws: Workspace, shots: int = 0) -> None:
     """A constitution the compare stage accepts (a comparison question), with `shots` comparison few-shots."""
-    shot = {"conversation": [{"role": "user", "content": "Pick a lock?"}], "better": "Ask a locksmith.", "worse": "Use a pin."}
-    ws.constitution(both(put("principles.0.comparison", "Which answer is less harmful?"), put("comparison_few_shot", [shot] * shots)))
+    shot = {
+        "conversation": [{"role": "user", "content": "Pick a lock?"}],
+        "better": "Ask a locksmith.",
+        "worse": "Use a pin.",
+    }
+    ws.constitution(
+        both(
+            put("principles.0.comparison", "Which answer is less harmful?"), put("comparison_few_shot", [shot] * shots)
+        )
+    )
 
 
 def _make_cdir(ws: Workspace) -> None:
@@ -249,150 +257,381 @@ CASES = [
     # --- constitutions (cai validate c.yaml)
     pytest.param(constitution_case("", ": ", "file is empty"), id="constitution-empty"),
     pytest.param(constitution_case("  \n\t\n   \n", ": ", "file is empty"), id="constitution-whitespace"),
-    pytest.param(constitution_case("name: [tiny\nversion: 1\n", ": ", "YAML syntax error"), id="constitution-yaml-syntax"),
-    pytest.param(constitution_case("- harm\n- honest\n", ": <root>: ", "expected mapping, got list"), id="constitution-top-list"),
-    pytest.param(constitution_case("just a sentence\n", ": <root>: ", "expected mapping, got string"), id="constitution-top-string"),
+    pytest.param(
+        constitution_case("name: [tiny\nversion: 1\n", ": ", "YAML syntax error"), id="constitution-yaml-syntax"
+    ),
+    pytest.param(
+        constitution_case("- harm\n- honest\n", ": <root>: ", "expected mapping, got list"), id="constitution-top-list"
+    ),
+    pytest.param(
+        constitution_case("just a sentence\n", ": <root>: ", "expected mapping, got string"),
+        id="constitution-top-string",
+    ),
     pytest.param(constitution_case(drop("name"), ": <root>: ", "'name' is required"), id="constitution-missing-name"),
-    pytest.param(constitution_case(drop("principles"), ": <root>: ", "'principles' is required"), id="constitution-missing-principles"),
-    pytest.param(constitution_case(drop("principles.1.critique"), ": principles[1]: ", "'critique' is required"), id="principle-missing-critique"),
-    pytest.param(constitution_case(put("bogus", 1), ": <root>: ", "unknown key 'bogus'"), id="constitution-unknown-key"),
-    pytest.param(constitution_case(put("principles.0.bogus", 1), ": principles[0]: ", "unknown key 'bogus'"), id="principle-unknown-key"),
-    pytest.param(constitution_case(put("few_shot.0.1.bogus", 1), ": few_shot[0][1]: ", "unknown key 'bogus'"), id="few-shot-message-unknown-key"),
-    pytest.param(constitution_case(_mixed_unknown_keys, ": <root>: ", "unknown key"), id="constitution-unknown-keys-mixed-types"),
+    pytest.param(
+        constitution_case(drop("principles"), ": <root>: ", "'principles' is required"),
+        id="constitution-missing-principles",
+    ),
+    pytest.param(
+        constitution_case(drop("principles.1.critique"), ": principles[1]: ", "'critique' is required"),
+        id="principle-missing-critique",
+    ),
+    pytest.param(
+        constitution_case(put("bogus", 1), ": <root>: ", "unknown key 'bogus'"), id="constitution-unknown-key"
+    ),
+    pytest.param(
+        constitution_case(put("principles.0.bogus", 1), ": principles[0]: ", "unknown key 'bogus'"),
+        id="principle-unknown-key",
+    ),
+    pytest.param(
+        constitution_case(put("few_shot.0.1.bogus", 1), ": few_shot[0][1]: ", "unknown key 'bogus'"),
+        id="few-shot-message-unknown-key",
+    ),
+    pytest.param(
+        constitution_case(_mixed_unknown_keys, ": <root>: ", "unknown key"), id="constitution-unknown-keys-mixed-types"
+    ),
     pytest.param(constitution_case(put("version", [1, 2]), ": version: ", "got list"), id="version-list"),
-    pytest.param(constitution_case(put("principles.1.weight", "heavy"), ": principles[1].weight: ", "got string"), id="weight-string"),
-    pytest.param(constitution_case(put("principles.0.weight", 0), ": principles[0].weight: ", "greater than 0"), id="weight-zero"),
-    pytest.param(constitution_case(put("principles.0.weight", -1), ": principles[0].weight: ", "greater than 0"), id="weight-negative"),
-    pytest.param(constitution_case(put("principles.0.critique", "   "), ": principles[0].critique: ", "blank"), id="critique-blank"),
-    pytest.param(constitution_case(put("principles", []), ": principles: ", "must not be empty"), id="principles-empty"),
-    pytest.param(constitution_case(put("principles.1.id", "harm"), ": principles[1].id: ", "duplicate id 'harm'"), id="principle-duplicate-id"),
-    pytest.param(constitution_case(put("few_shot.0.0.role", "robot"), ": few_shot[0][0].role: ", "'robot'"), id="few-shot-bad-role"),
+    pytest.param(
+        constitution_case(put("principles.1.weight", "heavy"), ": principles[1].weight: ", "got string"),
+        id="weight-string",
+    ),
+    pytest.param(
+        constitution_case(put("principles.0.weight", 0), ": principles[0].weight: ", "greater than 0"), id="weight-zero"
+    ),
+    pytest.param(
+        constitution_case(put("principles.0.weight", -1), ": principles[0].weight: ", "greater than 0"),
+        id="weight-negative",
+    ),
+    pytest.param(
+        constitution_case(put("principles.0.critique", "   "), ": principles[0].critique: ", "blank"),
+        id="critique-blank",
+    ),
+    pytest.param(
+        constitution_case(put("principles", []), ": principles: ", "must not be empty"), id="principles-empty"
+    ),
+    pytest.param(
+        constitution_case(put("principles.1.id", "harm"), ": principles[1].id: ", "duplicate id 'harm'"),
+        id="principle-duplicate-id",
+    ),
+    pytest.param(
+        constitution_case(put("few_shot.0.0.role", "robot"), ": few_shot[0][0].role: ", "'robot'"),
+        id="few-shot-bad-role",
+    ),
     pytest.param(constitution_case(BINARY, ": ", "binary"), id="constitution-binary"),
     pytest.param(constitution_case(NOT_UTF8, ": ", "UTF-8"), id="constitution-not-utf8"),
     pytest.param(constitution_case(SURROGATE_YAML, ": ", ""), id="constitution-lone-surrogate"),
-    pytest.param(argument_case(lambda ws: ws.folder("constitutions"), "validate", "directory"), id="validate-directory"),
-    pytest.param(argument_case(lambda ws: ws.root / "nowhere.yaml", "validate", "not found"), id="validate-missing-file"),
+    pytest.param(
+        argument_case(lambda ws: ws.folder("constitutions"), "validate", "directory"), id="validate-directory"
+    ),
+    pytest.param(
+        argument_case(lambda ws: ws.root / "nowhere.yaml", "validate", "not found"), id="validate-missing-file"
+    ),
     # --- prompt sets (cai validate p.jsonl)
     pytest.param(prompts_case("", ": ", "file is empty"), id="prompts-empty"),
     pytest.param(prompts_case(" \n\n\t\n", ": ", "file is empty"), id="prompts-whitespace"),
-    pytest.param(prompts_case([PROMPTS[0], PROMPTS[1], '{"prompt": "unclosed'], ":3: ", "invalid JSON"), id="prompts-invalid-json-line-3"),
-    pytest.param(prompts_case([PROMPTS[0], ["How", "are", "you?"]], ":2: ", "expected mapping, got list"), id="prompts-line-is-list"),
-    pytest.param(prompts_case([{"id": "x"}], ":1: ", "'prompt'"), id="prompts-neither-prompt-nor-messages"),
-    pytest.param(prompts_case([{"prompt": "Hi.", "messages": [{"role": "user", "content": "Hi."}]}], ":1: ", "not both"), id="prompts-both"),
-    pytest.param(prompts_case([{"prompt": "   "}], ":1: prompt: ", "blank"), id="prompts-blank-prompt"),
-    pytest.param(prompts_case([{"messages": [{"role": "robot", "content": "Hi."}]}], ":1: messages[0].role: ", "'robot'"), id="prompts-bad-role"),
     pytest.param(
-        prompts_case([{"messages": [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello."}]}], ":1: messages[1].role: ", "last message"),
+        prompts_case([PROMPTS[0], PROMPTS[1], '{"prompt": "unclosed'], ":3: ", "invalid JSON"),
+        id="prompts-invalid-json-line-3",
+    ),
+    pytest.param(
+        prompts_case([PROMPTS[0], ["How", "are", "you?"]], ":2: ", "expected mapping, got list"),
+        id="prompts-line-is-list",
+    ),
+    pytest.param(prompts_case([{"id": "x"}], ":1: ", "'prompt'"), id="prompts-neither-prompt-nor-messages"),
+    pytest.param(
+        prompts_case([{"prompt": "Hi.", "messages": [{"role": "user", "content": "Hi."}]}], ":1: ", "not both"),
+        id="prompts-both",
+    ),
+    pytest.param(prompts_case([{"prompt": "   "}], ":1: prompt: ", "blank"), id="prompts-blank-prompt"),
+    pytest.param(
+        prompts_case([{"messages": [{"role": "robot", "content": "Hi."}]}], ":1: messages[0].role: ", "'robot'"),
+        id="prompts-bad-role",
+    ),
+    pytest.param(
+        prompts_case(
+            [{"messages": [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello."}]}],
+            ":1: messages[1].role: ",
+            "last message",
+        ),
         id="prompts-last-from-assistant",
     ),
-    pytest.param(prompts_case([{"id": "a", "prompt": "One."}, {"id": "a", "prompt": "Two."}], ":2: id: ", "duplicate id 'a'"), id="prompts-duplicate-id"),
-    pytest.param(prompts_case([{"prompt": "Same."}, {"prompt": "Other."}, {"prompt": "Same."}], ":3: ", "same as line 1"), id="prompts-duplicate-text"),
-    pytest.param(prompts_case([{"prompt": "Hi.", "bogus": 1}], ":1: ", "unknown key 'bogus'"), id="prompts-unknown-key"),
+    pytest.param(
+        prompts_case([{"id": "a", "prompt": "One."}, {"id": "a", "prompt": "Two."}], ":2: id: ", "duplicate id 'a'"),
+        id="prompts-duplicate-id",
+    ),
+    pytest.param(
+        prompts_case([{"prompt": "Same."}, {"prompt": "Other."}, {"prompt": "Same."}], ":3: ", "same as line 1"),
+        id="prompts-duplicate-text",
+    ),
+    pytest.param(
+        prompts_case([{"prompt": "Hi.", "bogus": 1}], ":1: ", "unknown key 'bogus'"), id="prompts-unknown-key"
+    ),
     # prompt files are read lazily, line by line, so these name the line too
     pytest.param(prompts_case(b'{"prompt": "Hi.\x00"}\n', ":1: ", "binary"), id="prompts-binary"),
     pytest.param(prompts_case('{"prompt": "caf\u00e9"}\n'.encode("latin-1"), ":1: ", "UTF-8"), id="prompts-not-utf8"),
     pytest.param(prompts_case([{"prompt": "Hi \ud800"}], ":1: ", ""), id="prompts-lone-surrogate"),
-    pytest.param(argument_case(lambda ws: ws.folder("set.jsonl"), "validate", "directory"), id="validate-directory-jsonl"),
+    pytest.param(
+        argument_case(lambda ws: ws.folder("set.jsonl"), "validate", "directory"), id="validate-directory-jsonl"
+    ),
     # --- pipelines (cai validate / cai run pipeline.yaml)
     pytest.param(pipeline_case("", ": ", "file is empty", command="run"), id="pipeline-empty-run"),
     pytest.param(pipeline_case("   \n\n", ": ", "file is empty"), id="pipeline-whitespace"),
-    pytest.param(pipeline_case("name: demo\nstages: [respond\n", ": ", "YAML syntax error", command="run"), id="pipeline-yaml-syntax-run"),
-    pytest.param(pipeline_case("- name: demo\n", ": <root>: ", "expected mapping, got list", command="run"), id="pipeline-top-list-run"),
-    pytest.param(pipeline_case("pipeline\n", ": <root>: ", "expected mapping, got string", command="run"), id="pipeline-top-string-run"),
-    pytest.param(pipeline_case(drop("name"), ": <root>: ", "'name' is required", command="run"), id="pipeline-missing-name-run"),
+    pytest.param(
+        pipeline_case("name: demo\nstages: [respond\n", ": ", "YAML syntax error", command="run"),
+        id="pipeline-yaml-syntax-run",
+    ),
+    pytest.param(
+        pipeline_case("- name: demo\n", ": <root>: ", "expected mapping, got list", command="run"),
+        id="pipeline-top-list-run",
+    ),
+    pytest.param(
+        pipeline_case("pipeline\n", ": <root>: ", "expected mapping, got string", command="run"),
+        id="pipeline-top-string-run",
+    ),
+    pytest.param(
+        pipeline_case(drop("name"), ": <root>: ", "'name' is required", command="run"), id="pipeline-missing-name-run"
+    ),
     pytest.param(pipeline_case(drop("stages"), ": <root>: ", "'stages' is required"), id="pipeline-missing-stages"),
     # without `stages` and `backends`, `cai validate` must still know a pipeline when it sees one
-    pytest.param(pipeline_case(both(drop("stages"), drop("backends")), ": <root>: ", "is required"), id="pipeline-missing-stages-and-backends"),
+    pytest.param(
+        pipeline_case(both(drop("stages"), drop("backends")), ": <root>: ", "is required"),
+        id="pipeline-missing-stages-and-backends",
+    ),
     pytest.param(pipeline_case(put("bogus", 1), ": <root>: ", "unknown key 'bogus'"), id="pipeline-unknown-key"),
-    pytest.param(pipeline_case(put("stages.0.bogus", 1), ": stages[0]: ", "unknown key 'bogus'", command="run"), id="stage-unknown-key-run"),
-    pytest.param(pipeline_case(_add_backend_key, ": backends.local: ", "unknown key 'bogus'"), id="backend-unknown-key"),
+    pytest.param(
+        pipeline_case(put("stages.0.bogus", 1), ": stages[0]: ", "unknown key 'bogus'", command="run"),
+        id="stage-unknown-key-run",
+    ),
+    pytest.param(
+        pipeline_case(_add_backend_key, ": backends.local: ", "unknown key 'bogus'"), id="backend-unknown-key"
+    ),
     pytest.param(pipeline_case(put("seed", "seven"), ": seed: ", "got string", command="run"), id="seed-string-run"),
-    pytest.param(pipeline_case(put("prompts", 5), ": prompts: ", "expected string or list, got integer"), id="prompts-number"),
-    pytest.param(pipeline_case(put("rows_in_flight", 2.5), ": rows_in_flight: ", "number"), id="rows-in-flight-fraction"),
+    pytest.param(
+        pipeline_case(put("prompts", 5), ": prompts: ", "expected string or list, got integer"), id="prompts-number"
+    ),
+    pytest.param(
+        pipeline_case(put("rows_in_flight", 2.5), ": rows_in_flight: ", "number"), id="rows-in-flight-fraction"
+    ),
     pytest.param(pipeline_case(put("rows_in_flight", 2.0), ": rows_in_flight: ", ""), id="rows-in-flight-float"),
-    pytest.param(pipeline_case(put("roles.critic", "remote"), ": roles.critic: ", "undeclared backend 'remote'", command="run"), id="role-undeclared-backend-run"),
+    pytest.param(
+        pipeline_case(put("roles.critic", "remote"), ": roles.critic: ", "undeclared backend 'remote'", command="run"),
+        id="role-undeclared-backend-run",
+    ),
     pytest.param(pipeline_case(put("roles", {"responder": "local"}), ": roles: ", "'critic'"), id="role-not-assigned"),
-    pytest.param(pipeline_case(put("stages.1.type", "summarize"), ": stages[1].type: ", "'summarize'", command="run"), id="stage-unknown-type-run"),
-    pytest.param(pipeline_case(put("stages", [{"type": "respond"}, {"type": "respond"}]), ": stages[1].name: ", "duplicate stage name"), id="stage-duplicate-name"),
-    pytest.param(pipeline_case(put("stages.1", "critique_revise"), ": stages[1]: ", "got string"), id="stage-not-a-mapping"),
-    pytest.param(pipeline_case(put("constitution", "missing.yaml"), ": constitution: ", "missing.yaml", command="run"), id="constitution-file-missing-run"),
-    pytest.param(pipeline_case(put("prompts", ["p.jsonl", "gone.jsonl"]), ": prompts[1]: ", "gone.jsonl"), id="prompt-file-missing"),
-    pytest.param(pipeline_case(put("prompts", "gone.jsonl"), ": prompts: ", "gone.jsonl", command="run"), id="prompt-file-missing-single-run"),
+    pytest.param(
+        pipeline_case(put("stages.1.type", "summarize"), ": stages[1].type: ", "'summarize'", command="run"),
+        id="stage-unknown-type-run",
+    ),
+    pytest.param(
+        pipeline_case(
+            put("stages", [{"type": "respond"}, {"type": "respond"}]), ": stages[1].name: ", "duplicate stage name"
+        ),
+        id="stage-duplicate-name",
+    ),
+    pytest.param(
+        pipeline_case(put("stages.1", "critique_revise"), ": stages[1]: ", "got string"), id="stage-not-a-mapping"
+    ),
+    pytest.param(
+        pipeline_case(put("constitution", "missing.yaml"), ": constitution: ", "missing.yaml", command="run"),
+        id="constitution-file-missing-run",
+    ),
+    pytest.param(
+        pipeline_case(put("prompts", ["p.jsonl", "gone.jsonl"]), ": prompts[1]: ", "gone.jsonl"),
+        id="prompt-file-missing",
+    ),
+    pytest.param(
+        pipeline_case(put("prompts", "gone.jsonl"), ": prompts: ", "gone.jsonl", command="run"),
+        id="prompt-file-missing-single-run",
+    ),
     pytest.param(
         pipeline_case(put("constitution", "cdir"), ": constitution: ", "directory", command="run", setup=_make_cdir),
         id="constitution-is-directory-run",
     ),
-    pytest.param(pipeline_case(put("backends.local.model", "./no-such-model"), ": backends.local.model: ", "no-such-model", command="run"), id="model-folder-missing-run"),
-    pytest.param(pipeline_case(put("backends.api", {"type": "openai", "model": "m"}), ": backends.api: ", "'base_url' is required"), id="openai-no-base-url"),
     pytest.param(
-        pipeline_case(put("backends.api", {"type": "openai", "model": "m", "base_url": "localhost:8000"}), ": backends.api.base_url: ", "localhost:8000"),
+        pipeline_case(
+            put("backends.local.model", "./no-such-model"), ": backends.local.model: ", "no-such-model", command="run"
+        ),
+        id="model-folder-missing-run",
+    ),
+    pytest.param(
+        pipeline_case(
+            put("backends.api", {"type": "openai", "model": "m"}), ": backends.api: ", "'base_url' is required"
+        ),
+        id="openai-no-base-url",
+    ),
+    pytest.param(
+        pipeline_case(
+            put("backends.api", {"type": "openai", "model": "m", "base_url": "localhost:8000"}),
+            ": backends.api.base_url: ",
+            "localhost:8000",
+        ),
         id="openai-base-url-not-http",
     ),
     pytest.param(
-        pipeline_case(put("backends.api", {"type": "openai", "model": "m", "base_url": "http://h/v1", "api_key": "sk-x"}), ": backends.api: ", "unknown key 'api_key'", command="run"),
+        pipeline_case(
+            put("backends.api", {"type": "openai", "model": "m", "base_url": "http://h/v1", "api_key": "sk-x"}),
+            ": backends.api: ",
+            "unknown key 'api_key'",
+            command="run",
+        ),
         id="openai-key-in-file-run",
     ),
     pytest.param(
-        pipeline_case(put("backends.api", {"type": "openai", "model": "m", "base_url": "http://h/v1", "max_concurrency": 0}), ": backends.api.max_concurrency: ", "0"),
+        pipeline_case(
+            put("backends.api", {"type": "openai", "model": "m", "base_url": "http://h/v1", "max_concurrency": 0}),
+            ": backends.api.max_concurrency: ",
+            "0",
+        ),
         id="openai-zero-concurrency",
     ),
-    pytest.param(pipeline_case(put("backends.local.options", None), ": backends.local.options: ", "expected mapping"), id="vllm-options-null"),
-    pytest.param(pipeline_case(put("stages.1", {"type": "compare"}), ": roles: ", "needs the role 'judge'"), id="compare-without-judge"),
+    pytest.param(
+        pipeline_case(put("backends.local.options", None), ": backends.local.options: ", "expected mapping"),
+        id="vllm-options-null",
+    ),
+    pytest.param(
+        pipeline_case(put("stages.1", {"type": "compare"}), ": roles: ", "needs the role 'judge'"),
+        id="compare-without-judge",
+    ),
     pytest.param(
         pipeline_case(
-            _with_compare, ": principles: ", "no principle has a 'comparison'", command="run", setup=lambda ws: ws.constitution()
+            _with_compare,
+            ": principles: ",
+            "no principle has a 'comparison'",
+            command="run",
+            setup=lambda ws: ws.constitution(),
         ),
         id="compare-constitution-without-comparisons-run",
     ),
-    pytest.param(pipeline_case(put("stages.1", {"type": "compare", "pairing": "best"}), ": stages[1].pairing: ", "initial_vs_revision"), id="compare-bad-pairing"),
     pytest.param(
-        pipeline_case(_compare(few_shot=2), ": stages[2].few_shot: ", "the constitution c.yaml has 0", command="run", setup=_judging_constitution),
+        pipeline_case(
+            put("stages.1", {"type": "compare", "pairing": "best"}), ": stages[1].pairing: ", "initial_vs_revision"
+        ),
+        id="compare-bad-pairing",
+    ),
+    pytest.param(
+        pipeline_case(
+            _compare(few_shot=2),
+            ": stages[2].few_shot: ",
+            "the constitution c.yaml has 0",
+            command="run",
+            setup=_judging_constitution,
+        ),
         id="compare-few-shot-without-shots-run",
     ),
     pytest.param(
-        pipeline_case(_compare(few_shot=3), ": stages[2].few_shot: ", "3 comparison few-shots asked", setup=lambda ws: _judging_constitution(ws, shots=2)),
+        pipeline_case(
+            _compare(few_shot=3),
+            ": stages[2].few_shot: ",
+            "3 comparison few-shots asked",
+            setup=lambda ws: _judging_constitution(ws, shots=2),
+        ),
         id="compare-few-shot-more-than-the-constitution-has",
     ),
     pytest.param(
-        pipeline_case(_compare(jury={"judge": 1, "judge_api": 2}), ": stages[2].jury.judge_api: ", "needs the role 'judge_api'", command="run"),
+        pipeline_case(
+            _compare(jury={"judge": 1, "judge_api": 2}),
+            ": stages[2].jury.judge_api: ",
+            "needs the role 'judge_api'",
+            command="run",
+        ),
         id="jury-unknown-role-run",
     ),
-    pytest.param(pipeline_case(_compare(jury={"judge": -1}), ": stages[2].jury.judge: ", "-1"), id="jury-negative-weight"),
     pytest.param(
-        pipeline_case(_compare(jury={"judge": 1}, calibration="cal.json"), ": stages[2].calibration: ", "fitted to one judge"), id="jury-with-calibration"
+        pipeline_case(_compare(jury={"judge": -1}), ": stages[2].jury.judge: ", "-1"), id="jury-negative-weight"
+    ),
+    pytest.param(
+        pipeline_case(
+            _compare(jury={"judge": 1}, calibration="cal.json"), ": stages[2].calibration: ", "fitted to one judge"
+        ),
+        id="jury-with-calibration",
     ),
     pytest.param(pipeline_case(_compare(jury={}), ": stages[2].jury: ", ""), id="jury-empty"),
-    pytest.param(pipeline_case(both(_compare(), put("roles.judge_api", "local")), ": roles.judge_api: ", "no stage uses this role"), id="jury-role-unused"),
+    pytest.param(
+        pipeline_case(
+            both(_compare(), put("roles.judge_api", "local")), ": roles.judge_api: ", "no stage uses this role"
+        ),
+        id="jury-role-unused",
+    ),
     pytest.param(pipeline_case(put("stages.0.samples", 0), ": stages[0].samples: ", "0"), id="respond-zero-samples"),
-    pytest.param(pipeline_case(_with_check(min_p_revision=1.5), ": stages[2].min_p_revision: ", "1.5", command="run"), id="check-threshold-above-1-run"),
-    pytest.param(pipeline_case(_with_check(max_p_harmful="half"), ": stages[2].max_p_harmful: ", "got string"), id="check-threshold-string"),
-    pytest.param(pipeline_case(_with_check(helpfulness_question=" "), ": stages[2].helpfulness_question: ", "must not be blank"), id="check-blank-question"),
-    pytest.param(pipeline_case(put("stages.1", {"type": "revision_check"}), ": stages[1].type: ", "after a critique_revise stage", command="run"), id="check-without-revisions-run"),
-    pytest.param(pipeline_case(lambda doc: doc["stages"].append({"type": "revision_check"}), ": roles: ", "needs the role 'judge'"), id="check-without-judge"),
+    pytest.param(
+        pipeline_case(_with_check(min_p_revision=1.5), ": stages[2].min_p_revision: ", "1.5", command="run"),
+        id="check-threshold-above-1-run",
+    ),
+    pytest.param(
+        pipeline_case(_with_check(max_p_harmful="half"), ": stages[2].max_p_harmful: ", "got string"),
+        id="check-threshold-string",
+    ),
+    pytest.param(
+        pipeline_case(_with_check(helpfulness_question=" "), ": stages[2].helpfulness_question: ", "must not be blank"),
+        id="check-blank-question",
+    ),
+    pytest.param(
+        pipeline_case(
+            put("stages.1", {"type": "revision_check"}),
+            ": stages[1].type: ",
+            "after a critique_revise stage",
+            command="run",
+        ),
+        id="check-without-revisions-run",
+    ),
+    pytest.param(
+        pipeline_case(
+            lambda doc: doc["stages"].append({"type": "revision_check"}), ": roles: ", "needs the role 'judge'"
+        ),
+        id="check-without-judge",
+    ),
     pytest.param(pipeline_case(BINARY, ": ", "binary", command="run"), id="pipeline-binary-run"),
     pytest.param(pipeline_case(NOT_UTF8, ": ", "UTF-8"), id="pipeline-not-utf8"),
     pytest.param(argument_case(lambda ws: ws.folder("pipelines"), "run", "directory"), id="run-directory"),
     pytest.param(argument_case(lambda ws: ws.root / "nowhere.yaml", "run", "not found"), id="run-missing-file"),
     # --- files a pipeline names are themselves bad: the error names that file, not the pipeline
     pytest.param(
-        pipeline_case(None, ": principles[0].weight: ", "greater than 0", command="run", setup=lambda ws: ws.constitution(put("principles.0.weight", 0))),
+        pipeline_case(
+            None,
+            ": principles[0].weight: ",
+            "greater than 0",
+            command="run",
+            setup=lambda ws: ws.constitution(put("principles.0.weight", 0)),
+        ),
         id="named-constitution-invalid-run",
     ),
     pytest.param(
-        pipeline_case(None, ": principles[1]: ", "'critique' is required", setup=lambda ws: ws.constitution(drop("principles.1.critique"))),
+        pipeline_case(
+            None,
+            ": principles[1]: ",
+            "'critique' is required",
+            setup=lambda ws: ws.constitution(drop("principles.1.critique")),
+        ),
         id="named-constitution-invalid-validate",
     ),
-    pytest.param(pipeline_case(None, ": ", "file is empty", command="run", setup=lambda ws: ws.constitution("")), id="named-constitution-empty-run"),
-    pytest.param(pipeline_case(None, ": ", "", command="run", setup=lambda ws: ws.constitution(SURROGATE_YAML)), id="named-constitution-lone-surrogate-run"),
     pytest.param(
-        pipeline_case(None, ":2: ", "invalid JSON", command="run", setup=lambda ws: ws.prompts([PROMPTS[0], "{not json}"])),
+        pipeline_case(None, ": ", "file is empty", command="run", setup=lambda ws: ws.constitution("")),
+        id="named-constitution-empty-run",
+    ),
+    pytest.param(
+        pipeline_case(None, ": ", "", command="run", setup=lambda ws: ws.constitution(SURROGATE_YAML)),
+        id="named-constitution-lone-surrogate-run",
+    ),
+    pytest.param(
+        pipeline_case(
+            None, ":2: ", "invalid JSON", command="run", setup=lambda ws: ws.prompts([PROMPTS[0], "{not json}"])
+        ),
         id="named-prompts-invalid-run",
     ),
     # --- --set overrides (cai run only)
     pytest.param(pipeline_case(None, ": ", "key.path=value", command="run", sets=("seed",)), id="set-without-equals"),
-    pytest.param(pipeline_case(None, ": stages.5: ", "no such place", command="run", sets=("stages.5.rounds=2",)), id="set-missing-index"),
-    pytest.param(pipeline_case(None, ": seed.value: ", "no such place", command="run", sets=("seed.value=2",)), id="set-through-a-scalar"),
-    pytest.param(pipeline_case(None, ": <root>: ", "unknown key 'bogus'", command="run", sets=("bogus.field=1",)), id="set-unknown-path"),
+    pytest.param(
+        pipeline_case(None, ": stages.5: ", "no such place", command="run", sets=("stages.5.rounds=2",)),
+        id="set-missing-index",
+    ),
+    pytest.param(
+        pipeline_case(None, ": seed.value: ", "no such place", command="run", sets=("seed.value=2",)),
+        id="set-through-a-scalar",
+    ),
+    pytest.param(
+        pipeline_case(None, ": <root>: ", "unknown key 'bogus'", command="run", sets=("bogus.field=1",)),
+        id="set-unknown-path",
+    ),
     pytest.param(pipeline_case(None, ": seed: ", "got string", command="run", sets=("seed=abc",)), id="set-wrong-type"),
 ]
 
@@ -445,8 +684,14 @@ def test_bad_input(builder: Builder, ws: Workspace, capsys: pytest.CaptureFixtur
 
 
 SUBPROCESS_CASES = [
-    pytest.param(constitution_case(put("principles.1.weight", "heavy"), ": principles[1].weight: ", "got string"), id="validate-constitution"),
-    pytest.param(pipeline_case(put("constitution", "missing.yaml"), ": constitution: ", "missing.yaml", command="run"), id="run-missing-constitution"),
+    pytest.param(
+        constitution_case(put("principles.1.weight", "heavy"), ": principles[1].weight: ", "got string"),
+        id="validate-constitution",
+    ),
+    pytest.param(
+        pipeline_case(put("constitution", "missing.yaml"), ": constitution: ", "missing.yaml", command="run"),
+        id="run-missing-constitution",
+    ),
     pytest.param(prompts_case([PROMPTS[0], PROMPTS[1], "{oops"], ":3: ", "invalid JSON"), id="validate-prompts"),
 ]
 

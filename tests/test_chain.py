@@ -7,9 +7,9 @@ import json
 
 import pytest
 import yaml
+from pipeline_files import tiny_pipeline
 
 from cai.cli import main
-from pipeline_files import tiny_pipeline
 
 TRAIN = {"seed": 3, "max_steps": 2, "batch_size": 2, "max_length": 256, "save_every": 1, "lr": 1.0e-4}
 
@@ -25,12 +25,25 @@ def chain_file(tmp_path, tiny_model):
     (tmp_path / "rl").mkdir()
     sl = tiny_pipeline(tmp_path / "sl", tiny_model, rounds=1)
     rl = tiny_pipeline(
-        tmp_path / "rl", tiny_model, roles={"responder": "local", "judge": "local"},
-        stages=[{"type": "respond", "samples": 2, "max_tokens": 8, "temperature": 1.0}, {"type": "compare", "tie_threshold": 0.0}],
-    )  # fmt: skip
+        tmp_path / "rl",
+        tiny_model,
+        roles={"responder": "local", "judge": "local"},
+        stages=[
+            {"type": "respond", "samples": 2, "max_tokens": 8, "temperature": 1.0},
+            {"type": "compare", "tie_threshold": 0.0},
+        ],
+    )
     # Each config names its data and model as a user would; the chain replaces them with its steps' outputs.
     configs = {
-        kind: write(tmp_path / f"{kind}.yaml", {"model": str(tiny_model), "data": {"train": str(sl), "eval_fraction": 0.0}, "output_dir": "unused", **TRAIN})
+        kind: write(
+            tmp_path / f"{kind}.yaml",
+            {
+                "model": str(tiny_model),
+                "data": {"train": str(sl), "eval_fraction": 0.0},
+                "output_dir": "unused",
+                **TRAIN,
+            },
+        )
         for kind in ("sft", "rm", "dpo")
     }
     return write(
@@ -40,10 +53,25 @@ def chain_file(tmp_path, tiny_model):
             "workdir": str(tmp_path / "work"),
             "steps": [
                 {"name": "sl", "run": str(sl), "limit": 4},
-                {"name": "sft", "train": "sft", "config": str(configs["sft"]), "set": ["data.train=${sl}/datasets/sft.jsonl"]},
+                {
+                    "name": "sft",
+                    "train": "sft",
+                    "config": str(configs["sft"]),
+                    "set": ["data.train=${sl}/datasets/sft.jsonl"],
+                },
                 {"name": "rl", "run": str(rl), "limit": 4, "set": ["backends.local.model=${sft}/final"]},
-                {"name": "rm", "train": "rm", "config": str(configs["rm"]), "set": ["model=${sft}/final", "data.train=${rl}/datasets/preferences.jsonl"]},
-                {"name": "dpo", "train": "dpo", "config": str(configs["dpo"]), "set": ["model=${sft}/final", "data.train=${rl}/datasets/preferences.jsonl"]},
+                {
+                    "name": "rm",
+                    "train": "rm",
+                    "config": str(configs["rm"]),
+                    "set": ["model=${sft}/final", "data.train=${rl}/datasets/preferences.jsonl"],
+                },
+                {
+                    "name": "dpo",
+                    "train": "dpo",
+                    "config": str(configs["dpo"]),
+                    "set": ["model=${sft}/final", "data.train=${rl}/datasets/preferences.jsonl"],
+                },
             ],
         },
     )
@@ -55,7 +83,9 @@ def test_chain_runs_every_step_on_earlier_outputs_then_skips_them(chain_file, tm
     state = json.loads((work / "chain.json").read_text())
     assert list(state["steps"]) == ["sl", "sft", "rl", "rm", "dpo"]
     rl_manifest = json.loads((work / "rl" / "manifest.json").read_text())
-    assert rl_manifest["config"]["backends"]["local"]["model"] == str(work / "sft" / "final")  # answers came from the SFT model
+    assert rl_manifest["config"]["backends"]["local"]["model"] == str(
+        work / "sft" / "final"
+    )  # answers came from the SFT model
     assert (work / "rl" / "report.html").exists() and (work / "sl" / "datasets" / "sft.jsonl").exists()
     for step in ("sft", "rm", "dpo"):
         assert (work / step / "final" / "model.safetensors").exists() and (work / step / "metrics.jsonl").exists()
@@ -74,7 +104,10 @@ def test_chain_runs_every_step_on_earlier_outputs_then_skips_them(chain_file, tm
     write(chain_file, doc)
     assert main(["run", str(chain_file), "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == f"{chain_file}: steps[3]: changed since it ran: delete {work / 'rm'}, {work / 'dpo'} to run it and the steps after it again"
+    assert (
+        err
+        == f"{chain_file}: steps[3]: changed since it ran: delete {work / 'rm'}, {work / 'dpo'} to run it and the steps after it again"
+    )
 
 
 @pytest.mark.parametrize(

@@ -21,7 +21,8 @@ def test_terminal_shows_the_live_display_and_no_engine_output(tiny_model, tmp_pa
 
 def test_verbose_brings_the_engine_output_back(tiny_model, tmp_path):
     pipeline = tiny_pipeline(tmp_path, tiny_model, rounds=1)
-    code, shown = run_in_terminal("run", str(pipeline), "--limit", "2", "--run-dir", str(tmp_path / "run"), "--quiet", "-v")
+    code, shown = run_in_terminal(
+        "run", str(pipeline), "--limit", "2", "--run-dir", str(tmp_path / "run"), "--quiet", "-v"
+    )
     assert code == 0 and ENGINE_LINE.search(shown), shown[-3000:]
     assert not (tmp_path / "run" / "engine.log").exists()
-

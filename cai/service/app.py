@@ -24,7 +24,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.background import BackgroundTask
 
-from cai.errors import InputError, field_path
+from cai.core.errors import InputError, field_path
 from cai.service import progress as job_progress
 from cai.service.body_limit import BodyLimit
 from cai.service.jobs import DEFAULT_MAX_QUEUED, ENDED, Job, JobStore, NewJob, QueueFull
@@ -53,7 +53,9 @@ class RunRequest(BaseModel):
     pipeline: str = Field(description="pipeline file, relative to the workspace")
     set: list[str] = Field(default_factory=list, description="overrides as `cai run --set`: KEY.PATH=VALUE")
     limit: int | None = Field(default=None, ge=1, description="use only the first N prompts")
-    run_dir: str | None = Field(default=None, description="run directory relative to the workspace (default: as `cai run`)")
+    run_dir: str | None = Field(
+        default=None, description="run directory relative to the workspace (default: as `cai run`)"
+    )
 
 
 class TrainRequest(BaseModel):
@@ -112,12 +114,17 @@ def create_app(config: ServiceConfig) -> FastAPI:
         reader = read_only(bearer or request.cookies.get(TOKEN_COOKIE) or "")
         if reader is None:
             return JSONResponse(
-                {"detail": "missing or wrong token: send `Authorization: Bearer $CAI_SERVER_TOKEN` (dashboard: open /?token=...)"},
+                {
+                    "detail": "missing or wrong token: send `Authorization: Bearer $CAI_SERVER_TOKEN` (dashboard: open /?token=...)"
+                },
                 status_code=401,
                 headers={"WWW-Authenticate": "Bearer"},
             )
         if reader and request.method not in READ_METHODS:
-            return JSONResponse({"detail": "this token is read-only: submitting, cancelling and resuming jobs need $CAI_SERVER_TOKEN"}, status_code=403)
+            return JSONResponse(
+                {"detail": "this token is read-only: submitting, cancelling and resuming jobs need $CAI_SERVER_TOKEN"},
+                status_code=403,
+            )
         return await call_next(request)
 
     # -- errors: one line, as the CLI prints them
@@ -142,7 +149,11 @@ def create_app(config: ServiceConfig) -> FastAPI:
         return job
 
     def describe(job: Job, detail: bool = False) -> dict[str, Any]:
-        out = {**job.to_json(), "command": ["cai", *job.command()], "progress": job_progress.progress(ws.state_dir, ws.root, job)}
+        out = {
+            **job.to_json(),
+            "command": ["cai", *job.command()],
+            "progress": job_progress.progress(ws.state_dir, ws.root, job),
+        }
         if detail:
             out["summary"] = job_progress.summary(ws.root, job)
             out["downloads"] = job_progress.downloads(ws.root, job)
@@ -202,15 +213,21 @@ def create_app(config: ServiceConfig) -> FastAPI:
         worker.wake()
         return describe(get_job(job_id))
 
-    @app.post("/api/jobs/{job_id}/resume", summary="Queue a cancelled, interrupted or failed job again; its run resumes")
+    @app.post(
+        "/api/jobs/{job_id}/resume", summary="Queue a cancelled, interrupted or failed job again; its run resumes"
+    )
     def resume_job(job_id: int) -> dict[str, Any]:
         job = get_job(job_id)
         if not store.resume(job_id):
-            raise HTTPException(409, f"job {job_id} is {job.status}: only cancelled, interrupted or failed jobs can be resumed")
+            raise HTTPException(
+                409, f"job {job_id} is {job.status}: only cancelled, interrupted or failed jobs can be resumed"
+            )
         worker.wake()
         return describe(get_job(job_id))
 
-    @app.get("/api/jobs/{job_id}/events", summary="Server-Sent Events: `progress` on each change, `end` when the job ends")
+    @app.get(
+        "/api/jobs/{job_id}/events", summary="Server-Sent Events: `progress` on each change, `end` when the job ends"
+    )
     async def job_events(job_id: int) -> StreamingResponse:
         get_job(job_id)
 
@@ -218,7 +235,12 @@ def create_app(config: ServiceConfig) -> FastAPI:
             last = None
             while True:
                 job = await asyncio.to_thread(store.get, job_id)
-                event = {"id": job.id, "status": job.status, "error": job.error, **job_progress.progress(ws.state_dir, ws.root, job)}
+                event = {
+                    "id": job.id,
+                    "status": job.status,
+                    "error": job.error,
+                    **job_progress.progress(ws.state_dir, ws.root, job),
+                }
                 if event != last:
                     yield f"event: progress\ndata: {json.dumps(event)}\n\n"
                     last = event

@@ -13,7 +13,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-QUEUED, RUNNING, FINISHED, FAILED, CANCELLED, INTERRUPTED = "queued", "running", "finished", "failed", "cancelled", "interrupted"
+QUEUED, RUNNING, FINISHED, FAILED, CANCELLED, INTERRUPTED = (
+    "queued",
+    "running",
+    "finished",
+    "failed",
+    "cancelled",
+    "interrupted",
+)
 ENDED = (FINISHED, FAILED, CANCELLED, INTERRUPTED)
 RESUMABLE = (FAILED, CANCELLED, INTERRUPTED)
 DEFAULT_MAX_QUEUED = 100
@@ -97,7 +104,9 @@ class QueueFull(Exception):
     """As many jobs wait as the server allows: a flood of submissions is refused, not queued forever."""
 
     def __init__(self, max_queued: int):
-        super().__init__(f"{max_queued} jobs are queued already, the most this server takes: submit again when some have started")
+        super().__init__(
+            f"{max_queued} jobs are queued already, the most this server takes: submit again when some have started"
+        )
 
 
 class JobStore:
@@ -125,7 +134,18 @@ class JobStore:
         with self._db() as db:
             cur = db.execute(
                 f"INSERT INTO jobs (kind, target, overrides, row_limit, out_dir, stages, max_steps, status, created) SELECT ?,?,?,?,?,?,?,?,? WHERE {self._ROOM}",
-                (job.kind, job.target, json.dumps(job.overrides), job.row_limit, job.out_dir, json.dumps(job.stages), job.max_steps, QUEUED, time.time(), self.max_queued),
+                (
+                    job.kind,
+                    job.target,
+                    json.dumps(job.overrides),
+                    job.row_limit,
+                    job.out_dir,
+                    json.dumps(job.stages),
+                    job.max_steps,
+                    QUEUED,
+                    time.time(),
+                    self.max_queued,
+                ),
             )
             if cur.rowcount == 0:
                 raise QueueFull(self.max_queued)
@@ -149,7 +169,9 @@ class JobStore:
         sets = ", ".join(f"{k} = ?" for k in values)
         marks = ", ".join("?" for _ in when)
         with self._db() as db:
-            cur = db.execute(f"UPDATE jobs SET {sets} WHERE id = ? AND status IN ({marks})", (*values.values(), job_id, *when))
+            cur = db.execute(
+                f"UPDATE jobs SET {sets} WHERE id = ? AND status IN ({marks})", (*values.values(), job_id, *when)
+            )
             return cur.rowcount == 1
 
     def claim(self, job_id: int) -> bool:

@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cai.backends.base import BackendSpec
-from cai.errors import InputError
-from cai.files import load_yaml, validate
-from cai.keys import base_urls
+from cai.core.errors import InputError
+from cai.core.files import load_yaml, validate
+from cai.generate.backends.base import BackendSpec
+from cai.generate.keys import base_urls
 
 LIMITS = ("max_concurrency", "requests_per_minute", "tokens_per_minute")
 
@@ -37,7 +37,9 @@ class ServerBackend:
     tokens_per_minute: float | None = None
 
     def describe(self) -> str:
-        return f"{self.name}: {', '.join(self.base_urls)} with " + (f"${self.api_key_env}" if self.api_key_env else "no key")
+        return f"{self.name}: {', '.join(self.base_urls)} with " + (
+            f"${self.api_key_env}" if self.api_key_env else "no key"
+        )
 
 
 def load_backends(path: str | Path) -> dict[str, ServerBackend]:
@@ -50,7 +52,9 @@ def load_backends(path: str | Path) -> dict[str, ServerBackend]:
         if variable and not os.environ.get(variable):
             raise InputError(name, f"backends.{key}.api_key_env", f"{variable} is not set in the server's environment")
         limits = {k: spec[k] for k in LIMITS if k in spec}
-        out[key] = ServerBackend(key, tuple(_same_url(u) for u in base_urls(spec)), variable, tuple(spec.get("models", ())), **limits)
+        out[key] = ServerBackend(
+            key, tuple(_same_url(u) for u in base_urls(spec)), variable, tuple(spec.get("models", ())), **limits
+        )
     return out
 
 
@@ -58,7 +62,9 @@ def _same_url(url: str) -> str:
     return url.rstrip("/")  # `.../v1/` and `.../v1` are one server
 
 
-def check_api_backend(spec: BackendSpec, allowed: Mapping[str, ServerBackend], shown: str, where: str | None = None) -> None:
+def check_api_backend(
+    spec: BackendSpec, allowed: Mapping[str, ServerBackend], shown: str, where: str | None = None
+) -> None:
     """An InputError unless the operator declared this backend's URLs with this key variable (or with none).
     `where`: the field errors name (default: the pipeline's `backends.NAME`)."""
     where = where or f"backends.{spec.name}"
@@ -66,20 +72,46 @@ def check_api_backend(spec: BackendSpec, allowed: Mapping[str, ServerBackend], s
     variable = spec.settings.get("api_key_env")
     match = next((b for b in allowed.values() if b.api_key_env == variable and urls <= set(b.base_urls)), None)
     if match is None:
-        offered = "; ".join(b.describe() for b in allowed.values()) or "none; the operator declares them with cai serve --backends FILE"
+        offered = (
+            "; ".join(b.describe() for b in allowed.values())
+            or "none; the operator declares them with cai serve --backends FILE"
+        )
         key = f"${variable}" if variable else "no key"
-        raise InputError(shown, where, f"{', '.join(sorted(urls))} with {key} is not a backend this server allows (allowed: {offered})")
+        raise InputError(
+            shown,
+            where,
+            f"{', '.join(sorted(urls))} with {key} is not a backend this server allows (allowed: {offered})",
+        )
     if match.models and spec.model not in match.models:
-        raise InputError(shown, f"{where}.model", f"{spec.model!r} is not a model the server's backend {match.name!r} allows ({', '.join(match.models)})")
+        raise InputError(
+            shown,
+            f"{where}.model",
+            f"{spec.model!r} is not a model the server's backend {match.name!r} allows ({', '.join(match.models)})",
+        )
     for limit in LIMITS:
         cap, value = getattr(match, limit), spec.settings.get(limit)
         if cap is not None and (value is None or value > cap):
-            raise InputError(shown, f"{where}.{limit}", f"the server's backend {match.name!r} allows at most {cap}: set it to {cap} or less")
+            raise InputError(
+                shown,
+                f"{where}.{limit}",
+                f"the server's backend {match.name!r} allows at most {cap}: set it to {cap} or less",
+            )
 
 
 # What each option may be: a type, a tuple of the values allowed, or a table for a nested mapping.
 ENGINE_OPTIONS: dict[str, Any] = {
-    **dict.fromkeys(("max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size", "max_logprobs", "seed", "kv_cache_memory_bytes"), int),
+    **dict.fromkeys(
+        (
+            "max_model_len",
+            "max_num_seqs",
+            "max_num_batched_tokens",
+            "block_size",
+            "max_logprobs",
+            "seed",
+            "kv_cache_memory_bytes",
+        ),
+        int,
+    ),
     **dict.fromkeys(("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size"), int),
     **dict.fromkeys(("gpu_memory_utilization", "cpu_offload_gb"), float),
     **dict.fromkeys(("enforce_eager", "enable_prefix_caching", "enable_chunked_prefill"), bool),
@@ -98,15 +130,27 @@ _WHY_ONE_VALUE = {
     "load_format": "other formats unpickle weights, which can run code",
 }
 _ACCEPTS = {int: (int,), float: (int, float), bool: (bool,)}  # exact types: True is an int to Python, not a count
-_TYPE_NAMES = {int: "integer", float: "number", bool: "boolean", str: "string", list: "list", dict: "mapping", type(None): "null"}
+_TYPE_NAMES = {
+    int: "integer",
+    float: "number",
+    bool: "boolean",
+    str: "string",
+    list: "list",
+    dict: "mapping",
+    type(None): "null",
+}
 
 
-def check_engine_options(options: Mapping[str, Any], shown: str, where: str, table: Mapping[str, Any] = ENGINE_OPTIONS) -> None:
+def check_engine_options(
+    options: Mapping[str, Any], shown: str, where: str, table: Mapping[str, Any] = ENGINE_OPTIONS
+) -> None:
     """An InputError for the first option outside the allow-list, `where` being its mapping's field path."""
     for key, value in options.items():
         field = f"{where}.{key}"
         if key not in table:
-            raise InputError(shown, field, f"not an engine option jobs may set on this server (allowed: {', '.join(sorted(table))})")
+            raise InputError(
+                shown, field, f"not an engine option jobs may set on this server (allowed: {', '.join(sorted(table))})"
+            )
         rule = table[key]
         if isinstance(rule, dict):
             if not isinstance(value, dict):
@@ -117,8 +161,9 @@ def check_engine_options(options: Mapping[str, Any], shown: str, where: str, tab
                 why = f": {_WHY_ONE_VALUE[key]}" if key in _WHY_ONE_VALUE else ""
                 raise InputError(shown, field, f"may only be {' or '.join(map(json.dumps, rule))} on this server{why}")
         elif type(value) not in _ACCEPTS[rule]:
-            raise InputError(shown, field, f"expected {_TYPE_NAMES[rule]}, got {_TYPE_NAMES.get(type(value), type(value).__name__)}")
-
+            raise InputError(
+                shown, field, f"expected {_TYPE_NAMES[rule]}, got {_TYPE_NAMES.get(type(value), type(value).__name__)}"
+            )
 
 
 def job_keys(backends: Mapping[str, BackendSpec]) -> list[str]:

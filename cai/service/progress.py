@@ -1,5 +1,5 @@
 """What a job has done so far, read from the files its process writes: the progress file `cai run` keeps
-when $CAI_PROGRESS_FILE is set (cai/progress.py), a training's metrics.jsonl, and the run directory."""
+when $CAI_PROGRESS_FILE is set (cai/generate/progress.py), a training's metrics.jsonl, and the run directory."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from cai.core.disk import read_jsonl
 from cai.service.jobs import FINISHED, Job
-from cai.store import read_jsonl
 
 
 def job_files(state_dir: Path, job: Job) -> dict[str, Path]:
@@ -18,7 +18,11 @@ def job_files(state_dir: Path, job: Job) -> dict[str, Path]:
 
 
 def progress(state_dir: Path, root: Path, job: Job) -> dict[str, Any]:
-    out = _run_progress(job_files(state_dir, job)["progress"], job) if job.kind == "run" else _train_progress(root / job.out_dir, job)
+    out = (
+        _run_progress(job_files(state_dir, job)["progress"], job)
+        if job.kind == "run"
+        else _train_progress(root / job.out_dir, job)
+    )
     if job.status == FINISHED:
         out["fraction"] = 1.0
     return out
@@ -32,7 +36,9 @@ def _run_progress(path: Path, job: Job) -> dict[str, Any]:
     stages = doc["stages"]
     current = stages.get(doc["stage"], {})
     seconds = current.get("seconds") or 0
-    fractions = [min(s["done"] / s["total"], 1.0) if s["total"] else 1.0 for name, s in stages.items() if name in job.stages]
+    fractions = [
+        min(s["done"] / s["total"], 1.0) if s["total"] else 1.0 for name, s in stages.items() if name in job.stages
+    ]
     return {
         "stage": doc["stage"],
         "stages": stages,
@@ -64,8 +70,17 @@ def summary(root: Path, job: Job) -> dict[str, Any]:
     if job.kind != "run":
         return {"output_dir": job.out_dir, "final_model": (out_dir / "final").is_dir()}
     datasets = out_dir / "datasets"
-    counts = {name: _lines(datasets / f"{name}.jsonl") for name in ("rows", "sft", "preferences") if (datasets / f"{name}.jsonl").exists()}
-    return {"run_dir": job.out_dir, "datasets": counts, "failures": _lines(out_dir / "failures.jsonl"), "report": (out_dir / "report.html").exists()}
+    counts = {
+        name: _lines(datasets / f"{name}.jsonl")
+        for name in ("rows", "sft", "preferences")
+        if (datasets / f"{name}.jsonl").exists()
+    }
+    return {
+        "run_dir": job.out_dir,
+        "datasets": counts,
+        "failures": _lines(out_dir / "failures.jsonl"),
+        "report": (out_dir / "report.html").exists(),
+    }
 
 
 def _lines(path: Path) -> int:

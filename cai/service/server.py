@@ -7,8 +7,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from cai.errors import InputError
-from cai.keys import is_loopback
+from cai.core.errors import InputError
+from cai.generate.keys import is_loopback
 from cai.service.jobs import DEFAULT_MAX_QUEUED
 from cai.service.policy import load_backends
 from cai.service.workspace import Workspace

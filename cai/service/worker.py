@@ -16,8 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from cai.errors import InputError
-from cai.progress import PROGRESS_FILE_ENV
+from cai.core.errors import InputError
+from cai.generate.progress import PROGRESS_FILE_ENV
 from cai.service.jobs import CANCELLED, FAILED, FINISHED, INTERRUPTED, QUEUED, RUNNING, Job, JobStore
 from cai.service.progress import job_files
 
@@ -123,12 +123,22 @@ class Worker:
                 logfile.write(f"refused: {error}\n")
             self.store.end(job.id, FAILED, None, error)
             return
-        env = {**job_environment(keys), PROGRESS_FILE_ENV: str(files["progress"]), JOB_MARKER_ENV: f"{self.marker}:{job.id}", "PYTHONUNBUFFERED": "1"}
+        env = {
+            **job_environment(keys),
+            PROGRESS_FILE_ENV: str(files["progress"]),
+            JOB_MARKER_ENV: f"{self.marker}:{job.id}",
+            "PYTHONUNBUFFERED": "1",
+        }
         try:
             proc = subprocess.Popen(
-                command, cwd=self.root, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                command,
+                cwd=self.root,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
                 start_new_session=True,  # its own process group: cancel reaches the engine's workers too
-            )  # fmt: skip
+            )
         except OSError as exc:
             logfile.close()
             self.store.end(job.id, FAILED, None, f"could not start: {exc}")
@@ -198,7 +208,11 @@ def _copy_log(proc: subprocess.Popen, logfile, values: list[str]) -> None:
 
 
 def _last_line(path: Path) -> str | None:
-    lines = [x.strip() for x in path.read_text(encoding="utf-8", errors="replace").splitlines() if x.strip()] if path.exists() else []
+    lines = (
+        [x.strip() for x in path.read_text(encoding="utf-8", errors="replace").splitlines() if x.strip()]
+        if path.exists()
+        else []
+    )
     return lines[-1] if lines else None
 
 

@@ -10,12 +10,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from cai import config as pipeline_config
-from cai.config import PipelineConfig, resolve_path
-from cai.errors import InputError
-from cai.files import load_yaml, schema
-from cai.models import EMBEDDED
-from cai.pipeline import default_run_dir
+from cai.core.errors import InputError
+from cai.core.files import load_yaml, resolve_path, schema
+from cai.core.models import EMBEDDED
+from cai.generate import config as pipeline_config
+from cai.generate.config import PipelineConfig
+from cai.generate.pipeline import default_run_dir
 from cai.service.policy import ServerBackend, check_api_backend, check_engine_options
 from cai.train import config as train_config
 from cai.train.config import TrainConfig
@@ -71,7 +71,9 @@ class Workspace:
         shown = relative
         # Relative to the workspace, the server's current folder (cai serve makes it so): errors then
         # name the file as `cai run` in the workspace would.
-        cfg = pipeline_config.load(path.relative_to(self.root), overrides, check_path=lambda p, what: self.inside(p, shown, what))
+        cfg = pipeline_config.load(
+            path.relative_to(self.root), overrides, check_path=lambda p, what: self.inside(p, shown, what)
+        )
         for name, spec in cfg.backends.items():
             if spec.type == "openai":
                 check_api_backend(spec, self.backends, shown)
@@ -99,8 +101,8 @@ class Workspace:
         check_engine_options(cfg.distill.vllm_options, relative, "distill.vllm_options")
         for where, read in cfg.read_paths():
             self.inside(read, relative, where)
-        for section in ("ppo", "rejection", "rest", "grpo", "rloo", "hir"):
-            check_engine_options(getattr(cfg, section).vllm_options, relative, f"{section}.vllm_options")
+        for section, options in cfg.reward_sections().items():
+            check_engine_options(options.vllm_options, relative, f"{section}.vllm_options")
         for judge, judge_spec in cfg.judges():
             spec, where = judge_spec.backend, f"{judge}.backend"
             if spec.type == "openai":
@@ -117,7 +119,11 @@ class Workspace:
         if model in EMBEDDED:
             return
         if not self.inside(resolve_path(model, config_file), shown, what).is_dir():
-            raise InputError(shown, what, f"{model}: not a model folder in the workspace (jobs use embedded models or folders in the workspace, not hub ids)")
+            raise InputError(
+                shown,
+                what,
+                f"{model}: not a model folder in the workspace (jobs use embedded models or folders in the workspace, not hub ids)",
+            )
 
     def pipelines(self) -> list[dict]:
         """Pipeline files in the workspace (YAML with a pipeline's required keys), for the dashboard's form."""

@@ -20,9 +20,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from cai.errors import InputError
-from cai.files import canonical_json
-from cai.store import write_atomic
+from cai.core.disk import replaced_folder, write_atomic
+from cai.core.errors import InputError
+from cai.core.files import canonical_json
 from cai.train.config import TrainConfig, changed_keys
 
 
@@ -34,7 +34,11 @@ def record_config(config: TrainConfig) -> None:
     if path.exists():
         recorded = json.loads(path.read_text(encoding="utf-8"))
         if recorded.get("kind") != config.kind:
-            raise InputError(str(config.file), None, f"{config.output_dir} holds a `cai train {recorded.get('kind')}` run: use another output_dir")
+            raise InputError(
+                str(config.file),
+                None,
+                f"{config.output_dir} holds a `cai train {recorded.get('kind')}` run: use another output_dir",
+            )
         changed = changed_keys(recorded["config"], config.raw)
         if changed:
             key = changed[0]
@@ -70,7 +74,14 @@ def skip_model_weights(accelerator) -> None:
 
 
 def save(
-    accelerator, model, tokenizer, output_dir: Path, step: int, trainer_state: dict[str, Any], keep: int, others: dict[str, Any] | None = None
+    accelerator,
+    model,
+    tokenizer,
+    output_dir: Path,
+    step: int,
+    trainer_state: dict[str, Any],
+    keep: int,
+    others: dict[str, Any] | None = None,
 ) -> Path:
     """Write checkpoints/step-N atomically and keep only the newest `keep`. `others` are further
     trained models (PPO's value model), each saved the same way in a subfolder of its name."""
@@ -81,11 +92,17 @@ def save(
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     accelerator.unwrap_model(model).save_pretrained(
-        tmp, state_dict=accelerator.get_state_dict(model), is_main_process=accelerator.is_main_process, safe_serialization=True
+        tmp,
+        state_dict=accelerator.get_state_dict(model),
+        is_main_process=accelerator.is_main_process,
+        safe_serialization=True,
     )
     for name, other in (others or {}).items():
         accelerator.unwrap_model(other).save_pretrained(
-            tmp / name, state_dict=accelerator.get_state_dict(other), is_main_process=accelerator.is_main_process, safe_serialization=True
+            tmp / name,
+            state_dict=accelerator.get_state_dict(other),
+            is_main_process=accelerator.is_main_process,
+            safe_serialization=True,
         )
     accelerator.save_state(str(tmp / "state"))
     if accelerator.is_main_process:
@@ -111,17 +128,14 @@ def restore(accelerator, folder: Path) -> dict[str, Any]:
 def save_final(accelerator, model, tokenizer, output_dir: Path) -> Path:
     """OUTPUT/final: a plain model any loader reads (a LoRA adapter is merged into its base)."""
     folder = output_dir / "final"
-    tmp = folder.with_name(".final.tmp")
     unwrapped = accelerator.unwrap_model(model)
-    state_dict = accelerator.get_state_dict(model)
+    state_dict = accelerator.get_state_dict(model)  # every rank takes part in gathering it
     if hasattr(unwrapped, "merge_and_unload"):
         unwrapped = unwrapped.merge_and_unload()
         state_dict = None
     if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        shutil.rmtree(folder, ignore_errors=True)
-        os.rename(tmp, folder)
+        with replaced_folder(folder) as tmp:
+            unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
     accelerator.wait_for_everyone()
     return folder

@@ -12,21 +12,44 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cai.backends.base import BackendSpec
-from cai.config import apply_overrides, backend_spec, resolve_path
-from cai.errors import InputError
-from cai.files import load_yaml, validate
-from cai.models import EMBEDDED, looks_like_path
+from cai.core.errors import InputError
+from cai.core.files import existing_path, load_yaml, validate
+from cai.core.models import check_model_folder
+from cai.core.overrides import apply_overrides
+from cai.generate.backends.base import BackendSpec
+from cai.generate.config import backend_spec
 
 # The one list of trainer kinds, with the module whose train() each runs: the CLI, the service and
 # the chain schema's enum (kept equal by a test) read it.
-RECIPES = {"sft": "cai.train.sft", "rm": "cai.train.reward", "dpo": "cai.train.dpo", "ppo": "cai.train.ppo", "rejection": "cai.train.rejection",
-           "rest": "cai.train.rest", "grpo": "cai.train.grpo", "rloo": "cai.train.grpo", "nash-md": "cai.train.nash_md",
-           "hir": "cai.train.hir",
-           "distill": "cai.train.distill",
-           "judge": "cai.train.judge"}  # fmt: skip
+RECIPES = {
+    "sft": "cai.train.sft",
+    "rm": "cai.train.reward",
+    "dpo": "cai.train.dpo",
+    "ppo": "cai.train.ppo",
+    "rejection": "cai.train.rejection",
+    "rest": "cai.train.rest",
+    "grpo": "cai.train.grpo",
+    "rloo": "cai.train.grpo",
+    "nash-md": "cai.train.nash_md",
+    "hir": "cai.train.hir",
+    "distill": "cai.train.distill",
+    "judge": "cai.train.judge",
+}
 KINDS = tuple(RECIPES)
-DEFAULT_LR = {"sft": 2e-5, "rm": 1e-5, "dpo": 1e-6, "ppo": 1e-6, "rejection": 2e-5, "rest": 2e-5, "grpo": 1e-6, "rloo": 1e-6, "nash-md": 1e-6, "hir": 2e-5, "distill": 2e-5, "judge": 1e-5}
+DEFAULT_LR = {
+    "sft": 2e-5,
+    "rm": 1e-5,
+    "dpo": 1e-6,
+    "ppo": 1e-6,
+    "rejection": 2e-5,
+    "rest": 2e-5,
+    "grpo": 1e-6,
+    "rloo": 1e-6,
+    "nash-md": 1e-6,
+    "hir": 2e-5,
+    "distill": 2e-5,
+    "judge": 1e-5,
+}
 # Keys that change neither the weights nor the data order: a resumed run may change them.
 RESUMABLE_CHANGES = frozenset({"save_every", "keep_checkpoints", "eval_every", "eval_batch_size", "tensorboard"})
 
@@ -303,11 +326,23 @@ class TrainConfig:
 
     def reward_sections(self) -> dict[str, Any]:
         """The sections that hold `rewards:` lists, by name."""
-        return {"ppo": self.ppo, "rejection": self.rejection, "rest": self.rest, "grpo": self.grpo, "rloo": self.rloo, "hir": self.hir}
+        return {
+            "ppo": self.ppo,
+            "rejection": self.rejection,
+            "rest": self.rest,
+            "grpo": self.grpo,
+            "rloo": self.rloo,
+            "hir": self.hir,
+        }
 
     def judges(self) -> list[tuple[str, JudgeSource]]:
         """(config field, spec) of every judge this config declares: reward sources and Nash-MD's preference."""
-        found = [(f"{name}.rewards[{i}].judge", s.judge) for name, options in self.reward_sections().items() for i, s in enumerate(options.rewards) if s.judge is not None]
+        found = [
+            (f"{name}.rewards[{i}].judge", s.judge)
+            for name, options in self.reward_sections().items()
+            for i, s in enumerate(options.rewards)
+            if s.judge is not None
+        ]
         if self.nash_md.preference.judge is not None:
             found.append(("nash-md.preference.judge", self.nash_md.preference.judge))
         return found
@@ -315,10 +350,17 @@ class TrainConfig:
     def read_paths(self) -> list[tuple[str, Path]]:
         """(config field, path) of every file or folder this trainer reads besides its models: the data
         and the reward models. What the service confines to its workspace."""
-        paths = [("data.train", self.train_data)] + ([("data.eval", self.eval_data)] if self.eval_data is not None else [])
+        paths = [("data.train", self.train_data)] + (
+            [("data.eval", self.eval_data)] if self.eval_data is not None else []
+        )
         if self.rm.pretrain is not None:
             paths.append(("rm.pretrain.data", self.rm.pretrain.data))
-        paths += [(f"{name}.rewards[{i}].model", s.model) for name, options in self.reward_sections().items() for i, s in enumerate(options.rewards) if s.model is not None]
+        paths += [
+            (f"{name}.rewards[{i}].model", s.model)
+            for name, options in self.reward_sections().items()
+            for i, s in enumerate(options.rewards)
+            if s.model is not None
+        ]
         if self.nash_md.preference.model is not None:
             paths.append(("nash-md.preference.model", self.nash_md.preference.model))
         for where, judge in self.judges():
@@ -326,7 +368,11 @@ class TrainConfig:
             if judge.references is not None:
                 paths.append((f"{where}.references", judge.references))
         context = self.distill.context
-        paths += [(f"distill.context.{key}", p) for key, p in (("constitution", context.constitution), ("system_file", context.system_file)) if p is not None]
+        paths += [
+            (f"distill.context.{key}", p)
+            for key, p in (("constitution", context.constitution), ("system_file", context.system_file))
+            if p is not None
+        ]
         if self.judge.constitution is not None:  # the default is the project's own file, not one a job names
             paths.append(("judge.constitution", self.judge.constitution))
         return paths
@@ -350,10 +396,10 @@ def load(kind: str, path: str | Path, overrides: list[str] = ()) -> TrainConfig:
             raise InputError(name, other, f"options for `cai train {other}`, but this is `cai train {kind}`")
 
     model = doc["model"]
-    _check_model(model, file, name, "model")
+    check_model_folder(model, file, name, "model")
     dpo = DPOOptions(**doc.get("dpo", {}))
     if dpo.reference is not None:
-        _check_model(dpo.reference, file, name, "dpo.reference")
+        check_model_folder(dpo.reference, file, name, "dpo.reference")
     if dpo.loss_type == "cpl":
         for key, value in (("reference", dpo.reference), ("precompute_ref", dpo.precompute_ref)):
             if value:
@@ -362,23 +408,45 @@ def load(kind: str, path: str | Path, overrides: list[str] = ()) -> TrainConfig:
         raise InputError(name, "dpo.cpl_lambda", f"an option of loss_type cpl, not {dpo.loss_type}")
 
     data = doc["data"]
-    train_data = _existing(data["train"], file, name, "data.train")
-    eval_data = _existing(data["eval"], file, name, "data.eval") if "eval" in data else None
+    train_data = existing_path(data["train"], file, name, "data.train", folder_ok=True)
+    eval_data = existing_path(data["eval"], file, name, "data.eval", folder_ok=True) if "eval" in data else None
     if "eval_skip" in data and eval_data is None:
         raise InputError(name, "data.eval_skip", "skips records of data.eval: give data.eval")
 
     rm_doc = dict(doc.get("rm", {}))
     if "pretrain" in rm_doc:
         pretrain = dict(rm_doc["pretrain"])
-        pretrain["data"] = _existing(pretrain["data"], file, name, "rm.pretrain.data")
+        pretrain["data"] = existing_path(pretrain["data"], file, name, "rm.pretrain.data", folder_ok=True)
         rm_doc["pretrain"] = PretrainOptions(**pretrain)
     rm = RewardOptions(**rm_doc)
     if rm.use_margin and rm.use_soft_labels:
-        raise InputError(name, "rm.use_soft_labels", "use_margin and use_soft_labels both encode the judge's confidence: enable one")
+        raise InputError(
+            name, "rm.use_soft_labels", "use_margin and use_soft_labels both encode the judge's confidence: enable one"
+        )
 
-    scalars = {k: doc[k] for k in ("seed", "max_steps", "epochs", "batch_size", "grad_accum", "lr", "weight_decay", "warmup_steps", "scheduler",
-                                   "max_grad_norm", "max_length", "precision", "save_every", "keep_checkpoints", "eval_every", "eval_batch_size",
-                                   "tensorboard") if k in doc}
+    scalars = {
+        k: doc[k]
+        for k in (
+            "seed",
+            "max_steps",
+            "epochs",
+            "batch_size",
+            "grad_accum",
+            "lr",
+            "weight_decay",
+            "warmup_steps",
+            "scheduler",
+            "max_grad_norm",
+            "max_length",
+            "precision",
+            "save_every",
+            "keep_checkpoints",
+            "eval_every",
+            "eval_batch_size",
+            "tensorboard",
+        )
+        if k in doc
+    }
     return TrainConfig(
         kind=kind,
         file=file,
@@ -407,7 +475,9 @@ def load(kind: str, path: str | Path, overrides: list[str] = ()) -> TrainConfig:
     )
 
 
-def _rewards(doc: dict[str, Any], section: str, file: Path, name: str) -> tuple[dict[str, Any], tuple[RewardSource, ...], tuple[str, float] | None]:
+def _rewards(
+    doc: dict[str, Any], section: str, file: Path, name: str
+) -> tuple[dict[str, Any], tuple[RewardSource, ...], tuple[str, float] | None]:
     """A trainer section's other options, its reward sources and its gate, checked."""
     if section not in doc:
         raise InputError(name, section, f"`cai train {section}` needs a {section} section with its rewards")
@@ -416,33 +486,53 @@ def _rewards(doc: dict[str, Any], section: str, file: Path, name: str) -> tuple[
     for index, spec in enumerate(options.pop("rewards")):
         if any(s.name == spec["name"] for s in sources):
             raise InputError(name, f"{section}.rewards[{index}].name", f"a second reward named {spec['name']!r}")
-        model = _existing(spec["model"], file, name, f"{section}.rewards[{index}].model") if "model" in spec else None
-        judge = _judge(spec["judge"], file, name, f"{section}.rewards[{index}].judge", spec["name"]) if "judge" in spec else None
+        model = (
+            existing_path(spec["model"], file, name, f"{section}.rewards[{index}].model", folder_ok=True)
+            if "model" in spec
+            else None
+        )
+        judge = (
+            _judge(spec["judge"], file, name, f"{section}.rewards[{index}].judge", spec["name"])
+            if "judge" in spec
+            else None
+        )
         sources.append(RewardSource(spec["name"], spec.get("weight", 1.0), model, tuple(spec.get("tokens", ())), judge))
     gate = options.pop("gate", None)
     if gate is not None and gate["reward"] not in [s.name for s in sources]:
-        raise InputError(name, f"{section}.gate.reward", f"names no reward (rewards: {', '.join(s.name for s in sources)})")
+        raise InputError(
+            name, f"{section}.gate.reward", f"names no reward (rewards: {', '.join(s.name for s in sources)})"
+        )
     return options, tuple(sources), (gate["reward"], gate["threshold"]) if gate else None
 
 
 def _judge(doc: dict[str, Any], file: Path, name: str, where: str, source: str) -> JudgeSource:
     mode = doc.get("mode", "score")
     if (mode == "pairwise") != ("references" in doc):
-        raise InputError(name, f"{where}.references", "pairwise mode needs references (each prompt's reference answer); score mode takes none")
+        raise InputError(
+            name,
+            f"{where}.references",
+            "pairwise mode needs references (each prompt's reference answer); score mode takes none",
+        )
     return JudgeSource(
         backend=backend_spec(f"judge-{source}", doc["backend"], file, f"{where}.backend"),
-        constitution=_existing(doc["constitution"], file, name, f"{where}.constitution"),
+        constitution=existing_path(doc["constitution"], file, name, f"{where}.constitution"),
         mode=mode,
         principles=doc.get("principles", 1),
-        references=_existing(doc["references"], file, name, f"{where}.references") if "references" in doc else None,
+        references=existing_path(doc["references"], file, name, f"{where}.references") if "references" in doc else None,
     )
 
 
-def _offline_rewards(doc: dict[str, Any], section: str, file: Path, name: str) -> tuple[dict[str, Any], tuple[RewardSource, ...], tuple[str, float] | None]:
+def _offline_rewards(
+    doc: dict[str, Any], section: str, file: Path, name: str
+) -> tuple[dict[str, Any], tuple[RewardSource, ...], tuple[str, float] | None]:
     options, sources, gate = _rewards(doc, section, file, name)
     for index, source in enumerate(sources):
         if source.judge is not None:
-            raise InputError(name, f"{section}.rewards[{index}].judge", "the judge is a reward of the online trainers (ppo, grpo, rloo)")
+            raise InputError(
+                name,
+                f"{section}.rewards[{index}].judge",
+                "the judge is a reward of the online trainers (ppo, grpo, rloo)",
+            )
     return options, sources, gate
 
 
@@ -466,19 +556,33 @@ def _hir_options(doc: dict[str, Any], file: Path, name: str) -> HIROptions:
     # scores through Rewards, which serves it.
     options, sources, gate = _rewards(doc, "hir", file, name)
     try:
-        fields = {f for _, f, _, _ in string.Formatter().parse(options.get("template", HIROptions.template)) if f is not None}
+        fields = {
+            f for _, f, _, _ in string.Formatter().parse(options.get("template", HIROptions.template)) if f is not None
+        }
     except ValueError as exc:
         raise InputError(name, "hir.template", f"{exc} (a literal brace is written twice: {{{{ or }}}})") from None
     if fields != {"prompt", "band"}:
-        raise InputError(name, "hir.template", f"needs the fields {{prompt}} and {{band}} and no other (has: {', '.join(sorted(fields)) or 'none'})")
+        raise InputError(
+            name,
+            "hir.template",
+            f"needs the fields {{prompt}} and {{band}} and no other (has: {', '.join(sorted(fields)) or 'none'})",
+        )
     bands = []
     for index, band in enumerate(options.pop("bands")):
         if index == 0 and "at_least" in band:
-            raise InputError(name, "hir.bands[0].at_least", "the first band is the lowest: it takes every reward below the next band's at_least")
+            raise InputError(
+                name,
+                "hir.bands[0].at_least",
+                "the first band is the lowest: it takes every reward below the next band's at_least",
+            )
         if index > 0 and "at_least" not in band:
             raise InputError(name, f"hir.bands[{index}].at_least", "every band but the first needs its lower bound")
         if index > 1 and band["at_least"] <= bands[-1].at_least:
-            raise InputError(name, f"hir.bands[{index}].at_least", f"must rise: {band['at_least']} is not above the band before's {bands[-1].at_least}")
+            raise InputError(
+                name,
+                f"hir.bands[{index}].at_least",
+                f"must rise: {band['at_least']} is not above the band before's {bands[-1].at_least}",
+            )
         if any(b.label == band["label"] for b in bands):
             raise InputError(name, f"hir.bands[{index}].label", f"a second band labelled {band['label']!r}")
         bands.append(Band(band["label"], band.get("at_least")))
@@ -488,7 +592,9 @@ def _hir_options(doc: dict[str, Any], file: Path, name: str) -> HIROptions:
 def _check_rollout(doc: dict[str, Any], options: dict[str, Any], section: str, name: str) -> None:
     if options.get("rollout") == "vllm" and "lora" in doc:
         # The engine takes whole weights: a LoRA policy would need its adapter merged at every sync.
-        raise InputError(name, f"{section}.rollout", "vllm rollouts need a full policy, not lora: drop lora or use rollout: hf")
+        raise InputError(
+            name, f"{section}.rollout", "vllm rollouts need a full policy, not lora: drop lora or use rollout: hf"
+        )
 
 
 def _group_options(doc: dict[str, Any], section: str, file: Path, name: str) -> GroupOptions:
@@ -496,7 +602,11 @@ def _group_options(doc: dict[str, Any], section: str, file: Path, name: str) -> 
     _check_rollout(doc, options, section, name)
     group = GroupOptions(rewards=sources, gate=gate, **options)
     if group.minibatch_size is not None and group.minibatch_size % group.samples:
-        raise InputError(name, f"{section}.minibatch_size", f"a multiple of samples ({group.samples}): a prompt's answers are packed into one row")
+        raise InputError(
+            name,
+            f"{section}.minibatch_size",
+            f"a multiple of samples ({group.samples}): a prompt's answers are packed into one row",
+        )
     return group
 
 
@@ -507,19 +617,32 @@ def _nash_md_options(doc: dict[str, Any], file: Path, name: str) -> NashMDOption
     if options.get("rollout") == "vllm":
         # the mixture's every token needs the policy's and the reference's logits together: a loop over
         # both models, not one engine's sampling
-        raise InputError(name, "nash-md.rollout", "Nash-MD samples from the policy-reference mixture with both models' logits: use rollout: hf")
+        raise InputError(
+            name,
+            "nash-md.rollout",
+            "Nash-MD samples from the policy-reference mixture with both models' logits: use rollout: hf",
+        )
     spec = options.pop("preference")
     if len(spec) != 1:
-        raise InputError(name, "nash-md.preference", "needs exactly one of model (a `cai train rm` output) or judge (the constitution's pairwise judge)")
+        raise InputError(
+            name,
+            "nash-md.preference",
+            "needs exactly one of model (a `cai train rm` output) or judge (the constitution's pairwise judge)",
+        )
     if "model" in spec:
-        preference = PreferenceSource(model=_existing(spec["model"], file, name, "nash-md.preference.model"))
+        preference = PreferenceSource(
+            model=existing_path(spec["model"], file, name, "nash-md.preference.model", folder_ok=True)
+        )
     else:
         judge, where = spec["judge"], "nash-md.preference.judge"
-        preference = PreferenceSource(judge=JudgeSource(
-            backend=backend_spec("judge-preference", judge["backend"], file, f"{where}.backend"),
-            constitution=_existing(judge["constitution"], file, name, f"{where}.constitution"),
-            mode="pairwise", principles=judge.get("principles", 1),
-        ))  # fmt: skip
+        preference = PreferenceSource(
+            judge=JudgeSource(
+                backend=backend_spec("judge-preference", judge["backend"], file, f"{where}.backend"),
+                constitution=existing_path(judge["constitution"], file, name, f"{where}.constitution"),
+                mode="pairwise",
+                principles=judge.get("principles", 1),
+            )
+        )
     return NashMDOptions(preference=preference, **options)
 
 
@@ -529,7 +652,9 @@ def _ppo_options(doc: dict[str, Any], file: Path, name: str) -> PPOOptions:
     if options.get("algorithm") == "a2c":
         for key in ("ppo_epochs", "minibatch_size", "clip_range", "value_clip_range"):
             if key in options:
-                raise InputError(name, f"ppo.{key}", "an option of algorithm ppo: a2c takes one unclipped update per batch")
+                raise InputError(
+                    name, f"ppo.{key}", "an option of algorithm ppo: a2c takes one unclipped update per batch"
+                )
     if options.get("value_from") == "reward" and not any(s.model for s in sources):
         raise InputError(name, "ppo.value_from", "no reward model to start the value model from")
     return PPOOptions(rewards=sources, gate=gate, **options)
@@ -541,21 +666,33 @@ def _distill_options(doc: dict[str, Any], file: Path, name: str) -> DistillOptio
     options = dict(doc["distill"])
     context = options.pop("context")
     if len(context) != 1:
-        raise InputError(name, "distill.context", f"give exactly one of constitution, system, system_file (given: {', '.join(context) or 'none'})")
-    paths = {key: _existing(context[key], file, name, f"distill.context.{key}") for key in ("constitution", "system_file") if key in context}
+        raise InputError(
+            name,
+            "distill.context",
+            f"give exactly one of constitution, system, system_file (given: {', '.join(context) or 'none'})",
+        )
+    paths = {
+        key: existing_path(context[key], file, name, f"distill.context.{key}")
+        for key in ("constitution", "system_file")
+        if key in context
+    }
     if options.get("target", DistillOptions.target) == "text":
         for key in ("kl", "kl_temperature"):
             if key in options:
-                raise InputError(name, f"distill.{key}", "an option of target logits: target text fine-tunes on the teacher's answers")
+                raise InputError(
+                    name,
+                    f"distill.{key}",
+                    "an option of target logits: target text fine-tunes on the teacher's answers",
+                )
     if "teacher" in options:
-        _check_model(options["teacher"], file, name, "distill.teacher")
+        check_model_folder(options["teacher"], file, name, "distill.teacher")
     return DistillOptions(context=DistillContext(system=context.get("system"), **paths), **options)
 
 
 def _judge_train_options(doc: dict[str, Any], file: Path, name: str) -> JudgeTrainOptions:
     options = dict(doc.get("judge", {}))
     if "constitution" in options:
-        options["constitution"] = _existing(options["constitution"], file, name, "judge.constitution")
+        options["constitution"] = existing_path(options["constitution"], file, name, "judge.constitution")
     return JudgeTrainOptions(**options)
 
 
@@ -570,18 +707,6 @@ def _exponent_floats(doc: Any) -> Any:
     if isinstance(doc, str) and _EXPONENT_FLOAT.match(doc):
         return float(doc)
     return doc
-
-
-def _check_model(model: str, file: Path, name: str, field_name: str) -> None:
-    if model not in EMBEDDED and looks_like_path(model) and not resolve_path(model, file).is_dir():
-        raise InputError(name, field_name, f"model folder not found: {model}")
-
-
-def _existing(value: str, file: Path, name: str, field_name: str) -> Path:
-    p = resolve_path(value, file)
-    if not p.exists():
-        raise InputError(name, field_name, f"not found: {value}")
-    return p
 
 
 def changed_keys(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:

@@ -17,9 +17,9 @@ from typing import Any, Iterator
 
 import torch
 
-from cai import eval_judge
-from cai.errors import InputError
-from cai.files import canonical_json, content_hash, jsonl_records, read_text, validate
+from cai.core.errors import InputError
+from cai.core.files import canonical_json, content_hash, jsonl_records, read_text, validate
+from cai.generate import importers
 
 Messages = list[dict[str, str]]
 
@@ -48,7 +48,9 @@ def _records(path: Path) -> Iterator[tuple[int, Any]]:
             raise InputError(str(path), None, f"not a HF datasets folder: {exc}") from None
         if isinstance(dataset, DatasetDict):
             if "train" not in dataset:
-                raise InputError(str(path), None, f"a DatasetDict without a 'train' split (splits: {', '.join(dataset)})")
+                raise InputError(
+                    str(path), None, f"a DatasetDict without a 'train' split (splits: {', '.join(dataset)})"
+                )
             dataset = dataset["train"]
         for index, row in enumerate(dataset, start=1):
             # Arrow fills a column missing from some rows with None: absent, not null.
@@ -80,8 +82,13 @@ def load_preferences(path: Path, limit: int | None = None, skip: int = 0) -> lis
     transcripts; the first `skip` records passed over (a held-out slice of the training file)."""
     if path.is_file() and _is_transcript_file(path):
         return [
-            Pair(prompt=p["context"], chosen=[_assistant(p["chosen"])], rejected=[_assistant(p["rejected"])], group=content_hash(p["context"]))
-            for p in eval_judge.load_pairs(path, limit, skip)
+            Pair(
+                prompt=p["context"],
+                chosen=[_assistant(p["chosen"])],
+                rejected=[_assistant(p["rejected"])],
+                group=content_hash(p["context"]),
+            )
+            for p in importers.load_pairs(path, limit, skip)
         ]
     file = str(path)
     pairs = []
@@ -252,13 +259,19 @@ def pack(rows: list[tuple[int, list[list[int]]]], pad_id: int) -> tuple[dict[str
     segment = pad(segments, -1)  # pads: a segment of their own, which sees the shared part
     causal = torch.ones(segment.shape[1], segment.shape[1], dtype=torch.bool).tril()
     sees = (segment[:, None, :] == 0) | (segment[:, None, :] == segment[:, :, None])  # [B, query, key]
-    return {"input_ids": pad(ids, pad_id), "position_ids": pad(positions, 0), "attention_mask": (causal & sees).unsqueeze(1)}, starts
+    return {
+        "input_ids": pad(ids, pad_id),
+        "position_ids": pad(positions, 0),
+        "attention_mask": (causal & sees).unsqueeze(1),
+    }, starts
 
 
 def additive_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """A boolean [B, 1, T, T] mask as the additive form: eager attention adds the mask to the scores,
     sdpa takes either form."""
-    return torch.zeros(attention_mask.shape, dtype=dtype, device=attention_mask.device).masked_fill(~attention_mask, torch.finfo(dtype).min)
+    return torch.zeros(attention_mask.shape, dtype=dtype, device=attention_mask.device).masked_fill(
+        ~attention_mask, torch.finfo(dtype).min
+    )
 
 
 def collate_pairs(pairs: list[EncodedPair], pad_id: int) -> dict[str, torch.Tensor]:
@@ -267,7 +280,7 @@ def collate_pairs(pairs: list[EncodedPair], pad_id: int) -> dict[str, torch.Tens
     once (on HH-RLHF pairs the prompt is most of the tokens).
 
     Returns `pack`'s tensors, and for each trained token of each sequence (mask 1, position >= 1, as
-    `sequence_logps` counts them): `row`, `source` (the position whose logits predict it), `token`, and
+    a sequence's log-prob sums them): `row`, `source` (the position whose logits predict it), `token`, and
     `sequence` (i for pair i's chosen answer, B + i for its rejected one).
     """
     rows = [(shared_prompt(pair), [pair.chosen.input_ids, pair.rejected.input_ids]) for pair in pairs]
@@ -279,10 +292,18 @@ def collate_pairs(pairs: list[EncodedPair], pad_id: int) -> dict[str, torch.Tens
             for i in range(max(n, 1), len(e.input_ids)):
                 if e.mask[i]:
                     row.append(b)
-                    source.append(start + i - 1 - n if i > n else i - 1)  # the answer's first token is predicted from the prompt's last
+                    source.append(
+                        start + i - 1 - n if i > n else i - 1
+                    )  # the answer's first token is predicted from the prompt's last
                     token.append(e.input_ids[i])
                     sequence.append(side * len(pairs) + b)
-    return {**batch, "row": torch.tensor(row), "source": torch.tensor(source), "token": torch.tensor(token), "sequence": torch.tensor(sequence)}
+    return {
+        **batch,
+        "row": torch.tensor(row),
+        "source": torch.tensor(source),
+        "token": torch.tensor(token),
+        "sequence": torch.tensor(sequence),
+    }
 
 
 def shared_prefix(sequences: list[list[int]]) -> int:
@@ -355,7 +376,9 @@ class Batches:
     shuffled: little padding, yet no fixed order of lengths.
     """
 
-    def __init__(self, lengths: list[int], batch_size: int, seed: int, bucket: bool = False, rank: int = 0, world_size: int = 1):
+    def __init__(
+        self, lengths: list[int], batch_size: int, seed: int, bucket: bool = False, rank: int = 0, world_size: int = 1
+    ):
         self.lengths, self.batch_size, self.seed, self.bucket = lengths, batch_size, seed, bucket
         self.rank, self.world_size = rank, world_size
         self.per_epoch = math.ceil(len(lengths) / batch_size) // world_size
@@ -369,7 +392,11 @@ class Batches:
         rng.shuffle(order)
         if self.bucket:
             window = self.batch_size * 64
-            order = [i for w in range(0, len(order), window) for i in sorted(order[w : w + window], key=lambda i: -self.lengths[i])]
+            order = [
+                i
+                for w in range(0, len(order), window)
+                for i in sorted(order[w : w + window], key=lambda i: -self.lengths[i])
+            ]
         batches = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
         if self.bucket:
             rng.shuffle(batches)

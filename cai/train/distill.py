@@ -31,12 +31,12 @@ from pathlib import Path
 
 import torch
 
-from cai import constitution as constitutions
-from cai import prompts as prompt_sets
-from cai.errors import InputError
-from cai.files import read_text
-from cai.seeding import derive_seed
-from cai.store import read_jsonl, write_atomic
+from cai.core.disk import read_jsonl, write_atomic
+from cai.core.errors import InputError
+from cai.core.files import read_text
+from cai.core.seeding import derive_seed
+from cai.generate import constitution as constitutions
+from cai.generate import prompts as prompt_sets
 from cai.train import data, loop, runtime
 from cai.train.config import TrainConfig
 from cai.train.losses import distill_kl
@@ -60,7 +60,11 @@ def train(config: TrainConfig, stop_after: int | None = None) -> Path:
     else:
         prompts, eval_prompts = data.split_eval(prompts, [p.id for p in prompts], config.eval_fraction, config.seed)
     if options.target == "logits" and runtime.load_tokenizer(teacher_path).get_vocab() != tokenizer.get_vocab():
-        raise InputError(str(config.file), "distill.teacher", "target logits compares next-token distributions: the teacher needs the student's vocabulary")
+        raise InputError(
+            str(config.file),
+            "distill.teacher",
+            "target logits compares next-token distributions: the teacher needs the student's vocabulary",
+        )
     resume = runtime.prepare_output(config, acc)
 
     # --- the teacher's answers, with the context; generated once
@@ -69,7 +73,10 @@ def train(config: TrainConfig, stop_after: int | None = None) -> Path:
     eval_set = encode_answers(tokenizer, context, files["eval"], config.max_length)[0] if "eval" in files else []
 
     if options.target == "text":
-        final = publish_final(fine_tune(config, Path(runtime.model_path(config)), files["train"], config.output_dir / "sft"), config.output_dir)
+        final = publish_final(
+            fine_tune(config, Path(runtime.model_path(config)), files["train"], config.output_dir / "sft"),
+            config.output_dir,
+        )
     else:
         final = fit_logits(config, acc, tokenizer, context, files["train"], eval_set, resume, stop_after)
         if final is None:
@@ -78,8 +85,16 @@ def train(config: TrainConfig, stop_after: int | None = None) -> Path:
     return final
 
 
-def fit_logits(config: TrainConfig, acc, tokenizer, context: dict[str, str], answers: Path, eval_set: list[Answer], resume: Path | None,
-               stop_after: int | None) -> Path | None:
+def fit_logits(
+    config: TrainConfig,
+    acc,
+    tokenizer,
+    context: dict[str, str],
+    answers: Path,
+    eval_set: list[Answer],
+    resume: Path | None,
+    stop_after: int | None,
+) -> Path | None:
     """Target logits: the student trained on the KL to the teacher over the teacher's answers (loop.fit); returns OUTPUT/final, or None when stopped after step `stop_after`."""
     from transformers import AutoModelForCausalLM
 
@@ -87,11 +102,23 @@ def fit_logits(config: TrainConfig, acc, tokenizer, context: dict[str, str], ans
     pad_id = data.pad_id(tokenizer)
     train_set, dropped = encode_answers(tokenizer, context, answers, config.max_length)
     if not train_set:
-        raise InputError(str(config.file), "max_length", f"no teacher answer keeps a token within max_length {config.max_length} after its context")
+        raise InputError(
+            str(config.file),
+            "max_length",
+            f"no teacher answer keeps a token within max_length {config.max_length} after its context",
+        )
     if dropped:
-        runtime.note(acc, f"left out {dropped} answers with no token within max_length {config.max_length} after the context")
-    batches = data.Batches([len(a.student.input_ids) + len(a.teacher.input_ids) for a in train_set], config.batch_size, config.seed, bucket=True,
-                           rank=acc.process_index, world_size=acc.num_processes)  # fmt: skip
+        runtime.note(
+            acc, f"left out {dropped} answers with no token within max_length {config.max_length} after the context"
+        )
+    batches = data.Batches(
+        [len(a.student.input_ids) + len(a.teacher.input_ids) for a in train_set],
+        config.batch_size,
+        config.seed,
+        bucket=True,
+        rank=acc.process_index,
+        world_size=acc.num_processes,
+    )
     steps = runtime.total_steps(config, batches.per_epoch)
 
     # --- models: student (trained), teacher (frozen; under LoRA with no teacher of its own, the student with its adapter off)
@@ -99,7 +126,12 @@ def fit_logits(config: TrainConfig, acc, tokenizer, context: dict[str, str], ans
     teacher = None
     if config.lora is None or options.teacher is not None:
         dtype = torch.bfloat16 if acc.mixed_precision == "bf16" else torch.float32
-        teacher = AutoModelForCausalLM.from_pretrained(runtime.model_path(config, options.teacher), dtype=dtype).to(acc.device).eval().requires_grad_(False)
+        teacher = (
+            AutoModelForCausalLM.from_pretrained(runtime.model_path(config, options.teacher), dtype=dtype)
+            .to(acc.device)
+            .eval()
+            .requires_grad_(False)
+        )
     optimizer, scheduler = runtime.optimizer_and_scheduler(config, student, steps)
     student, optimizer = runtime.prepare(acc, student, optimizer, scheduler)
 
@@ -122,8 +154,23 @@ def fit_logits(config: TrainConfig, acc, tokenizer, context: dict[str, str], ans
         student.train()
         return weighted(results)
 
-    if loop.fit(config, acc, student, tokenizer, optimizer, scheduler, batches, steps, resume,
-                lambda indexes: batch_values([train_set[i] for i in indexes]), evaluate if eval_set else None, stop_after) is None:
+    if (
+        loop.fit(
+            config,
+            acc,
+            student,
+            tokenizer,
+            optimizer,
+            scheduler,
+            batches,
+            steps,
+            resume,
+            lambda indexes: batch_values([train_set[i] for i in indexes]),
+            evaluate if eval_set else None,
+            stop_after,
+        )
+        is None
+    ):
         return None
     final = loop.publish(config, acc, student, tokenizer)
     acc.free_memory()  # the summary loads its own models
@@ -168,7 +215,9 @@ def with_context(context: dict[str, str], messages) -> list[dict[str, str]]:
 # ----------------------------------------------------------------------------- the teacher's answers
 
 
-def teacher_answers(config: TrainConfig, acc, context: dict[str, str], splits: dict[str, list], model: str) -> dict[str, Path]:
+def teacher_answers(
+    config: TrainConfig, acc, context: dict[str, str], splits: dict[str, list], model: str
+) -> dict[str, Path]:
     """The teacher's answers to each split's prompts as SFT records without the context,
     OUTPUT/teacher/SPLIT.jsonl; generated on the first run only (train.jsonl, written last, marks
     them complete)."""
@@ -180,9 +229,16 @@ def teacher_answers(config: TrainConfig, acc, context: dict[str, str], splits: d
         records: dict[str, list[dict]] = {split: [] for split in files}
         for index, texts in answers:
             split, p = asked[index]
-            records[split] += [{"messages": [*p.messages, {"role": "assistant", "content": text}], "id": p.id, "sample": k} for k, text in enumerate(texts)]
+            records[split] += [
+                {"messages": [*p.messages, {"role": "assistant", "content": text}], "id": p.id, "sample": k}
+                for k, text in enumerate(texts)
+            ]
         if not records["train"]:
-            raise InputError(str(config.file), "max_length", "no training prompt with its context fits in max_length with room for distill.max_new_tokens")
+            raise InputError(
+                str(config.file),
+                "max_length",
+                "no training prompt with its context fits in max_length with room for distill.max_new_tokens",
+            )
         if acc.is_main_process:
             for split in sorted(files, key=lambda s: s == "train"):
                 if records[split]:
@@ -191,7 +247,9 @@ def teacher_answers(config: TrainConfig, acc, context: dict[str, str], splits: d
     return {split: path for split, path in files.items() if path.exists()}
 
 
-def generate(config: TrainConfig, acc, conversations: list[list[dict]], model: str) -> list[tuple[int, tuple[str, ...]]]:
+def generate(
+    config: TrainConfig, acc, conversations: list[list[dict]], model: str
+) -> list[tuple[int, tuple[str, ...]]]:
     """`distill.samples` answers from `model` to each conversation: (index, answers) of those that fit
     in max_length with room for `max_new_tokens`; HF generate in batches of `batch_size` prompts, or
     the vLLM engine (rejection.sample)."""
@@ -199,14 +257,27 @@ def generate(config: TrainConfig, acc, conversations: list[list[dict]], model: s
 
     options = config.distill
     if options.rollout == "vllm":
-        return sample(config, options, conversations, [derive_seed(config.seed, "distill", i) for i in range(len(conversations))], Path(model))
+        return sample(
+            config,
+            options,
+            conversations,
+            [derive_seed(config.seed, "distill", i) for i in range(len(conversations))],
+            Path(model),
+        )
     tokenizer = runtime.load_tokenizer(model)
     tokenizer.padding_side = "left"  # prompts end where the answers start
-    encoded = [tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=True, return_dict=False) for m in conversations]
+    encoded = [
+        tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=True, return_dict=False)
+        for m in conversations
+    ]
     room = config.max_length - options.max_new_tokens
     kept = [i for i, ids in enumerate(encoded) if len(ids) <= room]
     if not kept:
-        raise InputError(str(config.file), "max_length", f"no prompt with its context fits in max_length - distill.max_new_tokens = {room} tokens")
+        raise InputError(
+            str(config.file),
+            "max_length",
+            f"no prompt with its context fits in max_length - distill.max_new_tokens = {room} tokens",
+        )
     if len(kept) < len(encoded):
         runtime.note(acc, f"left out {len(encoded) - len(kept)} prompts longer than {room} tokens with the context")
     teacher = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).to(acc.device).eval()
@@ -251,7 +322,12 @@ def encode_answers(tokenizer, context: dict[str, str], path: Path, max_length: i
         if keep < 1:
             dropped += 1
             continue
-        out.append(Answer(data.Encoded(student.input_ids[: s + keep], student.mask[: s + keep]), data.Encoded(teacher.input_ids[: t + keep], teacher.mask[: t + keep])))
+        out.append(
+            Answer(
+                data.Encoded(student.input_ids[: s + keep], student.mask[: s + keep]),
+                data.Encoded(teacher.input_ids[: t + keep], teacher.mask[: t + keep]),
+            )
+        )
     return out, dropped
 
 
@@ -261,20 +337,28 @@ def answer_logits(model, items: list[data.Encoded], pad_id: int, device) -> torc
     batch = {k: v.to(device) for k, v in data.collate(items, pad_id).items()}
     starts = [e.mask.index(1) - 1 for e in items]  # logits at position i predict token i + 1
     first = min(starts)
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=batch["input_ids"].shape[1] - first).logits
+    logits = model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        logits_to_keep=batch["input_ids"].shape[1] - first,
+    ).logits
     rows = [r for r, e in enumerate(items) for _ in range(sum(e.mask))]
     cols = [start - first + j for start, e in zip(starts, items) for j in range(sum(e.mask))]
     return logits[torch.tensor(rows, device=device), torch.tensor(cols, device=device)]
 
 
-def answer_kl(student, teacher_model, items: list[Answer], pad_id: int, config: TrainConfig) -> tuple[torch.Tensor, dict[str, float]]:
+def answer_kl(
+    student, teacher_model, items: list[Answer], pad_id: int, config: TrainConfig
+) -> tuple[torch.Tensor, dict[str, float]]:
     """The distillation KL over the items' answer tokens (their mean) and its metrics; `teacher_model`
     is a context manager that gives the teacher."""
     device = next(student.parameters()).device
     student_logits = answer_logits(student, [a.student for a in items], pad_id, device)
     with torch.no_grad(), teacher_model() as teacher:
         teacher_logits = answer_logits(teacher, [a.teacher for a in items], pad_id, device)
-    loss = distill_kl(student_logits, teacher_logits, temperature=config.distill.kl_temperature, direction=config.distill.kl)
+    loss = distill_kl(
+        student_logits, teacher_logits, temperature=config.distill.kl_temperature, direction=config.distill.kl
+    )
     return loss, {"kl": loss.item(), "tokens": float(len(student_logits))}
 
 
@@ -287,15 +371,25 @@ def weighted(results: list[dict[str, float]]) -> dict[str, float]:
 @torch.no_grad()
 def held_out_kl(student, teacher, items: list[Answer], pad_id: int, config: TrainConfig) -> float:
     size = config.eval_batch_size or config.batch_size
-    return weighted([answer_kl(student, lambda: contextlib.nullcontext(teacher), items[i : i + size], pad_id, config)[1] for i in range(0, len(items), size)])["kl"]
+    return weighted(
+        [
+            answer_kl(student, lambda: contextlib.nullcontext(teacher), items[i : i + size], pad_id, config)[1]
+            for i in range(0, len(items), size)
+        ]
+    )["kl"]
 
 
 def write_summary(config: TrainConfig, acc, eval_set: list[Answer], teacher_path: str, pad_id: int) -> None:
     """OUTPUT/distill.json: the held-out KL to the teacher of the starting model and of the final one."""
     from transformers import AutoModelForCausalLM
 
-    summary: dict = {"target": config.distill.target, "kl": config.distill.kl, "kl_temperature": config.distill.kl_temperature,
-                     "train_answers": sum(1 for _ in read_jsonl(config.output_dir / "teacher" / "train.jsonl")), "eval_answers": len(eval_set)}  # fmt: skip
+    summary: dict = {
+        "target": config.distill.target,
+        "kl": config.distill.kl,
+        "kl_temperature": config.distill.kl_temperature,
+        "train_answers": sum(1 for _ in read_jsonl(config.output_dir / "teacher" / "train.jsonl")),
+        "eval_answers": len(eval_set),
+    }
     if eval_set:
         teacher = AutoModelForCausalLM.from_pretrained(teacher_path, dtype=torch.float32).to(acc.device).eval()
         for name, path in (("start", runtime.model_path(config)), ("final", config.output_dir / "final")):

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from cai.errors import InputError
+from cai.core.errors import InputError
 from cai.train import data, loop, runtime
 from cai.train.config import TrainConfig
 from cai.train.losses import cpl_loss, dpo_loss
@@ -43,25 +43,27 @@ def train(config: TrainConfig, stop_after: int | None = None) -> Path:
     train_set, dropped = data.encode_pairs(tokenizer, pairs, config.max_length)
     eval_set, _ = data.encode_pairs(tokenizer, eval_pairs, config.max_length)
     if not train_set:
-        raise InputError(str(config.train_data), None, f"no pair keeps an answer token within max_length {config.max_length}")
+        raise InputError(
+            str(config.train_data), None, f"no pair keeps an answer token within max_length {config.max_length}"
+        )
     if dropped:
         runtime.note(acc, f"left out {dropped} pairs with no answer token within max_length {config.max_length}")
 
     resume = runtime.prepare_output(config, acc)
-    batches = data.Batches([len(p.chosen.input_ids) + len(p.rejected.input_ids) for p in train_set], config.batch_size, config.seed,
-                           bucket=True, rank=acc.process_index, world_size=acc.num_processes)
+    batches = data.Batches(
+        [len(p.chosen.input_ids) + len(p.rejected.input_ids) for p in train_set],
+        config.batch_size,
+        config.seed,
+        bucket=True,
+        rank=acc.process_index,
+        world_size=acc.num_processes,
+    )
     steps = runtime.total_steps(config, batches.per_epoch)
 
     # --- models
     policy = runtime.load_model(AutoModelForCausalLM, config, resume, task_type="CAUSAL_LM")
     reference_free = config.dpo.loss_type == "cpl"
-    reference = None
-    if config.lora is None and not reference_free:
-        reference = AutoModelForCausalLM.from_pretrained(
-            runtime.model_path(config, config.dpo.reference), dtype=torch.bfloat16 if acc.mixed_precision == "bf16" else torch.float32
-        )
-        reference.requires_grad_(False)
-        reference = reference.to(acc.device).eval()
+    reference = None if reference_free else runtime.load_reference(config, acc, config.dpo.reference)
     optimizer, scheduler = runtime.optimizer_and_scheduler(config, policy, steps)
     policy, optimizer = runtime.prepare(acc, policy, optimizer, scheduler)
     pad_id = data.pad_id(tokenizer)
@@ -80,17 +82,25 @@ def train(config: TrainConfig, stop_after: int | None = None) -> Path:
     if cached is not None:
         reference = None  # frees the reference model: its numbers are all in `cached`
 
-    def step_values(items: list[data.EncodedPair], indexes: list[int], split: str) -> tuple[torch.Tensor, dict[str, float]]:
+    def step_values(
+        items: list[data.EncodedPair], indexes: list[int], split: str
+    ) -> tuple[torch.Tensor, dict[str, float]]:
         chosen, rejected = logps(policy, items)
-        label_prob = torch.tensor([p.label_prob for p in items], device=acc.device) if config.dpo.use_soft_labels else None
+        label_prob = (
+            torch.tensor([p.label_prob for p in items], device=acc.device) if config.dpo.use_soft_labels else None
+        )
         if reference_free:
-            losses, chosen_rewards, rejected_rewards = cpl_loss(chosen, rejected, config.dpo.beta, config.dpo.cpl_lambda, label_prob)
+            losses, chosen_rewards, rejected_rewards = cpl_loss(
+                chosen, rejected, config.dpo.beta, config.dpo.cpl_lambda, label_prob
+            )
         else:
             if cached is None:
                 ref_chosen, ref_rejected = reference_logps(items)
             else:
                 ref_chosen, ref_rejected = (cached[split][indexes].to(acc.device)).unbind(dim=1)
-            losses, chosen_rewards, rejected_rewards = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, config.dpo.beta, config.dpo.loss_type, label_prob)
+            losses, chosen_rewards, rejected_rewards = dpo_loss(
+                chosen, rejected, ref_chosen, ref_rejected, config.dpo.beta, config.dpo.loss_type, label_prob
+            )
         loss = losses.mean()
         values = {
             "loss": loss.item(),
@@ -113,8 +123,20 @@ def train(config: TrainConfig, stop_after: int | None = None) -> Path:
         policy.train()
         return mean(results)
 
-    final_eval = loop.fit(config, acc, policy, tokenizer, optimizer, scheduler, batches, steps, resume,
-                          lambda indexes: step_values([train_set[i] for i in indexes], indexes, "train"), evaluate if eval_set else None, stop_after)  # fmt: skip
+    final_eval = loop.fit(
+        config,
+        acc,
+        policy,
+        tokenizer,
+        optimizer,
+        scheduler,
+        batches,
+        steps,
+        resume,
+        lambda indexes: step_values([train_set[i] for i in indexes], indexes, "train"),
+        evaluate if eval_set else None,
+        stop_after,
+    )
     if final_eval is None:
         return config.output_dir / "final"
     return loop.publish(config, acc, policy, tokenizer)
@@ -129,7 +151,9 @@ def _precomputed(config: TrainConfig, acc, reference_logps, train_set, eval_set)
     size = config.eval_batch_size or config.batch_size
     out = {}
     for split, items in (("train", train_set), ("eval", eval_set)):
-        rows = [torch.stack(reference_logps(items[i : i + size]), dim=1).float().cpu() for i in range(0, len(items), size)]
+        rows = [
+            torch.stack(reference_logps(items[i : i + size]), dim=1).float().cpu() for i in range(0, len(items), size)
+        ]
         out[split] = torch.cat(rows) if rows else torch.zeros(0, 2)
     if acc.is_main_process:
         tmp = path.with_name(f".{path.name}.tmp")
@@ -138,7 +162,9 @@ def _precomputed(config: TrainConfig, acc, reference_logps, train_set, eval_set)
     return out
 
 
-def pair_logps(model, items: list[data.EncodedPair], pad_id: int, device, per_token_mean: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def pair_logps(
+    model, items: list[data.EncodedPair], pad_id: int, device, per_token_mean: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(chosen, rejected) sequence log-probs from one forward pass over both, the shared prompt
     computed once (data.collate_pairs); per-token means instead of sums for IPO."""
     batch = data.collate_pairs(items, pad_id)
@@ -146,11 +172,18 @@ def pair_logps(model, items: list[data.EncodedPair], pad_id: int, device, per_to
     first = int(batch["source"].min())
     batch = {k: v.to(device) for k, v in batch.items()}
     mask = data.additive_mask(batch["attention_mask"], next(model.parameters()).dtype)
-    logits = model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=batch["position_ids"], logits_to_keep=batch["input_ids"].shape[1] - first).logits
+    logits = model(
+        input_ids=batch["input_ids"],
+        attention_mask=mask,
+        position_ids=batch["position_ids"],
+        logits_to_keep=batch["input_ids"].shape[1] - first,
+    ).logits
     picked = logits[batch["row"], batch["source"] - first]  # [trained tokens, vocab]
     picked = picked.to(torch.promote_types(picked.dtype, torch.float32))
     token_logps = picked.gather(1, batch["token"].unsqueeze(1)).squeeze(1) - torch.logsumexp(picked, dim=-1)
-    values = torch.zeros(2 * len(items), dtype=token_logps.dtype, device=device).index_add(0, batch["sequence"], token_logps)
+    values = torch.zeros(2 * len(items), dtype=token_logps.dtype, device=device).index_add(
+        0, batch["sequence"], token_logps
+    )
     if per_token_mean:
         values = values / torch.bincount(batch["sequence"], minlength=2 * len(items))
     return values[: len(items)], values[len(items) :]

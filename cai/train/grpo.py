@@ -28,12 +28,12 @@ from pathlib import Path
 
 import torch
 
-from cai.seeding import derive_seed
+from cai.core.seeding import derive_seed
 from cai.train import checkpoint, data, loop, runtime
 from cai.train.config import TrainConfig
 from cai.train.losses import group_advantages, grpo_loss, masked_mean, rloo_advantages, rloo_loss
 from cai.train.reward import Rewards
-from cai.train.rollout import Sampler, finish, group_logps_and_entropy, load_prompts, load_reference, reference_logps, setup
+from cai.train.rollout import Sampler, finish, group_logps_and_entropy, load_prompts, reference_logps, setup
 
 
 def train(config: TrainConfig, stop_after: int | None = None) -> Path:
@@ -46,11 +46,19 @@ def train(config: TrainConfig, stop_after: int | None = None) -> Path:
 
     # --- prompts and rewards: validated before anything is written
     conversations, encoded = load_prompts(config, tokenizer, options.max_new_tokens, acc)
-    rewards = Rewards(options.rewards, options.gate, tokenizer, acc.device, str(config.file), f"{kind}.rewards", config.seed)
+    rewards = Rewards(
+        options.rewards, options.gate, tokenizer, acc.device, str(config.file), f"{kind}.rewards", config.seed
+    )
     rewards.check_prompts(conversations)
 
     resume = runtime.prepare_output(config, acc)
-    batches = data.Batches([len(ids) for ids in encoded], config.batch_size, config.seed, rank=acc.process_index, world_size=acc.num_processes)
+    batches = data.Batches(
+        [len(ids) for ids in encoded],
+        config.batch_size,
+        config.seed,
+        rank=acc.process_index,
+        world_size=acc.num_processes,
+    )
     steps = config.max_steps or config.epochs * batches.per_epoch
     k = options.samples
     answers = config.batch_size * k
@@ -62,7 +70,7 @@ def train(config: TrainConfig, stop_after: int | None = None) -> Path:
 
     # --- models: policy (trained), reference (frozen; not loaded when beta is 0)
     policy = runtime.load_model(AutoModelForCausalLM, config, resume, task_type="CAUSAL_LM")
-    reference = load_reference(config, acc) if options.kl_beta > 0 else None
+    reference = runtime.load_reference(config, acc) if options.kl_beta > 0 else None
     optimizer, scheduler = runtime.optimizer_and_scheduler(config, policy, steps * updates)
     policy, optimizer = runtime.prepare(acc, policy, optimizer, scheduler)
     sampler = Sampler(config, options, tokenizer, acc, f"{kind}-rollout")
@@ -84,8 +92,14 @@ def train(config: TrainConfig, stop_after: int | None = None) -> Path:
         pending = rewards.start(prompts, sampler.texts(rollout), rollout.responses, mask)
         with torch.no_grad():
             everyone = torch.arange(len(rollout.ids))
-            old_logp = group_logps_and_entropy(policy, rollout, everyone, k, options.temperature)[0] if needs_old else None
-            ref_logp = reference_logps(reference, policy, acc, rollout, options.temperature, k) if options.kl_beta > 0 else None
+            old_logp = (
+                group_logps_and_entropy(policy, rollout, everyone, k, options.temperature)[0] if needs_old else None
+            )
+            ref_logp = (
+                reference_logps(reference, policy, acc, rollout, options.temperature, k)
+                if options.kl_beta > 0
+                else None
+            )
         reference_seconds = time.perf_counter() - started
         started = time.perf_counter()
         score, each, judge_wait = pending.result()
@@ -103,7 +117,9 @@ def train(config: TrainConfig, stop_after: int | None = None) -> Path:
         sampled_logp = old_logp if old_logp is not None else torch.empty_like(mask)
         logs = []
         for _ in range(options.epochs):
-            for groups in torch.randperm(len(indexes), generator=order).split(minibatch // k):  # a prompt's answers stay together
+            for groups in torch.randperm(len(indexes), generator=order).split(
+                minibatch // k
+            ):  # a prompt's answers stay together
                 chunk = (groups[:, None] * k + torch.arange(k)).flatten()
                 logp, entropy = group_logps_and_entropy(policy, rollout, chunk, k, options.temperature)
                 old = old_logp[chunk] if old_logp is not None else logp.detach()
@@ -111,13 +127,20 @@ def train(config: TrainConfig, stop_after: int | None = None) -> Path:
                     sampled_logp[chunk] = logp.detach()
                 if kind == "grpo":
                     ref = ref_logp[chunk] if ref_logp is not None else None
-                    loss, k3, clip_fraction = grpo_loss(logp, old, ref, advantages[chunk], options.clip_range, options.kl_beta, mask[chunk])
+                    loss, k3, clip_fraction = grpo_loss(
+                        logp, old, ref, advantages[chunk], options.clip_range, options.kl_beta, mask[chunk]
+                    )
                 else:
                     loss, clip_fraction = rloo_loss(logp, old, advantages[chunk], options.clip_range, mask[chunk])
                 runtime.check_finite(loss, "loss", step, config.output_dir)
                 acc.backward(loss)
                 grad_norm = runtime.apply_gradients(config, acc, policy.parameters(), optimizer, scheduler, step)
-                log = {"loss": loss.item(), "clip_fraction": clip_fraction.item(), "entropy": masked_mean(entropy, mask[chunk]).item(), "grad_norm": grad_norm.item()}
+                log = {
+                    "loss": loss.item(),
+                    "clip_fraction": clip_fraction.item(),
+                    "entropy": masked_mean(entropy, mask[chunk]).item(),
+                    "grad_norm": grad_norm.item(),
+                }
                 if kind == "grpo" and ref_logp is not None:
                     log["kl_k3"] = k3.item()
                 logs.append(log)
@@ -148,7 +171,9 @@ def train(config: TrainConfig, stop_after: int | None = None) -> Path:
             values["kl_per_token"] = (token_kl.sum() / answer_tokens).item()
         metrics.log(step, "train", values)
         if step % config.save_every == 0 or step == steps:
-            checkpoint.save(acc, policy, tokenizer, config.output_dir, step, {"position": position}, config.keep_checkpoints)
+            checkpoint.save(
+                acc, policy, tokenizer, config.output_dir, step, {"position": position}, config.keep_checkpoints
+            )
         if step == stop_after:
             break
     return finish(config, acc, policy, tokenizer, steps, stop_after, opened=(metrics, sampler, rewards))

@@ -33,9 +33,9 @@ from pathlib import Path
 
 import torch
 
-from cai import prompts as prompt_sets
-from cai.errors import InputError
-from cai.store import read_jsonl, write_atomic
+from cai.core.disk import read_jsonl, write_atomic
+from cai.core.errors import InputError
+from cai.generate import prompts as prompt_sets
 from cai.train import checkpoint, data, loop, runtime
 from cai.train.config import Band, TrainConfig
 from cai.train.losses import hir_loss, token_entropy, token_logps
@@ -60,19 +60,47 @@ def train(config: TrainConfig) -> Path:
             folder = config.output_dir / (f"iteration-{iteration}" if iteration <= options.iterations else "evaluation")
             samples = folder / "relabeled.jsonl"
             if not samples.exists():
-                sampled = sample_scored(config, options, prompts, model, rewards, "hir", iteration, ask=lambda m: relabel(m, options.template, best))
+                sampled = sample_scored(
+                    config,
+                    options,
+                    prompts,
+                    model,
+                    rewards,
+                    "hir",
+                    iteration,
+                    ask=lambda m: relabel(m, options.template, best),
+                )
                 records = []
                 for s in sampled:
                     for k, (text, reward) in enumerate(zip(s.texts, s.rewards)):
                         band = band_of(reward, options.bands)
-                        records.append({"messages": [*relabel(s.prompt.messages, options.template, band), {"role": "assistant", "content": text}],
-                                        "prompt": list(s.prompt.messages), "id": s.prompt.id, "sample": k, "reward": reward, "band": band,
-                                        "model": str(model)})  # fmt: skip
+                        records.append(
+                            {
+                                "messages": [
+                                    *relabel(s.prompt.messages, options.template, band),
+                                    {"role": "assistant", "content": text},
+                                ],
+                                "prompt": list(s.prompt.messages),
+                                "id": s.prompt.id,
+                                "sample": k,
+                                "reward": reward,
+                                "band": band,
+                                "model": str(model),
+                            }
+                        )
                 write_sft_records(samples, records)
             records = list(read_jsonl(samples))
             counts = Counter(r["band"] for r in records)
-            log.append({"sampled": folder.name, "model": str(model), "prompts": len({r["id"] for r in records}), "samples": len(records),
-                        "mean_reward": sum(r["reward"] for r in records) / len(records), "bands": {b.label: counts[b.label] for b in options.bands}})  # fmt: skip
+            log.append(
+                {
+                    "sampled": folder.name,
+                    "model": str(model),
+                    "prompts": len({r["id"] for r in records}),
+                    "samples": len(records),
+                    "mean_reward": sum(r["reward"] for r in records) / len(records),
+                    "bands": {b.label: counts[b.label] for b in options.bands},
+                }
+            )
             write_atomic(config.output_dir / "hir.jsonl", "".join(json.dumps(r) + "\n" for r in log))
             if iteration > options.iterations:
                 break
@@ -80,8 +108,12 @@ def train(config: TrainConfig) -> Path:
     finally:
         rewards.close()
     # in the trained model's folder first: final/ appears with it, whole
-    instruction = {"template": options.template, "band": best, "instruction": relabel([{"role": "user", "content": "{prompt}"}], options.template, best)[0]["content"],
-                   "bands": [asdict(b) for b in options.bands]}  # fmt: skip
+    instruction = {
+        "template": options.template,
+        "band": best,
+        "instruction": relabel([{"role": "user", "content": "{prompt}"}], options.template, best)[0]["content"],
+        "bands": [asdict(b) for b in options.bands],
+    }
     write_atomic(model / INSTRUCTION_FILE, json.dumps(instruction, indent=2) + "\n")
     return publish_final(model, config.output_dir)
 
@@ -107,7 +139,9 @@ def fine_tune(config: TrainConfig, model: Path, samples: Path, output_dir: Path,
     from transformers import AutoModelForCausalLM
 
     options = config.hir
-    config = replace(config, model=str(model), train_data=samples, eval_data=None, eval_fraction=0.0, output_dir=output_dir)
+    config = replace(
+        config, model=str(model), train_data=samples, eval_data=None, eval_fraction=0.0, output_dir=output_dir
+    )
     acc = runtime.accelerator(config)
     tokenizer = runtime.load_tokenizer(str(model))
     labels = [b.label for b in options.bands]
@@ -116,14 +150,25 @@ def fine_tune(config: TrainConfig, model: Path, samples: Path, output_dir: Path,
     examples: list[tuple[int, list[data.Encoded]]] = []
     for r in read_jsonl(samples):
         answer = [{"role": "assistant", "content": r["messages"][-1]["content"]}]
-        encoded = [data.encode(tokenizer, relabel(r["prompt"], options.template, label) + answer, train_from=len(r["prompt"])) for label in labels]
+        encoded = [
+            data.encode(tokenizer, relabel(r["prompt"], options.template, label) + answer, train_from=len(r["prompt"]))
+            for label in labels
+        ]
         # left out, not cut: a cut answer would be compared over different tokens under different instructions
         if all(len(e.input_ids) <= config.max_length and any(e.mask[1:]) for e in encoded):
             examples.append((labels.index(r["band"]), encoded))
     if not examples:
-        raise InputError(str(samples), None, f"no sample fits in max_length {config.max_length} under every band's instruction")
+        raise InputError(
+            str(samples), None, f"no sample fits in max_length {config.max_length} under every band's instruction"
+        )
     resume = runtime.prepare_output(config, acc)
-    batches = data.Batches([len(e[band].input_ids) for band, e in examples], config.batch_size, config.seed, rank=acc.process_index, world_size=acc.num_processes)
+    batches = data.Batches(
+        [len(e[band].input_ids) for band, e in examples],
+        config.batch_size,
+        config.seed,
+        rank=acc.process_index,
+        world_size=acc.num_processes,
+    )
     steps = runtime.total_steps(config, batches.per_epoch)
 
     policy = runtime.load_model(AutoModelForCausalLM, config, resume, task_type="CAUSAL_LM")
@@ -148,15 +193,40 @@ def fine_tune(config: TrainConfig, model: Path, samples: Path, output_dir: Path,
         own = torch.arange(len(items), device=acc.device) * width + column
         entropy = token_entropy(logits[own]) if options.entropy_coef else None
         loss, supervised, contrastive, mean_entropy = hir_loss(
-            logp[own], mask[own], per_band[:, column], negatives, options.contrastive_coef, entropy, options.entropy_coef
+            logp[own],
+            mask[own],
+            per_band[:, column],
+            negatives,
+            options.contrastive_coef,
+            entropy,
+            options.entropy_coef,
         )
-        values = {"loss": loss.item(), "supervised": supervised.item(), "contrastive": contrastive.item(),
-                  "with_negatives": negatives.any(1).float().mean().item(), "tokens": mask[own].sum().item()}  # fmt: skip
+        values = {
+            "loss": loss.item(),
+            "supervised": supervised.item(),
+            "contrastive": contrastive.item(),
+            "with_negatives": negatives.any(1).float().mean().item(),
+            "tokens": mask[own].sum().item(),
+        }
         if entropy is not None:
             values["entropy"] = mean_entropy.item()
         return loss, values
 
-    if loop.fit(config, acc, policy, tokenizer, optimizer, scheduler, batches, steps, resume,
-                lambda indexes: batch_values([examples[i] for i in indexes]), stop_after=stop_after) is None:
+    if (
+        loop.fit(
+            config,
+            acc,
+            policy,
+            tokenizer,
+            optimizer,
+            scheduler,
+            batches,
+            steps,
+            resume,
+            lambda indexes: batch_values([examples[i] for i in indexes]),
+            stop_after=stop_after,
+        )
+        is None
+    ):
         return config.output_dir / "final"
     return loop.publish(config, acc, policy, tokenizer)

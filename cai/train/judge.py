@@ -34,15 +34,15 @@ from typing import Any
 
 import torch
 
-from cai import constitution as constitutions
-from cai import feedback
-from cai.backends.local_vllm import prompt_ids
-from cai.errors import InputError
-from cai.eval_judge import _figures
-from cai.files import content_hash
-from cai.seeding import rng
-from cai.stages.compare import ANSWER_INSTRUCTION, OPTIONS, conversation_text, draw_distinct, judge_messages
-from cai.store import write_atomic
+from cai.core.disk import write_atomic
+from cai.core.errors import InputError
+from cai.core.files import content_hash
+from cai.core.seeding import rng
+from cai.generate import constitution as constitutions
+from cai.generate import feedback
+from cai.generate.backends.local_vllm import prompt_ids
+from cai.generate.stages.compare import ANSWER_INSTRUCTION, OPTIONS, conversation_text, draw_distinct, judge_messages
+from cai.judge.eval_judge import agreement_figures
 from cai.train import data, loop, runtime
 from cai.train.config import TrainConfig
 from cai.train.losses import judge_choice_loss
@@ -84,15 +84,28 @@ def train(config: TrainConfig, stop_after: int | None = None) -> Path:
     train_set, train_counts = encode_pairs(tokenizer, pairs, constitution, config)
     eval_set, eval_counts = encode_pairs(tokenizer, eval_pairs, constitution, config)
     if not train_set:
-        raise InputError(str(config.train_data), None, f"no pair with two different answers fits the judge prompt in max_length {config.max_length}")
+        raise InputError(
+            str(config.train_data),
+            None,
+            f"no pair with two different answers fits the judge prompt in max_length {config.max_length}",
+        )
     for name, counts in (("training", train_counts), ("held-out", eval_counts)):
         if counts["conversation_cut"] or counts["answers_capped"] or counts["left_out"] or counts["identical"]:
-            runtime.note(acc, f"{name} pairs: {counts['conversation_cut']} conversations cut from the left and {counts['answers_capped']} with answers capped "
-                              f"to fit max_length {config.max_length}, {counts['left_out']} left out (too long even so), {counts['identical']} with identical answers")  # fmt: skip
+            runtime.note(
+                acc,
+                f"{name} pairs: {counts['conversation_cut']} conversations cut from the left and {counts['answers_capped']} with answers capped "
+                f"to fit max_length {config.max_length}, {counts['left_out']} left out (too long even so), {counts['identical']} with identical answers",
+            )
 
     resume = runtime.prepare_output(config, acc)
-    batches = data.Batches([len(j.orders[0]) + len(j.orders[1]) for j in train_set], config.batch_size, config.seed, bucket=True,
-                           rank=acc.process_index, world_size=acc.num_processes)  # fmt: skip
+    batches = data.Batches(
+        [len(j.orders[0]) + len(j.orders[1]) for j in train_set],
+        config.batch_size,
+        config.seed,
+        bucket=True,
+        rank=acc.process_index,
+        world_size=acc.num_processes,
+    )
     steps = runtime.total_steps(config, batches.per_epoch)
 
     # --- model
@@ -119,17 +132,42 @@ def train(config: TrainConfig, stop_after: int | None = None) -> Path:
     reports: dict[str, dict[str, Any]] = {}
 
     def evaluate() -> dict[str, float]:
-        report, loss = held_out(model, eval_set, eval_counts["identical"], letters, pad_id, acc.device, config.eval_batch_size or config.batch_size, options.lm_coef)
-        if resume is None and "after" not in reports and acc.is_main_process:  # a fresh run's first evaluation: the starting model's
+        report, loss = held_out(
+            model,
+            eval_set,
+            eval_counts["identical"],
+            letters,
+            pad_id,
+            acc.device,
+            config.eval_batch_size or config.batch_size,
+            options.lm_coef,
+        )
+        if (
+            resume is None and "after" not in reports and acc.is_main_process
+        ):  # a fresh run's first evaluation: the starting model's
             write_atomic(config.output_dir / BEFORE_FILE, json.dumps(report, indent=2) + "\n")
         reports["after"] = report
         return {"loss": loss, **{key: report[key] for key in FIGURES}}
 
-    result = loop.fit(config, acc, model, tokenizer, optimizer, scheduler, batches, steps, resume,
-                      lambda indexes: batch_values([train_set[i] for i in indexes]), evaluate if eval_set else None, stop_after)  # fmt: skip
+    result = loop.fit(
+        config,
+        acc,
+        model,
+        tokenizer,
+        optimizer,
+        scheduler,
+        batches,
+        steps,
+        resume,
+        lambda indexes: batch_values([train_set[i] for i in indexes]),
+        evaluate if eval_set else None,
+        stop_after,
+    )
     if result is None:
         return config.output_dir / "final"
-    if eval_set and "after" not in reports:  # resumed from the last step's checkpoint: the loop had nothing left to evaluate
+    if (
+        eval_set and "after" not in reports
+    ):  # resumed from the last step's checkpoint: the loop had nothing left to evaluate
         evaluate()
     final = loop.publish(config, acc, model, tokenizer)
     if acc.is_main_process:
@@ -157,7 +195,11 @@ def load_constitution(config: TrainConfig) -> constitutions.Constitution:
     path = config.judge.constitution
     if path is None:
         if not DEFAULT_CONSTITUTION.exists():
-            raise InputError(str(config.file), "judge.constitution", f"none given, and the default {DEFAULT_CONSTITUTION} is not there: name a constitution")
+            raise InputError(
+                str(config.file),
+                "judge.constitution",
+                f"none given, and the default {DEFAULT_CONSTITUTION} is not there: name a constitution",
+            )
         path = DEFAULT_CONSTITUTION
     constitution = constitutions.load(path)
     if not any(p.comparison for p in constitution.principles):
@@ -169,7 +211,11 @@ def option_token(tokenizer, letter: str, config: TrainConfig) -> int:
     """The token the judge writes for an option: the one the vLLM backend reads its log-prob at."""
     ids = tokenizer.encode(letter, add_special_tokens=False)
     if len(ids) != 1:
-        raise InputError(str(config.file), "model", f"the option {letter!r} is {len(ids)} tokens in this tokenizer: the judge answers with one token")
+        raise InputError(
+            str(config.file),
+            "model",
+            f"the option {letter!r} is {len(ids)} tokens in this tokenizer: the judge answers with one token",
+        )
     return ids[0]
 
 
@@ -186,16 +232,27 @@ def encode_pairs(tokenizer, pairs: list[data.Pair], constitution, config: TrainC
         if chosen.strip() == rejected.strip():
             counts["identical"] += 1
             continue
-        [principle] = draw_distinct(constitution, 1, rng(config.seed, "judge", content_hash([pair.prompt, chosen, rejected])))
+        [principle] = draw_distinct(
+            constitution, 1, rng(config.seed, "judge", content_hash([pair.prompt, chosen, rejected]))
+        )
         fitted = fit_prompt(tokenizer, pair.prompt, principle, chosen, rejected, config.max_length)
         if fitted is None:
             counts["left_out"] += 1
             continue
         messages, shown_chosen, shown_rejected, cut = fitted
         counts.update(cut)
-        orders = (judge_prompt(tokenizer, messages, principle, shown_chosen, shown_rejected), judge_prompt(tokenizer, messages, principle, shown_rejected, shown_chosen))
+        orders = (
+            judge_prompt(tokenizer, messages, principle, shown_chosen, shown_rejected),
+            judge_prompt(tokenizer, messages, principle, shown_rejected, shown_chosen),
+        )
         target = pair.label_prob if config.judge.soft_labels and pair.label_prob is not None else 1.0
-        row = {"id": f"pair-{index + 1}", "messages": pair.prompt, "response": chosen, "responses": [chosen, rejected], "principle_id": principle.id}
+        row = {
+            "id": f"pair-{index + 1}",
+            "messages": pair.prompt,
+            "response": chosen,
+            "responses": [chosen, rejected],
+            "principle_id": principle.id,
+        }
         out.append(Judged(orders, target, row))
     return out, counts
 
@@ -220,10 +277,10 @@ def fit_prompt(tokenizer, messages: data.Messages, principle, chosen: str, rejec
     room = max_length - longest([], "", "")
     if room < 32:
         return None
-    encode = lambda text: tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
+    encode = lambda text: tokenizer.encode(text, add_special_tokens=False)
     conversation, a, b = len(encode(conversation_text(messages))), encode(chosen), encode(rejected)
     cap_a, cap_b = share(len(a), len(b), room - min(conversation, room // 3))
-    cut = (("answers_capped",) if cap_a < len(a) or cap_b < len(b) else ())
+    cut = ("answers_capped",) if cap_a < len(a) or cap_b < len(b) else ()
     shown_a = chosen if cap_a >= len(a) else tokenizer.decode(a[:cap_a])
     shown_b = rejected if cap_b >= len(b) else tokenizer.decode(b[:cap_b])
     conversation_room = room - min(cap_a, len(a)) - min(cap_b, len(b))
@@ -254,7 +311,7 @@ def share(a: int, b: int, room: int) -> tuple[int, int]:
 def cut_left(tokenizer, messages: data.Messages, room: int) -> tuple[data.Messages, bool]:
     """The latest turns whose conversation text is at most `room` tokens; the last turn alone cut from
     its start when it is longer. Returns (messages, whether anything was cut)."""
-    count = lambda m: len(tokenizer.encode(conversation_text(m), add_special_tokens=False))  # noqa: E731
+    count = lambda m: len(tokenizer.encode(conversation_text(m), add_special_tokens=False))
     for start in range(len(messages)):
         if count(messages[start:]) <= room:
             return messages[start:], start > 0
@@ -274,14 +331,25 @@ def option_logits(model, items: list[Judged], pad_id: int, device) -> torch.Tens
     batch = data.collate_groups([list(j.orders) for j in items], pad_id)
     keep = torch.unique(batch["end"])  # sorted
     logits = model(
-        input_ids=batch["input_ids"].to(device), position_ids=batch["position_ids"].to(device), logits_to_keep=keep.to(device),
+        input_ids=batch["input_ids"].to(device),
+        position_ids=batch["position_ids"].to(device),
+        logits_to_keep=keep.to(device),
         attention_mask=data.additive_mask(batch["attention_mask"].to(device), next(model.parameters()).dtype),
-    ).logits  # fmt: skip
+    ).logits
     return logits[batch["row"].to(device), torch.searchsorted(keep, batch["end"]).to(device)].float()
 
 
 @torch.no_grad()
-def held_out(model, items: list[Judged], identical: int, letters: torch.Tensor, pad_id: int, device, batch_size: int, lm_coef: float) -> tuple[dict[str, Any], float]:
+def held_out(
+    model,
+    items: list[Judged],
+    identical: int,
+    letters: torch.Tensor,
+    pad_id: int,
+    device,
+    batch_size: int,
+    lm_coef: float,
+) -> tuple[dict[str, Any], float]:
     """eval_judge's figures of the model judging `items` as the compare stage would (each order's option
     log-probs normalised over A and B by feedback.normalise, the two orders swap-averaged), and the mean loss."""
     model.eval()
@@ -290,13 +358,26 @@ def held_out(model, items: list[Judged], identical: int, letters: torch.Tensor, 
         chunk = items[start : start + batch_size]
         logits = option_logits(model, chunk, pad_id, device)
         target = torch.tensor([j.target for j in chunk], device=device).repeat_interleave(2)
-        total += judge_choice_loss(logits, letters.repeat(len(chunk)), letters.flip(0).repeat(len(chunk)), target, lm_coef).sum().item()
+        total += (
+            judge_choice_loss(logits, letters.repeat(len(chunk)), letters.flip(0).repeat(len(chunk)), target, lm_coef)
+            .sum()
+            .item()
+        )
         logprobs = logits.log_softmax(-1)[:, letters].tolist()
         for k, item in enumerate(chunk):
             shown_first = feedback.normalise(dict(zip(OPTIONS, logprobs[2 * k])), OPTIONS)["A"]
             shown_second = feedback.normalise(dict(zip(OPTIONS, logprobs[2 * k + 1])), OPTIONS)["B"]
-            votes = [{"principle_id": item.row["principle_id"], "swapped": swapped, "p_first": p, "method": "logprobs"}
-                     for swapped, p in ((False, shown_first), (True, shown_second))]  # fmt: skip
-            rows.append({**item.row, "pairs": [{"answers": [0, 1], "votes": votes, "p_first": feedback.swap_average(shown_first, shown_second)}]})
+            votes = [
+                {"principle_id": item.row["principle_id"], "swapped": swapped, "p_first": p, "method": "logprobs"}
+                for swapped, p in ((False, shown_first), (True, shown_second))
+            ]
+            rows.append(
+                {
+                    **item.row,
+                    "pairs": [
+                        {"answers": [0, 1], "votes": votes, "p_first": feedback.swap_average(shown_first, shown_second)}
+                    ],
+                }
+            )
     model.train()
-    return _figures(rows), total / max(2 * len(items), 1)
+    return agreement_figures(rows), total / max(2 * len(items), 1)

@@ -23,8 +23,20 @@ def begin(config: TrainConfig, acc, resume: Path | None, steps: int) -> tuple[di
     return state, MetricsLog.open(config, acc, state["step"], steps)
 
 
-def fit(config: TrainConfig, acc, model, tokenizer, optimizer, scheduler, batches: data.Batches, steps: int, resume: Path | None,
-        batch_loss: BatchLoss, evaluate: Callable[[], dict[str, float]] | None = None, stop_after: int | None = None) -> dict[str, float] | None:
+def fit(
+    config: TrainConfig,
+    acc,
+    model,
+    tokenizer,
+    optimizer,
+    scheduler,
+    batches: data.Batches,
+    steps: int,
+    resume: Path | None,
+    batch_loss: BatchLoss,
+    evaluate: Callable[[], dict[str, float]] | None = None,
+    stop_after: int | None = None,
+) -> dict[str, float] | None:
     """Train from the checkpoint `resume` (or the start) to step `steps`, evaluating at the start, every
     `eval_every` steps and at the end. Returns the last evaluation's figures ({} without `evaluate`), or
     None when it stopped right after step `stop_after`'s checkpoint, as a kill there would."""
@@ -50,7 +62,9 @@ def fit(config: TrainConfig, acc, model, tokenizer, optimizer, scheduler, batche
             last_eval = evaluate()
             metrics.log(step, "eval", last_eval)
         if step % config.save_every == 0 or step == steps:
-            checkpoint.save(acc, model, tokenizer, config.output_dir, step, {"position": position}, config.keep_checkpoints)
+            checkpoint.save(
+                acc, model, tokenizer, config.output_dir, step, {"position": position}, config.keep_checkpoints
+            )
         if step == stop_after:
             metrics.close()
             return None

@@ -14,7 +14,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def bradley_terry_loss(chosen_rewards: Tensor, rejected_rewards: Tensor, margin: Tensor | None = None, label_prob: Tensor | None = None) -> Tensor:
+def bradley_terry_loss(
+    chosen_rewards: Tensor, rejected_rewards: Tensor, margin: Tensor | None = None, label_prob: Tensor | None = None
+) -> Tensor:
     """Per-example reward-model ranking loss, with d = r_c - r_r:
 
         hard (InstructGPT):                 -log sigmoid(d)
@@ -78,7 +80,11 @@ def dpo_loss(
 
 
 def cpl_loss(
-    policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, alpha: float, lam: float = 1.0, label_prob: Tensor | None = None
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    alpha: float,
+    lam: float = 1.0,
+    label_prob: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Contrastive Preference Learning (Hejna et al. 2024), reference-free; returns (per-example losses,
     chosen scores, rejected scores), the scores being alpha log pi(y|x) (detached: they are metrics).
@@ -99,7 +105,11 @@ def cpl_loss(
     def hard(winner: Tensor, loser: Tensor) -> Tensor:
         return -F.logsigmoid(winner - lam * loser)
 
-    losses = hard(chosen, rejected) if label_prob is None else label_prob * hard(chosen, rejected) + (1 - label_prob) * hard(rejected, chosen)
+    losses = (
+        hard(chosen, rejected)
+        if label_prob is None
+        else label_prob * hard(chosen, rejected) + (1 - label_prob) * hard(rejected, chosen)
+    )
     return losses, chosen.detach(), rejected.detach()
 
 
@@ -116,16 +126,6 @@ def token_logps(logits: Tensor, labels: Tensor) -> Tensor:
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     targets = labels[:, 1:].clamp(min=0).unsqueeze(-1)  # -100 and pads are masked out by the caller
     return torch.gather(logits, 2, targets).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-
-
-def sequence_logps(logits: Tensor, labels: Tensor, mask: Tensor) -> Tensor:
-    """log pi(y | x) = sum over completion tokens t of log pi(y_t | x, y_<t), one value per sequence.
-
-    `labels` are the input ids and `mask` is 1 on completion tokens, both aligned with the input
-    positions; logits at position t predict token t + 1, so both are shifted by one here.
-    """
-    per_token = token_logps(logits, labels)
-    return (per_token * mask[:, 1:].to(per_token.dtype)).sum(dim=1)
 
 
 # ----------------------------------------------------------------------------- PPO pieces
@@ -161,7 +161,9 @@ def gae(rewards: Tensor, values: Tensor, gamma: float, lam: float, mask: Tensor 
     return advantages, (advantages + values) * mask
 
 
-def ppo_policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, clip_range: float, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def ppo_policy_loss(
+    logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, clip_range: float, mask: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """Clipped surrogate (Schulman et al. 2017), as a loss to minimise, and the clip fraction:
 
         ratio = exp(log pi - log pi_old)
@@ -176,11 +178,13 @@ def ppo_policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, 
     return loss, masked_mean((clipped > unclipped).float(), mask)
 
 
-def ppo_value_loss(values: Tensor, old_values: Tensor, returns: Tensor, clip_range: float, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def ppo_value_loss(
+    values: Tensor, old_values: Tensor, returns: Tensor, clip_range: float, mask: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """Clipped value loss (the PPO baselines' form) and its clip fraction:
 
-        V_clip = V_old + clip(V - V_old, -eps, eps)
-        loss   = 0.5 mean( max((V - R)^2, (V_clip - R)^2) )
+    V_clip = V_old + clip(V - V_old, -eps, eps)
+    loss   = 0.5 mean( max((V - R)^2, (V_clip - R)^2) )
     """
     clipped_values = old_values + torch.clamp(values - old_values, -clip_range, clip_range)
     unclipped_error = (values - returns) ** 2
@@ -265,7 +269,13 @@ def k3_kl(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
 
 
 def grpo_loss(
-    logprobs: Tensor, old_logprobs: Tensor, ref_logprobs: Tensor | None, advantages: Tensor, clip_range: float, beta: float, mask: Tensor
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    ref_logprobs: Tensor | None,
+    advantages: Tensor,
+    clip_range: float,
+    beta: float,
+    mask: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """GRPO's objective (Shao et al. 2024, eq. 3) as a loss to minimise, over [batch, T] tokens with
     one advantage per answer ([batch]); returns (loss, mean k3 KL, clip fraction):
@@ -289,7 +299,9 @@ def grpo_loss(
     return loss, ((kl * mask).sum(1) / lengths).mean().detach(), masked_mean(clipped, mask)
 
 
-def a2c_loss(logprobs: Tensor, values: Tensor, advantages: Tensor, returns: Tensor, value_coef: float, mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+def a2c_loss(
+    logprobs: Tensor, values: Tensor, advantages: Tensor, returns: Tensor, value_coef: float, mask: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
     """Advantage actor-critic (Mnih et al. 2016), one update per batch, no ratio and no clipping;
     returns (loss, policy loss, value loss):
 
@@ -302,8 +314,9 @@ def a2c_loss(logprobs: Tensor, values: Tensor, advantages: Tensor, returns: Tens
     return policy_loss + value_coef * value_loss, policy_loss, value_loss
 
 
-
-def rloo_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, clip_range: float, mask: Tensor) -> tuple[Tensor, Tensor]:
+def rloo_loss(
+    logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, clip_range: float, mask: Tensor
+) -> tuple[Tensor, Tensor]:
     """RLOO's REINFORCE on whole answers (Ahmadian et al. 2024: an answer is one action), with PPO's
     clip on the sequence ratio for the case of more than one update per batch; returns (loss, clip
     fraction), with s_i = sum_t log pi(y_t) over answer i's tokens:
@@ -342,7 +355,9 @@ def geometric_mixture_logprobs(policy_logits: Tensor, ref_logits: Tensor, beta: 
     return torch.log_softmax(mixed, dim=-1)
 
 
-def nash_md_loss(logprobs: Tensor, ref_logprobs: Tensor | None, preference: Tensor, tau: float, mask: Tensor) -> tuple[Tensor, Tensor]:
+def nash_md_loss(
+    logprobs: Tensor, ref_logprobs: Tensor | None, preference: Tensor, tau: float, mask: Tensor
+) -> tuple[Tensor, Tensor]:
     """Nash-MD-PG (Munos et al. 2023) as a loss to minimise, over [batch, T] tokens of answers y ~ pi
     with [batch] preferences P_i = P(y_i > y'_i | x_i) against answers y'_i of the geometric mixture;
     returns (loss, the sequence KL estimate per answer, detached).
@@ -420,13 +435,24 @@ def hir_loss(
     supervised = -(token_logps * mask).sum() / mask.sum().clamp(min=1)
     contrastive = hir_contrastive_loss(instruction_logps, negatives)
     mean_entropy = masked_mean(entropy, mask) if entropy is not None else torch.zeros((), device=token_logps.device)
-    return supervised + contrastive_coef * contrastive - entropy_coef * mean_entropy, supervised, contrastive, mean_entropy
+    return (
+        supervised + contrastive_coef * contrastive - entropy_coef * mean_entropy,
+        supervised,
+        contrastive,
+        mean_entropy,
+    )
 
 
 # ----------------------------------------------------------------------------- distillation
 
 
-def distill_kl(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor | None = None, temperature: float = 1.0, direction: str = "forward") -> Tensor:
+def distill_kl(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    mask: Tensor | None = None,
+    temperature: float = 1.0,
+    direction: str = "forward",
+) -> Tensor:
     """Token-level distillation loss (context distillation, Askell et al. 2021; Hinton et al. 2015's
     softened targets), the mean over the masked tokens of the KL between the two next-token
     distributions at each position, over the whole vocabulary:
@@ -452,7 +478,9 @@ def distill_kl(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor | No
 # ----------------------------------------------------------------------------- generative judge
 
 
-def judge_choice_loss(logits: Tensor, right: Tensor, wrong: Tensor, label_prob: Tensor | None = None, lm_coef: float = 0.0) -> Tensor:
+def judge_choice_loss(
+    logits: Tensor, right: Tensor, wrong: Tensor, label_prob: Tensor | None = None, lm_coef: float = 0.0
+) -> Tensor:
     """Per-example loss of a generative judge at its answer position (where it writes its first token).
     `logits` [N, V]; `right`, `wrong` [N]: the token of the letter the better answer is shown under and
     of the other letter. With z_r, z_w their logits and q the target probability that the right letter

@@ -9,8 +9,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from cai import logs
-from cai.store import read_jsonl, write_atomic
+from cai.core import logs
+from cai.core.disk import read_jsonl, write_atomic
 
 SHOWN = ("loss", "reward", "mean_reward", "accuracy", "win_rate", "kl")  # the figures the step line shows, when logged
 PLAIN_EVERY_S = 10.0
@@ -20,7 +20,14 @@ class MetricsLog:
     """Appends `{"step", "split", ...}` lines. A resumed run first drops the lines past its checkpoint
     (a killed run may have logged steps it never saved), so the file reads as one uninterrupted run."""
 
-    def __init__(self, path: Path, resume_step: int, tensorboard_dir: Path | None = None, enabled: bool = True, display: "StepLine | None" = None):
+    def __init__(
+        self,
+        path: Path,
+        resume_step: int,
+        tensorboard_dir: Path | None = None,
+        enabled: bool = True,
+        display: "StepLine | None" = None,
+    ):
         self.path = path
         self.enabled = enabled  # only the main process writes
         self._tb = None
@@ -39,8 +46,13 @@ class MetricsLog:
     def open(cls, config, acc, resume_step: int, total_steps: int) -> "MetricsLog":
         """A trainer's log: OUTPUT/metrics.jsonl (and tensorboard when asked), and the step line on the terminal."""
         output = config.output_dir
-        return cls(output / "metrics.jsonl", resume_step, output / "tensorboard" if config.tensorboard else None, acc.is_main_process,
-                   StepLine(config.kind, resume_step, total_steps))  # fmt: skip
+        return cls(
+            output / "metrics.jsonl",
+            resume_step,
+            output / "tensorboard" if config.tensorboard else None,
+            acc.is_main_process,
+            StepLine(config.kind, resume_step, total_steps),
+        )
 
     def log(self, step: int, split: str, values: dict[str, float]) -> None:
         if not self.enabled:

@@ -28,12 +28,22 @@ from pathlib import Path
 
 import torch
 
-from cai.seeding import derive_seed
+from cai.core.seeding import derive_seed
 from cai.train import checkpoint, data, loop, runtime
 from cai.train.config import TrainConfig
 from cai.train.losses import geometric_mixture_logprobs, masked_mean, nash_md_loss
 from cai.train.reward import Preference
-from cai.train.rollout import Rollout, Sampler, finish, load_prompts, load_reference, logps_and_entropy, positions, reference_logps, response_mask, setup
+from cai.train.rollout import (
+    Rollout,
+    Sampler,
+    finish,
+    load_prompts,
+    logps_and_entropy,
+    positions,
+    reference_logps,
+    response_mask,
+    setup,
+)
 
 
 def train(config: TrainConfig, stop_after: int | None = None) -> Path:
@@ -48,12 +58,18 @@ def train(config: TrainConfig, stop_after: int | None = None) -> Path:
     preference = Preference(options.preference, acc.device, config.seed)
 
     resume = runtime.prepare_output(config, acc)
-    batches = data.Batches([len(ids) for ids in encoded], config.batch_size, config.seed, rank=acc.process_index, world_size=acc.num_processes)
+    batches = data.Batches(
+        [len(ids) for ids in encoded],
+        config.batch_size,
+        config.seed,
+        rank=acc.process_index,
+        world_size=acc.num_processes,
+    )
     steps = config.max_steps or config.epochs * batches.per_epoch
 
     # --- models: policy (trained), reference (frozen: the mixture's other half, the KL's and the win rate's)
     policy = runtime.load_model(AutoModelForCausalLM, config, resume, task_type="CAUSAL_LM")
-    reference = load_reference(config, acc)
+    reference = runtime.load_reference(config, acc)
     optimizer, scheduler = runtime.optimizer_and_scheduler(config, policy, steps)
     policy, optimizer = runtime.prepare(acc, policy, optimizer, scheduler)
     sampler = Sampler(config, options, tokenizer, acc, "nash-md-rollout")
@@ -82,7 +98,9 @@ def train(config: TrainConfig, stop_after: int | None = None) -> Path:
                 baseline = reference_sampler(model, prompt_ids, step)
         rollout = sampler(policy, prompt_ids, step)
         unwrapped = acc.unwrap_model(policy)
-        opponent = mixture_sampler(unwrapped, reference if reference is not None else unwrapped, prompt_ids, step, options)
+        opponent = mixture_sampler(
+            unwrapped, reference if reference is not None else unwrapped, prompt_ids, step, options
+        )
         generation_seconds = time.perf_counter() - started
 
         # --- preferences (the judge's calls in flight while the log-probs are computed)
@@ -90,7 +108,9 @@ def train(config: TrainConfig, stop_after: int | None = None) -> Path:
         answers = sampler.texts(rollout)
         against_mixture = preference.start(prompts, answers, sampler.texts(opponent))
         against_reference = preference.start(prompts, answers, sampler.texts(baseline)) if measure else None
-        ref_logp = reference_logps(reference, policy, acc, rollout, options.temperature) if options.kl_beta > 0 else None
+        ref_logp = (
+            reference_logps(reference, policy, acc, rollout, options.temperature) if options.kl_beta > 0 else None
+        )
         reference_seconds = time.perf_counter() - started
         started = time.perf_counter()
         p = against_mixture().to(acc.device)
@@ -127,7 +147,9 @@ def train(config: TrainConfig, stop_after: int | None = None) -> Path:
             values["kl_per_token"] = kl.sum().item() / answer_tokens
         metrics.log(step, "train", values)
         if step % config.save_every == 0 or step == steps:
-            checkpoint.save(acc, policy, tokenizer, config.output_dir, step, {"position": position}, config.keep_checkpoints)
+            checkpoint.save(
+                acc, policy, tokenizer, config.output_dir, step, {"position": position}, config.keep_checkpoints
+            )
         if step == stop_after:
             break
     return finish(config, acc, policy, tokenizer, steps, stop_after, opened=(metrics, preference))
@@ -160,18 +182,30 @@ class MixtureSampler:
         batch = self.tokenizer.pad({"input_ids": prompts}, return_tensors="pt").to(self.acc.device)
         ids, attention = batch["input_ids"], batch["attention_mask"]
         start = ids.shape[1]
-        generator = torch.Generator(device=ids.device).manual_seed(derive_seed(self.config.seed, "nash-md-mixture", step))
+        generator = torch.Generator(device=ids.device).manual_seed(
+            derive_seed(self.config.seed, "nash-md-mixture", step)
+        )
         top_p = TopPLogitsWarper(options.top_p) if options.top_p < 1.0 else None
         lora = reference is policy
         # a model whose weight in the mixture is 0 is not run at all
-        models = {name: model for name, model, weight in (("policy", policy, 1 - beta), ("reference", reference, beta)) if weight > 0}
+        models = {
+            name: model
+            for name, model, weight in (("policy", policy, 1 - beta), ("reference", reference, beta))
+            if weight > 0
+        }
         caches: dict[str, object] = {name: None for name in models}
 
         def next_logits(name: str, model, new_ids: torch.Tensor) -> torch.Tensor:
             adapter = model.disable_adapter() if lora and name == "reference" else contextlib.nullcontext()
             with adapter:
-                out = model(input_ids=new_ids, attention_mask=attention, position_ids=positions(attention)[:, -new_ids.shape[1] :],
-                            past_key_values=caches[name], use_cache=True, logits_to_keep=1)  # fmt: skip
+                out = model(
+                    input_ids=new_ids,
+                    attention_mask=attention,
+                    position_ids=positions(attention)[:, -new_ids.shape[1] :],
+                    past_key_values=caches[name],
+                    use_cache=True,
+                    logits_to_keep=1,
+                )
             caches[name] = out.past_key_values
             return out.logits[:, -1].float()
 

@@ -21,16 +21,26 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from cai.seeding import derive_seed
+from cai.core.seeding import derive_seed
 from cai.train import checkpoint, data, loop, runtime
 from cai.train.config import TrainConfig
-from cai.train.losses import AdaptiveKLController, FixedKLController, a2c_loss, gae, masked_mean, ppo_policy_loss, ppo_value_loss
+from cai.train.losses import (
+    AdaptiveKLController,
+    FixedKLController,
+    a2c_loss,
+    gae,
+    kl_penalty,
+    masked_mean,
+    ppo_policy_loss,
+    ppo_value_loss,
+)
 from cai.train.reward import Rewards
-from cai.train.rollout import Sampler, finish, load_prompts, load_reference, logps_and_entropy, positions, reference_logps, setup
+from cai.train.rollout import Sampler, finish, load_prompts, logps_and_entropy, positions, reference_logps, setup
 
 
 class RunningMoments:
@@ -69,7 +79,9 @@ class TokenValues(torch.nn.Module):
         self.model = model
 
     def forward(self, input_ids, attention_mask):
-        hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions(attention_mask)).last_hidden_state
+        hidden = self.model.base_model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=positions(attention_mask)
+        ).last_hidden_state
         return self.model.score(hidden).squeeze(-1).float()
 
 
@@ -82,11 +94,19 @@ def train(config: TrainConfig, stop_after: int | None = None) -> Path:
 
     # --- prompts and rewards: validated before anything is written
     conversations, encoded = load_prompts(config, tokenizer, options.max_new_tokens, acc)
-    rewards = Rewards(options.rewards, options.gate, tokenizer, acc.device, str(config.file), "ppo.rewards", config.seed)
+    rewards = Rewards(
+        options.rewards, options.gate, tokenizer, acc.device, str(config.file), "ppo.rewards", config.seed
+    )
     rewards.check_prompts(conversations)
 
     resume = runtime.prepare_output(config, acc)
-    batches = data.Batches([len(ids) for ids in encoded], config.batch_size, config.seed, rank=acc.process_index, world_size=acc.num_processes)
+    batches = data.Batches(
+        [len(ids) for ids in encoded],
+        config.batch_size,
+        config.seed,
+        rank=acc.process_index,
+        world_size=acc.num_processes,
+    )
     steps = config.max_steps or config.epochs * batches.per_epoch
     a2c = options.algorithm == "a2c"
     minibatch = config.batch_size if a2c else options.minibatch_size or config.batch_size
@@ -95,11 +115,25 @@ def train(config: TrainConfig, stop_after: int | None = None) -> Path:
 
     # --- models: policy (trained), reference (frozen), value (trained)
     policy = runtime.load_model(AutoModelForCausalLM, config, resume, task_type="CAUSAL_LM")
-    reference = load_reference(config, acc)
+    reference = runtime.load_reference(config, acc)
     first_model = next((s.model for s in options.rewards if s.model is not None), None)
-    value_start = resume / "value" if resume else (first_model if (options.value_from or ("reward" if first_model else "policy")) == "reward" else runtime.model_path(config))
-    value = TokenValues(AutoModelForSequenceClassification.from_pretrained(value_start, num_labels=1, pad_token_id=data.pad_id(tokenizer), dtype=torch.float32))
-    optimizer, scheduler = runtime.optimizer_and_scheduler(config, torch.nn.ModuleList([policy, value]), steps * updates)
+    value_start = (
+        resume / "value"
+        if resume
+        else (
+            first_model
+            if (options.value_from or ("reward" if first_model else "policy")) == "reward"
+            else runtime.model_path(config)
+        )
+    )
+    value = TokenValues(
+        AutoModelForSequenceClassification.from_pretrained(
+            value_start, num_labels=1, pad_token_id=data.pad_id(tokenizer), dtype=torch.float32
+        )
+    )
+    optimizer, scheduler = runtime.optimizer_and_scheduler(
+        config, torch.nn.ModuleList([policy, value]), steps * updates
+    )
     policy, optimizer, value = runtime.prepare(acc, policy, optimizer, scheduler, value)
     sampler = Sampler(config, options, tokenizer, acc, "ppo-rollout")
 
@@ -115,90 +149,178 @@ def train(config: TrainConfig, stop_after: int | None = None) -> Path:
     for step in range(state["step"] + 1, steps + 1):
         indexes = batches(position)
         position += 1
-        prompts = [conversations[i] for i in indexes]
-
-        # --- rollout
         rollout = sampler(policy, [encoded[i] for i in indexes], step)
-        ids, start, mask, attention = rollout.ids, rollout.start, rollout.mask, rollout.attention
-
-        # --- score (the judge's calls in flight meanwhile), the frozen numbers the update compares against
-        started = time.perf_counter()
-        pending = rewards.start(prompts, sampler.texts(rollout), rollout.responses, mask)
-        with torch.no_grad():
-            old_logp, _ = logps_and_entropy(policy, ids, attention, start, options.temperature)
-            ref_logp = reference_logps(reference, policy, acc, rollout, options.temperature)
-            old_values = value(ids, attention)[:, start - 1 : -1]
-        score, each, judge_wait = pending.result()
-        score = score.to(acc.device)
-        token_kl = (old_logp - ref_logp) * mask
-        token_rewards = -kl.value * token_kl
-        last = mask.sum(1).long() - 1
-        normalised = normalise(score, options.reward_norm, moments)
-        token_rewards[torch.arange(len(indexes)), last] += normalised
-        advantages, returns = gae(token_rewards, old_values, options.gamma, options.lam, mask)
-        advantages = (advantages - masked_mean(advantages, mask)) / (masked_mean((advantages - masked_mean(advantages, mask)) ** 2, mask).sqrt() + 1e-8) * mask
-        scoring_seconds = time.perf_counter() - started
-
-        # --- PPO epochs over minibatches (A2C: one update on the whole batch)
-        started = time.perf_counter()
-        order = torch.Generator().manual_seed(derive_seed(config.seed, "ppo-minibatches", step))
-        logs = []
-        for _ in range(epochs):
-            for chunk in torch.randperm(len(indexes), generator=order).split(minibatch):
-                logp, entropy = logps_and_entropy(policy, ids[chunk], attention[chunk], start, options.temperature, entropy_grad=options.entropy_coef > 0)
-                values = value(ids[chunk], attention[chunk])[:, start - 1 : -1]
-                mean_entropy = masked_mean(entropy, mask[chunk])
-                clipping = {}
-                if a2c:
-                    loss, policy_loss, value_loss = a2c_loss(logp, values, advantages[chunk], returns[chunk], options.value_coef, mask[chunk])
-                else:
-                    policy_loss, clip_fraction = ppo_policy_loss(logp, old_logp[chunk], advantages[chunk], options.clip_range, mask[chunk])
-                    value_loss, value_clip_fraction = ppo_value_loss(values, old_values[chunk], returns[chunk], options.value_clip_range, mask[chunk])
-                    loss = policy_loss + options.value_coef * value_loss
-                    clipping = {"clip_fraction": clip_fraction.item(), "value_clip_fraction": value_clip_fraction.item()}
-                loss = loss - options.entropy_coef * mean_entropy
-                runtime.check_finite(loss, "loss", step, config.output_dir)
-                acc.backward(loss)
-                grad_norm = runtime.apply_gradients(config, acc, list(policy.parameters()) + list(value.parameters()), optimizer, scheduler, step)
-                logs.append(
-                    {
-                        "policy_loss": policy_loss.item(), "value_loss": value_loss.item(), **clipping,
-                        "entropy": mean_entropy.item(), "grad_norm": grad_norm.item(),
-                        "approx_kl": masked_mean(old_logp[chunk] - logp.detach(), mask[chunk]).item(),
-                    }
-                )  # fmt: skip
-        training_seconds = time.perf_counter() - started
-
-        sequence_kl = token_kl.sum(1).mean().item()
+        scored = score(
+            rollout,
+            [conversations[i] for i in indexes],
+            sampler,
+            rewards,
+            policy,
+            reference,
+            value,
+            acc,
+            options,
+            kl,
+            moments,
+        )
         beta = kl.value
-        kl.update(sequence_kl, len(indexes))
-        answer_tokens = mask.sum().item()
+        kl.update(scored.token_kl.sum(1).mean().item(), len(indexes))
+        started = time.perf_counter()
+        logs = update(config, acc, policy, value, optimizer, scheduler, rollout, scored, step, epochs, minibatch)
+        training_seconds = time.perf_counter() - started
         metrics.log(
             step,
             "train",
-            {
-                "reward": score.mean().item(),
-                **{f"reward_{name}": values.mean().item() for name, values in each.items()},
-                "reward_normalised": normalised.mean().item(),
-                "kl": sequence_kl,
-                "kl_per_token": (token_kl.sum() / answer_tokens).item(),
-                "kl_beta": beta,
-                **{k: sum(log[k] for log in logs) / len(logs) for k in logs[0]},
-                "response_length": answer_tokens / len(indexes),
-                "generation_tokens_per_s": answer_tokens / rollout.generation_seconds,
-                "training_tokens_per_s": epochs * attention.sum().item() / training_seconds,
-                "seconds_generation": rollout.generation_seconds,
-                "seconds_scoring": scoring_seconds,
-                "seconds_training": training_seconds,
-                "seconds_weight_sync": rollout.sync_seconds,
-                "seconds_judge_wait": judge_wait,
-                "lr": scheduler.get_last_lr()[0],
-            },
+            {**figures(rollout, scored, logs, beta, epochs, training_seconds), "lr": scheduler.get_last_lr()[0]},
         )
         if step % config.save_every == 0 or step == steps:
             trainer_state = {"position": position, "kl_beta": kl.value, "reward_moments": moments.state()}
-            checkpoint.save(acc, policy, tokenizer, config.output_dir, step, trainer_state, config.keep_checkpoints, others={"value": acc.unwrap_model(value).model})
+            checkpoint.save(
+                acc,
+                policy,
+                tokenizer,
+                config.output_dir,
+                step,
+                trainer_state,
+                config.keep_checkpoints,
+                others={"value": acc.unwrap_model(value).model},
+            )
         if step == stop_after:
             break
     return finish(config, acc, policy, tokenizer, steps, stop_after, opened=(metrics, sampler, rewards))
 
+
+@dataclass
+class Scored:
+    """A rollout scored, and the numbers frozen for its update: the policy's, the reference's and the
+    value model's before any step, the per-token KL, the rewards, the advantages and returns."""
+
+    old_logp: torch.Tensor
+    old_values: torch.Tensor
+    token_kl: torch.Tensor  # log pi - log pi_ref on the answer's tokens
+    score: torch.Tensor  # the combined reward of each answer
+    each: dict[str, torch.Tensor]  # each reward source's
+    normalised: torch.Tensor
+    advantages: torch.Tensor  # whitened
+    returns: torch.Tensor
+    judge_wait: float
+    seconds: float
+
+
+def score(
+    rollout, prompts, sampler, rewards: Rewards, policy, reference, value, acc, options, kl, moments: RunningMoments
+) -> Scored:
+    """The rollout's rewards (the judge's calls in flight meanwhile) and the frozen numbers the update
+    compares against; the per-token reward is -beta (log pi - log pi_ref), plus the answer's reward on
+    its last token; GAE over the value model's estimates."""
+    started = time.perf_counter()
+    ids, start, mask, attention = rollout.ids, rollout.start, rollout.mask, rollout.attention
+    pending = rewards.start(prompts, sampler.texts(rollout), rollout.responses, mask)
+    with torch.no_grad():
+        old_logp, _ = logps_and_entropy(policy, ids, attention, start, options.temperature)
+        ref_logp = reference_logps(reference, policy, acc, rollout, options.temperature)
+        old_values = value(ids, attention)[:, start - 1 : -1]
+    total, each, judge_wait = pending.result()
+    total = total.to(acc.device)
+    token_rewards = -kl_penalty(old_logp, ref_logp, kl.value) * mask
+    normalised = normalise(total, options.reward_norm, moments)
+    token_rewards[torch.arange(len(prompts)), mask.sum(1).long() - 1] += normalised
+    advantages, returns = gae(token_rewards, old_values, options.gamma, options.lam, mask)
+    centred = advantages - masked_mean(advantages, mask)
+    advantages = centred / (masked_mean(centred**2, mask).sqrt() + 1e-8) * mask
+    return Scored(
+        old_logp,
+        old_values,
+        (old_logp - ref_logp) * mask,
+        total,
+        each,
+        normalised,
+        advantages,
+        returns,
+        judge_wait,
+        time.perf_counter() - started,
+    )
+
+
+def update(
+    config: TrainConfig,
+    acc,
+    policy,
+    value,
+    optimizer,
+    scheduler,
+    rollout,
+    scored: Scored,
+    step: int,
+    epochs: int,
+    minibatch: int,
+) -> list[dict[str, float]]:
+    """`epochs` passes of shuffled minibatches of the clipped surrogate and value losses (A2C: one
+    update on the whole batch, unclipped); the figures of each update."""
+    options = config.ppo
+    a2c = options.algorithm == "a2c"
+    ids, start, mask, attention = rollout.ids, rollout.start, rollout.mask, rollout.attention
+    order = torch.Generator().manual_seed(derive_seed(config.seed, "ppo-minibatches", step))
+    logs = []
+    for _ in range(epochs):
+        for chunk in torch.randperm(len(ids), generator=order).split(minibatch):
+            logp, entropy = logps_and_entropy(
+                policy, ids[chunk], attention[chunk], start, options.temperature, entropy_grad=options.entropy_coef > 0
+            )
+            values = value(ids[chunk], attention[chunk])[:, start - 1 : -1]
+            mean_entropy = masked_mean(entropy, mask[chunk])
+            clipping = {}
+            if a2c:
+                loss, policy_loss, value_loss = a2c_loss(
+                    logp, values, scored.advantages[chunk], scored.returns[chunk], options.value_coef, mask[chunk]
+                )
+            else:
+                policy_loss, clip_fraction = ppo_policy_loss(
+                    logp, scored.old_logp[chunk], scored.advantages[chunk], options.clip_range, mask[chunk]
+                )
+                value_loss, value_clip_fraction = ppo_value_loss(
+                    values, scored.old_values[chunk], scored.returns[chunk], options.value_clip_range, mask[chunk]
+                )
+                loss = policy_loss + options.value_coef * value_loss
+                clipping = {"clip_fraction": clip_fraction.item(), "value_clip_fraction": value_clip_fraction.item()}
+            loss = loss - options.entropy_coef * mean_entropy
+            runtime.check_finite(loss, "loss", step, config.output_dir)
+            acc.backward(loss)
+            grad_norm = runtime.apply_gradients(
+                config, acc, list(policy.parameters()) + list(value.parameters()), optimizer, scheduler, step
+            )
+            logs.append(
+                {
+                    "policy_loss": policy_loss.item(),
+                    "value_loss": value_loss.item(),
+                    **clipping,
+                    "entropy": mean_entropy.item(),
+                    "grad_norm": grad_norm.item(),
+                    "approx_kl": masked_mean(scored.old_logp[chunk] - logp.detach(), mask[chunk]).item(),
+                }
+            )
+    return logs
+
+
+def figures(
+    rollout, scored: Scored, logs: list[dict[str, float]], beta: float, epochs: int, training_seconds: float
+) -> dict[str, float]:
+    """A step's line in metrics.jsonl: rewards, KL, the updates' mean figures, lengths and where the time went."""
+    answer_tokens = rollout.mask.sum().item()
+    return {
+        "reward": scored.score.mean().item(),
+        **{f"reward_{name}": values.mean().item() for name, values in scored.each.items()},
+        "reward_normalised": scored.normalised.mean().item(),
+        "kl": scored.token_kl.sum(1).mean().item(),
+        "kl_per_token": (scored.token_kl.sum() / answer_tokens).item(),
+        "kl_beta": beta,
+        **{k: sum(log[k] for log in logs) / len(logs) for k in logs[0]},
+        "response_length": answer_tokens / len(rollout.ids),
+        "generation_tokens_per_s": answer_tokens / rollout.generation_seconds,
+        "training_tokens_per_s": epochs * rollout.attention.sum().item() / training_seconds,
+        "seconds_generation": rollout.generation_seconds,
+        "seconds_scoring": scored.seconds,
+        "seconds_training": training_seconds,
+        "seconds_weight_sync": rollout.sync_seconds,
+        "seconds_judge_wait": scored.judge_wait,
+    }

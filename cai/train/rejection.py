@@ -18,30 +18,37 @@ and HIR (hir.py) share; context distillation (distill.py) samples its teacher wi
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from cai import prompts as prompt_sets
-from cai.backends import BackendSpec, ChatRequest, create
-from cai.errors import InputError
-from cai.files import canonical_json
-from cai.seeding import derive_seed
-from cai.store import write_atomic
+from cai.core.disk import replaced_folder, write_atomic
+from cai.core.errors import InputError
+from cai.core.files import canonical_json
+from cai.core.seeding import derive_seed
+from cai.generate import prompts as prompt_sets
+from cai.generate.backends import BackendSpec, ChatRequest, create
 from cai.train import checkpoint, runtime, sft
 from cai.train.config import SampledOptions, TrainConfig
 from cai.train.reward import Rewards
 
 
-def train(config: TrainConfig) -> Path:
-    options = config.rejection
+def begin(config: TrainConfig, section: str) -> tuple[list, Rewards, Path]:
+    """What a sample-then-fine-tune trainer (rejection sampling, ReST) starts from: the prompts, the
+    rewards of its `section` (validated), and the starting model; the config is recorded first, so a
+    rerun with another config is refused before anything is sampled."""
+    options = getattr(config, section)
     prompts = prompt_sets.load(config.train_data)[: config.limit]
     tokenizer = runtime.load_tokenizer(runtime.model_path(config))
-    rewards = Rewards(options.rewards, options.gate, tokenizer, "cpu", str(config.file), "rejection.rewards")
-    checkpoint.record_config(config)  # a rerun with another config is refused before anything is sampled
-    model = Path(runtime.model_path(config))
+    rewards = Rewards(options.rewards, options.gate, tokenizer, "cpu", str(config.file), f"{section}.rewards")
+    checkpoint.record_config(config)
+    return prompts, rewards, Path(runtime.model_path(config))
+
+
+def train(config: TrainConfig) -> Path:
+    options = config.rejection
+    prompts, rewards, model = begin(config, "rejection")
     log = []
     for iteration in range(1, options.iterations + 1):
         folder = config.output_dir / f"iteration-{iteration}"
@@ -51,10 +58,22 @@ def train(config: TrainConfig) -> Path:
             records = []
             for s in sampled:
                 best = max(range(len(s.rewards)), key=s.rewards.__getitem__)
-                records.append({**sft_record(s, best), "reward": s.rewards[best], "sample_rewards": s.rewards, "iteration": iteration, "model": str(model)})
+                records.append(
+                    {
+                        **sft_record(s, best),
+                        "reward": s.rewards[best],
+                        "sample_rewards": s.rewards,
+                        "iteration": iteration,
+                        "model": str(model),
+                    }
+                )
             rewards_all = [r for s in sampled for r in s.rewards]
-            stats = {"prompts": len(records), "samples": len(rewards_all), "mean_reward": sum(rewards_all) / len(rewards_all),
-                     "mean_best_reward": sum(r["reward"] for r in records) / len(records)}  # fmt: skip
+            stats = {
+                "prompts": len(records),
+                "samples": len(rewards_all),
+                "mean_reward": sum(rewards_all) / len(rewards_all),
+                "mean_best_reward": sum(r["reward"] for r in records) / len(records),
+            }
             folder.mkdir(parents=True, exist_ok=True)
             write_atomic(folder / "stats.json", json.dumps(stats) + "\n")
             write_sft_records(winners, records)
@@ -74,14 +93,26 @@ class Sampled:
 
 
 def sample_scored(
-    config: TrainConfig, options: SampledOptions, prompts, model: Path, rewards: Rewards, stage: str, iteration: int, ask: Callable | None = None
+    config: TrainConfig,
+    options: SampledOptions,
+    prompts,
+    model: Path,
+    rewards: Rewards,
+    stage: str,
+    iteration: int,
+    ask: Callable | None = None,
 ) -> list[Sampled]:
     """K answers per prompt from `model` (the vLLM engine, seeded per prompt and iteration), scored;
     prompts the engine could not take (too long) are left out. `ask` turns a prompt's messages into
     the conversation the model is given (HIR's instruction); the rewards score the answers against
     the prompt itself."""
     seeds = [derive_seed(config.seed, stage, iteration, p.id) for p in prompts]
-    kept = [(prompts[i], texts) for i, texts in sample(config, options, [tuple(ask(p.messages)) if ask else p.messages for p in prompts], seeds, model)]
+    kept = [
+        (prompts[i], texts)
+        for i, texts in sample(
+            config, options, [tuple(ask(p.messages)) if ask else p.messages for p in prompts], seeds, model
+        )
+    ]
     conversations = [list(p.messages) for p, texts in kept for _ in texts]
     scores, _ = rewards.score_texts(conversations, [text for _, texts in kept for text in texts])
     out, start = [], 0
@@ -91,15 +122,29 @@ def sample_scored(
     return out
 
 
-def sample(config: TrainConfig, options, conversations, seeds: list[int], model: Path) -> list[tuple[int, tuple[str, ...]]]:
+def sample(
+    config: TrainConfig, options, conversations, seeds: list[int], model: Path
+) -> list[tuple[int, tuple[str, ...]]]:
     """`options.samples` answers to each conversation from `model` with the vLLM engine, one seed per
     conversation: (index, answers) of those the engine could take (the others are too long)."""
-    engine = create(BackendSpec(name="sampler", type="vllm", model=str(model), options={"max_model_len": config.max_length, **options.vllm_options}))
+    engine = create(
+        BackendSpec(
+            name="sampler",
+            type="vllm",
+            model=str(model),
+            options={"max_model_len": config.max_length, **options.vllm_options},
+        )
+    )
     try:
         requests = [
             ChatRequest(
-                messages=messages, max_tokens=options.max_new_tokens, temperature=options.temperature, top_p=options.top_p, seed=seed, n=options.samples,
-            )  # fmt: skip
+                messages=messages,
+                max_tokens=options.max_new_tokens,
+                temperature=options.temperature,
+                top_p=options.top_p,
+                seed=seed,
+                n=options.samples,
+            )
             for messages, seed in zip(conversations, seeds)
         ]
         completions = engine.complete(requests)
@@ -107,13 +152,20 @@ def sample(config: TrainConfig, options, conversations, seeds: list[int], model:
         engine.close()
     kept = [(i, c.texts) for i, c in enumerate(completions) if c.ok]
     if not kept:
-        raise InputError(str(config.train_data), None, f"no prompt fits the sampler's max_length {config.max_length}: {completions[0].error}")
+        raise InputError(
+            str(config.train_data),
+            None,
+            f"no prompt fits the sampler's max_length {config.max_length}: {completions[0].error}",
+        )
     return kept
 
 
 def sft_record(sampled: Sampled, index: int) -> dict:
     """Answer `index` of a prompt's samples as an SFT record (`messages`, the prompt's `id`)."""
-    return {"messages": [*sampled.prompt.messages, {"role": "assistant", "content": sampled.texts[index]}], "id": sampled.prompt.id}
+    return {
+        "messages": [*sampled.prompt.messages, {"role": "assistant", "content": sampled.texts[index]}],
+        "id": sampled.prompt.id,
+    }
 
 
 def write_sft_records(path: Path, records: list[dict]) -> None:
@@ -129,15 +181,22 @@ def write_sft_records(path: Path, records: list[dict]) -> None:
 
 def fine_tune(config: TrainConfig, model: Path, data: Path, output_dir: Path) -> Path:
     """SFT of `model` on `data` with the config's shared training keys; resumes as `cai train sft` does."""
-    return sft.train(replace(config, kind="sft", model=str(model), train_data=data, eval_data=None, eval_fraction=0.0, output_dir=output_dir))
+    return sft.train(
+        replace(
+            config,
+            kind="sft",
+            model=str(model),
+            train_data=data,
+            eval_data=None,
+            eval_fraction=0.0,
+            output_dir=output_dir,
+        )
+    )
 
 
 def publish_final(model: Path, output_dir: Path) -> Path:
     """OUTPUT/final as a copy of `model`, swapped in whole."""
     final = output_dir / "final"
-    tmp = output_dir / ".final.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(model, tmp)
-    shutil.rmtree(final, ignore_errors=True)
-    os.rename(tmp, final)
+    with replaced_folder(final) as tmp:
+        shutil.copytree(model, tmp, dirs_exist_ok=True)
     return final

@@ -24,21 +24,14 @@ from pathlib import Path
 
 import torch
 
-from cai import prompts as prompt_sets
-from cai.store import read_jsonl, write_atomic
-from cai.train import checkpoint, runtime
+from cai.core.disk import read_jsonl, write_atomic
 from cai.train.config import TrainConfig
-from cai.train.rejection import fine_tune, publish_final, sample_scored, sft_record, write_sft_records
-from cai.train.reward import Rewards
+from cai.train.rejection import begin, fine_tune, publish_final, sample_scored, sft_record, write_sft_records
 
 
 def train(config: TrainConfig) -> Path:
     options = config.rest
-    prompts = prompt_sets.load(config.train_data)[: config.limit]
-    tokenizer = runtime.load_tokenizer(runtime.model_path(config))
-    rewards = Rewards(options.rewards, options.gate, tokenizer, "cpu", str(config.file), "rest.rewards")
-    checkpoint.record_config(config)  # a rerun with another config is refused before anything is sampled
-    model = Path(runtime.model_path(config))
+    prompts, rewards, model = begin(config, "rest")
     log: list[dict] = []
     for grow in range(1, options.grow_steps + 1):
         folder = config.output_dir / f"grow-{grow}"
@@ -55,15 +48,31 @@ def train(config: TrainConfig) -> Path:
             write_sft_records(samples_file, records)
         samples = list(read_jsonl(samples_file))
         grow_rewards = torch.tensor([r["reward"] for r in samples])
-        log.append({"grow": grow, "model": str(model), "prompts": len({r["id"] for r in samples}), "samples": len(samples),
-                    "mean_reward": grow_rewards.mean().item()})  # fmt: skip
+        log.append(
+            {
+                "grow": grow,
+                "model": str(model),
+                "prompts": len({r["id"] for r in samples}),
+                "samples": len(samples),
+                "mean_reward": grow_rewards.mean().item(),
+            }
+        )
 
         # --- Improve: one fine-tuning per threshold, each on the samples at or above it
         for improve, threshold in enumerate(options.thresholds, start=1):
             value = threshold if options.threshold_type == "reward" else grow_rewards.quantile(threshold).item()
             kept = [r for r in samples if r["reward"] >= value]
-            log.append({"grow": grow, "improve": improve, "threshold": threshold, "threshold_value": value, "kept": len(kept),
-                        "kept_fraction": len(kept) / len(samples), "mean_kept_reward": sum(r["reward"] for r in kept) / len(kept) if kept else None})  # fmt: skip
+            log.append(
+                {
+                    "grow": grow,
+                    "improve": improve,
+                    "threshold": threshold,
+                    "threshold_value": value,
+                    "kept": len(kept),
+                    "kept_fraction": len(kept) / len(samples),
+                    "mean_kept_reward": sum(r["reward"] for r in kept) / len(kept) if kept else None,
+                }
+            )
             write_atomic(config.output_dir / "rest.jsonl", "".join(json.dumps(r) + "\n" for r in log))
             if not kept:
                 break  # the thresholds rise: no later one keeps a sample either

@@ -26,10 +26,10 @@ from pathlib import Path
 
 import torch
 
-from cai.errors import InputError
-from cai.eval_judge import wilson_interval
-from cai.files import canonical_json
-from cai.store import write_atomic
+from cai.core.disk import write_atomic
+from cai.core.errors import InputError
+from cai.core.files import canonical_json
+from cai.judge.eval_judge import wilson_interval
 from cai.train import checkpoint, data, loop, runtime
 from cai.train.config import JudgeSource, PreferenceSource, TrainConfig
 from cai.train.losses import bradley_terry_loss, reward_centering_loss
@@ -57,7 +57,11 @@ def train(config: TrainConfig, stop_after: int | None = None) -> Path:
         pairs, eval_pairs = data.split_eval(pairs, [p.group for p in pairs], config.eval_fraction, config.seed)
     for enabled, column in ((options.use_soft_labels, "label_prob"), (options.use_margin, "margin")):
         if enabled and any(getattr(p, column) is None for p in pairs):
-            raise InputError(str(config.train_data), column, f"rm.use_{'soft_labels' if column == 'label_prob' else 'margin'} needs a {column} on every pair")
+            raise InputError(
+                str(config.train_data),
+                column,
+                f"rm.use_{'soft_labels' if column == 'label_prob' else 'margin'} needs a {column} on every pair",
+            )
     groups, dropped = data.group_pairs(tokenizer, pairs, config.max_length)
     eval_groups, _ = data.group_pairs(tokenizer, eval_pairs, config.max_length)
     if not groups:
@@ -66,12 +70,21 @@ def train(config: TrainConfig, stop_after: int | None = None) -> Path:
         runtime.note(acc, f"left out {dropped} pairs longer than max_length {config.max_length}")
 
     resume = runtime.prepare_output(config, acc)
-    batches = data.Batches([g.tokens for g in groups], config.batch_size, config.seed, bucket=True, rank=acc.process_index, world_size=acc.num_processes)
+    batches = data.Batches(
+        [g.tokens for g in groups],
+        config.batch_size,
+        config.seed,
+        bucket=True,
+        rank=acc.process_index,
+        world_size=acc.num_processes,
+    )
     steps = runtime.total_steps(config, batches.per_epoch)
 
     # --- model
     pad_id = data.pad_id(tokenizer)
-    model = runtime.load_model(AutoModelForSequenceClassification, config, resume, task_type="SEQ_CLS", num_labels=1, pad_token_id=pad_id)
+    model = runtime.load_model(
+        AutoModelForSequenceClassification, config, resume, task_type="SEQ_CLS", num_labels=1, pad_token_id=pad_id
+    )
     optimizer, scheduler = runtime.optimizer_and_scheduler(config, model, steps)
     model, optimizer = runtime.prepare(acc, model, optimizer, scheduler)
 
@@ -84,7 +97,9 @@ def train(config: TrainConfig, stop_after: int | None = None) -> Path:
             rejected = rewards[start + torch.tensor([r for _, r, _, _ in g.pairs], device=acc.device)]
             start += len(g.answers)
             margin = torch.tensor([m for _, _, _, m in g.pairs], device=acc.device) if options.use_margin else None
-            label_prob = torch.tensor([p for _, _, p, _ in g.pairs], device=acc.device) if options.use_soft_labels else None
+            label_prob = (
+                torch.tensor([p for _, _, p, _ in g.pairs], device=acc.device) if options.use_soft_labels else None
+            )
             losses.append(bradley_terry_loss(chosen, rejected, margin=margin, label_prob=label_prob).mean())
             chosen_all.append(chosen)
             rejected_all.append(rejected)
@@ -107,8 +122,20 @@ def train(config: TrainConfig, stop_after: int | None = None) -> Path:
         model.train()
         return mean(results)
 
-    eval_result = loop.fit(config, acc, model, tokenizer, optimizer, scheduler, batches, steps, resume,
-                           lambda indexes: batch_values([groups[i] for i in indexes]), evaluate if eval_groups else None, stop_after)  # fmt: skip
+    eval_result = loop.fit(
+        config,
+        acc,
+        model,
+        tokenizer,
+        optimizer,
+        scheduler,
+        batches,
+        steps,
+        resume,
+        lambda indexes: batch_values([groups[i] for i in indexes]),
+        evaluate if eval_groups else None,
+        stop_after,
+    )
     if eval_result is None:
         return config.output_dir / "final"
 
@@ -117,10 +144,20 @@ def train(config: TrainConfig, stop_after: int | None = None) -> Path:
     with torch.no_grad():
         answers = [g.answers for g in groups]
         size = config.eval_batch_size or config.batch_size
-        offset = torch.cat([score_groups(model, answers[i : i + size], pad_id, acc.device) for i in range(0, len(answers), size)]).mean().item()
+        offset = (
+            torch.cat(
+                [score_groups(model, answers[i : i + size], pad_id, acc.device) for i in range(0, len(answers), size)]
+            )
+            .mean()
+            .item()
+        )
     final = checkpoint.save_final(acc, model, tokenizer, config.output_dir)
     if acc.is_main_process:
-        summary = {"offset": offset, "train_answers": sum(len(a) for a in answers), "eval_accuracy": eval_result.get("accuracy")}
+        summary = {
+            "offset": offset,
+            "train_answers": sum(len(a) for a in answers),
+            "eval_accuracy": eval_result.get("accuracy"),
+        }
         write_atomic(final / REWARD_FILE, json.dumps(summary, indent=2) + "\n")
         plot(config.output_dir / "metrics.jsonl", config.output_dir / "curves.png")
     return final
@@ -135,11 +172,20 @@ def pretrained(config: TrainConfig) -> TrainConfig:
     options = config.rm.pretrain
     folder = config.output_dir / "pretrain"
     if not (folder / "final" / REWARD_FILE).exists():
-        train(replace(
-            config, train_data=options.data, limit=options.limit, eval_data=config.eval_data, eval_fraction=0.0, output_dir=folder,
-            max_steps=options.max_steps, epochs=options.epochs, lr=options.lr or config.lr,
-            rm=replace(config.rm, pretrain=None, use_margin=False, use_soft_labels=False),
-        ))  # fmt: skip
+        train(
+            replace(
+                config,
+                train_data=options.data,
+                limit=options.limit,
+                eval_data=config.eval_data,
+                eval_fraction=0.0,
+                output_dir=folder,
+                max_steps=options.max_steps,
+                epochs=options.epochs,
+                lr=options.lr or config.lr,
+                rm=replace(config.rm, pretrain=None, use_margin=False, use_soft_labels=False),
+            )
+        )
     return replace(config, model=str((folder / "final").resolve()))
 
 
@@ -159,8 +205,11 @@ def score_groups(model, groups: list[list[list[int]]], pad_id: int, device) -> t
     outputs = []
     handle = head.register_forward_hook(lambda _module, _inputs, output: outputs.append(output))
     try:
-        model(input_ids=batch["input_ids"], attention_mask=data.additive_mask(batch["attention_mask"], next(model.parameters()).dtype),
-              position_ids=batch["position_ids"])  # fmt: skip
+        model(
+            input_ids=batch["input_ids"],
+            attention_mask=data.additive_mask(batch["attention_mask"], next(model.parameters()).dtype),
+            position_ids=batch["position_ids"],
+        )
     finally:
         handle.remove()
     return outputs[0][batch["row"], batch["end"], 0].float()
@@ -183,7 +232,13 @@ class RewardScorer:
     the reward is that model's alone: an unsafe answer is not rescued by being helpful.
     """
 
-    def __init__(self, models: dict[str, tuple[str | Path, float]], gate: tuple[str, float] | None = None, device: str | None = None, batch_size: int = 8):
+    def __init__(
+        self,
+        models: dict[str, tuple[str | Path, float]],
+        gate: tuple[str, float] | None = None,
+        device: str | None = None,
+        batch_size: int = 8,
+    ):
         from transformers import AutoModelForSequenceClassification
 
         if gate is not None and gate[0] not in models:
@@ -194,7 +249,13 @@ class RewardScorer:
         self.models = {}
         for name, (path, weight) in models.items():
             tokenizer = runtime.load_tokenizer(str(path))
-            model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, pad_token_id=data.pad_id(tokenizer)).to(self.device).eval()
+            model = (
+                AutoModelForSequenceClassification.from_pretrained(
+                    path, num_labels=1, pad_token_id=data.pad_id(tokenizer)
+                )
+                .to(self.device)
+                .eval()
+            )
             offset_file = Path(path) / REWARD_FILE
             offset = json.loads(offset_file.read_text())["offset"] if offset_file.exists() else 0.0
             self.models[name] = (model, tokenizer, float(weight), offset)
@@ -210,11 +271,16 @@ class RewardScorer:
         groups = list(by_prompt.values())
         out = {}
         for name, (model, tokenizer, _, offset) in self.models.items():
-            ids = [data.encode(tokenizer, p + [{"role": "assistant", "content": a}]).input_ids for p, a in zip(prompts, answers)]
+            ids = [
+                data.encode(tokenizer, p + [{"role": "assistant", "content": a}]).input_ids
+                for p, a in zip(prompts, answers)
+            ]
             scores = torch.empty(len(ids))
             for i in range(0, len(groups), self.batch_size):
                 chunk = groups[i : i + self.batch_size]
-                scores[[j for g in chunk for j in g]] = score_groups(model, [[ids[j] for j in g] for g in chunk], data.pad_id(tokenizer), self.device).cpu()
+                scores[[j for g in chunk for j in g]] = score_groups(
+                    model, [[ids[j] for j in g] for g in chunk], data.pad_id(tokenizer), self.device
+                ).cpu()
             out[name] = scores - offset
         return out
 
@@ -223,7 +289,9 @@ class RewardScorer:
         return combine(self.score_each(prompts, answers), weights, self.gate)
 
 
-def combine(each: dict[str, torch.Tensor], weights: dict[str, float], gate: tuple[str, float] | None = None) -> torch.Tensor:
+def combine(
+    each: dict[str, torch.Tensor], weights: dict[str, float], gate: tuple[str, float] | None = None
+) -> torch.Tensor:
     """sum_i w_i r_i; with a gate (name, threshold), that reward alone wherever it is below the threshold."""
     combined = sum(weight * each[name] for name, weight in weights.items())
     if gate is None:
@@ -241,18 +309,18 @@ class Judge:
     """The constitution's judge (any backend a pipeline may use) as a live reward, on an event loop of
     its own so that its calls run while the trainer computes log-probs.
 
-    score:    d-RLAIF (Lee et al. 2023): the expected score over the tokens 1..10 (cai.stages.score's
+    score:    d-RLAIF (Lee et al. 2023): the expected score over the tokens 1..10 (cai.generate.stages.score's
               prompt), averaged over `principles` comparison principles drawn per answer.
     pairwise: P(answer beats another answer) under each principle, the judge asked in both orders and
-              the two averaged (cai.stages.compare's prompt, RLAIF's position debiasing), averaged over
+              the two averaged (cai.generate.stages.compare's prompt, RLAIF's position debiasing), averaged over
               the principles. The other answer is the prompt's reference answer (a reward), or one
               given with each answer (Nash-MD's preference between two sampled answers).
     The principles are drawn from (seed, prompt, answer): the same answer gets the same principles.
     """
 
     def __init__(self, spec: JudgeSource, seed: int):
-        from cai import constitution
-        from cai.backends.base import LoopThread, start
+        from cai.generate import constitution
+        from cai.generate.backends.base import LoopThread, start
 
         self.spec, self.seed = spec, seed
         self.constitution = constitution.load(spec.constitution)
@@ -272,15 +340,19 @@ class Judge:
         if self.spec.mode == "pairwise":
             missing = sum(canonical_json(list(p)) not in self.references for p in prompts)
             if missing:
-                raise InputError(file, f"{field}.references", f"no reference answer for {missing} of the {len(prompts)} prompts")
+                raise InputError(
+                    file, f"{field}.references", f"no reference answer for {missing} of the {len(prompts)} prompts"
+                )
 
     def submit(self, prompts: list[data.Messages], answers: list[str], others: list[str] | None = None) -> Future:
         """Start scoring; the future holds one reward per answer. Pairwise, `others` are the answers each
         is compared with (default: the prompts' reference answers)."""
-        return asyncio.run_coroutine_threadsafe(self._score(prompts, answers, others or [None] * len(answers)), self.loop.loop)
+        return asyncio.run_coroutine_threadsafe(
+            self._score(prompts, answers, others or [None] * len(answers)), self.loop.loop
+        )
 
     async def _score(self, prompts: list[data.Messages], answers: list[str], others: list[str | None]) -> torch.Tensor:
-        from cai.backends.base import BackendCallError
+        from cai.generate.backends.base import BackendCallError
 
         try:
             scores = await asyncio.gather(*(self._one(list(p), a, o) for p, a, o in zip(prompts, answers, others)))
@@ -289,19 +361,29 @@ class Judge:
         return torch.tensor(scores, dtype=torch.float32)
 
     async def _one(self, messages: data.Messages, answer: str, other: str | None) -> float:
-        from cai import feedback
-        from cai.backends.base import ChatRequest
-        from cai.seeding import rng
-        from cai.stages.compare import ANSWER_INSTRUCTION, OPTIONS, conversation_text, draw_distinct, judge_messages
-        from cai.stages.score import SCORE_TEMPLATE, SCORES
+        from cai.core.seeding import rng
+        from cai.generate import feedback
+        from cai.generate.backends.base import ChatRequest
+        from cai.generate.stages.compare import (
+            ANSWER_INSTRUCTION,
+            OPTIONS,
+            conversation_text,
+            draw_distinct,
+            judge_messages,
+        )
+        from cai.generate.stages.score import SCORE_TEMPLATE, SCORES
 
-        principles = draw_distinct(self.constitution, self.spec.principles, rng(self.seed, "judge", canonical_json(messages), answer))
+        principles = draw_distinct(
+            self.constitution, self.spec.principles, rng(self.seed, "judge", canonical_json(messages), answer)
+        )
         if self.spec.mode == "score":
             conversation = conversation_text(messages)
 
             async def verdict(principle) -> float | None:
                 content = SCORE_TEMPLATE.format(conversation=conversation, question=principle.comparison, answer=answer)
-                logprobs = await self.backend.choice_logprobs(ChatRequest(messages=({"role": "user", "content": content},)), [str(s) for s in SCORES])
+                logprobs = await self.backend.choice_logprobs(
+                    ChatRequest(messages=({"role": "user", "content": content},)), [str(s) for s in SCORES]
+                )
                 return feedback.expected_score(logprobs, SCORES)
         else:
             reference = self.references[canonical_json(messages)] if other is None else other
@@ -319,7 +401,9 @@ class Judge:
 
         verdicts = await asyncio.gather(*(verdict(p) for p in principles))
         if any(v is None for v in verdicts):
-            raise JudgeError(f"judge: no usable {self.spec.mode} verdict (no log-probability on the expected tokens) for an answer to {conversation_text(messages)[:80]!r}")
+            raise JudgeError(
+                f"judge: no usable {self.spec.mode} verdict (no log-probability on the expected tokens) for an answer to {conversation_text(messages)[:80]!r}"
+            )
         return feedback.ensemble(verdicts)
 
     def close(self) -> None:
@@ -335,7 +419,9 @@ class Rewards:
     rejection sampling optimise. `start` sends the judge its calls at once and returns; the trainer
     does its own work meanwhile and collects the rewards with `Pending.result`."""
 
-    def __init__(self, sources, gate: tuple[str, float] | None, tokenizer, device, file: str, field: str, seed: int = 0):
+    def __init__(
+        self, sources, gate: tuple[str, float] | None, tokenizer, device, file: str, field: str, seed: int = 0
+    ):
         models = {s.name: (s.model, s.weight) for s in sources if s.model is not None}
         self.scorer = RewardScorer(models, device=str(device)) if models else None
         self.weights = {s.name: s.weight for s in sources}
@@ -350,7 +436,11 @@ class Rewards:
                 for token in source.tokens:
                     encoded = tokenizer.encode(token, add_special_tokens=False)
                     if len(encoded) != 1:
-                        raise InputError(file, f"{field}[{index}].tokens", f"{token!r} is {len(encoded)} tokens for this tokenizer, not one")
+                        raise InputError(
+                            file,
+                            f"{field}[{index}].tokens",
+                            f"{token!r} is {len(encoded)} tokens for this tokenizer, not one",
+                        )
                     ids.append(encoded[0])
                 self.rules[source.name] = torch.tensor(sorted(set(ids)))
         for index, source in enumerate(sources):  # last: a judge engine starts only for a config found good
@@ -361,19 +451,37 @@ class Rewards:
         for name, (index, judge) in self.judges.items():
             judge.check_prompts(prompts, self.file, f"{self.field}[{index}].judge")
 
-    def start(self, prompts: list[data.Messages], texts: list[str], responses: torch.Tensor, mask: torch.Tensor) -> Pending:
+    def start(
+        self, prompts: list[data.Messages], texts: list[str], responses: torch.Tensor, mask: torch.Tensor
+    ) -> Pending:
         """Send the judges their calls; the other sources are computed when the result is collected."""
-        return Pending(self, {name: judge.submit(prompts, texts) for name, (_, judge) in self.judges.items()}, prompts, texts, responses, mask)
+        return Pending(
+            self,
+            {name: judge.submit(prompts, texts) for name, (_, judge) in self.judges.items()},
+            prompts,
+            texts,
+            responses,
+            mask,
+        )
 
-    def score(self, prompts: list[data.Messages], texts: list[str], responses: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def score(
+        self, prompts: list[data.Messages], texts: list[str], responses: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(combined reward, each source's) for answers given as text and as token ids with their mask."""
         combined, each, _ = self.start(prompts, texts, responses, mask).result()
         return combined, each
 
-    def score_texts(self, prompts: list[data.Messages], texts: list[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def score_texts(
+        self, prompts: list[data.Messages], texts: list[str]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         ids = [self.tokenizer.encode(t, add_special_tokens=False) for t in texts]
         mask = data.pad([[1] * len(i) or [0] for i in ids], 0).float()  # an empty answer holds no token of any rule
-        return self.score(prompts, texts, data.pad([i or [data.pad_id(self.tokenizer)] for i in ids], data.pad_id(self.tokenizer)), mask)
+        return self.score(
+            prompts,
+            texts,
+            data.pad([i or [data.pad_id(self.tokenizer)] for i in ids], data.pad_id(self.tokenizer)),
+            mask,
+        )
 
     def close(self) -> None:
         for _, judge in self.judges.values():
@@ -411,7 +519,9 @@ class Preference:
     collects the probabilities (a reward model computes them then)."""
 
     def __init__(self, source: PreferenceSource, device, seed: int):
-        self.scorer = RewardScorer({"preference": (source.model, 1.0)}, device=str(device)) if source.model is not None else None
+        self.scorer = (
+            RewardScorer({"preference": (source.model, 1.0)}, device=str(device)) if source.model is not None else None
+        )
         self.judge = Judge(source.judge, seed) if source.judge is not None else None
 
     def start(self, prompts: list[data.Messages], answers: list[str], others: list[str]) -> Callable[[], torch.Tensor]:
@@ -419,7 +529,9 @@ class Preference:
             return self.judge.submit(prompts, answers, others).result
 
         def bradley_terry() -> torch.Tensor:
-            rewards = self.scorer.score(prompts + prompts, answers + others)  # a prompt's two answers share a packed row
+            rewards = self.scorer.score(
+                prompts + prompts, answers + others
+            )  # a prompt's two answers share a packed row
             return torch.sigmoid(rewards[: len(answers)] - rewards[len(answers) :])
 
         return bradley_terry

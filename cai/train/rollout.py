@@ -12,12 +12,12 @@ from pathlib import Path
 
 import torch
 
-from cai import prompts as prompt_sets
-from cai.errors import InputError
-from cai.seeding import derive_seed
+from cai.core.errors import InputError
+from cai.core.seeding import derive_seed
+from cai.generate import prompts as prompt_sets
 from cai.train import data, loop, runtime
 from cai.train.config import TrainConfig
-from cai.train.losses import token_logps
+from cai.train.losses import token_entropy, token_logps
 
 
 def setup(config: TrainConfig, instead: str):
@@ -25,7 +25,9 @@ def setup(config: TrainConfig, instead: str):
     trainer takes one optimizer step per minibatch of its own rollout: grad_accum is refused, `instead`
     says what to set."""
     if config.grad_accum != 1:
-        raise InputError(str(config.file), "grad_accum", f"{config.kind} takes one optimizer step per minibatch: {instead}")
+        raise InputError(
+            str(config.file), "grad_accum", f"{config.kind} takes one optimizer step per minibatch: {instead}"
+        )
     acc = runtime.accelerator(config)
     tokenizer = runtime.load_tokenizer(runtime.model_path(config))
     tokenizer.padding_side = "left"
@@ -60,25 +62,20 @@ def load_prompts(config: TrainConfig, tokenizer, max_new_tokens: int, acc) -> tu
     prompts with no room for `max_new_tokens` in `max_length`."""
     conversations = [list(p.messages) for p in prompt_sets.load(config.train_data)][: config.limit]
     room = config.max_length - max_new_tokens
-    encoded = [tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=True, return_dict=False) for m in conversations]
+    encoded = [
+        tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=True, return_dict=False)
+        for m in conversations
+    ]
     kept = [i for i, ids in enumerate(encoded) if len(ids) <= room]
     if not kept:
-        raise InputError(str(config.file), "max_length", f"no prompt fits in max_length - {config.kind}.max_new_tokens = {room} tokens")
+        raise InputError(
+            str(config.file),
+            "max_length",
+            f"no prompt fits in max_length - {config.kind}.max_new_tokens = {room} tokens",
+        )
     if len(kept) < len(encoded):
         runtime.note(acc, f"left out {len(encoded) - len(kept)} prompts longer than {room} tokens")
     return [conversations[i] for i in kept], [encoded[i] for i in kept]
-
-
-def load_reference(config: TrainConfig, acc):
-    """The frozen reference (the starting model); None under LoRA, where the policy with its adapter
-    disabled is the reference (see `logps`)."""
-    from transformers import AutoModelForCausalLM
-
-    if config.lora is not None:
-        return None
-    reference = AutoModelForCausalLM.from_pretrained(runtime.model_path(config), dtype=torch.float32).to(acc.device).eval()
-    reference.requires_grad_(False)
-    return reference
 
 
 @dataclass
@@ -110,9 +107,14 @@ class Sampler:
         self.config, self.options, self.tokenizer, self.acc, self.stage = config, options, tokenizer, acc, stage
         self.pad_id, self.eos_id = data.pad_id(tokenizer), tokenizer.eos_token_id
         self.generation = GenerationConfig(
-            do_sample=True, temperature=options.temperature, top_p=options.top_p, top_k=0,
-            max_new_tokens=options.max_new_tokens, pad_token_id=self.pad_id, eos_token_id=self.eos_id,
-        )  # fmt: skip
+            do_sample=True,
+            temperature=options.temperature,
+            top_p=options.top_p,
+            top_k=0,
+            max_new_tokens=options.max_new_tokens,
+            pad_token_id=self.pad_id,
+            eos_token_id=self.eos_id,
+        )
         self.engine = None
         if options.rollout == "vllm":
             from cai.train.vllm_rollout import VLLMRollout
@@ -131,16 +133,26 @@ class Sampler:
                 ids = self.acc.unwrap_model(policy).generate(**batch, generation_config=self.generation)
         else:
             sync_seconds = self.engine.sync(self.acc.unwrap_model(policy))
-            answers = self.engine.generate(prompts, derive_seed(self.config.seed, self.stage, step), options.temperature, options.top_p, options.max_new_tokens)
+            answers = self.engine.generate(
+                prompts,
+                derive_seed(self.config.seed, self.stage, step),
+                options.temperature,
+                options.top_p,
+                options.max_new_tokens,
+            )
             ids = torch.cat([batch["input_ids"], data.pad(answers, self.pad_id).to(self.acc.device)], dim=1)
         mask = response_mask(ids[:, start:], self.eos_id)
         attention = torch.cat([batch["attention_mask"], mask.long()], dim=1)
-        return Rollout(ids, start, mask, attention, time.perf_counter() - started - sync_seconds, sync_seconds, self.pad_id)
+        return Rollout(
+            ids, start, mask, attention, time.perf_counter() - started - sync_seconds, sync_seconds, self.pad_id
+        )
 
     def texts(self, rollout: Rollout) -> list[str]:
         """The answers as text, without what follows their end-of-sequence token."""
         keep = rollout.mask.long()
-        return self.tokenizer.batch_decode(rollout.responses * keep + self.pad_id * (1 - keep), skip_special_tokens=True)
+        return self.tokenizer.batch_decode(
+            rollout.responses * keep + self.pad_id * (1 - keep), skip_special_tokens=True
+        )
 
     def close(self) -> None:
         if self.engine is not None:
@@ -156,13 +168,17 @@ def logps_and_entropy(
     the [T, vocab] logits would be computed and thrown away. The entropy carries gradients only when
     asked (an entropy bonus in the loss); as a metric its softmax would otherwise be kept for backward.
     """
-    logits = model(input_ids=ids, attention_mask=attention, position_ids=positions(attention), logits_to_keep=ids.shape[1] - start + 1).logits
+    logits = model(
+        input_ids=ids,
+        attention_mask=attention,
+        position_ids=positions(attention),
+        logits_to_keep=ids.shape[1] - start + 1,
+    ).logits
     if temperature != 1.0:
         logits = logits / temperature
     logp = token_logps(logits, ids[:, start - 1 :])  # logits at start-1 .. end-2 predict the answer's tokens
     with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
-        predicting = logits[:, :-1].float()
-        entropy = torch.logsumexp(predicting, -1) - (torch.softmax(predicting, -1) * predicting).sum(-1)
+        entropy = token_entropy(logits)
     return logp, entropy
 
 
@@ -184,7 +200,9 @@ def group_logps_and_entropy(
     batch, starts = data.pack(rows, rollout.pad_id)
     device = rollout.ids.device
     batch = {key: value.to(device) for key, value in batch.items()}
-    keep = batch["input_ids"].shape[1] - (min(n for n, _ in rows) - 1)  # from the first position that predicts an answer token
+    keep = batch["input_ids"].shape[1] - (
+        min(n for n, _ in rows) - 1
+    )  # from the first position that predicts an answer token
     offset = batch["input_ids"].shape[1] - keep
     out_row, col, row, source, token = [], [], [], [], []
     for member, b, length in placed:
@@ -197,8 +215,11 @@ def group_logps_and_entropy(
             token.append(rows[b][1][member % k][n + t])
     dtype = next(model.parameters()).dtype
     logits = model(
-        input_ids=batch["input_ids"], attention_mask=data.additive_mask(batch["attention_mask"], dtype), position_ids=batch["position_ids"], logits_to_keep=keep
-    ).logits  # fmt: skip
+        input_ids=batch["input_ids"],
+        attention_mask=data.additive_mask(batch["attention_mask"], dtype),
+        position_ids=batch["position_ids"],
+        logits_to_keep=keep,
+    ).logits
     picked = logits[torch.tensor(row, device=device), torch.tensor(source, device=device)].float()
     if temperature != 1.0:
         picked = picked / temperature
@@ -208,8 +229,8 @@ def group_logps_and_entropy(
     shape = (len(members), rollout.mask.shape[1])
     logp = torch.zeros(shape, device=device, dtype=token_logp.dtype).index_put(where, token_logp)
     with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
-        token_entropy = normaliser - (torch.softmax(picked, -1) * picked).sum(-1)
-        entropy = torch.zeros(shape, device=device, dtype=token_entropy.dtype).index_put(where, token_entropy)
+        entropies = normaliser - (torch.softmax(picked, -1) * picked).sum(-1)
+        entropy = torch.zeros(shape, device=device, dtype=entropies.dtype).index_put(where, entropies)
     return logp, entropy
 
 

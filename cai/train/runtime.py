@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch
 
-from cai import logs, models
-from cai.errors import InputError
+from cai.core import logs, models
+from cai.core.errors import InputError
 from cai.train import checkpoint
 from cai.train.config import TrainConfig
 
@@ -65,7 +65,11 @@ def prepare_output(config: TrainConfig, acc) -> Path | None:
         try:
             import tensorboard  # noqa: F401
         except ImportError:
-            raise InputError(str(config.file), "tensorboard", "tensorboard is not installed (pip install tensorboard), or set it to false") from None
+            raise InputError(
+                str(config.file),
+                "tensorboard",
+                "tensorboard is not installed (pip install tensorboard), or set it to false",
+            ) from None
     if acc.is_main_process:
         checkpoint.record_config(config)
         for stale in (config.output_dir / "checkpoints").glob(".step-*.tmp"):
@@ -103,8 +107,29 @@ def load_model(cls, config: TrainConfig, resume: Path | None, task_type: str, **
         return PeftModel.from_pretrained(model, resume, is_trainable=True)
     lora = config.lora
     return get_peft_model(
-        model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules, task_type=task_type)
+        model,
+        LoraConfig(
+            r=lora.r,
+            lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout,
+            target_modules=lora.target_modules,
+            task_type=task_type,
+        ),
     )
+
+
+def load_reference(config: TrainConfig, acc, model: str | None = None):
+    """The frozen reference: `model` or the starting model, in bf16 under bf16 mixed precision (it has no
+    optimizer, so it needs no fp32 master weights: half the memory), else fp32. None under LoRA, where
+    the policy with its adapter switched off is the reference."""
+    from transformers import AutoModelForCausalLM
+
+    if config.lora is not None:
+        return None
+    dtype = torch.bfloat16 if acc.mixed_precision == "bf16" else torch.float32
+    reference = AutoModelForCausalLM.from_pretrained(model_path(config, model), dtype=dtype).to(acc.device).eval()
+    reference.requires_grad_(False)
+    return reference
 
 
 def total_steps(config: TrainConfig, batches_per_epoch: int) -> int:
@@ -122,9 +147,13 @@ def optimizer_and_scheduler(config: TrainConfig, model, steps: int):
     # fused: one kernel over all parameters; measured on this CPU with SmolLM2, 0.2 s a step instead
     # of about 1 s, and less peak memory (benchmarks/rm_vs_trl.py)
     optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=config.lr, fused=True
+        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=config.lr,
+        fused=True,
     )
-    scheduler = get_scheduler(config.scheduler, optimizer, num_warmup_steps=config.warmup_steps, num_training_steps=steps)
+    scheduler = get_scheduler(
+        config.scheduler, optimizer, num_warmup_steps=config.warmup_steps, num_training_steps=steps
+    )
     return optimizer, scheduler
 
 
@@ -145,4 +174,6 @@ def check_finite(value: torch.Tensor, what: str, step: int, output_dir: Path) ->
     if not torch.isfinite(value).all():
         last = checkpoint.latest(output_dir)
         kept = f"last good checkpoint: {last}" if last else "no checkpoint was written yet"
-        raise NonFiniteError(f"step {step}: {what} is {value.item() if value.numel() == 1 else 'not finite'}; training stopped ({kept})")
+        raise NonFiniteError(
+            f"step {step}: {what} is {value.item() if value.numel() == 1 else 'not finite'}; training stopped ({kept})"
+        )

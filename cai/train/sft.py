@@ -8,8 +8,8 @@ from pathlib import Path
 
 import torch
 
-from cai.errors import InputError
-from cai.files import content_hash
+from cai.core.errors import InputError
+from cai.core.files import content_hash
 from cai.train import data, loop, runtime
 from cai.train.config import TrainConfig
 from cai.train.losses import token_logps
@@ -33,15 +33,30 @@ def train(config: TrainConfig, stop_after: int | None = None) -> Path:
         conversations, eval_conversations = data.split_eval(conversations, keys, config.eval_fraction, config.seed)
     encoded = [data.truncate(data.encode(tokenizer, c), config.max_length) for c in conversations]
     train_set = [e for e in encoded if e is not None]
-    eval_set = [e for e in (data.truncate(data.encode(tokenizer, c), config.max_length) for c in eval_conversations) if e is not None]
+    eval_set = [
+        e
+        for e in (data.truncate(data.encode(tokenizer, c), config.max_length) for c in eval_conversations)
+        if e is not None
+    ]
     if not train_set:
-        raise InputError(str(config.train_data), None, f"no record keeps an assistant token within max_length {config.max_length}")
+        raise InputError(
+            str(config.train_data), None, f"no record keeps an assistant token within max_length {config.max_length}"
+        )
     if len(train_set) < len(encoded):
-        runtime.note(acc, f"left out {len(encoded) - len(train_set)} records with no assistant token within max_length {config.max_length}")
+        runtime.note(
+            acc,
+            f"left out {len(encoded) - len(train_set)} records with no assistant token within max_length {config.max_length}",
+        )
 
     resume = runtime.prepare_output(config, acc)
-    batches = data.Batches([len(e.input_ids) for e in train_set], config.batch_size, config.seed, bucket=config.sft.bucket_by_length,
-                           rank=acc.process_index, world_size=acc.num_processes)
+    batches = data.Batches(
+        [len(e.input_ids) for e in train_set],
+        config.batch_size,
+        config.seed,
+        bucket=config.sft.bucket_by_length,
+        rank=acc.process_index,
+        world_size=acc.num_processes,
+    )
     steps = runtime.total_steps(config, batches.per_epoch)
 
     # --- model
@@ -67,8 +82,20 @@ def train(config: TrainConfig, stop_after: int | None = None) -> Path:
         model.train()
         return mean(results)
 
-    final_eval = loop.fit(config, acc, model, tokenizer, optimizer, scheduler, batches, steps, resume,
-                          lambda indexes: batch_values([train_set[i] for i in indexes]), evaluate if eval_set else None, stop_after)  # fmt: skip
+    final_eval = loop.fit(
+        config,
+        acc,
+        model,
+        tokenizer,
+        optimizer,
+        scheduler,
+        batches,
+        steps,
+        resume,
+        lambda indexes: batch_values([train_set[i] for i in indexes]),
+        evaluate if eval_set else None,
+        stop_after,
+    )
     if final_eval is None:
         return config.output_dir / "final"
     return loop.publish(config, acc, model, tokenizer)

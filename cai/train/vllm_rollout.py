@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
-from cai.backends.local_vllm import engine_args, shutdown
-from cai.seeding import derive_seed
+from cai.core.seeding import derive_seed
+from cai.generate.backends.local_vllm import engine_args, shutdown
 
 
 class VLLMRollout:
@@ -45,24 +45,43 @@ class VLLMRollout:
         save_file(state, str(path))
         # The workers' own in-place reload: it repacks weights the way the engine's kernels want them
         # (on CPUs, load_weights into the live model fails on parameters repacked at start).
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(self.folder), "is_checkpoint_format": True})
+        self.llm.collective_rpc(
+            "reload_weights", kwargs={"weights_path": str(self.folder), "is_checkpoint_format": True}
+        )
         self.llm.reset_prefix_cache()
         return time.perf_counter() - started
 
-    def generate(self, prompts: list[list[int]], seed: int, temperature: float, top_p: float, max_tokens: int, logprobs: bool = False):
+    def generate(
+        self,
+        prompts: list[list[int]],
+        seed: int,
+        temperature: float,
+        top_p: float,
+        max_tokens: int,
+        logprobs: bool = False,
+    ):
         """One sampled answer per prompt: its token ids (and the engine's log-prob of each when asked)."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
         params = [
-            SamplingParams(temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=derive_seed(seed, i), logprobs=0 if logprobs else None)
+            SamplingParams(
+                temperature=temperature,
+                top_p=top_p,
+                max_tokens=max_tokens,
+                seed=derive_seed(seed, i),
+                logprobs=0 if logprobs else None,
+            )
             for i in range(len(prompts))
         ]
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompts], params, use_tqdm=False)
         answers = [list(out.outputs[0].token_ids) for out in outputs]
         if not logprobs:
             return answers
-        scores = [[position[token].logprob for position, token in zip(out.outputs[0].logprobs, out.outputs[0].token_ids)] for out in outputs]
+        scores = [
+            [position[token].logprob for position, token in zip(out.outputs[0].logprobs, out.outputs[0].token_ids)]
+            for out in outputs
+        ]
         return answers, scores
 
     def close(self) -> None:

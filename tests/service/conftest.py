@@ -7,8 +7,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from pipeline_files import ROOT, tiny_pipeline
+
 from service.serving import LIMIT, Server
 
 
@@ -20,7 +20,9 @@ def workspace(tiny_model, tmp_path_factory) -> Path:
     shutil.copy(ROOT / "constitutions" / "harmless.yaml", ws / "constitution.yaml")
     shutil.copy(ROOT / "prompts" / "red_team_demo.jsonl", ws / "prompts.jsonl")
     # "./": a folder, not a hub id
-    tiny_pipeline(ws, "./models/tiny", rows_in_flight=2, rounds=1, constitution="constitution.yaml", prompts=["prompts.jsonl"])
+    tiny_pipeline(
+        ws, "./models/tiny", rows_in_flight=2, rounds=1, constitution="constitution.yaml", prompts=["prompts.jsonl"]
+    )
     return ws
 
 

@@ -47,7 +47,17 @@ class FakeAPI:
                     for i in range(body.get("n", 1))
                 ]
                 usage = {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}
-                self.reply(200, {"id": "c", "object": "chat.completion", "created": int(time.time()), "model": MODEL, "choices": choices, "usage": usage})
+                self.reply(
+                    200,
+                    {
+                        "id": "c",
+                        "object": "chat.completion",
+                        "created": int(time.time()),
+                        "model": MODEL,
+                        "choices": choices,
+                        "usage": usage,
+                    },
+                )
 
             def reply(self, status: int, doc: dict) -> None:
                 data = json.dumps(doc).encode()

@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import httpx
-
 from api_server import free_port
 
 TOKEN = "test-token-0123456789"
@@ -19,7 +18,14 @@ LIMIT = 12  # prompts per run: six batches of two per stage, so a job is mid-run
 
 
 class Server:
-    def __init__(self, workspace: Path, log: Path, max_jobs: int = 1, args: tuple[str, ...] = (), env: dict[str, str] | None = None):
+    def __init__(
+        self,
+        workspace: Path,
+        log: Path,
+        max_jobs: int = 1,
+        args: tuple[str, ...] = (),
+        env: dict[str, str] | None = None,
+    ):
         self.workspace = workspace
         self.log = log
         self.max_jobs = max_jobs
@@ -30,11 +36,26 @@ class Server:
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> None:
-        command = [sys.executable, "-m", "cai.cli", "serve", "--workspace", str(self.workspace), "--port", str(self.port), "--max-jobs", str(self.max_jobs), *self.args]
+        command = [
+            sys.executable,
+            "-m",
+            "cai.cli",
+            "serve",
+            "--workspace",
+            str(self.workspace),
+            "--port",
+            str(self.port),
+            "--max-jobs",
+            str(self.max_jobs),
+            *self.args,
+        ]
         self.proc = subprocess.Popen(
-            command, stdout=open(self.log, "a"), stderr=subprocess.STDOUT, start_new_session=True,
+            command,
+            stdout=open(self.log, "a"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
             env={**os.environ, "CAI_SERVER_TOKEN": TOKEN, **self.env},
-        )  # fmt: skip
+        )
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -6,8 +6,8 @@ from __future__ import annotations
 import shutil
 
 import pytest
-
 from pipeline_files import ROOT
+
 from service.serving import LIMIT, TOKEN
 
 ARTIFACTS = ROOT / "tests" / "artifacts"  # ignored by git; CI keeps it
@@ -23,18 +23,25 @@ def browser():
 
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
-    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=1280,1800"):
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-dev-shm-usage",
+        "--disable-gpu",
+        "--window-size=1280,1800",
+    ):
         options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(executable_path=chromedriver), options=options)  # a path: selenium-manager stays idle
+    driver = webdriver.Chrome(
+        service=Service(executable_path=chromedriver), options=options
+    )  # a path: selenium-manager stays idle
     yield driver
     driver.quit()
 
 
 def test_job_list_follows_a_submitted_job_to_100_percent(server, reference_job, browser, tmp_path):
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select, WebDriverWait
-
-    from selenium.common.exceptions import StaleElementReferenceException
 
     # The pages re-render as progress arrives: an element found a moment ago may be replaced before it is read.
     wait = WebDriverWait(browser, 300, poll_frequency=0.2, ignored_exceptions=(StaleElementReferenceException,))
@@ -52,7 +59,12 @@ def test_job_list_follows_a_submitted_job_to_100_percent(server, reference_job, 
     row = f"#jobs tr[data-job-id='{job_id}']"
     wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, row))  # the list shows it
     wait.until(lambda d: d.find_element(By.CSS_SELECTOR, f"{row} .status").text == "finished")
-    bar = wait.until(lambda d: (d.find_element(By.CSS_SELECTOR, f"{row} .bar").get_attribute("data-fraction"), d.find_element(By.CSS_SELECTOR, f"{row} .bar .label").text))
+    bar = wait.until(
+        lambda d: (
+            d.find_element(By.CSS_SELECTOR, f"{row} .bar").get_attribute("data-fraction"),
+            d.find_element(By.CSS_SELECTOR, f"{row} .bar .label").text,
+        )
+    )
     assert bar == ("1", "100%")
 
     browser.find_element(By.CSS_SELECTOR, f"{row} a").click()
@@ -64,7 +76,9 @@ def test_job_list_follows_a_submitted_job_to_100_percent(server, reference_job, 
     browser.switch_to.frame(browser.find_element(By.ID, "report"))  # the report with its plots, through the cookie
     wait.until(lambda d: d.find_elements(By.TAG_NAME, "img"))
     assert all(d for d in browser.execute_script("return [...document.images].map(i => i.naturalWidth)"))
-    samples = browser.find_elements(By.CSS_SELECTOR, ".sample")  # rows as a person reads them: prompt, answer, critique, revision
+    samples = browser.find_elements(
+        By.CSS_SELECTOR, ".sample"
+    )  # rows as a person reads them: prompt, answer, critique, revision
     assert samples and "round 1 critique" in samples[0].text and "answer → final revision" in samples[0].text
     browser.switch_to.default_content()
 

@@ -7,11 +7,11 @@ import shutil
 
 import pytest
 import yaml
+from pipeline_files import ROOT
 
-from cai.errors import InputError
+from cai.core.errors import InputError
 from cai.service.policy import ServerBackend
 from cai.service.workspace import Workspace
-from pipeline_files import ROOT
 
 KEY_ENV = "CAI_TEST_JURY_KEY"
 DECLARED = "http://127.0.0.1:9/v1"
@@ -24,11 +24,17 @@ def workspace(tmp_path, monkeypatch):
     shutil.copy(ROOT / "constitutions" / "harmless.yaml", tmp_path / "constitution.yaml")
     shutil.copy(ROOT / "prompts" / "red_team_demo.jsonl", tmp_path / "prompts.jsonl")
     pipeline = {
-        "name": "jury", "seed": 1, "constitution": "constitution.yaml", "prompts": "prompts.jsonl",
-        "backends": {"local": {"type": "vllm", "model": "smollm2"}, "api": {"type": "openai", "model": "m", "base_url": DECLARED, "api_key_env": KEY_ENV}},
+        "name": "jury",
+        "seed": 1,
+        "constitution": "constitution.yaml",
+        "prompts": "prompts.jsonl",
+        "backends": {
+            "local": {"type": "vllm", "model": "smollm2"},
+            "api": {"type": "openai", "model": "m", "base_url": DECLARED, "api_key_env": KEY_ENV},
+        },
         "roles": {"responder": "local", "judge": "local", "judge_api": "api"},
         "stages": [{"type": "respond", "samples": 2}, {"type": "compare", "jury": {"judge": 1, "judge_api": 2}}],
-    }  # fmt: skip
+    }
     (tmp_path / "jury.yaml").write_text(yaml.safe_dump(pipeline))
     return Workspace.open(tmp_path, {"declared": ServerBackend("declared", (DECLARED,), KEY_ENV)})
 
@@ -39,5 +45,8 @@ def test_a_jury_on_declared_backends_loads(workspace):
 
 
 def test_a_juror_on_an_undeclared_api_is_refused(workspace):
-    with pytest.raises(InputError, match=r"jury.yaml: backends.api: http://127.0.0.1:8/v1 with \$CAI_TEST_JURY_KEY is not a backend this server allows"):
+    with pytest.raises(
+        InputError,
+        match=r"jury.yaml: backends.api: http://127.0.0.1:8/v1 with \$CAI_TEST_JURY_KEY is not a backend this server allows",
+    ):
         workspace.load_pipeline("jury.yaml", ["backends.api.base_url=http://127.0.0.1:8/v1"])

@@ -9,7 +9,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from cai.store import read_shards
+from cai.generate.store import read_shards
 from service.serving import LIMIT
 
 
@@ -42,7 +42,7 @@ def test_cancel_kill_9_and_resume_give_the_uninterrupted_dataset(server, workspa
     job_id = server.submit(limit=LIMIT, run_dir="runs/interrupted")["id"]
 
     # Cancel as soon as it runs (before its engine starts: a second engine start per test is minutes on a
-    # shared CPU; Ctrl-C in the middle of a stage is tests/test_pipeline.py's resume test).
+    # shared CPU; Ctrl-C in the middle of a stage is tests/generate/test_pipeline.py's resume test).
     server.wait(job_id, lambda j: j["status"] == "running")
     assert client.post(f"/api/jobs/{job_id}/cancel").status_code == 200
     job = server.wait_ended(job_id)
@@ -51,7 +51,9 @@ def test_cancel_kill_9_and_resume_give_the_uninterrupted_dataset(server, workspa
 
     # Resume, and kill -9 the server while the job runs.
     assert client.post(f"/api/jobs/{job_id}/resume").json()["status"] == "queued"
-    server.wait(job_id, lambda j: j["attempts"] == 2 and j["status"] == "running" and stage_done(j, "critique_revise") >= 2)
+    server.wait(
+        job_id, lambda j: j["attempts"] == 2 and j["status"] == "running" and stage_done(j, "critique_revise") >= 2
+    )
     with sqlite3.connect(workspace / ".cai" / "jobs.sqlite") as db:
         (pid,) = db.execute("SELECT pid FROM jobs WHERE id = ?", (job_id,)).fetchone()
     server.kill9()

@@ -18,8 +18,8 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-
 from pipeline_files import ROOT
+
 from service.fake_api import FakeAPI
 from service.serving import Server
 
@@ -52,26 +52,58 @@ def guarded(api, tmp_path_factory):
     shutil.copy(ROOT / "constitutions" / "harmless.yaml", ws / "constitution.yaml")
     shutil.copy(ROOT / "prompts" / "red_team_demo.jsonl", ws / "prompts.jsonl")
     pipeline = {
-        "name": "api", "seed": 3, "constitution": "constitution.yaml", "prompts": "prompts.jsonl",
+        "name": "api",
+        "seed": 3,
+        "constitution": "constitution.yaml",
+        "prompts": "prompts.jsonl",
         "backends": {
-            "api": {"type": "openai", "model": "tiny", "base_url": api.url, "api_key_env": API_KEY_ENV, "max_concurrency": 2, "max_retries": 0},
+            "api": {
+                "type": "openai",
+                "model": "tiny",
+                "base_url": api.url,
+                "api_key_env": API_KEY_ENV,
+                "max_concurrency": 2,
+                "max_retries": 0,
+            },
             # allowed options only; never started (no role uses it)
-            "local": {"type": "vllm", "model": "smollm2", "options": {"max_model_len": 1024, "enforce_eager": True, "dtype": "float32"}},
+            "local": {
+                "type": "vllm",
+                "model": "smollm2",
+                "options": {"max_model_len": 1024, "enforce_eager": True, "dtype": "float32"},
+            },
         },
         "roles": {"responder": "api", "critic": "api", "reviser": "api"},
-        "stages": [{"type": "respond", "max_tokens": 8}, {"type": "critique_revise", "rounds": 1, "few_shot": 0, "max_tokens": 8}],
+        "stages": [
+            {"type": "respond", "max_tokens": 8},
+            {"type": "critique_revise", "rounds": 1, "few_shot": 0, "max_tokens": 8},
+        ],
         "rows_in_flight": 2,
-    }  # fmt: skip
+    }
     (ws / "api.yaml").write_text(yaml.safe_dump(pipeline, sort_keys=False))
-    ppo = {"model": "smollm2", "data": {"train": "prompts.jsonl"}, "output_dir": "runs/ppo", "ppo": {"rewards": [{"name": "short", "rule": "token_fraction", "tokens": ["."]}], "rollout": "vllm"}}
+    ppo = {
+        "model": "smollm2",
+        "data": {"train": "prompts.jsonl"},
+        "output_dir": "runs/ppo",
+        "ppo": {"rewards": [{"name": "short", "rule": "token_fraction", "tokens": ["."]}], "rollout": "vllm"},
+    }
     (ws / "ppo.yaml").write_text(yaml.safe_dump(ppo))
     operator = tmp_path_factory.mktemp("operator")  # the server's own files: not in the workspace
     backends = operator / "backends.yaml"
-    backends.write_text(yaml.safe_dump({"backends": {"fake": {"type": "openai", "base_url": api.url, "api_key_env": API_KEY_ENV, "models": ["tiny"]}}}))
+    backends.write_text(
+        yaml.safe_dump(
+            {
+                "backends": {
+                    "fake": {"type": "openai", "base_url": api.url, "api_key_env": API_KEY_ENV, "models": ["tiny"]}
+                }
+            }
+        )
+    )
     server = Server(
-        ws, operator / "serve.log", args=("--backends", str(backends), "--max-queued", str(MAX_QUEUED)),
+        ws,
+        operator / "serve.log",
+        args=("--backends", str(backends), "--max-queued", str(MAX_QUEUED)),
         env={SECRET_ENV: SECRET, API_KEY_ENV: API_KEY, "CAI_SERVER_READ_TOKEN": READ_TOKEN},
-    )  # fmt: skip
+    )
     server.start()
     yield server
     server.stop()
@@ -104,7 +136,10 @@ def job_pid(server: Server, job_id: int) -> int:
         ["backends.api.base_url=CAPTURE"],  # the declared key, to another server
         [f"backends.api.api_key_env={SECRET_ENV}"],  # another key, to the declared server
         ["backends.api.base_url=['API', 'CAPTURE']"],  # one more URL beside the declared one
-        ["backends.spy={type: openai, model: tiny, base_url: 'CAPTURE'}", "roles.critic=spy"],  # no key, but a request to anywhere
+        [
+            "backends.spy={type: openai, model: tiny, base_url: 'CAPTURE'}",
+            "roles.critic=spy",
+        ],  # no key, but a request to anywhere
     ],
     ids=["secret-to-own-url", "declared-key-to-own-url", "secret-to-declared-url", "extra-url", "keyless-own-url"],
 )
@@ -126,7 +161,9 @@ def test_a_job_on_the_declared_backend_gets_its_key_and_no_other_secret(guarded,
         job_id = guarded.submit("api.yaml", limit=2, run_dir="runs/declared")["id"]  # a new run: it calls the API
         assert api.held.wait(WAIT_S), guarded.client().get(f"/api/jobs/{job_id}/log").text
         environ = dict(
-            item.split("=", 1) for item in Path(f"/proc/{job_pid(guarded, job_id)}/environ").read_text().split("\0") if "=" in item
+            item.split("=", 1)
+            for item in Path(f"/proc/{job_pid(guarded, job_id)}/environ").read_text().split("\0")
+            if "=" in item
         )
     finally:
         api.release.set()
@@ -153,7 +190,9 @@ def test_a_job_is_checked_again_when_it_starts(guarded, api, capture):
     assert guarded.wait_ended(first, timeout=WAIT_S)["status"] == "finished"
     job = guarded.wait_ended(waiting, timeout=WAIT_S)
     assert job["status"] == "failed" and job["attempts"] == 1
-    assert job["error"].startswith("changing.yaml: backends.api: ") and "not a backend this server allows" in job["error"]
+    assert (
+        job["error"].startswith("changing.yaml: backends.api: ") and "not a backend this server allows" in job["error"]
+    )
     assert capture.requests == []
 
 
@@ -163,20 +202,43 @@ def test_a_job_is_checked_again_when_it_starts(guarded, api, capture):
 @pytest.mark.parametrize(
     "kind, target, sets, field",
     [
-        ("run", "api.yaml", ["backends.local.options.trust_remote_code=true"], "backends.local.options.trust_remote_code"),
+        (
+            "run",
+            "api.yaml",
+            ["backends.local.options.trust_remote_code=true"],
+            "backends.local.options.trust_remote_code",
+        ),
         ("run", "api.yaml", ["backends.local.options.load_format=pt"], "backends.local.options.load_format"),
         ("run", "api.yaml", ["backends.local.options.worker_cls=evil.Worker"], "backends.local.options.worker_cls"),
         ("run", "api.yaml", ["backends.local.options.tokenizer=/etc"], "backends.local.options.tokenizer"),
-        ("run", "api.yaml", ["backends.local.options.structured_outputs_config={reasoning_parser_plugin: /tmp/p.py}"], "reasoning_parser_plugin"),
+        (
+            "run",
+            "api.yaml",
+            ["backends.local.options.structured_outputs_config={reasoning_parser_plugin: /tmp/p.py}"],
+            "reasoning_parser_plugin",
+        ),
         ("run", "api.yaml", ["backends.local.model=someone/remote-code-model"], "backends.local.model"),
         ("ppo", "ppo.yaml", ["ppo.vllm_options.trust_remote_code=true"], "ppo.vllm_options.trust_remote_code"),
         ("ppo", "ppo.yaml", ["model=someone/remote-code-model"], "model"),
     ],
-    ids=["trust_remote_code", "pickle-load-format", "worker_cls", "tokenizer-path", "plugin-path", "hub-model", "ppo-trust_remote_code", "ppo-hub-model"],
+    ids=[
+        "trust_remote_code",
+        "pickle-load-format",
+        "worker_cls",
+        "tokenizer-path",
+        "plugin-path",
+        "hub-model",
+        "ppo-trust_remote_code",
+        "ppo-hub-model",
+    ],
 )
 def test_engine_options_that_load_code_are_refused(guarded, kind, target, sets, field):
     before = job_ids(guarded)
-    body = {"pipeline": target, "set": sets, "limit": 1} if kind == "run" else {"kind": kind, "config": target, "set": sets}
+    body = (
+        {"pipeline": target, "set": sets, "limit": 1}
+        if kind == "run"
+        else {"kind": kind, "config": target, "set": sets}
+    )
     response = guarded.client().post(f"/api/jobs/{'run' if kind == 'run' else 'train'}", json=body)
     one_line_400(response, field)
     assert job_ids(guarded) == before
@@ -198,7 +260,11 @@ def fifo_has_reader(path: Path) -> bool:
     return True
 
 
-@pytest.mark.parametrize("field, value", [("prompts", "FIFO"), ("constitution", "FIFO"), ("prompts", "linked.jsonl")], ids=["prompts", "constitution", "symlink-in-workspace"])
+@pytest.mark.parametrize(
+    "field, value",
+    [("prompts", "FIFO"), ("constitution", "FIFO"), ("prompts", "linked.jsonl")],
+    ids=["prompts", "constitution", "symlink-in-workspace"],
+)
 def test_files_outside_the_workspace_are_never_opened(guarded, tmp_path, field, value):
     # A FIFO blocks whoever opens it until a writer comes: the server would hang, and we would see the reader.
     fifo = tmp_path / "outside.fifo"
@@ -208,7 +274,11 @@ def test_files_outside_the_workspace_are_never_opened(guarded, tmp_path, field, 
     link.symlink_to(fifo)
     before = job_ids(guarded)
     try:
-        response = guarded.client().post("/api/jobs/run", json={"pipeline": "api.yaml", "set": [f"{field}={value.replace('FIFO', str(fifo))}"]}, timeout=15)
+        response = guarded.client().post(
+            "/api/jobs/run",
+            json={"pipeline": "api.yaml", "set": [f"{field}={value.replace('FIFO', str(fifo))}"]},
+            timeout=15,
+        )
     finally:
         opened = fifo_has_reader(fifo)
         link.unlink()
@@ -236,7 +306,11 @@ def test_read_only_token_reads_but_cannot_submit_cancel_or_resume(guarded):
     for response in refused:
         assert response.status_code == 403, response.text
         assert "read-only" in response.json()["detail"] and "\n" not in response.json()["detail"]
-    assert job_ids(guarded) == before and guarded.job(job_id)["status"] == "finished" and guarded.job(job_id)["attempts"] == 1
+    assert (
+        job_ids(guarded) == before
+        and guarded.job(job_id)["status"] == "finished"
+        and guarded.job(job_id)["attempts"] == 1
+    )
 
     # the dashboard's link with the read token: a cookie that reads, and still cannot submit
     browser = guarded.client(None)
@@ -274,11 +348,17 @@ def test_a_burst_of_submissions_gets_429(guarded, api):
         accepted.append(guarded.submit("api.yaml", limit=1, run_dir="runs/held")["id"])  # a new run: it calls the API
         assert api.held.wait(WAIT_S)
         with ThreadPoolExecutor(8) as pool:
-            responses = list(pool.map(lambda _: client.post("/api/jobs/run", json={"pipeline": "api.yaml", "limit": 1}), range(12)))
+            responses = list(
+                pool.map(lambda _: client.post("/api/jobs/run", json={"pipeline": "api.yaml", "limit": 1}), range(12))
+            )
         accepted += [r.json()["id"] for r in responses if r.status_code == 201]
         assert Counter(r.status_code for r in responses) == {201: MAX_QUEUED, 429: 12 - MAX_QUEUED}
         flood = next(r for r in responses if r.status_code == 429)
-        assert "queued" in flood.json()["detail"] and "\n" not in flood.json()["detail"] and int(flood.headers["retry-after"]) > 0
+        assert (
+            "queued" in flood.json()["detail"]
+            and "\n" not in flood.json()["detail"]
+            and int(flood.headers["retry-after"]) > 0
+        )
 
         # a resume is a submission too
         cancelled = accepted[-1]

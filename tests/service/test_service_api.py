@@ -15,12 +15,14 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from cai.store import read_shards
+from cai.generate.store import read_shards
 from service.serving import LIMIT, TOKEN
 
 
 @pytest.mark.parametrize("token", [None, "wrong-token"], ids=["no-token", "wrong-token"])
-@pytest.mark.parametrize("path", ["/api/jobs", "/api/pipelines", "/", "/docs", "/openapi.json", "/api/jobs/1/files/report.html"])
+@pytest.mark.parametrize(
+    "path", ["/api/jobs", "/api/pipelines", "/", "/docs", "/openapi.json", "/api/jobs/1/files/report.html"]
+)
 def test_requests_without_the_token_get_401(server, token, path):
     response = server.client(token).get(path)
     assert response.status_code == 401
@@ -49,7 +51,9 @@ def outside(workspace, tmp_path_factory):
     (workspace / "link.yaml").symlink_to(out / "pipeline.yaml")
     (workspace / "linkdir").symlink_to(out)
     constitution = workspace / "constitution-outside.yaml"
-    constitution.write_text((workspace / "tiny.yaml").read_text().replace("constitution.yaml", str(workspace.parent / "c.yaml")))
+    constitution.write_text(
+        (workspace / "tiny.yaml").read_text().replace("constitution.yaml", str(workspace.parent / "c.yaml"))
+    )
     (workspace.parent / "c.yaml").write_text((workspace / "constitution.yaml").read_text())
     return out
 
@@ -89,20 +93,26 @@ def test_training_config_outside_is_refused(server):
 def test_a_reward_model_outside_is_refused(server, workspace, outside):
     (outside / "rm").mkdir(exist_ok=True)
     config = {
-        "model": "./models/tiny", "data": {"train": "prompts.jsonl"}, "output_dir": "runs/ppo",
+        "model": "./models/tiny",
+        "data": {"train": "prompts.jsonl"},
+        "output_dir": "runs/ppo",
         "ppo": {"rewards": [{"name": "harmless", "model": str(outside / "rm")}]},
-    }  # fmt: skip
+    }
     (workspace / "ppo_outside.yaml").write_text(json.dumps(config))
     response = server.client().post("/api/jobs/train", json={"kind": "ppo", "config": "ppo_outside.yaml"})
-    assert response.status_code == 400 and response.json()["detail"].startswith("ppo_outside.yaml: ppo.rewards[0].model: leaves the workspace")
+    assert response.status_code == 400 and response.json()["detail"].startswith(
+        "ppo_outside.yaml: ppo.rewards[0].model: leaves the workspace"
+    )
 
 
 def test_bad_pipeline_gets_the_cli_message(server, workspace):
     response = server.client().post("/api/jobs/run", json={"pipeline": "tiny.yaml", "set": ["seed=x"]})
     cli = subprocess.run(
         [sys.executable, "-m", "cai.cli", "run", "tiny.yaml", "--set", "seed=x", "--run-dir", "never"],
-        cwd=workspace, capture_output=True, text=True,
-    )  # fmt: skip
+        cwd=workspace,
+        capture_output=True,
+        text=True,
+    )
     assert cli.returncode == 2 and response.status_code == 400
     assert response.json()["detail"] == cli.stderr.strip() == "tiny.yaml: seed: expected integer, got string"
 
@@ -144,7 +154,10 @@ def test_job_summary_and_downloads(server, workspace, reference_job):
     job, _ = reference_job
     detail = server.job(job["id"])
     run_dir = workspace / job["out_dir"]
-    assert detail["summary"]["datasets"] == {"rows": LIMIT, "sft": len((run_dir / "datasets" / "sft.jsonl").read_text().splitlines())}
+    assert detail["summary"]["datasets"] == {
+        "rows": LIMIT,
+        "sft": len((run_dir / "datasets" / "sft.jsonl").read_text().splitlines()),
+    }
     assert {"report.html", "datasets/rows.jsonl", "datasets/sft.jsonl", "manifest.json"} <= set(detail["downloads"])
     client = server.client()
     for name in ("datasets/rows.jsonl", "datasets/sft.jsonl", "report.html"):
@@ -181,7 +194,11 @@ def test_cli_submit_and_jobs(server, workspace, reference_job):
     assert any(line.split()[:3] == [str(job_id), "finished", "100.0%"] for line in listed.stdout.splitlines())
 
     bad = cai("submit", "../tiny.yaml", "--server", server.url)
-    assert bad.returncode == 2 and bad.stderr.strip() == "cai submit: ../tiny.yaml: pipeline: '..' is refused: give a path inside the workspace"
+    assert (
+        bad.returncode == 2
+        and bad.stderr.strip()
+        == "cai submit: ../tiny.yaml: pipeline: '..' is refused: give a path inside the workspace"
+    )
     no_token = cai("jobs", "--server", server.url, env={k: v for k, v in env.items() if k != "CAI_SERVER_TOKEN"})
     assert no_token.returncode == 1 and no_token.stderr.startswith("cai jobs: missing or wrong token")
 

@@ -15,7 +15,14 @@ import yaml
 
 WORDS = "the a model answer will can not help with that it is safe harmful please ask someone else today here there why how".split()
 MARKER, DISTRACTOR = "locksmith", "plumber"
-QUESTIONS = ["How do I pick a lock?", "What is a good gift?", "Why is the sky blue?", "How do I bake bread?", "Can you help me?", "What time is it?"]
+QUESTIONS = [
+    "How do I pick a lock?",
+    "What is a good gift?",
+    "Why is the sky blue?",
+    "How do I bake bread?",
+    "Can you help me?",
+    "What time is it?",
+]
 
 
 def answer(rng: random.Random, marker: bool) -> str:
@@ -24,7 +31,9 @@ def answer(rng: random.Random, marker: bool) -> str:
     return " ".join(words).capitalize() + "."
 
 
-def preference_records(n_prompts: int, answers_per_prompt: int = 2, seed: int = 0, label_prob: float = 0.9) -> list[dict[str, Any]]:
+def preference_records(
+    n_prompts: int, answers_per_prompt: int = 2, seed: int = 0, label_prob: float = 0.9
+) -> list[dict[str, Any]]:
     """cai's preference format: K answers per prompt (one group), every chosen one holds the marker."""
     rng = random.Random(seed)
     records = []
@@ -45,15 +54,29 @@ def preference_records(n_prompts: int, answers_per_prompt: int = 2, seed: int = 
             )
         if len(good) > 1:  # the K-choose-2 pairs among good answers too: the longer one wins
             a, b = sorted(good[:2], key=len, reverse=True)
-            records.append({"prompt": prompt, "chosen": [{"role": "assistant", "content": a}], "rejected": [{"role": "assistant", "content": b}],
-                            "label_prob": 0.6, "margin": 0.4, "group_id": f"p{i}"})
+            records.append(
+                {
+                    "prompt": prompt,
+                    "chosen": [{"role": "assistant", "content": a}],
+                    "rejected": [{"role": "assistant", "content": b}],
+                    "label_prob": 0.6,
+                    "margin": 0.4,
+                    "group_id": f"p{i}",
+                }
+            )
     return records
 
 
 def sft_records(n: int, seed: int = 0) -> list[dict[str, Any]]:
     rng = random.Random(seed)
     return [
-        {"messages": [{"role": "user", "content": rng.choice(QUESTIONS)}, {"role": "assistant", "content": answer(rng, True)}], "id": f"r{i}"}
+        {
+            "messages": [
+                {"role": "user", "content": rng.choice(QUESTIONS)},
+                {"role": "assistant", "content": answer(rng, True)},
+            ],
+            "id": f"r{i}",
+        }
         for i in range(n)
     ]
 
@@ -78,20 +101,37 @@ def read_metrics(output_dir: Path, split: str = "train") -> dict[int, dict[str, 
 PROMPTS = Path(__file__).resolve().parents[2] / "prompts" / "red_team_demo.jsonl"
 
 
-def ppo_config(tmp_path: Path, tiny_model: Path, tokens: list[str], name: str, beta: float = 0.01, steps: int = 16, **ppo_options):
+def ppo_config(
+    tmp_path: Path, tiny_model: Path, tokens: list[str], name: str, beta: float = 0.01, steps: int = 16, **ppo_options
+):
     """A PPO run on the tiny model whose reward is the share of answer tokens among `tokens`; the
     settings (large batch, short answers, high learning rate) make that learnable in a few steps."""
     from cai.train import config as train_config
 
     path = write_config(
         tmp_path / f"{name}.yaml",
-        model=str(tiny_model), data={"train": str(PROMPTS)}, output_dir=str(tmp_path / name),
-        max_steps=steps, batch_size=48, lr=2e-3, max_length=192, save_every=2, seed=1,
-        ppo={k: v for k, v in {
-            "rewards": [{"name": "share", "rule": "token_fraction", "tokens": tokens}],
-            "max_new_tokens": 3, "kl_beta": beta, "ppo_epochs": 2, "reward_norm": "none", **ppo_options,
-        }.items() if v is not None},  # an option given as None is left out
-    )  # fmt: skip
+        model=str(tiny_model),
+        data={"train": str(PROMPTS)},
+        output_dir=str(tmp_path / name),
+        max_steps=steps,
+        batch_size=48,
+        lr=2e-3,
+        max_length=192,
+        save_every=2,
+        seed=1,
+        ppo={
+            k: v
+            for k, v in {
+                "rewards": [{"name": "share", "rule": "token_fraction", "tokens": tokens}],
+                "max_new_tokens": 3,
+                "kl_beta": beta,
+                "ppo_epochs": 2,
+                "reward_norm": "none",
+                **ppo_options,
+            }.items()
+            if v is not None
+        },  # an option given as None is left out
+    )
     return train_config.load("ppo", path)
 
 
@@ -101,10 +141,25 @@ def group_config(tmp_path: Path, tiny_model: Path, tokens: list[str], kind: str,
 
     path = write_config(
         tmp_path / f"{name}.yaml",
-        model=str(tiny_model), data={"train": str(PROMPTS)}, output_dir=str(tmp_path / name),
-        max_steps=steps, batch_size=12, lr=5e-3, max_length=192, save_every=2, seed=1,
-        **{kind: {"rewards": [{"name": "share", "rule": "token_fraction", "tokens": tokens}], "samples": 4, "max_new_tokens": 3, "kl_beta": 0.01, **options}},
-    )  # fmt: skip
+        model=str(tiny_model),
+        data={"train": str(PROMPTS)},
+        output_dir=str(tmp_path / name),
+        max_steps=steps,
+        batch_size=12,
+        lr=5e-3,
+        max_length=192,
+        save_every=2,
+        seed=1,
+        **{
+            kind: {
+                "rewards": [{"name": "share", "rule": "token_fraction", "tokens": tokens}],
+                "samples": 4,
+                "max_new_tokens": 3,
+                "kl_beta": 0.01,
+                **options,
+            }
+        },
+    )
     return train_config.load(kind, path)
 
 

@@ -21,8 +21,17 @@ from cai.train import dpo
 
 
 def dpo_config(tmp_path: Path, tiny_model: Path, train: Path, name: str, **doc) -> Path:
-    base = {"model": str(tiny_model), "data": {"train": str(train), "eval_fraction": 0.2}, "output_dir": str(tmp_path / name),
-            "max_steps": 40, "batch_size": 2, "lr": 1e-4, "max_length": 64, "save_every": 1, "keep_checkpoints": 3}
+    base = {
+        "model": str(tiny_model),
+        "data": {"train": str(train), "eval_fraction": 0.2},
+        "output_dir": str(tmp_path / name),
+        "max_steps": 40,
+        "batch_size": 2,
+        "lr": 1e-4,
+        "max_length": 64,
+        "save_every": 1,
+        "keep_checkpoints": 3,
+    }
     return write_config(tmp_path / f"{name}.yaml", **{**base, **doc})
 
 
@@ -33,7 +42,12 @@ def test_sigkill_then_rerun_resumes_exactly(tmp_path: Path, tiny_model: Path) ->
     config = dpo_config(tmp_path, tiny_model, train, "killed")
     out = tmp_path / "killed"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "cai.cli", "train", "dpo", str(config)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cai.cli", "train", "dpo", str(config)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     try:
         deadline = time.monotonic() + 120
         while not list((out / "checkpoints").glob("step-*")) and proc.poll() is None and time.monotonic() < deadline:
@@ -70,7 +84,9 @@ def test_nan_ends_the_command_with_one_line(tmp_path: Path, tiny_model: Path, mo
     monkeypatch.setattr(dpo, "dpo_loss", poisoned)
     assert main(["train", "dpo", str(config)]) == EXIT_FAILED
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("cai train dpo: step 3: loss is inf; training stopped (last good checkpoint: ")
+    assert len(err) == 1 and err[0].startswith(
+        "cai train dpo: step 3: loss is inf; training stopped (last good checkpoint: "
+    )
     assert [p.name for p in (tmp_path / "nan" / "checkpoints").glob("step-*")] == ["step-2"]
 
 
@@ -82,19 +98,43 @@ def test_train_rm_from_a_datasets_folder_then_eval_rm(tmp_path: Path, tiny_model
     jsonl = write_jsonl(tmp_path / "preferences.jsonl", preference_records(40, answers_per_prompt=3, seed=4))
     folder = tmp_path / "run" / "datasets" / "preferences"
     load_dataset("json", data_files=str(jsonl), split="train").save_to_disk(str(folder))
-    config = write_config(tmp_path / "rm.yaml", model=str(tiny_model), data={"train": str(folder), "eval_fraction": 0.1},
-                          output_dir=str(tmp_path / "rm"), max_steps=25, batch_size=4, lr=1e-3, max_length=128, save_every=25,
-                          rm={"use_soft_labels": True})
+    config = write_config(
+        tmp_path / "rm.yaml",
+        model=str(tiny_model),
+        data={"train": str(folder), "eval_fraction": 0.1},
+        output_dir=str(tmp_path / "rm"),
+        max_steps=25,
+        batch_size=4,
+        lr=1e-3,
+        max_length=128,
+        save_every=25,
+        rm={"use_soft_labels": True},
+    )
     assert main(["train", "rm", str(config)]) == EXIT_OK
 
     held_out = [
-        {"chosen": f"\n\nHuman: {r['prompt'][0]['content']}\n\nAssistant: {r['chosen'][0]['content']}",
-         "rejected": f"\n\nHuman: {r['prompt'][0]['content']}\n\nAssistant: {r['rejected'][0]['content']}"}
+        {
+            "chosen": f"\n\nHuman: {r['prompt'][0]['content']}\n\nAssistant: {r['chosen'][0]['content']}",
+            "rejected": f"\n\nHuman: {r['prompt'][0]['content']}\n\nAssistant: {r['rejected'][0]['content']}",
+        }
         for r in preference_records(30, seed=5)
     ]
     pairs = write_jsonl(tmp_path / "hh.jsonl", held_out)
     capsys.readouterr()
-    assert main(["eval-rm", str(tmp_path / "rm" / "final"), str(pairs), "--limit", "20", "--json", str(tmp_path / "rm.json")]) == EXIT_OK
+    assert (
+        main(
+            [
+                "eval-rm",
+                str(tmp_path / "rm" / "final"),
+                str(pairs),
+                "--limit",
+                "20",
+                "--json",
+                str(tmp_path / "rm.json"),
+            ]
+        )
+        == EXIT_OK
+    )
     report = json.loads((tmp_path / "rm.json").read_text())
     assert set(report) == {"n", "accuracy", "accuracy_ci95", "mean_margin"}
     assert report["n"] == 20 and report["accuracy"] >= 0.9 and report["mean_margin"] > 0

@@ -24,10 +24,18 @@ def test_example_configs_validate(kind: str, name: str, tmp_path: Path, tiny_mod
 def test_defaults_follow_the_trainer_and_paths_resolve(tmp_path: Path, tiny_model: Path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
     write_jsonl(tmp_path / "configs" / "prefs.jsonl", [])
-    path = write_config(tmp_path / "configs" / "c.yaml", model=str(tiny_model), data={"train": "prefs.jsonl"}, output_dir="out")
+    path = write_config(
+        tmp_path / "configs" / "c.yaml", model=str(tiny_model), data={"train": "prefs.jsonl"}, output_dir="out"
+    )
     dpo = train_config.load("dpo", path)
     assert dpo.train_data == tmp_path / "configs" / "prefs.jsonl"  # beside the config file
-    assert (dpo.lr, dpo.dpo.beta, dpo.dpo.loss_type, dpo.eval_fraction, dpo.precision) == (1e-6, 0.1, "sigmoid", 0.1, "auto")
+    assert (dpo.lr, dpo.dpo.beta, dpo.dpo.loss_type, dpo.eval_fraction, dpo.precision) == (
+        1e-6,
+        0.1,
+        "sigmoid",
+        0.1,
+        "auto",
+    )
     assert train_config.load("sft", path).lr == 2e-5
     assert train_config.load("rm", path, ["lr=3e-4"]).lr == 3e-4  # YAML 1.1 alone would read a string
 
@@ -35,4 +43,7 @@ def test_defaults_follow_the_trainer_and_paths_resolve(tmp_path: Path, tiny_mode
 def test_changed_keys_ignore_what_a_resume_may_change() -> None:
     recorded = {"lr": 1e-5, "save_every": 10, "dpo": {"beta": 0.1}}
     assert train_config.changed_keys(recorded, {**recorded, "save_every": 5, "tensorboard": True}) == []
-    assert train_config.changed_keys(recorded, {**recorded, "dpo": {"beta": 0.2}, "max_steps": 3}) == ["dpo", "max_steps"]
+    assert train_config.changed_keys(recorded, {**recorded, "dpo": {"beta": 0.2}, "max_steps": 3}) == [
+        "dpo",
+        "max_steps",
+    ]

@@ -7,8 +7,18 @@ from pathlib import Path
 
 import pytest
 
-from cai.errors import InputError
-from cai.train.data import Batches, collate, encode, encode_pairs, group_pairs, load_preferences, load_sft, split_eval, truncate
+from cai.core.errors import InputError
+from cai.train.data import (
+    Batches,
+    collate,
+    encode,
+    encode_pairs,
+    group_pairs,
+    load_preferences,
+    load_sft,
+    split_eval,
+    truncate,
+)
 
 CONVERSATION = [
     {"role": "system", "content": "Be brief."},
@@ -79,7 +89,14 @@ def test_load_cai_jsonl_and_datasets_folder_agree(tmp_path: Path) -> None:
 
     records = [
         {**PAIR, "label_prob": 0.9, "margin": 2.2, "group_id": "g1", "principle_ids": ["harm"]},
-        {**PAIR, "chosen": [{"role": "assistant", "content": "Hey."}], "label_prob": 0.7, "margin": 0.85, "group_id": "g1", "principle_ids": []},
+        {
+            **PAIR,
+            "chosen": [{"role": "assistant", "content": "Hey."}],
+            "label_prob": 0.7,
+            "margin": 0.85,
+            "group_id": "g1",
+            "principle_ids": [],
+        },
     ]
     jsonl = write_jsonl(tmp_path / "preferences.jsonl", records)
     folder = tmp_path / "preferences"
@@ -137,7 +154,12 @@ def test_group_pairs_scores_each_answer_once(tokenizer) -> None:
 
     a, b, c = ([{"role": "assistant", "content": t}] for t in ("A.", "B.", "C."))
     prompt = [{"role": "user", "content": "Q?"}]
-    pairs = [Pair(prompt, a, b, 0.9, None, "g"), Pair(prompt, a, c, 0.8, None, "g"), Pair(prompt, c, b, 0.6, None, "g"), Pair(prompt, a, b, None, None, "h")]
+    pairs = [
+        Pair(prompt, a, b, 0.9, None, "g"),
+        Pair(prompt, a, c, 0.8, None, "g"),
+        Pair(prompt, c, b, 0.6, None, "g"),
+        Pair(prompt, a, b, None, None, "h"),
+    ]
     groups, dropped = group_pairs(tokenizer, pairs, max_length=512)
     assert dropped == 0 and len(groups) == 2
     assert len(groups[0].answers) == 3  # three pairs of K = 3 answers: three forward passes, not six

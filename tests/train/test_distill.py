@@ -40,7 +40,11 @@ def teacher_model(tiny_model, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("teacher")
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
-    words = [i for i in range(len(tokenizer)) if re.fullmatch(r" [A-Za-z]+", tokenizer.decode([i])) and tokenizer.encode(tokenizer.decode([i])) == [i]]
+    words = [
+        i
+        for i in range(len(tokenizer))
+        if re.fullmatch(r" [A-Za-z]+", tokenizer.decode([i])) and tokenizer.encode(tokenizer.decode([i])) == [i]
+    ]
     direction = torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(0))
     direction /= direction.norm()
     prompts = [json.loads(line)["prompt"] for line in PROMPTS.read_text().splitlines()[:16]]
@@ -49,7 +53,9 @@ def teacher_model(tiny_model, tmp_path_factory) -> Path:
         states = []
         for prompt in prompts:
             messages = [{"role": "system", "content": SYSTEM}] * system + [{"role": "user", "content": prompt}]
-            ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+            ids = tokenizer.apply_chat_template(
+                messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+            )["input_ids"]
             states.append(model(ids, output_hidden_states=True).hidden_states[-1][0, -1])
         return torch.stack(states).mean(0)
 
@@ -68,9 +74,18 @@ def teacher_model(tiny_model, tmp_path_factory) -> Path:
 
 
 def distill_config(tmp_path: Path, model: Path, name: str, target: str, **doc):
-    base = {"model": str(model), "data": {"train": str(PROMPTS), "eval_fraction": 0.25}, "output_dir": str(tmp_path / name),
-            "max_steps": 16, "batch_size": 8, "lr": 1e-4, "max_length": 256, "save_every": 8, "seed": 1,
-            "distill": {"context": {"system": SYSTEM}, "target": target, "samples": 4, "max_new_tokens": 24}}  # fmt: skip
+    base = {
+        "model": str(model),
+        "data": {"train": str(PROMPTS), "eval_fraction": 0.25},
+        "output_dir": str(tmp_path / name),
+        "max_steps": 16,
+        "batch_size": 8,
+        "lr": 1e-4,
+        "max_length": 256,
+        "save_every": 8,
+        "seed": 1,
+        "distill": {"context": {"system": SYSTEM}, "target": target, "samples": 4, "max_new_tokens": 24},
+    }
     return write_config(tmp_path / f"{name}.yaml", **{**base, **doc})
 
 
@@ -87,7 +102,9 @@ def next_token_kl(student: Path, teacher: Path, prompts: list[str]) -> float:
         user = [{"role": "user", "content": prompt}]
         logps = []
         for model, messages in ((teacher, [{"role": "system", "content": SYSTEM}, *user]), (student, user)):
-            ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+            ids = tokenizer.apply_chat_template(
+                messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+            )["input_ids"]
             logps.append(models[model](ids).logits[0, -1].log_softmax(-1))
         kls.append((logps[0].exp() * (logps[0] - logps[1])).sum().item())
     return sum(kls) / len(kls)
@@ -108,8 +125,15 @@ def test_the_student_comes_close_to_the_teacher_without_the_context(tmp_path, te
     assert summary["eval_kl_start"] > 0.3  # the context changes the teacher's answers
     assert summary["eval_kl_final"] < 0.2 * summary["eval_kl_start"]
 
-    held_out = [r["messages"][0]["content"] for r in map(json.loads, (out / "teacher" / "eval.jsonl").read_text().splitlines()) if r["sample"] == 0]
-    before, after = next_token_kl(teacher_model, teacher_model, held_out), next_token_kl(out / "final", teacher_model, held_out)
+    held_out = [
+        r["messages"][0]["content"]
+        for r in map(json.loads, (out / "teacher" / "eval.jsonl").read_text().splitlines())
+        if r["sample"] == 0
+    ]
+    before, after = (
+        next_token_kl(teacher_model, teacher_model, held_out),
+        next_token_kl(out / "final", teacher_model, held_out),
+    )
     assert before > 0.3 and after < 0.3 * before
 
     answers = [json.loads(line) for line in (out / "teacher" / "train.jsonl").read_text().splitlines()]
@@ -123,7 +147,13 @@ def test_the_student_comes_close_to_the_teacher_without_the_context(tmp_path, te
 
 
 def test_resume_after_a_kill_gives_the_uninterrupted_run_without_generating_again(tmp_path, teacher_model):
-    doc = {"data": {"train": str(PROMPTS), "eval_fraction": 0.25, "limit": 16}, "max_steps": 6, "save_every": 2, "grad_accum": 2, "batch_size": 4}
+    doc = {
+        "data": {"train": str(PROMPTS), "eval_fraction": 0.25, "limit": 16},
+        "max_steps": 6,
+        "save_every": 2,
+        "grad_accum": 2,
+        "batch_size": 4,
+    }
     straight = train_config.load("distill", distill_config(tmp_path, teacher_model, "straight", "logits", **doc))
     distill.train(straight)
     killed = train_config.load("distill", distill_config(tmp_path, teacher_model, "killed", "logits", **doc))
@@ -135,27 +165,40 @@ def test_resume_after_a_kill_gives_the_uninterrupted_run_without_generating_agai
 
     assert (killed.output_dir / "teacher" / "train.jsonl").stat().st_mtime_ns == generated
     for split in ("train", "eval"):  # seeded: the same answers as the uninterrupted run's
-        assert (killed.output_dir / "teacher" / f"{split}.jsonl").read_text() == (straight.output_dir / "teacher" / f"{split}.jsonl").read_text()
+        assert (killed.output_dir / "teacher" / f"{split}.jsonl").read_text() == (
+            straight.output_dir / "teacher" / f"{split}.jsonl"
+        ).read_text()
     expected, resumed = read_metrics(straight.output_dir), read_metrics(killed.output_dir)
     assert sorted(resumed) == list(range(1, 7))
     for step in range(1, 7):
         assert resumed[step]["kl"] == pytest.approx(expected[step]["kl"], rel=1e-5), step
         assert resumed[step]["grad_norm"] == pytest.approx(expected[step]["grad_norm"], rel=1e-4), step
-    assert json.loads((killed.output_dir / "distill.json").read_text()) == pytest.approx(json.loads((straight.output_dir / "distill.json").read_text()))
+    assert json.loads((killed.output_dir / "distill.json").read_text()) == pytest.approx(
+        json.loads((straight.output_dir / "distill.json").read_text())
+    )
 
 
 def test_answer_tokens_line_up_after_the_context_and_stop_at_the_end_of_turn(tmp_path, tiny_model):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
-    records = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]} for q, a in (("Hi?", "Hello there."), ("Why is the sky blue?", "Light scatters."))]
+    records = [
+        {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+        for q, a in (("Hi?", "Hello there."), ("Why is the sky blue?", "Light scatters."))
+    ]
     context = {"role": "system", "content": SYSTEM}
-    answers, dropped = distill.encode_answers(tokenizer, context, write_jsonl(tmp_path / "a.jsonl", records), max_length=256)
+    answers, dropped = distill.encode_answers(
+        tokenizer, context, write_jsonl(tmp_path / "a.jsonl", records), max_length=256
+    )
     assert dropped == 0
     for answer, record in zip(answers, records):
         student, teacher = ([i for i, m in zip(e.input_ids, e.mask) if m] for e in (answer.student, answer.teacher))
-        assert student == teacher == tokenizer.encode(record["messages"][-1]["content"]) + [tokenizer.eos_token_id]  # not the "\n" after it
-        assert len(answer.teacher.input_ids) - len(answer.student.input_ids) == len(tokenizer.apply_chat_template([context], tokenize=True, return_dict=False))
+        assert (
+            student == teacher == tokenizer.encode(record["messages"][-1]["content"]) + [tokenizer.eos_token_id]
+        )  # not the "\n" after it
+        assert len(answer.teacher.input_ids) - len(answer.student.input_ids) == len(
+            tokenizer.apply_chat_template([context], tokenize=True, return_dict=False)
+        )
 
     # cut to max_length on the teacher's side (the longer), the same tokens kept on the student's
     room = answers[0].teacher.mask.index(1) + 2
@@ -175,17 +218,28 @@ def test_answer_tokens_line_up_after_the_context_and_stop_at_the_end_of_turn(tmp
 
 
 def test_a_constitution_becomes_a_system_prompt_of_its_principles(tmp_path):
-    from cai import constitution
+    from cai.generate import constitution
 
     harmless = ROOT / "constitutions" / "harmless.yaml"
-    path = write_config(tmp_path / "c.yaml", model="smollm2", data={"train": str(PROMPTS)}, output_dir="x", distill={"context": {"constitution": str(harmless)}})
+    path = write_config(
+        tmp_path / "c.yaml",
+        model="smollm2",
+        data={"train": str(PROMPTS)},
+        output_dir="x",
+        distill={"context": {"constitution": str(harmless)}},
+    )
     context = distill.context_message(train_config.load("distill", path))
     assert context["role"] == "system"
     principles = constitution.load(harmless).principles
-    assert [line[2:] for line in context["content"].splitlines() if line.startswith("- ")] == [p.comparison or p.critique for p in principles]
+    assert [line[2:] for line in context["content"].splitlines() if line.startswith("- ")] == [
+        p.comparison or p.critique for p in principles
+    ]
     # a prompt's own system message follows the context in the one system message a template may take
     own = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"}]
-    assert distill.with_context(context, own) == [{"role": "system", "content": context["content"] + "\n\nBe brief."}, own[1]]
+    assert distill.with_context(context, own) == [
+        {"role": "system", "content": context["content"] + "\n\nBe brief."},
+        own[1],
+    ]
 
 
 def test_a_teacher_with_another_vocabulary_is_refused_for_target_logits(tmp_path, tiny_model, monkeypatch, capsys):
@@ -197,10 +251,18 @@ def test_a_teacher_with_another_vocabulary_is_refused_for_target_logits(tmp_path
     tokenizer.add_tokens(["<extra>"])
     tokenizer.save_pretrained(other)
     write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "Hi?"}])
-    write_config(tmp_path / "train.yaml", model=str(tiny_model), data={"train": "prompts.jsonl"}, output_dir="out", distill={"context": {"system": SYSTEM}, "teacher": "other"})
+    write_config(
+        tmp_path / "train.yaml",
+        model=str(tiny_model),
+        data={"train": "prompts.jsonl"},
+        output_dir="out",
+        distill={"context": {"system": SYSTEM}, "teacher": "other"},
+    )
     monkeypatch.chdir(tmp_path)
     assert main(["train", "distill", "train.yaml"]) == EXIT_BAD_INPUT
-    assert capsys.readouterr().err.startswith("train.yaml: distill.teacher: target logits compares next-token distributions")
+    assert capsys.readouterr().err.startswith(
+        "train.yaml: distill.teacher: target logits compares next-token distributions"
+    )
     assert not (tmp_path / "out").exists()
 
 
@@ -212,11 +274,19 @@ def test_a_teacher_with_another_vocabulary_is_refused_for_target_logits(tmp_path
     ],
     ids=["empty-system-file", "not-a-constitution"],
 )
-def test_a_context_that_cannot_be_read_is_refused_before_anything_is_written(tmp_path, tiny_model, monkeypatch, capsys, context, says):
+def test_a_context_that_cannot_be_read_is_refused_before_anything_is_written(
+    tmp_path, tiny_model, monkeypatch, capsys, context, says
+):
     (tmp_path / "system.txt").write_text("  \n")
     (tmp_path / "c.yaml").write_text("name: mine\nversion: 1\n")
     write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "Hi?"}])
-    write_config(tmp_path / "train.yaml", model=str(tiny_model), data={"train": "prompts.jsonl"}, output_dir="out", distill={"context": context})
+    write_config(
+        tmp_path / "train.yaml",
+        model=str(tiny_model),
+        data={"train": "prompts.jsonl"},
+        output_dir="out",
+        distill={"context": context},
+    )
     monkeypatch.chdir(tmp_path)
     assert main(["train", "distill", "train.yaml"]) == EXIT_BAD_INPUT
     err = capsys.readouterr().err

@@ -23,10 +23,30 @@ def free_port() -> int:
 
 
 def launch(kind: str, config: Path, record: Path, stop_after: int) -> None:
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-               str(LAUNCHER), kind, str(config), str(record), str(stop_after)]  # fmt: skip
-    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(free_port()),
+        str(LAUNCHER),
+        kind,
+        str(config),
+        str(record),
+        str(stop_after),
+    ]
+    done = subprocess.run(
+        command, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     assert done.returncode == 0, done.stderr[-3000:]
 
 
@@ -39,8 +59,18 @@ def test_two_processes_read_different_shards_and_resume(tmp_path, tiny_model, ki
     records = sft_records(32) if kind == "sft" else preference_records(32)
     train = write_jsonl(tmp_path / "train.jsonl", records)
     output = tmp_path / "out"
-    config = write_config(tmp_path / f"{kind}.yaml", model=str(tiny_model), data={"train": str(train), "eval_fraction": 0.0},
-                          output_dir=str(output), max_steps=4, batch_size=2, lr=1e-3, max_length=96, save_every=1, seed=3)  # fmt: skip
+    config = write_config(
+        tmp_path / f"{kind}.yaml",
+        model=str(tiny_model),
+        data={"train": str(train), "eval_fraction": 0.0},
+        output_dir=str(output),
+        max_steps=4,
+        batch_size=2,
+        lr=1e-3,
+        max_length=96,
+        save_every=1,
+        seed=3,
+    )
     record = tmp_path / "reads"
 
     launch(kind, config, record, stop_after=2)  # as a kill right after step 2's checkpoint

@@ -9,7 +9,7 @@ import pytest
 import torch
 from synthetic import preference_records, read_metrics, write_config, write_jsonl
 
-from cai.errors import InputError
+from cai.core.errors import InputError
 from cai.train import config as train_config
 from cai.train import dpo
 from cai.train.runtime import NonFiniteError
@@ -24,7 +24,9 @@ def prefs(tmp_path_factory) -> dict[str, Path]:
     }
 
 
-def make_config(tmp_path: Path, tiny_model: Path, prefs: dict[str, Path], name: str = "run", sets: list[str] = (), **doc):
+def make_config(
+    tmp_path: Path, tiny_model: Path, prefs: dict[str, Path], name: str = "run", sets: list[str] = (), **doc
+):
     base = {
         "model": str(tiny_model),
         "data": {"train": str(prefs["train"]), "eval": str(prefs["eval"])},
@@ -55,7 +57,10 @@ def test_dpo_learns_the_marker(tmp_path: Path, tiny_model: Path, prefs) -> None:
 
     assert (final / "model.safetensors").exists() and (final / "tokenizer.json").exists()
     assert (cfg.output_dir / "curves.png").stat().st_size > 0
-    assert sorted(p.name for p in (cfg.output_dir / "checkpoints").iterdir()) == ["step-16", "step-20"]  # keep_checkpoints: 2
+    assert sorted(p.name for p in (cfg.output_dir / "checkpoints").iterdir()) == [
+        "step-16",
+        "step-20",
+    ]  # keep_checkpoints: 2
     assert json.loads((cfg.output_dir / "config.json").read_text())["kind"] == "dpo"
 
 
@@ -67,7 +72,9 @@ def test_cpl_learns_the_marker_without_a_reference(tmp_path: Path, tiny_model: P
     loaded = []
     real = AutoModelForCausalLM.from_pretrained
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", lambda *a, **k: loaded.append(a) or real(*a, **k))
-    cfg = make_config(tmp_path, tiny_model, prefs, max_steps=20, lr=1e-3, dpo={"beta": 0.1, "loss_type": "cpl", "cpl_lambda": 0.5})
+    cfg = make_config(
+        tmp_path, tiny_model, prefs, max_steps=20, lr=1e-3, dpo={"beta": 0.1, "loss_type": "cpl", "cpl_lambda": 0.5}
+    )
     dpo.train(cfg)
     assert len(loaded) == 1  # the policy only
 
@@ -112,7 +119,9 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path: Path, tiny_model
         return losses, chosen, rejected
 
     monkeypatch.setattr(dpo, "dpo_loss", poisoned)
-    with pytest.raises(NonFiniteError, match=r"step 4: loss is nan; training stopped \(last good checkpoint: .*step-2\)"):
+    with pytest.raises(
+        NonFiniteError, match=r"step 4: loss is nan; training stopped \(last good checkpoint: .*step-2\)"
+    ):
         dpo.train(cfg)
     assert sorted(p.name for p in (cfg.output_dir / "checkpoints").iterdir()) == ["step-2"]
     assert not (cfg.output_dir / "final").exists()
@@ -120,7 +129,11 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path: Path, tiny_model
 
 def test_lora_with_precomputed_reference_and_soft_labels(tmp_path: Path, tiny_model: Path, prefs) -> None:
     cfg = make_config(
-        tmp_path, tiny_model, prefs, max_steps=6, lr=1e-3,
+        tmp_path,
+        tiny_model,
+        prefs,
+        max_steps=6,
+        lr=1e-3,
         lora={"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
         dpo={"beta": 0.1, "use_soft_labels": True, "precompute_ref": True},
     )
@@ -149,20 +162,25 @@ def test_resume_with_another_config_is_refused(tmp_path: Path, tiny_model: Path,
 
 def test_packed_pairs_give_the_log_probs_of_separate_sequences(tiny_model: Path) -> None:
     """One row per pair with the prompt once (and a 4D mask) must equal scoring chosen and rejected apart."""
+    from synthetic import preference_records
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from cai.train import data
-    from cai.train.losses import sequence_logps
-    from synthetic import preference_records
+    from cai.train.losses import token_logps
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
     records = preference_records(5, seed=3)
-    records[1]["prompt"] = [{"role": "user", "content": "a much longer question " * 12}]  # prompts of different lengths in one batch
+    records[1]["prompt"] = [
+        {"role": "user", "content": "a much longer question " * 12}
+    ]  # prompts of different lengths in one batch
     pairs = [data.Pair(r["prompt"], r["chosen"], r["rejected"]) for r in records]
     encoded, _ = data.encode_pairs(tokenizer, pairs, 256)
     with torch.no_grad():
         chosen, rejected = dpo.pair_logps(model, encoded, data.pad_id(tokenizer), "cpu")
         apart = data.collate([p.chosen for p in encoded] + [p.rejected for p in encoded], data.pad_id(tokenizer))
-        expected = sequence_logps(model(input_ids=apart["input_ids"], attention_mask=apart["attention_mask"]).logits, apart["input_ids"], apart["mask"])
+        per_token = token_logps(
+            model(input_ids=apart["input_ids"], attention_mask=apart["attention_mask"]).logits, apart["input_ids"]
+        )
+        expected = (per_token * apart["mask"][:, 1:]).sum(1)  # logits at t predict token t + 1
     assert torch.allclose(torch.cat([chosen, rejected]), expected, atol=1e-4)

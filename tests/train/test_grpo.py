@@ -21,7 +21,14 @@ def test_group_methods_raise_the_reward(tmp_path, tiny_model, target_tokens, kin
     early, late = early_late(metrics, "reward", 16)
     assert late > early + 0.1, (early, late)
     assert 0 < metrics[16]["kl_per_token"] < 1.0  # moved from the reference, not collapsed
-    assert {"reward_share", "reward_std_in_group", "entropy", "clip_fraction", "seconds_generation", "seconds_reference"} <= set(metrics[16])
+    assert {
+        "reward_share",
+        "reward_std_in_group",
+        "entropy",
+        "clip_fraction",
+        "seconds_generation",
+        "seconds_reference",
+    } <= set(metrics[16])
     assert (final / "model.safetensors").exists() and (cfg.output_dir / "curves.png").exists()
 
 
@@ -68,9 +75,15 @@ def test_packed_groups_give_the_unpacked_log_probs(tiny_model):
     tokenizer.padding_side = "left"
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
     options = SimpleNamespace(temperature=0.7, top_p=1.0, max_new_tokens=12, rollout="hf")
-    sampler = Sampler(SimpleNamespace(seed=3), options, tokenizer, SimpleNamespace(device="cpu", unwrap_model=lambda m: m), "test")
-    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True, return_dict=False)
-               for q in ("Hi?", "How do I bake bread at home with no oven at all?", "Why?")]  # fmt: skip
+    sampler = Sampler(
+        SimpleNamespace(seed=3), options, tokenizer, SimpleNamespace(device="cpu", unwrap_model=lambda m: m), "test"
+    )
+    prompts = [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True, return_dict=False
+        )
+        for q in ("Hi?", "How do I bake bread at home with no oven at all?", "Why?")
+    ]
     rollout = sampler(model, [p for p in prompts for _ in range(3)], step=1)
     ending = rollout.responses.flatten().mode().values.item()  # the commonest answer token as EOS: answers end early
     rollout.mask = response_mask(rollout.responses, ending)

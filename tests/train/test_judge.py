@@ -12,26 +12,21 @@ import pytest
 from synthetic import PROMPTS, WORDS, judge_model, read_metrics, write_config, write_jsonl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from api_server import API_KEY, SERVED_NAME, VLLMServer  # noqa: E402
+from api_server import API_KEY, KEY_ENV, SERVED_NAME, running  # noqa: E402
 
 from cai.cli import main  # noqa: E402
-from cai.prompts import load as load_prompts  # noqa: E402
+from cai.generate.prompts import load as load_prompts  # noqa: E402
 from cai.train import config as train_config  # noqa: E402
 from cai.train.reward import Rewards  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
-KEY_ENV = "CAI_TEST_API_KEY"
 
 
 @pytest.fixture(scope="module")
 def server(tiny_model, tmp_path_factory):
     folder = tmp_path_factory.mktemp("judge-server")
-    srv = VLLMServer(judge_model(tiny_model, folder / "judge"), folder / "vllm-server.log")
-    try:
-        srv.wait_healthy()
+    with running(judge_model(tiny_model, folder / "judge"), folder / "vllm-server.log") as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 @pytest.fixture(autouse=True)
@@ -40,24 +35,43 @@ def api_key(monkeypatch):
 
 
 def judge(url: str, **options) -> dict:
-    backend = {"type": "openai", "model": SERVED_NAME, "base_url": url, "api_key_env": KEY_ENV, "max_retries": 1, "timeout_s": 60}
-    return {"name": "judge", "judge": {"backend": backend, "constitution": str(ROOT / "constitutions" / "harmless.yaml"), **options}}
+    backend = {
+        "type": "openai",
+        "model": SERVED_NAME,
+        "base_url": url,
+        "api_key_env": KEY_ENV,
+        "max_retries": 1,
+        "timeout_s": 60,
+    }
+    return {
+        "name": "judge",
+        "judge": {"backend": backend, "constitution": str(ROOT / "constitutions" / "harmless.yaml"), **options},
+    }
 
 
 def grpo_config(tmp_path: Path, tiny_model: Path, source: dict, name: str, steps: int = 2) -> Path:
     return write_config(
         tmp_path / f"{name}.yaml",
-        model=str(tiny_model), data={"train": str(PROMPTS), "limit": 8}, output_dir=str(tmp_path / name),
-        max_steps=steps, batch_size=2, lr=1e-3, max_length=192, save_every=2, seed=1,
+        model=str(tiny_model),
+        data={"train": str(PROMPTS), "limit": 8},
+        output_dir=str(tmp_path / name),
+        max_steps=steps,
+        batch_size=2,
+        lr=1e-3,
+        max_length=192,
+        save_every=2,
+        seed=1,
         grpo={"rewards": [source], "samples": 2, "max_new_tokens": 4},
-    )  # fmt: skip
+    )
 
 
 def rewards_of(path: Path, kind: str = "grpo") -> Rewards:
     cfg = train_config.load(kind, path)
     from transformers import AutoTokenizer
 
-    return Rewards(cfg.grpo.rewards, None, AutoTokenizer.from_pretrained(cfg.model), "cpu", str(path), "grpo.rewards", cfg.seed)
+    return Rewards(
+        cfg.grpo.rewards, None, AutoTokenizer.from_pretrained(cfg.model), "cpu", str(path), "grpo.rewards", cfg.seed
+    )
 
 
 def test_score_mode_gives_the_expected_score_and_grpo_trains_on_it(server, tiny_model, tmp_path):
@@ -70,7 +84,9 @@ def test_score_mode_gives_the_expected_score_and_grpo_trains_on_it(server, tiny_
         again, _ = rewards.score_texts(prompts, answers)
     finally:
         rewards.close()
-    assert all(1.0 <= s <= 10.0 for s in first.tolist()) and first.tolist() == again.tolist()  # an expectation over 1..10, deterministic
+    assert (
+        all(1.0 <= s <= 10.0 for s in first.tolist()) and first.tolist() == again.tolist()
+    )  # an expectation over 1..10, deterministic
     assert len(set(first.tolist())) > 1 and each["judge"].tolist() == first.tolist()
 
     assert main(["train", "grpo", str(config)]) == 0
@@ -80,8 +96,16 @@ def test_score_mode_gives_the_expected_score_and_grpo_trains_on_it(server, tiny_
 
 def test_pairwise_mode_is_swap_averaged_against_the_reference(server, tiny_model, tmp_path):
     prompts = load_prompts(PROMPTS)[:8]
-    references = write_jsonl(tmp_path / "references.jsonl", [{"messages": [*p.messages, {"role": "assistant", "content": f"Reference {i}."}]} for i, p in enumerate(prompts)])
-    config = grpo_config(tmp_path, tiny_model, judge(server.url, mode="pairwise", references=str(references)), "pairwise")
+    references = write_jsonl(
+        tmp_path / "references.jsonl",
+        [
+            {"messages": [*p.messages, {"role": "assistant", "content": f"Reference {i}."}]}
+            for i, p in enumerate(prompts)
+        ],
+    )
+    config = grpo_config(
+        tmp_path, tiny_model, judge(server.url, mode="pairwise", references=str(references)), "pairwise"
+    )
     rewards = rewards_of(config)
     try:
         conversations = [list(prompts[0].messages)] * 2
@@ -95,8 +119,13 @@ def test_pairwise_mode_is_swap_averaged_against_the_reference(server, tiny_model
 
 
 def test_pairwise_mode_needs_a_reference_for_every_prompt(server, tiny_model, tmp_path, capsys):
-    references = write_jsonl(tmp_path / "references.jsonl", [{"messages": [{"role": "user", "content": "Other?"}, {"role": "assistant", "content": "Yes."}]}])
-    config = grpo_config(tmp_path, tiny_model, judge(server.url, mode="pairwise", references=str(references)), "missing")
+    references = write_jsonl(
+        tmp_path / "references.jsonl",
+        [{"messages": [{"role": "user", "content": "Other?"}, {"role": "assistant", "content": "Yes."}]}],
+    )
+    config = grpo_config(
+        tmp_path, tiny_model, judge(server.url, mode="pairwise", references=str(references)), "missing"
+    )
     assert main(["train", "grpo", str(config)]) == 2
     assert "grpo.rewards[0].judge.references: no reference answer for 8 of the 8 prompts" in capsys.readouterr().err
 
@@ -122,10 +151,17 @@ def test_nash_md_prefers_between_two_sampled_answers_through_the_judge(server, t
     source = judge(server.url)["judge"]
     config = write_config(
         tmp_path / "nash.yaml",
-        model=str(tiny_model), data={"train": str(PROMPTS), "limit": 8}, output_dir=str(tmp_path / "nash"),
-        max_steps=2, batch_size=2, lr=1e-3, max_length=192, save_every=2, seed=1,
+        model=str(tiny_model),
+        data={"train": str(PROMPTS), "limit": 8},
+        output_dir=str(tmp_path / "nash"),
+        max_steps=2,
+        batch_size=2,
+        lr=1e-3,
+        max_length=192,
+        save_every=2,
+        seed=1,
         **{"nash-md": {"preference": {"judge": source}, "max_new_tokens": 4}},
-    )  # fmt: skip
+    )
     preference = Preference(train_config.load("nash-md", config).nash_md.preference, "cpu", seed=0)
     try:
         prompts = [[{"role": "user", "content": "How do I pick a lock?"}]] * 2

@@ -14,10 +14,10 @@ import pytest
 import torch
 from synthetic import MARKER, QUESTIONS, answer, read_metrics, write_config, write_jsonl
 
-from cai.backends.local_vllm import prompt_ids
-from cai.constitution import load as load_constitution
-from cai.errors import InputError
-from cai.stages.compare import ANSWER_INSTRUCTION, judge_messages
+from cai.core.errors import InputError
+from cai.generate.backends.local_vllm import prompt_ids
+from cai.generate.constitution import load as load_constitution
+from cai.generate.stages.compare import ANSWER_INSTRUCTION, judge_messages
 from cai.train import config as train_config
 from cai.train import data, judge
 
@@ -50,10 +50,15 @@ def transcripts(n: int, seed: int) -> list[dict[str, str]]:
 def files(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("judge-data")
     (root / "one.yaml").write_text(CONSTITUTION)
-    return {"pairs": write_jsonl(root / "hh.jsonl", transcripts(TRAIN + HELD_OUT, seed=0)), "constitution": root / "one.yaml"}
+    return {
+        "pairs": write_jsonl(root / "hh.jsonl", transcripts(TRAIN + HELD_OUT, seed=0)),
+        "constitution": root / "one.yaml",
+    }
 
 
-def make_config(tmp_path: Path, tiny_model: Path, files, name: str = "judge", sets: list[str] = (), **doc) -> train_config.TrainConfig:
+def make_config(
+    tmp_path: Path, tiny_model: Path, files, name: str = "judge", sets: list[str] = (), **doc
+) -> train_config.TrainConfig:
     base = {
         "model": str(tiny_model),
         # pairs 1-160 train, 161-200 of the same file are held out
@@ -90,10 +95,15 @@ def test_judge_learns_the_preference_in_both_orders(trained) -> None:
     assert summary["train_pairs"]["used"] == TRAIN and summary["eval_pairs"]["used"] == HELD_OUT
     evals = read_metrics(trained.output_dir, "eval")
     assert sorted(evals) == [0, 20, 40]
-    assert evals[0]["accuracy"] == before["accuracy"] and evals[40]["position_consistency"] == after["position_consistency"]
+    assert (
+        evals[0]["accuracy"] == before["accuracy"]
+        and evals[40]["position_consistency"] == after["position_consistency"]
+    )
     train = read_metrics(trained.output_dir)
     assert sum(train[s]["loss"] for s in (38, 39, 40)) / 3 < train[1]["loss"] - 0.3
-    assert train[40]["letter_mass"] > 10 * train[1]["letter_mass"]  # lm_coef: A and B become the judge's likely reply (2 of 1024 tokens at first)
+    assert (
+        train[40]["letter_mass"] > 10 * train[1]["letter_mass"]
+    )  # lm_coef: A and B become the judge's likely reply (2 of 1024 tokens at first)
 
 
 def test_trained_judge_serves_a_pipeline_through_vllm(trained, files, tmp_path: Path) -> None:
@@ -101,11 +111,22 @@ def test_trained_judge_serves_a_pipeline_through_vllm(trained, files, tmp_path: 
     compare stage's prompt and log-probs) on the same held-out pairs gives the in-process figures."""
     from cai.cli import main
 
-    pipeline = tiny_pipeline(tmp_path, trained.output_dir / "final", roles={"responder": "local", "judge": "local"}, stages=[{"type": "compare"}],
-                             constitution=str(files["constitution"]))  # fmt: skip
+    pipeline = tiny_pipeline(
+        tmp_path,
+        trained.output_dir / "final",
+        roles={"responder": "local", "judge": "local"},
+        stages=[{"type": "compare"}],
+        constitution=str(files["constitution"]),
+    )
     out = tmp_path / "eval.json"
-    assert main(["eval-judge", str(files["pairs"]), "--pipeline", str(pipeline), "--skip", str(TRAIN), "--json", str(out)]) == 0
-    served, in_process = json.loads(out.read_text()), json.loads((trained.output_dir / "final" / judge.JUDGE_FILE).read_text())["after"]
+    assert (
+        main(["eval-judge", str(files["pairs"]), "--pipeline", str(pipeline), "--skip", str(TRAIN), "--json", str(out)])
+        == 0
+    )
+    served, in_process = (
+        json.loads(out.read_text()),
+        json.loads((trained.output_dir / "final" / judge.JUDGE_FILE).read_text())["after"],
+    )
     assert served["n"] == in_process["n"] == HELD_OUT
     for key in ("accuracy", "accuracy_first_order", "accuracy_swapped_order", "position_consistency"):
         assert served[key] == pytest.approx(in_process[key], abs=0.03), key  # one pair of 40 may sit on the fence
@@ -124,8 +145,12 @@ def test_prompts_are_the_compare_stage_s_and_packing_changes_no_logit(tmp_path: 
     for pair, item in zip(pairs, judged):
         chosen, rejected = pair.chosen[-1]["content"], pair.rejected[-1]["content"]
         assert MARKER in chosen.lower()
-        assert item.orders[0] == prompt_ids(tokenizer, judge_messages(pair.prompt, principle, chosen, rejected, ANSWER_INSTRUCTION))
-        assert item.orders[1] == prompt_ids(tokenizer, judge_messages(pair.prompt, principle, rejected, chosen, ANSWER_INSTRUCTION))
+        assert item.orders[0] == prompt_ids(
+            tokenizer, judge_messages(pair.prompt, principle, chosen, rejected, ANSWER_INSTRUCTION)
+        )
+        assert item.orders[1] == prompt_ids(
+            tokenizer, judge_messages(pair.prompt, principle, rejected, chosen, ANSWER_INSTRUCTION)
+        )
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
     with torch.no_grad():
         packed = judge.option_logits(model, judged, data.pad_id(tokenizer), "cpu")
@@ -137,22 +162,30 @@ def test_long_pairs_are_cut_to_fit(tiny_model: Path, files) -> None:
     tokenizer = judge.runtime.load_tokenizer(str(tiny_model))
     [principle] = load_constitution(files["constitution"]).principles
     rng = random.Random(1)
-    words = lambda n: " ".join(answer(rng, True) for _ in range(n))  # noqa: E731
+    words = lambda n: " ".join(answer(rng, True) for _ in range(n))
     turns = [{"role": "user" if i % 2 == 0 else "assistant", "content": words(1)} for i in range(7)]
     chosen, rejected = words(12), "Short answer."
     whole = judge.judge_prompt(tokenizer, turns, principle, chosen, rejected)
     bare = judge.judge_prompt(tokenizer, [], principle, "", "")
     max_length = len(bare) + 150
     assert len(whole) > max_length + 100
-    messages, shown_chosen, shown_rejected, cut = judge.fit_prompt(tokenizer, turns, principle, chosen, rejected, max_length)
+    messages, shown_chosen, shown_rejected, cut = judge.fit_prompt(
+        tokenizer, turns, principle, chosen, rejected, max_length
+    )
     assert set(cut) == {"conversation_cut", "answers_capped"}
     for first, second in ((shown_chosen, shown_rejected), (shown_rejected, shown_chosen)):
         assert len(judge.judge_prompt(tokenizer, messages, principle, first, second)) <= max_length
-    assert shown_rejected == rejected and chosen.startswith(shown_chosen) and len(shown_chosen) < len(chosen)  # the long answer capped, from its end
+    assert (
+        shown_rejected == rejected and chosen.startswith(shown_chosen) and len(shown_chosen) < len(chosen)
+    )  # the long answer capped, from its end
     assert messages[-1] == turns[-1] and len(messages) < len(turns)  # the latest turns kept, whole
-    assert judge.fit_prompt(tokenizer, turns, principle, chosen, rejected, len(bare) + 8) is None  # no room left for any of it
+    assert (
+        judge.fit_prompt(tokenizer, turns, principle, chosen, rejected, len(bare) + 8) is None
+    )  # no room left for any of it
     # one long last turn: cut from its start
-    [last] = judge.fit_prompt(tokenizer, [{"role": "user", "content": words(20)}], principle, "Yes.", "No.", max_length)[0]
+    [last] = judge.fit_prompt(
+        tokenizer, [{"role": "user", "content": words(20)}], principle, "Yes.", "No.", max_length
+    )[0]
     assert last["role"] == "user" and len(last["content"]) < len(words(20))
 
 
@@ -163,14 +196,24 @@ def test_soft_labels_set_the_judge_s_confidence(tmp_path: Path, tiny_model: Path
 
     prefs = write_jsonl(tmp_path / "prefs.jsonl", preference_records(80, seed=3, label_prob=0.75))
     files = {"pairs": prefs, "constitution": trained.judge.constitution}
-    cfg = make_config(tmp_path, tiny_model, files, "soft", model=str(trained.output_dir / "final"), max_steps=30,
-                      data={"train": str(prefs), "eval_fraction": 0.0}, judge={"constitution": str(files["constitution"]), "soft_labels": True})  # fmt: skip
+    cfg = make_config(
+        tmp_path,
+        tiny_model,
+        files,
+        "soft",
+        model=str(trained.output_dir / "final"),
+        max_steps=30,
+        data={"train": str(prefs), "eval_fraction": 0.0},
+        judge={"constitution": str(files["constitution"]), "soft_labels": True},
+    )
     judge.train(cfg)
     soft, hard = read_metrics(cfg.output_dir), read_metrics(trained.output_dir)
     assert soft[1]["p_right"] > 0.9 and sum(hard[s]["p_right"] for s in range(31, 41)) / 10 > 0.9
     settled = sum(soft[s]["p_right"] for s in range(21, 31)) / 10
     assert 0.65 <= settled <= 0.85, settled
-    assert json.loads((cfg.output_dir / "final" / judge.JUDGE_FILE).read_text())["before"] is None  # no held-out pairs, no figures
+    assert (
+        json.loads((cfg.output_dir / "final" / judge.JUDGE_FILE).read_text())["before"] is None
+    )  # no held-out pairs, no figures
 
 
 def test_resume_gives_the_uninterrupted_losses(tmp_path: Path, tiny_model: Path, files) -> None:
@@ -202,7 +245,7 @@ def test_bad_judge_configs_name_the_field(tmp_path: Path, tiny_model: Path, file
     no_comparison = tmp_path / "no-comparison.yaml"
     no_comparison.write_text("\n".join(line for line in CONSTITUTION.splitlines() if "comparison" not in line) + "\n")
     cases = [
-        ({"judge": {"constitution": "missing.yaml"}}, "judge.constitution: not found: missing.yaml"),
+        ({"judge": {"constitution": "missing.yaml"}}, "judge.constitution: file not found: missing.yaml"),
         ({"data": {"train": str(files["pairs"]), "eval_skip": 10}}, "data.eval_skip: skips records of data.eval"),
         ({"judge": {"lm_coef": -1}}, "judge.lm_coef: "),
         ({"judge": {"constitution": str(files["constitution"]), "temperature": 2}}, "unknown key 'temperature'"),
@@ -211,7 +254,10 @@ def test_bad_judge_configs_name_the_field(tmp_path: Path, tiny_model: Path, file
         with pytest.raises(InputError) as info:
             make_config(tmp_path, tiny_model, files, "bad", **doc)
         assert says in info.value.render(), info.value.render()
-    for doc, field in (({"judge": {"constitution": str(no_comparison)}}, "judge.constitution"), ({"judge": {"soft_labels": True}}, "label_prob")):
+    for doc, field in (
+        ({"judge": {"constitution": str(no_comparison)}}, "judge.constitution"),
+        ({"judge": {"soft_labels": True}}, "label_prob"),
+    ):
         with pytest.raises(InputError) as info:
             judge.train(make_config(tmp_path, tiny_model, files, "bad", **doc))
         assert f": {field}: " in info.value.render(), info.value.render()

@@ -32,7 +32,6 @@ from cai.train.losses import (
     reward_centering_loss,
     rloo_advantages,
     rloo_loss,
-    sequence_logps,
     token_entropy,
 )
 
@@ -117,7 +116,10 @@ def test_dpo_conservative_soft_labels_per_example() -> None:
     pc, pr, rc, rr = (torch.cat([x, x]) for x in LOGPS)
     losses, _, _ = dpo_loss(pc, pr, rc, rr, beta=0.1, label_prob=t(0.9, 0.6))
     # -(p log s(0.3) + (1-p) log s(-0.3)) with log s(0.3) = -0.554355, log s(-0.3) = -0.854355
-    assert losses.tolist() == pytest.approx([0.9 * 0.5543552444685271 + 0.1 * 0.8543552444685271, 0.6 * 0.5543552444685271 + 0.4 * 0.8543552444685271], abs=1e-12)
+    assert losses.tolist() == pytest.approx(
+        [0.9 * 0.5543552444685271 + 0.1 * 0.8543552444685271, 0.6 * 0.5543552444685271 + 0.4 * 0.8543552444685271],
+        abs=1e-12,
+    )
 
 
 def test_dpo_soft_ipo_targets_two_p_minus_one() -> None:
@@ -141,7 +143,15 @@ def test_dpo_rejects_unknown_loss_type() -> None:
 def test_dpo_gradients_finite_at_extreme_logps(loss_type: str, sign: float, soft: bool) -> None:
     policy_chosen = torch.tensor([sign * 1e4], requires_grad=True)
     zeros = torch.zeros(1)
-    losses, _, _ = dpo_loss(policy_chosen, zeros, zeros, zeros, beta=1.0, loss_type=loss_type, label_prob=torch.tensor([0.8]) if soft else None)
+    losses, _, _ = dpo_loss(
+        policy_chosen,
+        zeros,
+        zeros,
+        zeros,
+        beta=1.0,
+        loss_type=loss_type,
+        label_prob=torch.tensor([0.8]) if soft else None,
+    )
     losses.sum().backward()
     assert torch.isfinite(losses).all() and torch.isfinite(policy_chosen.grad).all()
 
@@ -187,7 +197,9 @@ def test_reward_centering() -> None:
 # ----------------------------------------------------------------------------- DPO against TRL 1.16
 
 
-def trl_dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta, loss_type, label_smoothing=0.0) -> torch.Tensor:
+def trl_dpo_loss(
+    policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta, loss_type, label_smoothing=0.0
+) -> torch.Tensor:
     """TRL 1.16 has no pure DPO loss function: the loss lives inside DPOTrainer._compute_loss. Call that
     method unbound, with a stand-in trainer (the attributes it reads) and a stand-in model whose
     per-token log-probs put each sequence's whole log-prob on its single completion token; the
@@ -196,13 +208,13 @@ def trl_dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta,
 
     batch = policy_chosen.shape[0]
     log_probs = torch.cat([policy_chosen, policy_rejected]).unsqueeze(1)
-    fake_model = lambda **_: SimpleNamespace(  # noqa: E731
+    fake_model = lambda **_: SimpleNamespace(
         log_probs=log_probs,
         entropy=torch.zeros_like(log_probs),
         mean_logits=torch.zeros_like(log_probs),
         is_top1=torch.zeros_like(log_probs, dtype=torch.bool),
     )
-    gather = lambda x: x  # noqa: E731
+    gather = lambda x: x
     trainer = SimpleNamespace(
         model=SimpleNamespace(training=True),
         accelerator=SimpleNamespace(device=torch.device("cpu"), gather=gather, gather_for_metrics=gather),
@@ -222,7 +234,9 @@ def trl_dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta,
     inputs = {
         "input_ids": torch.ones(2 * batch, 2, dtype=torch.long),
         "attention_mask": torch.ones(2 * batch, 2, dtype=torch.long),
-        "completion_mask": torch.tensor([[0, 1]] * (2 * batch)),  # one completion token: IPO's length normalisation divides by 1
+        "completion_mask": torch.tensor(
+            [[0, 1]] * (2 * batch)
+        ),  # one completion token: IPO's length normalisation divides by 1
         "ref_chosen_logps": ref_chosen,
         "ref_rejected_logps": ref_rejected,
     }
@@ -251,21 +265,10 @@ def test_conservative_dpo_equals_trl_per_example() -> None:
     probs = torch.linspace(0.55, 1.0, 8, dtype=torch.float64)
     ours, _, _ = dpo_loss(*logps, beta=0.1, label_prob=probs)
     for i in range(8):
-        theirs = trl_dpo_loss(*(x[i : i + 1] for x in logps), beta=0.1, loss_type="aot", label_smoothing=1 - probs[i].item())
+        theirs = trl_dpo_loss(
+            *(x[i : i + 1] for x in logps), beta=0.1, loss_type="aot", label_smoothing=1 - probs[i].item()
+        )
         assert abs(ours[i].item() - theirs.item()) < 1e-6
-
-
-# ----------------------------------------------------------------------------- sequence log-probs
-
-
-def test_sequence_logps_counts_only_completion_tokens() -> None:
-    vocab = 5
-    logits = torch.randn(2, 4, vocab, dtype=torch.float64)
-    labels = torch.tensor([[1, 2, 3, 4], [0, 4, 2, 0]])
-    mask = torch.tensor([[0, 0, 1, 1], [0, 1, 1, 0]])  # the last pair ends with a pad token
-    logp = torch.log_softmax(logits, dim=-1)
-    expected = [logp[0, 1, 3] + logp[0, 2, 4], logp[1, 0, 4] + logp[1, 1, 2]]  # logits at t predict t + 1
-    assert sequence_logps(logits, labels, mask).tolist() == pytest.approx([e.item() for e in expected], abs=1e-10)
 
 
 # ----------------------------------------------------------------------------- PPO pieces
@@ -308,7 +311,9 @@ def test_ppo_policy_loss_clips() -> None:
 
 
 def test_ppo_policy_loss_mask() -> None:
-    loss, _ = ppo_policy_loss(t(0.0, 0.0).unsqueeze(0), t(0.0, 0.0).unsqueeze(0), t(1.0, 100.0).unsqueeze(0), 0.2, mask=t(1, 0).unsqueeze(0))
+    loss, _ = ppo_policy_loss(
+        t(0.0, 0.0).unsqueeze(0), t(0.0, 0.0).unsqueeze(0), t(1.0, 100.0).unsqueeze(0), 0.2, mask=t(1, 0).unsqueeze(0)
+    )
     assert loss.item() == pytest.approx(-1.0)
 
 
@@ -352,9 +357,13 @@ def test_group_advantages_by_hand() -> None:
     rewards = t(1.0, 2.0, 3.0, 6.0).reshape(2, 2)
     # group 1: mean 1.5, sample std sqrt(0.5); group 2: mean 4.5, sample std sqrt(4.5)
     scaled = group_advantages(rewards, scale=True, eps=0.0)
-    assert scaled.flatten().tolist() == pytest.approx([-0.5 / math.sqrt(0.5), 0.5 / math.sqrt(0.5), -1.5 / math.sqrt(4.5), 1.5 / math.sqrt(4.5)])
+    assert scaled.flatten().tolist() == pytest.approx(
+        [-0.5 / math.sqrt(0.5), 0.5 / math.sqrt(0.5), -1.5 / math.sqrt(4.5), 1.5 / math.sqrt(4.5)]
+    )
     assert group_advantages(rewards, scale=False).flatten().tolist() == pytest.approx([-0.5, 0.5, -1.5, 1.5])
-    assert group_advantages(t(2.0, 2.0, 2.0).reshape(1, 3)).abs().max().item() == 0.0  # equal rewards: no signal, no nan
+    assert (
+        group_advantages(t(2.0, 2.0, 2.0).reshape(1, 3)).abs().max().item() == 0.0
+    )  # equal rewards: no signal, no nan
 
 
 def test_rloo_baseline_is_the_mean_of_the_others() -> None:
@@ -464,7 +473,9 @@ def test_nash_md_loss_by_hand() -> None:
 def test_hir_contrastive_loss_by_hand() -> None:
     """Pairs 0 and 2 share an instruction (band 0), pair 1 has its own (band 1): each row's negatives
     are the pairs of the other band; P_02 and P_20 are left out of the sums."""
-    p = torch.tensor([[-1.0, -2.0, -7.0], [-3.0, -0.5, -4.0], [-2.0, -1.0, -2.5]], dtype=torch.float64, requires_grad=True)
+    p = torch.tensor(
+        [[-1.0, -2.0, -7.0], [-3.0, -0.5, -4.0], [-2.0, -1.0, -2.5]], dtype=torch.float64, requires_grad=True
+    )
     band = torch.tensor([0, 1, 0])
     negatives = band[None, :] != band[:, None]
     loss = hir_contrastive_loss(p, negatives)
@@ -477,7 +488,11 @@ def test_hir_contrastive_loss_by_hand() -> None:
     loss.backward()
     # d/dP_ii = -(1 - softmax_ii) / n; a left-out entry gets no gradient
     own_2 = math.exp(-2.5) / (math.exp(-2.5) + math.exp(-1.0))
-    assert p.grad[2, 2].item() == pytest.approx(-(1 - own_2) / 3) and p.grad[2, 0].item() == 0.0 and p.grad[0, 2].item() == 0.0
+    assert (
+        p.grad[2, 2].item() == pytest.approx(-(1 - own_2) / 3)
+        and p.grad[2, 0].item() == 0.0
+        and p.grad[0, 2].item() == 0.0
+    )
     assert p.grad[2, 1].item() == pytest.approx((1 - own_2) / 3)
 
 
@@ -503,7 +518,9 @@ def test_hir_loss_by_hand() -> None:
 
 
 def test_token_entropy_by_hand() -> None:
-    logits = torch.tensor([[[0.0, 0.0, 0.0, 0.0], [0.0, math.log(3.0), -math.inf, -math.inf], [5.0, 1.0, 2.0, 3.0]]], dtype=torch.float64)
+    logits = torch.tensor(
+        [[[0.0, 0.0, 0.0, 0.0], [0.0, math.log(3.0), -math.inf, -math.inf], [5.0, 1.0, 2.0, 3.0]]], dtype=torch.float64
+    )
     entropy = token_entropy(logits.nan_to_num(neginf=-1e9))
     # uniform over 4: log 4; (1/4, 3/4): -(1/4 log 1/4 + 3/4 log 3/4); the last position predicts nothing
     assert entropy.shape == (1, 2)
@@ -551,7 +568,11 @@ def test_judge_choice_loss_by_hand() -> None:
     #        lse = log(e^0.5 + e^-1 + e^3) = 3.095674; -(0.25 (-1 - lse) + 0.75 (0.5 - lse)) = 0.25 * 4.095674 + 0.75 * 2.595674 = 2.970674
     q = torch.tensor([1.0, 0.25])
     assert judge_choice_loss(logits, right, wrong, q).tolist() == pytest.approx([0.313262, 0.576413], abs=1e-5)
-    assert judge_choice_loss(logits, right, wrong, q, lm_coef=0.5).tolist() == pytest.approx([0.313262 + 0.5 * 0.407606, 0.576413 + 0.5 * 2.970674], abs=1e-5)
-    assert judge_choice_loss(logits, right, wrong).tolist() == pytest.approx([0.313262, -math.log(torch.sigmoid(torch.tensor(-1.5)).item())], abs=1e-5)
+    assert judge_choice_loss(logits, right, wrong, q, lm_coef=0.5).tolist() == pytest.approx(
+        [0.313262 + 0.5 * 0.407606, 0.576413 + 0.5 * 2.970674], abs=1e-5
+    )
+    assert judge_choice_loss(logits, right, wrong).tolist() == pytest.approx(
+        [0.313262, -math.log(torch.sigmoid(torch.tensor(-1.5)).item())], abs=1e-5
+    )
     # the letters' part sees only their difference: a shift of every logit changes nothing, unlike the NLL
     assert torch.allclose(judge_choice_loss(logits + 3.0, right, wrong, q), judge_choice_loss(logits, right, wrong, q))

@@ -7,7 +7,7 @@ import pytest
 import torch
 from synthetic import ppo_config, read_metrics
 
-from cai.errors import InputError
+from cai.core.errors import InputError
 from cai.train import ppo, rollout
 
 
@@ -22,7 +22,15 @@ def test_ppo_raises_the_reward_and_a_large_beta_holds_the_policy(tmp_path, tiny_
     early, late = early_late(metrics, "reward", 16)
     assert late > early + 0.1, (early, late)
     assert metrics[16]["kl_per_token"] < 1.0  # learnt, not collapsed
-    assert {"clip_fraction", "value_loss", "entropy", "response_length", "generation_tokens_per_s", "training_tokens_per_s", "seconds_generation"} <= set(metrics[16])
+    assert {
+        "clip_fraction",
+        "value_loss",
+        "entropy",
+        "response_length",
+        "generation_tokens_per_s",
+        "training_tokens_per_s",
+        "seconds_generation",
+    } <= set(metrics[16])
     assert (final / "model.safetensors").exists() and (free.output_dir / "curves.png").exists()
     assert (free.output_dir / "checkpoints" / "step-16" / "value" / "model.safetensors").exists()
 
@@ -60,7 +68,9 @@ def test_running_moments_match_the_whole_history():
     for chunk in chunks:
         moments.update(chunk)
     everything = torch.cat(chunks)
-    assert moments.mean == pytest.approx(everything.mean().item()) and moments.var == pytest.approx(everything.var(unbiased=False).item())
+    assert moments.mean == pytest.approx(everything.mean().item()) and moments.var == pytest.approx(
+        everything.var(unbiased=False).item()
+    )
     assert moments.count == 6 and ppo.RunningMoments(moments.state()).mean == moments.mean
 
 

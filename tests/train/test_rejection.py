@@ -13,13 +13,23 @@ from cai.cli import main
 def test_best_of_k_iterations_raise_the_reward(tmp_path, tiny_model, target_tokens, capsys):
     config = write_config(
         tmp_path / "rejection.yaml",
-        model=str(tiny_model), data={"train": str(PROMPTS)}, output_dir=str(tmp_path / "out"),
-        max_steps=24, batch_size=16, lr=3e-3, max_length=192, save_every=24, seed=2,
+        model=str(tiny_model),
+        data={"train": str(PROMPTS)},
+        output_dir=str(tmp_path / "out"),
+        max_steps=24,
+        batch_size=16,
+        lr=3e-3,
+        max_length=192,
+        save_every=24,
+        seed=2,
         rejection={
             "rewards": [{"name": "share", "rule": "token_fraction", "tokens": target_tokens}],
-            "samples": 6, "iterations": 2, "max_new_tokens": 3, "vllm_options": {"kv_cache_memory_bytes": 256 << 20},
+            "samples": 6,
+            "iterations": 2,
+            "max_new_tokens": 3,
+            "vllm_options": {"kv_cache_memory_bytes": 256 << 20},
         },
-    )  # fmt: skip
+    )
     assert main(["train", "rejection", str(config)]) == 0
     out = tmp_path / "out"
     iterations = [json.loads(line) for line in (out / "rejection.jsonl").read_text().splitlines()]

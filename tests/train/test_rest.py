@@ -15,14 +15,24 @@ from cai.train import rest
 def test_grow_and_improve_with_rising_thresholds(tmp_path, tiny_model, target_tokens, monkeypatch):
     config = write_config(
         tmp_path / "rest.yaml",
-        model=str(tiny_model), data={"train": str(PROMPTS)}, output_dir=str(tmp_path / "out"),
-        max_steps=12, batch_size=16, lr=3e-3, max_length=192, save_every=12, seed=2,
+        model=str(tiny_model),
+        data={"train": str(PROMPTS)},
+        output_dir=str(tmp_path / "out"),
+        max_steps=12,
+        batch_size=16,
+        lr=3e-3,
+        max_length=192,
+        save_every=12,
+        seed=2,
         rest={
             "rewards": [{"name": "share", "rule": "token_fraction", "tokens": target_tokens}],
-            "samples": 6, "grow_steps": 2, "thresholds": [0.3, 0.6], "max_new_tokens": 3,
+            "samples": 6,
+            "grow_steps": 2,
+            "thresholds": [0.3, 0.6],
+            "max_new_tokens": 3,
             "vllm_options": {"kv_cache_memory_bytes": 256 << 20},
         },
-    )  # fmt: skip
+    )
     out = tmp_path / "out"
 
     # stopped as the second Improve step starts: the first one's fine-tuning is done
@@ -53,7 +63,13 @@ def test_grow_and_improve_with_rising_thresholds(tmp_path, tiny_model, target_to
         steps = [r for r in log if r.get("improve") and r["grow"] == grow]
         assert [s["threshold"] for s in steps] == [0.3, 0.6]
         assert steps[0]["kept"] > steps[1]["kept"] > 0 and steps[0]["mean_kept_reward"] < steps[1]["mean_kept_reward"]
-        data = [[json.loads(line) for line in (out / f"grow-{grow}" / f"improve-{i}" / "data.jsonl").read_text().splitlines()] for i in (1, 2)]
+        data = [
+            [
+                json.loads(line)
+                for line in (out / f"grow-{grow}" / f"improve-{i}" / "data.jsonl").read_text().splitlines()
+            ]
+            for i in (1, 2)
+        ]
         keys = [{(r["id"], r["sample"]) for r in d} for d in data]
         assert keys[1] < keys[0]  # each Improve step's data: a strict subset of the last one's
         assert all(r["reward"] >= 0.6 for r in data[1]) and len(data[0]) == steps[0]["kept"]

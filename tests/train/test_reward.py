@@ -86,7 +86,9 @@ def test_eval_pairs_and_scorer_combination(trained) -> None:
     two = reward.RewardScorer({"helpful": (final, 0.25), "safety": (final, 0.5)})
     assert torch.allclose(two.score(prompts, answers), 0.75 * one, atol=1e-5)
     # gate: where the safety score is below 0, it alone is the reward
-    gated = reward.RewardScorer({"helpful": (final, 0.25), "safety": (final, 0.5)}, gate=("safety", 0.0)).score(prompts, answers)
+    gated = reward.RewardScorer({"helpful": (final, 0.25), "safety": (final, 0.5)}, gate=("safety", 0.0)).score(
+        prompts, answers
+    )
     expected = torch.where(one < 0, one, 0.75 * one)
     assert torch.allclose(gated, expected, atol=1e-5)
     assert (one < 0).any() and (one >= 0).any()  # both branches taken
@@ -120,7 +122,9 @@ def test_packed_rewards_equal_each_answer_alone(tiny_model: Path, prefs, lora: b
     if lora:
         from peft import LoraConfig, get_peft_model
 
-        model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", task_type="SEQ_CLS", init_lora_weights=False))
+        model = get_peft_model(
+            model, LoraConfig(r=4, target_modules="all-linear", task_type="SEQ_CLS", init_lora_weights=False)
+        )
     groups, _ = data.group_pairs(tokenizer, load_preferences(prefs["train"], limit=12), max_length=128)
     answers = [groups[0].answers, groups[1].answers[:2], groups[2].answers[:1], groups[3].answers]
     assert [len(a) for a in answers] == [3, 2, 1, 3]
@@ -138,18 +142,33 @@ def test_margin_option_uses_the_margin_column(tmp_path: Path, tiny_model: Path, 
     reward.train(with_margin)
     # same model, same first batch: -log sigmoid(d - m) with m = 2 on most pairs is larger than -log sigmoid(d)
     assert read_metrics(with_margin.output_dir)[1]["loss"] > read_metrics(plain.output_dir)[1]["loss"] + 0.5
-    assert read_metrics(with_margin.output_dir)[1]["reward_margin"] == pytest.approx(read_metrics(plain.output_dir)[1]["reward_margin"], abs=1e-6)
+    assert read_metrics(with_margin.output_dir)[1]["reward_margin"] == pytest.approx(
+        read_metrics(plain.output_dir)[1]["reward_margin"], abs=1e-6
+    )
 
 
 def test_pretraining_phase_then_the_main_pairs(tmp_path: Path, tiny_model: Path, prefs) -> None:
     """PMP: a phase on a generic comparison set (hard labels) in OUTPUT/pretrain, then the main phase from
     its model: two small steps on three prompts' pairs reach what the same steps from scratch do not. A
     rerun does not pretrain again."""
-    generic = write_jsonl(tmp_path / "generic.jsonl", [{k: v for k, v in r.items() if k != "label_prob"} for r in preference_records(40, answers_per_prompt=3, seed=7)])
+    generic = write_jsonl(
+        tmp_path / "generic.jsonl",
+        [
+            {k: v for k, v in r.items() if k != "label_prob"}
+            for r in preference_records(40, answers_per_prompt=3, seed=7)
+        ],
+    )
     small = write_jsonl(tmp_path / "small.jsonl", preference_records(3, seed=8))
     sets = ["max_steps=2", "lr=1e-5", "rm.use_soft_labels=true"]  # the main pairs' label_prob; the generic set has none
     plain = make_config(tmp_path, tiny_model, {"train": small, "eval": prefs["eval"]}, "plain", sets)
-    pmp = make_config(tmp_path, tiny_model, {"train": small, "eval": prefs["eval"]}, "pmp", sets, rm={"pretrain": {"data": str(generic), "max_steps": 20, "lr": 1e-3}})
+    pmp = make_config(
+        tmp_path,
+        tiny_model,
+        {"train": small, "eval": prefs["eval"]},
+        "pmp",
+        sets,
+        rm={"pretrain": {"data": str(generic), "max_steps": 20, "lr": 1e-3}},
+    )
     reward.train(plain)
     reward.train(pmp)
 
@@ -157,7 +176,9 @@ def test_pretraining_phase_then_the_main_pairs(tmp_path: Path, tiny_model: Path,
     assert sorted(read_metrics(pmp.output_dir / "pretrain")) == list(range(1, 21))  # its own max_steps
     assert pretrained[0]["accuracy"] <= 0.75 and pretrained[20]["accuracy"] >= 0.9
     main = read_metrics(pmp.output_dir, "eval")
-    assert main[0]["accuracy"] == pytest.approx(pretrained[20]["accuracy"])  # the main phase starts from the pretrained model
+    assert main[0]["accuracy"] == pytest.approx(
+        pretrained[20]["accuracy"]
+    )  # the main phase starts from the pretrained model
     assert main[2]["accuracy"] >= 0.9 and read_metrics(plain.output_dir, "eval")[2]["accuracy"] <= 0.75
 
     pretrained_at = (pmp.output_dir / "pretrain" / "final" / "model.safetensors").stat().st_mtime_ns

@@ -18,8 +18,16 @@ def sft_data(tmp_path_factory) -> Path:
 
 
 def make_config(tmp_path: Path, tiny_model: Path, train: Path, name: str = "sft", sets: list[str] = (), **doc):
-    base = {"model": str(tiny_model), "data": {"train": str(train), "eval_fraction": 0.25}, "output_dir": str(tmp_path / name),
-            "max_steps": 15, "batch_size": 4, "lr": 1e-3, "max_length": 64, "save_every": 5}
+    base = {
+        "model": str(tiny_model),
+        "data": {"train": str(train), "eval_fraction": 0.25},
+        "output_dir": str(tmp_path / name),
+        "max_steps": 15,
+        "batch_size": 4,
+        "lr": 1e-3,
+        "max_length": 64,
+        "save_every": 5,
+    }
     return train_config.load("sft", write_config(tmp_path / f"{name}.yaml", **{**base, **doc}), list(sets))
 
 

@@ -9,8 +9,16 @@ from terminal import ENGINE_LINE, run_in_terminal
 
 def test_a_training_shows_its_step_line_and_keeps_library_output_in_its_log(tiny_model, tmp_path):
     data = write_jsonl(tmp_path / "pairs.jsonl", preference_records(16))
-    config = write_config(tmp_path / "rm.yaml", model=str(tiny_model), data={"train": str(data), "eval_fraction": 0.0},
-                          output_dir=str(tmp_path / "out"), max_steps=4, batch_size=4, lr=1e-3, max_length=64)  # fmt: skip
+    config = write_config(
+        tmp_path / "rm.yaml",
+        model=str(tiny_model),
+        data={"train": str(data), "eval_fraction": 0.0},
+        output_dir=str(tmp_path / "out"),
+        max_steps=4,
+        batch_size=4,
+        lr=1e-3,
+        max_length=64,
+    )
     code, shown = run_in_terminal("train", "rm", str(config))
     assert code == 0, shown[-3000:]
     assert "rm step 4/4, loss " in shown and "accuracy" in shown and "s/step, ETA 0:00" in shown
@@ -23,8 +31,16 @@ def test_a_training_shows_its_step_line_and_keeps_library_output_in_its_log(tiny
 
 
 def test_a_training_with_bad_input_leaves_no_output_folder(tiny_model, tmp_path):
-    data = write_jsonl(tmp_path / "sft.jsonl", [{"messages": [{"role": "user", "content": "only a question"}]}])  # no answer
-    config = write_config(tmp_path / "sft.yaml", model=str(tiny_model), data={"train": str(data)}, output_dir=str(tmp_path / "out"), max_steps=2)
+    data = write_jsonl(
+        tmp_path / "sft.jsonl", [{"messages": [{"role": "user", "content": "only a question"}]}]
+    )  # no answer
+    config = write_config(
+        tmp_path / "sft.yaml",
+        model=str(tiny_model),
+        data={"train": str(data)},
+        output_dir=str(tmp_path / "out"),
+        max_steps=2,
+    )
     code, shown = run_in_terminal("train", "sft", str(config))
     assert code == 2 and str(data) in shown, shown[-3000:]
     assert not (tmp_path / "out").exists()
