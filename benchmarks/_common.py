@@ -130,6 +130,15 @@ def trl_common_args(args, output_dir: Path) -> dict:
     }
 
 
+def trl_lora(args, task_type: str):
+    """TRL's adapter under --lora (r=16 on every linear layer, as ours gets), else None."""
+    if not args.lora:
+        return None
+    from peft import LoraConfig
+
+    return LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear", task_type=task_type)
+
+
 def our_config(kind: str, doc: dict, folder: Path):
     """A TrainConfig through the same loader and schema as `cai train KIND CONFIG.yaml`."""
     import yaml

@@ -117,19 +117,12 @@ def run_trl(args, clock: _common.StepClock, folder: Path) -> None:
         loss_type=["sigmoid"],
         precompute_ref_log_probs=args.precompute_ref,
     )
-    peft_config = None
-    if args.lora:
-        from peft import LoraConfig
-
-        peft_config = LoraConfig(
-            r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM"
-        )
     trainer = DPOTrainer(
         model=model,
         args=config,
         train_dataset=Dataset.from_list(rows),
         processing_class=tokenizer,
-        peft_config=peft_config,
+        peft_config=_common.trl_lora(args, "CAUSAL_LM"),
         callbacks=[_common.trl_callback(clock)],
     )
     trainer.train()

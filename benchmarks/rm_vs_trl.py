@@ -91,19 +91,12 @@ def run_trl(args, clock: _common.StepClock, folder: Path) -> None:
     )
     rows = [json.loads(line) for line in args.data.read_text().splitlines()]
     config = RewardConfig(**_common.trl_common_args(args, folder / "out"), max_length=args.max_length)
-    peft_config = None
-    if args.lora:
-        from peft import LoraConfig
-
-        peft_config = LoraConfig(
-            r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear", task_type="SEQ_CLS"
-        )
     trainer = RewardTrainer(
         model=model,
         args=config,
         train_dataset=Dataset.from_list(rows),
         processing_class=tokenizer,
-        peft_config=peft_config,
+        peft_config=_common.trl_lora(args, "SEQ_CLS"),
         callbacks=[_common.trl_callback(clock)],
     )
     trainer.train()

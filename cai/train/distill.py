@@ -111,29 +111,17 @@ def fit_logits(
         runtime.note(
             acc, f"left out {dropped} answers with no token within max_length {config.max_length} after the context"
         )
-    batches = data.Batches(
+    training = loop.start(
+        config,
+        acc,
+        tokenizer,
+        resume,
         [len(a.student.input_ids) + len(a.teacher.input_ids) for a in train_set],
-        config.batch_size,
-        config.seed,
-        bucket=True,
-        rank=acc.process_index,
-        world_size=acc.num_processes,
+        AutoModelForCausalLM,
     )
-    steps = runtime.total_steps(config, batches.per_epoch)
-
-    # --- models: student (trained), teacher (frozen; under LoRA with no teacher of its own, the student with its adapter off)
-    student = runtime.load_model(AutoModelForCausalLM, config, resume, task_type="CAUSAL_LM")
-    teacher = None
-    if config.lora is None or options.teacher is not None:
-        dtype = torch.bfloat16 if acc.mixed_precision == "bf16" else torch.float32
-        teacher = (
-            AutoModelForCausalLM.from_pretrained(runtime.model_path(config, options.teacher), dtype=dtype)
-            .to(acc.device)
-            .eval()
-            .requires_grad_(False)
-        )
-    optimizer, scheduler = runtime.optimizer_and_scheduler(config, student, steps)
-    student, optimizer = runtime.prepare(acc, student, optimizer, scheduler)
+    student = training.model
+    # frozen; under LoRA with no teacher of its own, the student with its adapter off
+    teacher = runtime.load_reference(config, acc, options.teacher)
 
     @contextlib.contextmanager
     def teacher_model():
@@ -146,31 +134,10 @@ def fit_logits(
     def batch_values(items: list[Answer]) -> tuple[torch.Tensor, dict[str, float]]:
         return answer_kl(student, teacher_model, items, pad_id, config)
 
-    @torch.no_grad()
-    def evaluate() -> dict[str, float]:
-        student.eval()
-        size = config.eval_batch_size or config.batch_size
-        results = [batch_values(eval_set[i : i + size])[1] for i in range(0, len(eval_set), size)]
-        student.train()
-        return weighted(results)
-
-    if (
-        loop.fit(
-            config,
-            acc,
-            student,
-            tokenizer,
-            optimizer,
-            scheduler,
-            batches,
-            steps,
-            resume,
-            lambda indexes: batch_values([train_set[i] for i in indexes]),
-            evaluate if eval_set else None,
-            stop_after,
-        )
-        is None
-    ):
+    evaluate = loop.evaluator(
+        training, len(eval_set), lambda indexes: batch_values([eval_set[i] for i in indexes])[1], weighted
+    )
+    if loop.fit(training, lambda indexes: batch_values([train_set[i] for i in indexes]), evaluate, stop_after) is None:
         return None
     final = loop.publish(config, acc, student, tokenizer)
     acc.free_memory()  # the summary loads its own models

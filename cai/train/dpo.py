@@ -21,7 +21,6 @@ from cai.core.errors import InputError
 from cai.train import data, loop, runtime
 from cai.train.config import TrainConfig
 from cai.train.losses import cpl_loss, dpo_loss
-from cai.train.metrics import mean
 
 
 def train(config: TrainConfig, stop_after: int | None = None) -> Path:
@@ -50,22 +49,17 @@ def train(config: TrainConfig, stop_after: int | None = None) -> Path:
         runtime.note(acc, f"left out {dropped} pairs with no answer token within max_length {config.max_length}")
 
     resume = runtime.prepare_output(config, acc)
-    batches = data.Batches(
+    training = loop.start(
+        config,
+        acc,
+        tokenizer,
+        resume,
         [len(p.chosen.input_ids) + len(p.rejected.input_ids) for p in train_set],
-        config.batch_size,
-        config.seed,
-        bucket=True,
-        rank=acc.process_index,
-        world_size=acc.num_processes,
+        AutoModelForCausalLM,
     )
-    steps = runtime.total_steps(config, batches.per_epoch)
-
-    # --- models
-    policy = runtime.load_model(AutoModelForCausalLM, config, resume, task_type="CAUSAL_LM")
+    policy = training.model
     reference_free = config.dpo.loss_type == "cpl"
     reference = None if reference_free else runtime.load_reference(config, acc, config.dpo.reference)
-    optimizer, scheduler = runtime.optimizer_and_scheduler(config, policy, steps)
-    policy, optimizer = runtime.prepare(acc, policy, optimizer, scheduler)
     pad_id = data.pad_id(tokenizer)
 
     def logps(model, items: list[data.EncodedPair]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -114,27 +108,12 @@ def train(config: TrainConfig, stop_after: int | None = None) -> Path:
             values["kl_estimate"] = ((chosen_rewards + rejected_rewards) / (2 * config.dpo.beta)).mean().item()
         return loss, values
 
-    @torch.no_grad()
-    def evaluate() -> dict[str, float]:
-        policy.eval()
-        size = config.eval_batch_size or config.batch_size
-        chunks = [list(range(i, min(i + size, len(eval_set)))) for i in range(0, len(eval_set), size)]
-        results = [step_values([eval_set[i] for i in c], c, "eval")[1] for c in chunks]
-        policy.train()
-        return mean(results)
-
     final_eval = loop.fit(
-        config,
-        acc,
-        policy,
-        tokenizer,
-        optimizer,
-        scheduler,
-        batches,
-        steps,
-        resume,
+        training,
         lambda indexes: step_values([train_set[i] for i in indexes], indexes, "train"),
-        evaluate if eval_set else None,
+        loop.evaluator(
+            training, len(eval_set), lambda indexes: step_values([eval_set[i] for i in indexes], indexes, "eval")[1]
+        ),
         stop_after,
     )
     if final_eval is None:

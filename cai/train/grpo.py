@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from cai.core.seeding import derive_seed
-from cai.train import checkpoint, data, loop, runtime
+from cai.train import checkpoint, loop, runtime
 from cai.train.config import TrainConfig
 from cai.train.losses import group_advantages, grpo_loss, masked_mean, rloo_advantages, rloo_loss
 from cai.train.reward import Rewards
@@ -52,13 +52,7 @@ def train(config: TrainConfig, stop_after: int | None = None) -> Path:
     rewards.check_prompts(conversations)
 
     resume = runtime.prepare_output(config, acc)
-    batches = data.Batches(
-        [len(ids) for ids in encoded],
-        config.batch_size,
-        config.seed,
-        rank=acc.process_index,
-        world_size=acc.num_processes,
-    )
+    batches = runtime.batches(config, acc, [len(ids) for ids in encoded])
     steps = config.max_steps or config.epochs * batches.per_epoch
     k = options.samples
     answers = config.batch_size * k
@@ -69,10 +63,10 @@ def train(config: TrainConfig, stop_after: int | None = None) -> Path:
     needs_old = updates > 1 or (kind == "rloo" and options.kl_beta > 0)
 
     # --- models: policy (trained), reference (frozen; not loaded when beta is 0)
-    policy = runtime.load_model(AutoModelForCausalLM, config, resume, task_type="CAUSAL_LM")
+    policy, optimizer, scheduler = runtime.trainable(
+        config, acc, resume, steps * updates, AutoModelForCausalLM, "CAUSAL_LM"
+    )
     reference = runtime.load_reference(config, acc) if options.kl_beta > 0 else None
-    optimizer, scheduler = runtime.optimizer_and_scheduler(config, policy, steps * updates)
-    policy, optimizer = runtime.prepare(acc, policy, optimizer, scheduler)
     sampler = Sampler(config, options, tokenizer, acc, f"{kind}-rollout")
 
     state, metrics = loop.begin(config, acc, resume, steps)

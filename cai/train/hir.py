@@ -162,18 +162,16 @@ def fine_tune(config: TrainConfig, model: Path, samples: Path, output_dir: Path,
             str(samples), None, f"no sample fits in max_length {config.max_length} under every band's instruction"
         )
     resume = runtime.prepare_output(config, acc)
-    batches = data.Batches(
+    training = loop.start(
+        config,
+        acc,
+        tokenizer,
+        resume,
         [len(e[band].input_ids) for band, e in examples],
-        config.batch_size,
-        config.seed,
-        rank=acc.process_index,
-        world_size=acc.num_processes,
+        AutoModelForCausalLM,
+        bucket=False,
     )
-    steps = runtime.total_steps(config, batches.per_epoch)
-
-    policy = runtime.load_model(AutoModelForCausalLM, config, resume, task_type="CAUSAL_LM")
-    optimizer, scheduler = runtime.optimizer_and_scheduler(config, policy, steps)
-    policy, optimizer = runtime.prepare(acc, policy, optimizer, scheduler)
+    policy = training.model
     pad_id = data.pad_id(tokenizer)
 
     def batch_values(items: list[tuple[int, list[data.Encoded]]]) -> tuple[torch.Tensor, dict[str, float]]:
@@ -212,21 +210,6 @@ def fine_tune(config: TrainConfig, model: Path, samples: Path, output_dir: Path,
             values["entropy"] = mean_entropy.item()
         return loss, values
 
-    if (
-        loop.fit(
-            config,
-            acc,
-            policy,
-            tokenizer,
-            optimizer,
-            scheduler,
-            batches,
-            steps,
-            resume,
-            lambda indexes: batch_values([examples[i] for i in indexes]),
-            stop_after=stop_after,
-        )
-        is None
-    ):
+    if loop.fit(training, lambda indexes: batch_values([examples[i] for i in indexes]), stop_after=stop_after) is None:
         return config.output_dir / "final"
     return loop.publish(config, acc, policy, tokenizer)

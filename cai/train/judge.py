@@ -98,21 +98,16 @@ def train(config: TrainConfig, stop_after: int | None = None) -> Path:
             )
 
     resume = runtime.prepare_output(config, acc)
-    batches = data.Batches(
+    training = loop.start(
+        config,
+        acc,
+        tokenizer,
+        resume,
         [len(j.orders[0]) + len(j.orders[1]) for j in train_set],
-        config.batch_size,
-        config.seed,
-        bucket=True,
-        rank=acc.process_index,
-        world_size=acc.num_processes,
+        AutoModelForCausalLM,
     )
-    steps = runtime.total_steps(config, batches.per_epoch)
-
-    # --- model
+    model = training.model
     pad_id = data.pad_id(tokenizer)
-    model = runtime.load_model(AutoModelForCausalLM, config, resume, task_type="CAUSAL_LM")
-    optimizer, scheduler = runtime.optimizer_and_scheduler(config, model, steps)
-    model, optimizer = runtime.prepare(acc, model, optimizer, scheduler)
     letters = letters.to(acc.device)
 
     def batch_values(items: list[Judged]) -> tuple[torch.Tensor, dict[str, float]]:
@@ -150,15 +145,7 @@ def train(config: TrainConfig, stop_after: int | None = None) -> Path:
         return {"loss": loss, **{key: report[key] for key in FIGURES}}
 
     result = loop.fit(
-        config,
-        acc,
-        model,
-        tokenizer,
-        optimizer,
-        scheduler,
-        batches,
-        steps,
-        resume,
+        training,
         lambda indexes: batch_values([train_set[i] for i in indexes]),
         evaluate if eval_set else None,
         stop_after,

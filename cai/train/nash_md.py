@@ -58,20 +58,12 @@ def train(config: TrainConfig, stop_after: int | None = None) -> Path:
     preference = Preference(options.preference, acc.device, config.seed)
 
     resume = runtime.prepare_output(config, acc)
-    batches = data.Batches(
-        [len(ids) for ids in encoded],
-        config.batch_size,
-        config.seed,
-        rank=acc.process_index,
-        world_size=acc.num_processes,
-    )
+    batches = runtime.batches(config, acc, [len(ids) for ids in encoded])
     steps = config.max_steps or config.epochs * batches.per_epoch
 
     # --- models: policy (trained), reference (frozen: the mixture's other half, the KL's and the win rate's)
-    policy = runtime.load_model(AutoModelForCausalLM, config, resume, task_type="CAUSAL_LM")
+    policy, optimizer, scheduler = runtime.trainable(config, acc, resume, steps, AutoModelForCausalLM, "CAUSAL_LM")
     reference = runtime.load_reference(config, acc)
-    optimizer, scheduler = runtime.optimizer_and_scheduler(config, policy, steps)
-    policy, optimizer = runtime.prepare(acc, policy, optimizer, scheduler)
     sampler = Sampler(config, options, tokenizer, acc, "nash-md-rollout")
     reference_sampler = Sampler(config, options, tokenizer, acc, "nash-md-reference")
     mixture_sampler = MixtureSampler(config, tokenizer, acc)

@@ -100,13 +100,7 @@ def train(config: TrainConfig, stop_after: int | None = None) -> Path:
     rewards.check_prompts(conversations)
 
     resume = runtime.prepare_output(config, acc)
-    batches = data.Batches(
-        [len(ids) for ids in encoded],
-        config.batch_size,
-        config.seed,
-        rank=acc.process_index,
-        world_size=acc.num_processes,
-    )
+    batches = runtime.batches(config, acc, [len(ids) for ids in encoded])
     steps = config.max_steps or config.epochs * batches.per_epoch
     a2c = options.algorithm == "a2c"
     minibatch = config.batch_size if a2c else options.minibatch_size or config.batch_size

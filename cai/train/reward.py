@@ -33,7 +33,7 @@ from cai.judge.eval_judge import wilson_interval
 from cai.train import checkpoint, data, loop, runtime
 from cai.train.config import JudgeSource, PreferenceSource, TrainConfig
 from cai.train.losses import bradley_terry_loss, reward_centering_loss
-from cai.train.metrics import mean, plot
+from cai.train.metrics import plot
 
 REWARD_FILE = "reward.json"
 
@@ -70,23 +70,19 @@ def train(config: TrainConfig, stop_after: int | None = None) -> Path:
         runtime.note(acc, f"left out {dropped} pairs longer than max_length {config.max_length}")
 
     resume = runtime.prepare_output(config, acc)
-    batches = data.Batches(
-        [g.tokens for g in groups],
-        config.batch_size,
-        config.seed,
-        bucket=True,
-        rank=acc.process_index,
-        world_size=acc.num_processes,
-    )
-    steps = runtime.total_steps(config, batches.per_epoch)
-
-    # --- model
     pad_id = data.pad_id(tokenizer)
-    model = runtime.load_model(
-        AutoModelForSequenceClassification, config, resume, task_type="SEQ_CLS", num_labels=1, pad_token_id=pad_id
+    training = loop.start(
+        config,
+        acc,
+        tokenizer,
+        resume,
+        [g.tokens for g in groups],
+        AutoModelForSequenceClassification,
+        task_type="SEQ_CLS",
+        num_labels=1,
+        pad_token_id=pad_id,
     )
-    optimizer, scheduler = runtime.optimizer_and_scheduler(config, model, steps)
-    model, optimizer = runtime.prepare(acc, model, optimizer, scheduler)
+    model = training.model
 
     def batch_values(batch: list[data.Group]) -> tuple[torch.Tensor, dict[str, float]]:
         """Every distinct answer of the batch's prompts scored once; all pair losses from those rewards."""
@@ -114,26 +110,10 @@ def train(config: TrainConfig, stop_after: int | None = None) -> Path:
             "mean_reward": rewards.mean().item(),
         }
 
-    @torch.no_grad()
-    def evaluate() -> dict[str, float]:
-        model.eval()
-        size = config.eval_batch_size or config.batch_size
-        results = [batch_values(eval_groups[i : i + size])[1] for i in range(0, len(eval_groups), size)]
-        model.train()
-        return mean(results)
-
     eval_result = loop.fit(
-        config,
-        acc,
-        model,
-        tokenizer,
-        optimizer,
-        scheduler,
-        batches,
-        steps,
-        resume,
+        training,
         lambda indexes: batch_values([groups[i] for i in indexes]),
-        evaluate if eval_groups else None,
+        loop.evaluator(training, len(eval_groups), lambda indexes: batch_values([eval_groups[i] for i in indexes])[1]),
         stop_after,
     )
     if eval_result is None:

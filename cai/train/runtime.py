@@ -12,7 +12,7 @@ import torch
 
 from cai.core import logs, models
 from cai.core.errors import InputError
-from cai.train import checkpoint
+from cai.train import checkpoint, data
 from cai.train.config import TrainConfig
 
 
@@ -120,16 +120,32 @@ def load_model(cls, config: TrainConfig, resume: Path | None, task_type: str, **
 
 def load_reference(config: TrainConfig, acc, model: str | None = None):
     """The frozen reference: `model` or the starting model, in bf16 under bf16 mixed precision (it has no
-    optimizer, so it needs no fp32 master weights: half the memory), else fp32. None under LoRA, where
-    the policy with its adapter switched off is the reference."""
+    optimizer, so it needs no fp32 master weights: half the memory), else fp32. None under LoRA when no
+    `model` is named: the policy with its adapter switched off is then the reference, with no second copy."""
     from transformers import AutoModelForCausalLM
 
-    if config.lora is not None:
+    if config.lora is not None and model is None:
         return None
     dtype = torch.bfloat16 if acc.mixed_precision == "bf16" else torch.float32
     reference = AutoModelForCausalLM.from_pretrained(model_path(config, model), dtype=dtype).to(acc.device).eval()
     reference.requires_grad_(False)
     return reference
+
+
+def trainable(config: TrainConfig, acc, resume: Path | None, optimizer_steps: int, cls, task_type: str, **kwargs):
+    """(model, optimizer, scheduler): the model to train (load_model), its optimizer and schedule over
+    `optimizer_steps` steps, prepared by accelerate."""
+    model = load_model(cls, config, resume, task_type, **kwargs)
+    optimizer, scheduler = optimizer_and_scheduler(config, model, optimizer_steps)
+    model, optimizer = prepare(acc, model, optimizer, scheduler)
+    return model, optimizer, scheduler
+
+
+def batches(config: TrainConfig, acc, lengths: list[int], bucket: bool = False) -> data.Batches:
+    """The batches of items of these token lengths (bucketed by length or not), this process's share."""
+    return data.Batches(
+        lengths, config.batch_size, config.seed, bucket=bucket, rank=acc.process_index, world_size=acc.num_processes
+    )
 
 
 def total_steps(config: TrainConfig, batches_per_epoch: int) -> int:

@@ -13,7 +13,6 @@ from cai.core.files import content_hash
 from cai.train import data, loop, runtime
 from cai.train.config import TrainConfig
 from cai.train.losses import token_logps
-from cai.train.metrics import mean
 
 
 def train(config: TrainConfig, stop_after: int | None = None) -> Path:
@@ -49,53 +48,32 @@ def train(config: TrainConfig, stop_after: int | None = None) -> Path:
         )
 
     resume = runtime.prepare_output(config, acc)
-    batches = data.Batches(
+    training = loop.start(
+        config,
+        acc,
+        tokenizer,
+        resume,
         [len(e.input_ids) for e in train_set],
-        config.batch_size,
-        config.seed,
+        AutoModelForCausalLM,
         bucket=config.sft.bucket_by_length,
-        rank=acc.process_index,
-        world_size=acc.num_processes,
     )
-    steps = runtime.total_steps(config, batches.per_epoch)
-
-    # --- model
-    model = runtime.load_model(AutoModelForCausalLM, config, resume, task_type="CAUSAL_LM")
-    optimizer, scheduler = runtime.optimizer_and_scheduler(config, model, steps)
-    model, optimizer = runtime.prepare(acc, model, optimizer, scheduler)
     pad_id = data.pad_id(tokenizer)
 
     def batch_values(items: list[data.Encoded]) -> tuple[torch.Tensor, dict[str, float]]:
         """Mean negative log-likelihood of the assistant tokens."""
         batch = {k: v.to(acc.device) for k, v in data.collate(items, pad_id).items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = training.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         mask = batch["mask"][:, 1:].float()
         tokens = mask.sum()
         loss = -(token_logps(logits, batch["input_ids"]) * mask).sum() / tokens
         return loss, {"loss": loss.item(), "tokens": tokens.item()}
 
-    @torch.no_grad()
-    def evaluate() -> dict[str, float]:
-        model.eval()
-        size = config.eval_batch_size or config.batch_size
-        results = [batch_values(eval_set[i : i + size])[1] for i in range(0, len(eval_set), size)]
-        model.train()
-        return mean(results)
-
     final_eval = loop.fit(
-        config,
-        acc,
-        model,
-        tokenizer,
-        optimizer,
-        scheduler,
-        batches,
-        steps,
-        resume,
+        training,
         lambda indexes: batch_values([train_set[i] for i in indexes]),
-        evaluate if eval_set else None,
+        loop.evaluator(training, len(eval_set), lambda indexes: batch_values([eval_set[i] for i in indexes])[1]),
         stop_after,
     )
     if final_eval is None:
         return config.output_dir / "final"
-    return loop.publish(config, acc, model, tokenizer)
+    return loop.publish(config, acc, training.model, tokenizer)

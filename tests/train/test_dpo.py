@@ -151,6 +151,28 @@ def test_lora_with_precomputed_reference_and_soft_labels(tmp_path: Path, tiny_mo
     assert torch.equal(merged.model.layers[0].mlp.up_proj.weight, base.model.layers[0].mlp.up_proj.weight)
 
 
+def test_lora_with_a_named_reference_uses_that_model(tmp_path: Path, tiny_model: Path, prefs) -> None:
+    """Under LoRA the adapter-off policy is the reference only when `dpo.reference` names none: a named
+    one is loaded, so at step 1 (adapter still zero) policy and reference already differ."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    other = tmp_path / "other-reference"
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        model.lm_head.weight.add_(torch.randn_like(model.lm_head.weight))
+    model.save_pretrained(other)
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(other)
+
+    lora = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}
+    named = make_config(tmp_path, tiny_model, prefs, "named", max_steps=1, lora=lora, dpo={"reference": str(other)})
+    dpo.train(named)
+    assert abs(read_metrics(named.output_dir)[1]["reward_margin"]) > 1e-3
+    own = make_config(tmp_path, tiny_model, prefs, "own", max_steps=1, lora=lora)
+    dpo.train(own)
+    assert read_metrics(own.output_dir)[1]["reward_margin"] == pytest.approx(0.0, abs=1e-6)
+
+
 def test_resume_with_another_config_is_refused(tmp_path: Path, tiny_model: Path, prefs) -> None:
     cfg = make_config(tmp_path, tiny_model, prefs, sets=["max_steps=2"])
     dpo.train(cfg)
