@@ -20,6 +20,7 @@ import torch
 from cai.core.errors import InputError
 from cai.core.files import canonical_json, content_hash, jsonl_records, read_text, validate
 from cai.generate import importers
+from cai.train.config import TrainConfig
 
 Messages = list[dict[str, str]]
 
@@ -130,6 +131,21 @@ def _assistant(text: str) -> dict[str, str]:
 
 def _plain(messages: list[dict[str, Any]]) -> Messages:
     return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def preference_splits(config: TrainConfig) -> tuple[list[Pair], list[Pair]]:
+    """The training pairs (the first `limit`) and the held-out ones: `data.eval` from `eval_skip` on, else
+    a seeded `eval_fraction` of the prompts (all of a prompt's pairs on one side)."""
+    pairs = load_preferences(config.train_data, config.limit)
+    if config.eval_data is not None:
+        return pairs, load_preferences(config.eval_data, skip=config.eval_skip)
+    return split_eval(pairs, [p.group for p in pairs], config.eval_fraction, config.seed)
+
+
+def require_column(config: TrainConfig, pairs: list[Pair], column: str, option: str) -> None:
+    """An option that trains on a per-pair column (`label_prob`, `margin`) needs it on every pair."""
+    if any(getattr(p, column) is None for p in pairs):
+        raise InputError(str(config.train_data), column, f"{option} needs a {column} on every pair")
 
 
 def split_eval(items: list, groups: list[str], fraction: float, seed: int) -> tuple[list, list]:

@@ -32,13 +32,9 @@ def train(config: TrainConfig, stop_after: int | None = None) -> Path:
     tokenizer = runtime.load_tokenizer(runtime.model_path(config))
 
     # --- data: validated before anything is written
-    pairs = data.load_preferences(config.train_data, config.limit)
-    if config.eval_data is not None:
-        eval_pairs = data.load_preferences(config.eval_data, skip=config.eval_skip)
-    else:
-        pairs, eval_pairs = data.split_eval(pairs, [p.group for p in pairs], config.eval_fraction, config.seed)
-    if config.dpo.use_soft_labels and any(p.label_prob is None for p in pairs):
-        raise InputError(str(config.train_data), "label_prob", "dpo.use_soft_labels needs a label_prob on every pair")
+    pairs, eval_pairs = data.preference_splits(config)
+    if config.dpo.use_soft_labels:
+        data.require_column(config, pairs, "label_prob", "dpo.use_soft_labels")
     train_set, dropped = data.encode_pairs(tokenizer, pairs, config.max_length)
     eval_set, _ = data.encode_pairs(tokenizer, eval_pairs, config.max_length)
     if not train_set:

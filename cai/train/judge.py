@@ -74,13 +74,9 @@ def train(config: TrainConfig, stop_after: int | None = None) -> Path:
     # --- constitution, letters, data: validated before anything is written
     constitution = load_constitution(config)
     letters = torch.tensor([option_token(tokenizer, letter, config) for letter in OPTIONS])
-    pairs = data.load_preferences(config.train_data, config.limit)
-    if config.eval_data is not None:
-        eval_pairs = data.load_preferences(config.eval_data, skip=config.eval_skip)
-    else:
-        pairs, eval_pairs = data.split_eval(pairs, [p.group for p in pairs], config.eval_fraction, config.seed)
-    if options.soft_labels and any(p.label_prob is None for p in pairs):
-        raise InputError(str(config.train_data), "label_prob", "judge.soft_labels needs a label_prob on every pair")
+    pairs, eval_pairs = data.preference_splits(config)
+    if options.soft_labels:
+        data.require_column(config, pairs, "label_prob", "judge.soft_labels")
     train_set, train_counts = encode_pairs(tokenizer, pairs, constitution, config)
     eval_set, eval_counts = encode_pairs(tokenizer, eval_pairs, constitution, config)
     if not train_set:

@@ -50,18 +50,11 @@ def train(config: TrainConfig, stop_after: int | None = None) -> Path:
     options = config.rm
 
     # --- data: validated before anything is written
-    pairs = data.load_preferences(config.train_data, config.limit)
-    if config.eval_data is not None:
-        eval_pairs = data.load_preferences(config.eval_data, skip=config.eval_skip)
-    else:
-        pairs, eval_pairs = data.split_eval(pairs, [p.group for p in pairs], config.eval_fraction, config.seed)
-    for enabled, column in ((options.use_soft_labels, "label_prob"), (options.use_margin, "margin")):
-        if enabled and any(getattr(p, column) is None for p in pairs):
-            raise InputError(
-                str(config.train_data),
-                column,
-                f"rm.use_{'soft_labels' if column == 'label_prob' else 'margin'} needs a {column} on every pair",
-            )
+    pairs, eval_pairs = data.preference_splits(config)
+    if options.use_soft_labels:
+        data.require_column(config, pairs, "label_prob", "rm.use_soft_labels")
+    if options.use_margin:
+        data.require_column(config, pairs, "margin", "rm.use_margin")
     groups, dropped = data.group_pairs(tokenizer, pairs, config.max_length)
     eval_groups, _ = data.group_pairs(tokenizer, eval_pairs, config.max_length)
     if not groups:

@@ -307,6 +307,17 @@ CASES = [
     ),
     pytest.param(
         Case(
+            "rm",
+            config=put("rm.use_margin", True),
+            data=[PAIR] * 3,
+            file="data.jsonl",
+            where=": margin: ",
+            says="rm.use_margin needs a margin on every pair",
+        ),
+        id="data-margin-without-margin",
+    ),
+    pytest.param(
+        Case(
             "sft",
             data=[{"messages": [{"role": "user", "content": "Hi?"}, {"role": "user", "content": "Again?"}]}],
             file="data.jsonl",
