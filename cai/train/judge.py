@@ -45,7 +45,7 @@ from cai.generate.stages.compare import ANSWER_INSTRUCTION, OPTIONS, conversatio
 from cai.judge.eval_judge import agreement_figures
 from cai.train import data, loop, runtime
 from cai.train.config import TrainConfig
-from cai.train.losses import judge_choice_loss
+from cai.train.losses import judge_choice_loss, pairwise_credit
 
 JUDGE_FILE = "judge.json"
 BEFORE_FILE = "judge-before.json"
@@ -115,7 +115,7 @@ def train(config: TrainConfig, stop_after: int | None = None) -> Path:
         p_right = probs.gather(1, right[:, None])[:, 0] / probs[:, letters].sum(-1)
         return loss, {
             "loss": loss.item(),
-            "accuracy": ((p_right > 0.5).float() + 0.5 * (p_right == 0.5).float()).mean().item(),  # per order
+            "accuracy": pairwise_credit(p_right, 0.5).mean().item(),  # per order
             "p_right": p_right.mean().item(),
             "letter_mass": probs[:, letters].sum(-1).mean().item(),  # P(A) + P(B) over the vocabulary
         }

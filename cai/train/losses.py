@@ -390,6 +390,11 @@ def token_entropy(logits: Tensor) -> Tensor:
     return torch.logsumexp(logits, -1) - (torch.softmax(logits, -1) * logits).sum(-1)
 
 
+def pairwise_credit(chosen: Tensor, rejected: Tensor | float) -> Tensor:
+    """Accuracy credit of each pair: 1 when `chosen` scores higher, 0.5 on a tie (a coin flip), else 0."""
+    return (chosen > rejected).float() + 0.5 * (chosen == rejected).float()
+
+
 def hir_contrastive_loss(instruction_logps: Tensor, negatives: Tensor) -> Tensor:
     """HIR's contrastive instruction-following term (Zhang et al. 2023, sec. 4): over a batch of n relabeled
     pairs (q_i, p_i, o_i) (query, hindsight instruction, answer), with P_ij the answer o_i's log-likelihood

@@ -32,7 +32,7 @@ from cai.core.files import canonical_json
 from cai.judge.eval_judge import wilson_interval
 from cai.train import checkpoint, data, loop, runtime
 from cai.train.config import JudgeSource, PreferenceSource, TrainConfig
-from cai.train.losses import bradley_terry_loss, reward_centering_loss
+from cai.train.losses import bradley_terry_loss, pairwise_credit, reward_centering_loss
 from cai.train.metrics import plot
 
 REWARD_FILE = "reward.json"
@@ -98,7 +98,7 @@ def train(config: TrainConfig, stop_after: int | None = None) -> Path:
             loss = loss + reward_centering_loss(chosen, rejected, options.center_coef)
         return loss, {
             "loss": loss.item(),
-            "accuracy": _credit(chosen, rejected).mean().item(),
+            "accuracy": pairwise_credit(chosen, rejected).mean().item(),
             "reward_margin": (chosen - rejected).mean().item(),
             "mean_reward": rewards.mean().item(),
         }
@@ -186,11 +186,6 @@ def score_groups(model, groups: list[list[list[int]]], pad_id: int, device) -> t
     finally:
         handle.remove()
     return outputs[0][batch["row"], batch["end"], 0].float()
-
-
-def _credit(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
-    """1 when chosen scores higher, 0.5 on a tie, else 0."""
-    return (chosen > rejected).float() + 0.5 * (chosen == rejected).float()
 
 
 # ----------------------------------------------------------------------------- scoring for later stages
@@ -519,7 +514,7 @@ def evaluate_pairs(scorer: RewardScorer, pairs: list[data.Pair]) -> dict[str, ob
     prompts = [p.prompt for p in pairs]
     chosen = scorer.score(prompts, [p.chosen[-1]["content"] for p in pairs])
     rejected = scorer.score(prompts, [p.rejected[-1]["content"] for p in pairs])
-    credit = _credit(chosen, rejected)
+    credit = pairwise_credit(chosen, rejected)
     n = len(pairs)
     return {
         "n": n,

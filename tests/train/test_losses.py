@@ -27,6 +27,7 @@ from cai.train.losses import (
     k3_kl,
     kl_penalty,
     nash_md_loss,
+    pairwise_credit,
     ppo_policy_loss,
     ppo_value_loss,
     reward_centering_loss,
@@ -576,3 +577,8 @@ def test_judge_choice_loss_by_hand() -> None:
     )
     # the letters' part sees only their difference: a shift of every logit changes nothing, unlike the NLL
     assert torch.allclose(judge_choice_loss(logits + 3.0, right, wrong, q), judge_choice_loss(logits, right, wrong, q))
+
+
+def test_pairwise_credit_counts_a_tie_as_half() -> None:
+    assert pairwise_credit(t(2.0, -1.0, 0.3), t(1.0, 0.5, 0.3)).tolist() == [1.0, 0.0, 0.5]
+    assert pairwise_credit(t(0.7, 0.5, 0.2), 0.5).tolist() == [1.0, 0.5, 0.0]  # a probability against chance
