@@ -191,6 +191,19 @@ def pipeline_case(
     return build
 
 
+def _calibrate_a_jury(ws: Workspace) -> Case:
+    """`eval-judge --calibrate` fits one judge's answers: a jury is refused before any engine starts."""
+    _judging_constitution(ws)
+    path = ws.pipeline(_compare(jury={"judge": 1}))
+    pairs = ws.write(
+        "pairs.jsonl",
+        json.dumps({"chosen": "\n\nHuman: Hi?\n\nAssistant: Hello.", "rejected": "\n\nHuman: Hi?\n\nAssistant: No."})
+        + "\n",
+    )
+    argv = ["eval-judge", str(pairs), "--pipeline", str(path), "--calibrate", str(ws.root / "cal.json")]
+    return Case(argv, path, ": stages[2].jury: ", "--calibrate fits one judge")
+
+
 def argument_case(make: Callable[[Workspace], Path], command: str, says: str) -> Builder:
     """The CLI argument itself is the problem (a folder, a missing file)."""
 
@@ -546,6 +559,7 @@ CASES = [
         id="jury-with-calibration",
     ),
     pytest.param(pipeline_case(_compare(jury={}), ": stages[2].jury: ", ""), id="jury-empty"),
+    pytest.param(_calibrate_a_jury, id="eval-judge-calibrate-a-jury"),
     pytest.param(
         pipeline_case(
             both(_compare(), put("roles.judge_api", "local")), ": roles.judge_api: ", "no stage uses this role"

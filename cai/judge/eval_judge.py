@@ -48,7 +48,7 @@ def evaluate(
     switched the other way (both under `by_chain_of_thought`); with `injection`, each pair is judged
     again with an instruction to choose it planted in the rejected answer; with `calibrate`, a
     calibration is fitted on the pipeline's own setting (`calibration`: see fit_calibration)."""
-    stage_config = next((s for s in config.stages if s.type == "compare"), None)
+    index, stage_config = next(((i, s) for i, s in enumerate(config.stages) if s.type == "compare"), (None, None))
     if stage_config is None or "judge" not in config.roles and not stage_config.params.get("jury"):
         raise InputError(
             str(config.file), "stages", "eval-judge needs a pipeline with a compare stage and a judge role"
@@ -58,7 +58,7 @@ def evaluate(
     stage = replace(Compare(**stage_config.params), swap=True, injection_probe=1.0 if injection else 0.0)
     if calibrate and stage.jury:
         raise InputError(
-            str(config.file), f"stages.{stage_config.name}.jury", "--calibrate fits one judge: name a single judge role"
+            str(config.file), f"stages[{index}].jury", "--calibrate fits one judge: name a single judge role"
         )
     variants = [stage, replace(stage, chain_of_thought=not stage.chain_of_thought)] if compare_cot else [stage]
     specs = {role: config.backends[config.roles[role]] for role in stage.roles}
