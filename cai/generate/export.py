@@ -14,13 +14,12 @@ from cai.core.disk import read_jsonl, replaced_folder
 from cai.core.errors import InputError
 from cai.core.files import canonical_json
 from cai.generate import dataset_card, feedback
-from cai.generate.records import row_answers
+from cai.generate.records import Row, final_answer, row_answers
 
 
-def sft_record(row: dict[str, Any]) -> dict[str, Any]:
-    final = row.get("revision", row.get("response"))
+def sft_record(row: Row) -> dict[str, Any]:
     return {
-        "messages": [*row["messages"], {"role": "assistant", "content": final}],
+        "messages": [*row["messages"], {"role": "assistant", "content": final_answer(row)}],
         "id": row["id"],
         "prompt_id": row.get("source_id"),
         "principle_ids": row.get("principle_ids", []),
@@ -31,7 +30,7 @@ def sft_record(row: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def preference_records(row: dict[str, Any]) -> list[dict[str, Any]]:
+def preference_records(row: Row) -> list[dict[str, Any]]:
     """One record per labelled pair; ties and invalid labels stay in rows.jsonl only."""
     answers = row_answers(row)
     records = []
@@ -67,7 +66,7 @@ def preference_records(row: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def export(
-    rows: Iterable[dict[str, Any]], datasets_dir: Path, provenance: dataset_card.Provenance | None = None
+    rows: Iterable[Row], datasets_dir: Path, provenance: dataset_card.Provenance | None = None
 ) -> dict[str, int]:
     """Write datasets/rows.jsonl and, by what the rows hold, datasets/sft{,.jsonl} or
     datasets/preferences{,.jsonl}, and with `provenance` the dataset card datasets/README.md: all or

@@ -100,3 +100,9 @@ def row_answers(row: Row) -> list[str]:
     """The answers a pair's `answers` indexes point at: the responder's (`row_samples`), then the final
     revision when critique-revision ran."""
     return [*row_samples(row), row["revision"]] if "revision" in row else row_samples(row)
+
+
+def final_answer(row: Row) -> str:
+    """The answer the row stands for: the last revision when critique-revision ran, else the responder's
+    (first) answer. The SFT dataset trains on it."""
+    return row["revision"] if "revision" in row else row["response"]
