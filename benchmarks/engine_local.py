@@ -124,7 +124,9 @@ def cai_side(pipeline: Path, run_dir: Path, tree: Path) -> dict:
     # per stage: "  respond   48/48 rows (48 new, 0 failed), 3072 tokens, 41.0 s"; stages run one after
     # the other in the batch engine and at once in the streaming one: the run is the sum, or the longest
     stages = [(int(t), float(s)) for t, s in re.findall(r"rows \(.*?\), (\d+) tokens, ([\d.]+) s", done.stdout)]
-    streaming = "in flight" in (tree / "cai" / "progress.py").read_text()
+    # cai/progress.py before the regroup into layers, cai/generate/progress.py after it
+    progress = next(p for p in (tree / "cai" / "generate" / "progress.py", tree / "cai" / "progress.py") if p.exists())
+    streaming = "in flight" in progress.read_text()
     seconds = max(s for _, s in stages) if streaming else sum(s for _, s in stages)
     return {"seconds": seconds, "tokens": sum(t for t, _ in stages)}
 

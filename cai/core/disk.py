@@ -41,19 +41,28 @@ class JsonlRecords:
         return self._count
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write a whole file or nothing: a temporary file beside it, fsynced, then renamed over it."""
+@contextmanager
+def written_atomically(path: Path) -> Iterator[Path]:
+    """A whole file or nothing: the block writes to a temporary path beside `path` (same suffix, so
+    writers that infer a format from it still do), renamed over `path` when the block ends, removed when
+    it fails."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
+        yield Path(tmp)
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write a whole text file or nothing, fsynced before it replaces the old one."""
+    with written_atomically(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 @contextmanager

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -94,10 +93,6 @@ def resolve(model: str, base_dirs: list[Path]) -> str:
 
 def looks_like_path(model: str) -> bool:
     return model.startswith(("/", "./", "../", "~")) or os.sep + os.sep in model
-
-
-def remove(name: str) -> None:
-    shutil.rmtree(embedded_path(name), ignore_errors=True)
 
 
 def check_model_folder(model: str, named_in: Path, shown: str, field: str) -> None:

@@ -15,13 +15,13 @@ Only log-probability votes are calibrated: a parsed choice has no log-odds to re
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from cai.core.disk import written_atomically
 from cai.core.files import load_yaml, sha256_file, validate
+from cai.generate.records import Vote
 
 # A vote stores its probability, not its log-odds: beyond |z| = 30, 1 - p is within a few ulps of 0
 # in float64 and the log-odds read back are noise (and p = 1 exactly, from a judge that gives B no
@@ -76,7 +76,7 @@ class Calibration:
         p_a = self.p_a(letter_log_odds(p_first, swapped))
         return 1 - p_a if swapped else p_a
 
-    def vote(self, record: dict[str, Any]) -> dict[str, Any]:
+    def vote(self, record: Vote) -> Vote:
         """A compare vote record with its `p_first` calibrated and the judge's own kept as `p_first_raw`;
         votes without log-probabilities (none, or a parsed choice) are returned as they are."""
         p = record.get("p_first_raw", record["p_first"])
@@ -88,7 +88,7 @@ class Calibration:
 IDENTITY = Calibration()
 
 
-def uncalibrated(record: dict[str, Any]) -> dict[str, Any]:
+def uncalibrated(record: Vote) -> Vote:
     """A compare vote record with the judge's own probability, as if no calibration had been applied."""
     if "p_first_raw" not in record:
         return record
@@ -248,14 +248,8 @@ def reliability_plot(before: Sequence[dict[str, Any]], after: Sequence[dict[str,
         ax.set_ylabel("share right (pairs per bin at the bottom)")
         ax.legend(fontsize="x-small", loc="upper left")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=100)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+        with written_atomically(path) as tmp:
+            fig.savefig(tmp, dpi=100)
     finally:
         plt.close(fig)

@@ -125,9 +125,8 @@ def load(
                 f"stages[{index}].calibration",
                 "a calibration is fitted to one judge: a jury's jurors would share it",
             )
-        if (
-            "calibration" in params
-        ):  # read here, like every file a pipeline names: a bad one stops the run before it starts
+        # read here, like every file a pipeline names: a bad one stops the run before it starts
+        if "calibration" in params:
             params["calibration"] = calibration.load(existing(params["calibration"], f"stages[{index}].calibration"))
         for role in build(s["type"], params).roles:
             if role not in roles:

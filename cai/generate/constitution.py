@@ -11,8 +11,7 @@ import yaml
 
 from cai.core.errors import InputError
 from cai.core.files import content_hash, load_yaml, validate
-
-Message = dict[str, str]
+from cai.generate.records import Message
 
 
 @dataclass(frozen=True)

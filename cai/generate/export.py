@@ -120,6 +120,8 @@ FORMATS = ("jsonl", "parquet", "hf")
 def convert(run_dir: Path, fmt: str, dest: Path) -> Path:
     """`cai export`: a run's exported records as `fmt` in the new folder `dest`, with their dataset card;
     all or nothing. Returns the records' path."""
+    if fmt not in FORMATS:
+        raise InputError(str(dest), None, f"unknown format {fmt!r}: one of {', '.join(FORMATS)}")
     datasets_dir = run_dir / "datasets"
     kind = next((k for k in ("preferences", "sft") if (datasets_dir / f"{k}.jsonl").is_file()), None)
     if kind is None:
@@ -138,7 +140,7 @@ def convert(run_dir: Path, fmt: str, dest: Path) -> Path:
             shutil.copyfile(records, out := tmp / records.name)
         elif fmt == "parquet":
             _write_parquet(records, out := tmp / f"{kind}.parquet")
-        else:
+        else:  # hf
             _save_dataset(records, tmp, tmp / ".cache")
             out = tmp
         card = datasets_dir / "README.md"

@@ -7,6 +7,7 @@ from __future__ import annotations
 import ipaddress
 from urllib.parse import urlsplit
 
+from cai.generate.backends.openai_api import base_urls
 from cai.generate.config import PipelineConfig
 
 
@@ -17,11 +18,6 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:  # a host name: it may resolve to anything
         return False
-
-
-def base_urls(settings: dict) -> list[str]:
-    urls = settings["base_url"]
-    return [urls] if isinstance(urls, str) else list(urls)
 
 
 def key_destinations(config: PipelineConfig) -> list[str]:

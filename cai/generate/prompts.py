@@ -8,8 +8,7 @@ from typing import Iterable, Iterator
 
 from cai.core.errors import InputError
 from cai.core.files import content_hash, jsonl_file_records, validate
-
-Message = dict[str, str]
+from cai.generate.records import Message
 
 
 @dataclass(frozen=True)
@@ -71,7 +70,3 @@ def iter_many(paths: Iterable[Path]) -> Iterator[Prompt]:
 
 def load(path: str | Path) -> list[Prompt]:
     return list(iter_file(path))
-
-
-def load_many(paths: list[Path]) -> list[Prompt]:
-    return list(iter_many(paths))

@@ -17,6 +17,7 @@ from typing import Any, Iterable, Iterator, NamedTuple
 
 from cai.core.disk import read_jsonl, write_atomic
 from cai.core.files import canonical_json
+from cai.generate.records import Row
 
 
 class Location(NamedTuple):
@@ -26,13 +27,15 @@ class Location(NamedTuple):
     offset: int
 
 
+SHARDS = "part-*.jsonl"  # a stage folder's shards: part-00000.jsonl, part-00001.jsonl, one per writer
+
+
 class ShardWriter:
     """Appends records to a shard of its own; the file is created on the first write only. Each append
     reaches the OS at once; `sync` makes everything appended so far durable with one fsync."""
 
-    def __init__(self, folder: Path, prefix: str = "part"):
+    def __init__(self, folder: Path):
         self.folder = folder
-        self.prefix = prefix
         self._file = None
         self._path: Path | None = None
         self._size = 0
@@ -45,11 +48,11 @@ class ShardWriter:
             return []
         if self._file is None:
             self.folder.mkdir(parents=True, exist_ok=True)
-            taken = {p.name for p in self.folder.glob(f"{self.prefix}-*.jsonl")}
+            taken = {p.name for p in self.folder.glob(SHARDS)}
             index = 0
-            while f"{self.prefix}-{index:05d}.jsonl" in taken:
+            while f"part-{index:05d}.jsonl" in taken:
                 index += 1
-            self._path = self.folder / f"{self.prefix}-{index:05d}.jsonl"
+            self._path = self.folder / f"part-{index:05d}.jsonl"
             self._file = open(self._path, "xb")
         locations = []
         for line in lines:
@@ -73,12 +76,12 @@ class ShardWriter:
             self._file = None
 
 
-def index_shards(folder: Path, prefix: str = "part") -> dict[str, Location]:
+def index_shards(folder: Path) -> dict[str, Location]:
     """Where each id's record lies (the first record of an id wins; there is never a second)."""
     index: dict[str, Location] = {}
     if not folder.is_dir():
         return index
-    for path in sorted(folder.glob(f"{prefix}-*.jsonl")):
+    for path in sorted(folder.glob(SHARDS)):
         offset = 0
         with open(path, "rb") as f:
             for line in f:
@@ -99,7 +102,7 @@ class ShardReader:
     def __init__(self):
         self._files: dict[Path, Any] = {}
 
-    def read(self, location: Location) -> dict[str, Any]:
+    def read(self, location: Location) -> Row:
         f = self._files.get(location.shard)
         if f is None:
             f = self._files[location.shard] = open(location.shard, "rb")
@@ -151,9 +154,10 @@ class CallCache:
         self._db.close()
 
 
-def read_shards(folder: Path, prefix: str = "part") -> Iterator[dict[str, Any]]:
+def read_shards(folder: Path) -> Iterator[dict[str, Any]]:
+    """Every record of a stage folder, shard by shard (what a stage wrote, for reading a run by hand)."""
     if folder.is_dir():
-        for path in sorted(folder.glob(f"{prefix}-*.jsonl")):
+        for path in sorted(folder.glob(SHARDS)):
             yield from read_jsonl(path)
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from cai.core.disk import written_atomically
 from cai.core.errors import InputError
 from cai.train import data, loop, runtime
 from cai.train.config import TrainConfig
@@ -131,9 +132,8 @@ def _precomputed(config: TrainConfig, acc, reference_logps, train_set, eval_set)
         ]
         out[split] = torch.cat(rows) if rows else torch.zeros(0, 2)
     if acc.is_main_process:
-        tmp = path.with_name(f".{path.name}.tmp")
-        torch.save(out, tmp)
-        tmp.rename(path)
+        with written_atomically(path) as tmp:
+            torch.save(out, tmp)
     return out
 
 

@@ -111,9 +111,8 @@ def train(config: TrainConfig, stop_after: int | None = None) -> Path:
         sampled_logp = old_logp if old_logp is not None else torch.empty_like(mask)
         logs = []
         for _ in range(options.epochs):
-            for groups in torch.randperm(len(indexes), generator=order).split(
-                minibatch // k
-            ):  # a prompt's answers stay together
+            # minibatches of whole prompts: a prompt's answers stay together
+            for groups in torch.randperm(len(indexes), generator=order).split(minibatch // k):
                 chunk = (groups[:, None] * k + torch.arange(k)).flatten()
                 logp, entropy = group_logps_and_entropy(policy, rollout, chunk, k, options.temperature)
                 old = old_logp[chunk] if old_logp is not None else logp.detach()

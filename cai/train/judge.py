@@ -133,9 +133,8 @@ def train(config: TrainConfig, stop_after: int | None = None) -> Path:
             config.eval_batch_size or config.batch_size,
             options.lm_coef,
         )
-        if (
-            resume is None and "after" not in reports and acc.is_main_process
-        ):  # a fresh run's first evaluation: the starting model's
+        # a fresh run's first evaluation: the starting model's
+        if resume is None and "after" not in reports and acc.is_main_process:
             write_atomic(config.output_dir / BEFORE_FILE, json.dumps(report, indent=2) + "\n")
         reports["after"] = report
         return {"loss": loss, **{key: report[key] for key in FIGURES}}
@@ -148,9 +147,8 @@ def train(config: TrainConfig, stop_after: int | None = None) -> Path:
     )
     if result is None:
         return config.output_dir / "final"
-    if (
-        eval_set and "after" not in reports
-    ):  # resumed from the last step's checkpoint: the loop had nothing left to evaluate
+    # resumed from the last step's checkpoint: the loop had nothing left to evaluate
+    if eval_set and "after" not in reports:
         evaluate()
     final = loop.publish(config, acc, model, tokenizer)
     if acc.is_main_process:

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from cai.core import logs
-from cai.core.disk import read_jsonl, write_atomic
+from cai.core.disk import read_jsonl, write_atomic, written_atomically
 
 SHOWN = ("loss", "reward", "mean_reward", "accuracy", "win_rate", "kl")  # the figures the step line shows, when logged
 PLAIN_EVERY_S = 10.0
@@ -136,8 +136,8 @@ def plot(metrics_path: Path, png_path: Path) -> None:
     for ax in list(axes.flat)[len(names) :]:
         ax.axis("off")
     fig.tight_layout()
-    png_path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png_path, dpi=100)
+    with written_atomically(png_path) as tmp:  # a kill mid-write leaves the last curves, not half a PNG
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
 
 

@@ -160,6 +160,16 @@ def test_dataset_card_names_what_made_the_data_and_loads(sft_run, tmp_path):
     assert loaded.num_rows == len(records) and loaded[0]["messages"] == records[0]["messages"]
 
 
+def test_export_refuses_an_unknown_format_before_writing(tmp_path):
+    """From Python (the CLI's choices stop it earlier): an unknown format was saved as an HF folder."""
+    from cai.core.errors import InputError
+    from cai.generate.export import convert
+
+    with pytest.raises(InputError, match="unknown format 'csv'"):
+        convert(tmp_path / "run", "csv", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("fmt", ["parquet", "jsonl", "hf"])
 def test_cai_export_converts_the_records_with_their_card(preference_run, tmp_path, fmt, capsys):
     from datasets import load_dataset, load_from_disk

@@ -2,16 +2,7 @@
 
 from __future__ import annotations
 
-import json
-
-from cai.core.disk import read_jsonl, write_atomic
 from cai.generate.store import RunStore, ShardWriter, read_shards
-
-
-def test_torn_last_line_is_skipped(tmp_path):
-    path = tmp_path / "part-00000.jsonl"
-    path.write_text('{"id": "a"}\n{"id": "b"}\n{"id": "c", "tex')
-    assert [r["id"] for r in read_jsonl(path)] == ["a", "b"]
 
 
 def test_each_writer_gets_its_own_shard(tmp_path):
@@ -39,11 +30,3 @@ def test_failure_log_recovers_from_a_torn_line(tmp_path):
         f.write('{"id": "b", "rea')  # killed mid-write
     store.record_failures([{"id": "c", "reason": "y"}])
     assert [r["id"] for r in store.failures()] == ["a", "c"]
-
-
-def test_write_atomic_replaces_whole_file(tmp_path):
-    path = tmp_path / "manifest.json"
-    write_atomic(path, json.dumps({"v": 1}))
-    write_atomic(path, json.dumps({"v": 2}))
-    assert json.loads(path.read_text()) == {"v": 2}
-    assert [p.name for p in tmp_path.iterdir()] == ["manifest.json"]

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Protocol, Sequence, TypeVar, runtime_checkable
 
 from cai.core.registry import Registry
+from cai.generate.records import Message
 
-Message = dict[str, str]
 T = TypeVar("T")
 
 
@@ -89,9 +89,6 @@ class Completion:
 class Backend(Protocol):
     """A generation engine, used from one event loop. Created (and started: engines load, servers are
     checked) by its registered factory, which may block and so runs in a worker thread."""
-
-    def identity(self) -> dict[str, Any]:
-        """What determines outputs (type, model, options that change texts): the call cache key's prefix."""
 
     async def complete(self, request: ChatRequest) -> Completion:
         """The completion, or one carrying `error` when this request cannot be answered after retries."""
@@ -190,9 +187,6 @@ class BlockingBackend:
         except BaseException:
             self._loop.stop()
             raise
-
-    def identity(self) -> dict[str, Any]:
-        return self.backend.identity()
 
     def complete(self, requests: Sequence[ChatRequest]) -> list[Completion]:
         return self._loop.run(_gather(self.backend.complete(r) for r in requests))

@@ -33,9 +33,6 @@ class CachedBackend:
         self._cache = cache
         self.stats = CallStats()
 
-    def identity(self) -> dict[str, Any]:
-        return self._identity
-
     async def start(self) -> Backend:
         """The engine, started on first use."""
         if self._started is None:

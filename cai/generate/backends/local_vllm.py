@@ -75,9 +75,6 @@ class LocalVLLM:
         self.max_model_len = self.engine.model_config.max_model_len
         self._ids = itertools.count()
 
-    def identity(self) -> dict[str, Any]:
-        return self.spec.identity()
-
     def endpoint_stats(self) -> list[dict[str, Any]]:
         return []
 

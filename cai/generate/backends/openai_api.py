@@ -45,11 +45,15 @@ class OpenAISettings:
 
     @classmethod
     def from_options(cls, settings: dict[str, Any]) -> "OpenAISettings":
-        urls = settings["base_url"]
-        values = {
-            k: v for k, v in settings.items() if k not in ("base_url", "prices")
-        }  # prices: the run's accounting, not the client's
-        return cls(base_urls=tuple([urls] if isinstance(urls, str) else urls), **values)
+        # prices: the run's accounting, not the client's
+        values = {k: v for k, v in settings.items() if k not in ("base_url", "prices")}
+        return cls(base_urls=tuple(base_urls(settings)), **values)
+
+
+def base_urls(settings: dict[str, Any]) -> list[str]:
+    """The endpoints of a backend's `base_url`: one URL, or a list of them."""
+    urls = settings["base_url"]
+    return [urls] if isinstance(urls, str) else list(urls)
 
 
 # Bursts of at most this many seconds' worth of a limit: providers enforce per-minute limits over
@@ -286,9 +290,6 @@ class OpenAIBackend:
             raise RuntimeError(
                 f"{url} does not serve model {self.spec.model!r} (it serves: {', '.join(served) or 'nothing'})"
             )
-
-    def identity(self) -> dict[str, Any]:
-        return self.spec.identity()
 
     def endpoint_stats(self) -> list[dict[str, Any]]:
         return [e.stats() for e in self.pool.endpoints]

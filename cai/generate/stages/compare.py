@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import combinations
 from typing import Any
 
@@ -136,6 +136,16 @@ def draw_distinct(constitution: Constitution, count: int, random) -> list[Princi
 
 
 @dataclass
+class PairVotes:
+    """The votes collected for one pair while its ballots are answered: on the pair as shown, and with
+    the injection probe's planted instruction (kept apart: they must not count towards the label)."""
+
+    answers: list[int]
+    votes: list[Vote] = field(default_factory=list)
+    probe_votes: list[Vote] = field(default_factory=list)
+
+
+@dataclass
 class Ballot:
     """One question to a judge: which of two answers is better under one principle, shown in one order.
     `vote` fills in the answer."""
@@ -146,7 +156,7 @@ class Ballot:
     swapped: bool = False
     juror: str = "judge"
     probe: bool = False
-    pair: Pair | None = None  # the pair whose votes the answer joins
+    pair: PairVotes | None = None  # the pair whose votes the answer joins
     p_first: float | None = None  # P(the pair's first answer better); None: no usable choice
     method: str = ""
     reasoning: str | None = None
@@ -189,7 +199,7 @@ class Compare:
     async def process(self, row: Row, ctx: StageContext) -> Processed:
         # One ballot per (pair, juror, principle, order, probe): build them all, then ask for them all at once.
         ballots: list[Ballot] = []
-        pairs: list[Pair] = []
+        pairs: list[PairVotes] = []
         answers = row_answers(row)
         for i, j in self.candidates(row):
             if answers[i].strip() == answers[j].strip():
@@ -197,7 +207,7 @@ class Compare:
             random = rng(ctx.run_seed, row["id"], ctx.stage_name, i, j)
             principles = draw_distinct(ctx.constitution, self.ensemble, random)
             probed = random.random() < self.injection_probe
-            pair = {"answers": [i, j], "votes": [], "probe_votes": []}
+            pair = PairVotes([i, j])
             pairs.append(pair)
             for probe in (False, True) if probed else (False,):
                 for juror in self.roles:
@@ -224,7 +234,7 @@ class Compare:
                 record["reasoning"] = b.reasoning
             if self.calibration is not None:
                 record = self.calibration.vote(record)
-            b.pair["probe_votes" if b.probe else "votes"].append(record)
+            (b.pair.probe_votes if b.probe else b.pair.votes).append(record)
         models = {**row.get("models", {}), **{role: ctx.models[role] for role in self.roles}}
         out = {
             **row,
@@ -280,17 +290,16 @@ class Compare:
             ballot.method = "parsed"
         return tokens
 
-    def _finish(self, pair: dict[str, Any], models: dict[str, str]) -> dict[str, Any]:
-        probe_votes = pair.pop("probe_votes")
-        out = {**pair, **self._verdict(pair["votes"], models)}
+    def _finish(self, pair: PairVotes, models: dict[str, str]) -> Pair:
+        out: Pair = {"answers": pair.answers, "votes": pair.votes, **self._verdict(pair.votes, models)}
         if self.calibration is not None:
             out["calibration"] = self.calibration.sha256
-        if probe_votes:
-            probe = self._verdict(probe_votes, models)
-            out["injection"] = {"votes": probe_votes, "p_first": probe["p_first"], "label": probe["label"]}
+        if pair.probe_votes:
+            probe = self._verdict(pair.probe_votes, models)
+            out["injection"] = {"votes": pair.probe_votes, "p_first": probe["p_first"], "label": probe["label"]}
         return out
 
-    def _verdict(self, votes: list[dict[str, Any]], models: dict[str, str]) -> dict[str, Any]:
+    def _verdict(self, votes: list[Vote], models: dict[str, str]) -> Label:
         """The judge's label; with a jury, each juror's label (`jurors`) and, from their weighted mean, the
         pair's. A juror without a usable choice is left out of the mean; the pair is position consistent
         when every juror that could tell is."""

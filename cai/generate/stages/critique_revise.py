@@ -15,6 +15,7 @@ from typing import Any
 from cai.core.seeding import derive_seed, rng
 from cai.generate.backends.base import ChatRequest
 from cai.generate.constitution import Principle
+from cai.generate.records import Round
 from cai.generate.stages.base import Processed, Row, RowFailed, StageContext, register
 
 # A revision this similar to its critique restates the critique instead of answering the user.
@@ -55,7 +56,7 @@ class CritiqueRevise:
     async def process(self, row: Row, ctx: StageContext) -> Processed:
         few_shot = [m for dialogue in ctx.constitution.few_shot[: self.few_shot] for m in dialogue]
         answer = row["response"]
-        history: list[dict[str, Any]] = []
+        history: list[Round] = []
         tokens = 0
         for round_index in range(self.rounds):
             principle: Principle = ctx.constitution.draw(rng(ctx.run_seed, row["id"], ctx.stage_name, round_index))
