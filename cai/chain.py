@@ -21,9 +21,9 @@ from cai.core.disk import write_atomic
 from cai.core.errors import InputError
 from cai.core.files import existing_path, load_yaml, validate
 from cai.core.overrides import apply_overrides
+from cai.judge import report
 
 STEP_REF = re.compile(r"\$\{([^}]*)\}")
-STATE_FILE = "chain.json"
 
 
 @dataclass(frozen=True)
@@ -85,10 +85,11 @@ def _expand(text: str, folders: dict[str, Path], file: str, where: str) -> str:
     return STEP_REF.sub(folder, text)
 
 
-def run(chain: Chain, run_command: Callable[[list[str]], int], quiet: bool = False) -> int:
+def run(chain: Chain, run_command: Callable[[list[str]], int], quiet: bool = False, verbose: bool = False) -> int:
     """Run the steps in order through `run_command` (the `cai` command's own entry point, which the CLI
-    passes in: this module sits below it); stop at the first step that fails, with its exit code."""
-    state_path = chain.workdir / STATE_FILE
+    passes in: this module sits below it); stop at the first step that fails, with its exit code. `quiet`
+    and `verbose` reach the steps that take them (`cai run` both, `cai train` only `--verbose`)."""
+    state_path = chain.workdir / report.CHAIN_STATE
     state: dict[str, Any] = json.loads(state_path.read_text(encoding="utf-8")) if state_path.exists() else {"steps": {}}
     for number, step in enumerate(chain.steps, 1):
         recorded = state["steps"].get(step.name)
@@ -105,7 +106,8 @@ def run(chain: Chain, run_command: Callable[[list[str]], int], quiet: bool = Fal
                 f"changed since it ran: delete {', '.join(later)} to run it and the steps after it again",
             )
         print(f"[{number}/{len(chain.steps)}] {step.name}: cai {' '.join(step.argv)}", flush=True)
-        code = run_command([*step.argv, *(["--quiet"] if quiet and step.argv[0] == "run" else [])])
+        options = (["--quiet"] if quiet and step.argv[0] == "run" else []) + (["--verbose"] if verbose else [])
+        code = run_command([*step.argv, *options])
         if code != 0:
             print(f"chain {chain.name}: step {step.name} stopped with exit {code}; rerun the same command to resume it")
             return code
@@ -115,8 +117,6 @@ def run(chain: Chain, run_command: Callable[[list[str]], int], quiet: bool = Fal
         }
         chain.workdir.mkdir(parents=True, exist_ok=True)
         write_atomic(state_path, json.dumps(state, indent=2) + "\n")
-    from cai.judge import report
-
     print(
         f"chain {chain.name}: {len(chain.steps)} steps done in {chain.workdir}; report: {report.write_chain(chain.workdir)}"
     )

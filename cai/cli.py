@@ -37,7 +37,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     if chain.is_chain(args.pipeline):
         return chain.run(
-            chain.load(args.pipeline, args.set, workdir=args.run_dir, limit=args.limit), main, quiet=args.quiet
+            chain.load(args.pipeline, args.set, workdir=args.run_dir, limit=args.limit),
+            main,
+            quiet=args.quiet,
+            verbose=args.verbose,
         )
     cfg = config.load(args.pipeline, args.set)
     _say_where_keys_go(cfg, "run")
@@ -351,6 +354,9 @@ class OneLineErrors(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from cai.core.models import EMBEDDED
+    from cai.generate.export import FORMATS
+    from cai.generate.importers import IMPORTERS
     from cai.service.jobs import DEFAULT_MAX_QUEUED
     from cai.train import config as train_config
 
@@ -414,12 +420,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="a run's dataset as parquet, JSONL or a HF datasets folder, with its dataset card, in a new folder",
     )
     p.add_argument("run_dir", type=Path)
-    p.add_argument("--format", required=True, choices=["parquet", "jsonl", "hf"])
+    p.add_argument("--format", required=True, choices=FORMATS)
     p.add_argument("-o", "--output", required=True, type=Path, help="a new (or empty) folder")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("import-constitution", help="convert another project's constitution format")
-    p.add_argument("--format", required=True, choices=["anthropic", "llm-swarm"])
+    p.add_argument("--format", required=True, choices=sorted(IMPORTERS))
     p.add_argument("source", help="anthropic: the folder of the paper's JSON files; llm-swarm: the JSON file")
     p.add_argument("-o", "--output", required=True)
     p.set_defaults(func=cmd_import)
@@ -427,13 +433,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("models", help="embedded models")
     models_sub = p.add_subparsers(dest="models_command", required=True, parser_class=OneLineErrors)
     q = models_sub.add_parser("prepare", help="convert an embedded model into a safetensors checkpoint in $CAI_HOME")
-    q.add_argument("name", choices=["smollm2"])
+    q.add_argument("name", choices=sorted(EMBEDDED))
     q.set_defaults(func=cmd_models_prepare)
 
     p = sub.add_parser(
         "train",
-        help="train a model: sft, rm (reward model), dpo, ppo, rejection (best-of-K), rest (ReST), hir (HIR), from a train config "
-        "(resumes from OUTPUT's newest checkpoint)",
+        help=f"train a model ({', '.join(train_config.KINDS)}) from a train config (resumes from OUTPUT's newest checkpoint)",
     )
     p.add_argument("kind", choices=train_config.KINDS)
     p.add_argument("config", help="train config YAML (schema: cai/schemas/train.json)")

@@ -77,6 +77,20 @@ def chain_file(tmp_path, tiny_model):
     )
 
 
+def test_quiet_and_verbose_reach_the_steps_that_take_them(chain_file):
+    from cai import chain
+
+    seen = []
+
+    def run_command(argv):
+        seen.append(argv)
+        return 0 if len(seen) < 2 else 1  # the second step fails: the chain stops before any report
+
+    assert chain.run(chain.load(chain_file), run_command, quiet=True, verbose=True) == 1
+    assert seen[0][0] == "run" and seen[0][-2:] == ["--quiet", "--verbose"]
+    assert seen[1][0] == "train" and seen[1][-1] == "--verbose" and "--quiet" not in seen[1]  # train has no --quiet
+
+
 def test_chain_runs_every_step_on_earlier_outputs_then_skips_them(chain_file, tmp_path, capsys):
     assert main(["run", str(chain_file), "--quiet"]) == 0
     work = tmp_path / "work"

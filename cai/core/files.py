@@ -185,7 +185,7 @@ def _describe(error: jsonschema.ValidationError) -> str:
             for t in (e.validator_value if isinstance(e.validator_value, list) else [e.validator_value])
         ]
         names = {"object": "mapping", "array": "list"}
-        return f"expected {' or '.join(names.get(t, t) for t in expected)}, got {_type_name(value)}"
+        return f"expected {' or '.join(names.get(t, t) for t in expected)}, got {type_name(value)}"
     if v == "minItems" and error.validator_value == 1:
         return "must not be empty"
     if v == "pattern":
@@ -199,12 +199,19 @@ def _describe(error: jsonschema.ValidationError) -> str:
     return error.message
 
 
-def _type_name(value: Any) -> str:
-    if value is None:
-        return "null"
-    return {bool: "boolean", int: "integer", float: "number", str: "string", list: "list", dict: "mapping"}.get(
-        type(value), type(value).__name__
-    )
+TYPE_NAMES = {
+    bool: "boolean",
+    int: "integer",
+    float: "number",
+    str: "string",
+    list: "list",
+    dict: "mapping",
+    type(None): "null",
+}  # in the words of YAML and JSON Schema, not Python's
+
+
+def type_name(value: Any) -> str:
+    return TYPE_NAMES.get(type(value), type(value).__name__)
 
 
 def sha256_file(path: str | Path) -> str:

@@ -3,7 +3,8 @@
 Each pair is judged in both orders, so one run gives the accuracy with the human-chosen answer shown
 first, shown second, and swap-averaged, plus how often both orders agree, how well the judge's
 confidence matches its accuracy (expected calibration error), and how often it picks the longer
-answer. With `calibrate`, a temperature and position offset are fitted on the pairs (calibration.py).
+answer. With `calibrate`, a temperature and position offset are fitted on the pairs
+(cai/generate/calibration.py).
 """
 
 from __future__ import annotations

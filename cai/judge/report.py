@@ -17,6 +17,8 @@ from cai.generate.stages.revision_check import RevisionCheck
 from cai.generate.store import RunStore
 from cai.judge import report_samples, run_stats
 
+CHAIN_STATE = "chain.json"  # a chain's workdir: the steps done (written by cai/chain.py, read by write_chain)
+
 
 def load_run(run_dir: Path) -> tuple[dict[str, Any], JsonlRecords, list[dict[str, Any]]]:
     store = RunStore(run_dir)
@@ -429,11 +431,14 @@ def render(manifest: dict[str, Any], stats: dict[str, Any], plots: dict[str, str
         ]
     else:
         parts.append("<p>None.</p>")
-    title = e(manifest["name"])
+    return _page(f"cai report: {manifest['name']}", parts)
+
+
+def _page(title: str, parts: list[str]) -> str:
+    """A whole HTML page of these parts (empty ones left out), with the report's style."""
+    head = f"<meta charset='utf-8'><title>{html.escape(title)}</title><style>{STYLE}</style>"
     return (
-        f"<!doctype html>\n<html><head><meta charset='utf-8'><title>cai report: {title}</title><style>{STYLE}</style></head><body>\n"
-        + "\n".join(p for p in parts if p)
-        + "\n</body></html>\n"
+        f"<!doctype html>\n<html><head>{head}</head><body>\n" + "\n".join(p for p in parts if p) + "\n</body></html>\n"
     )
 
 
@@ -441,7 +446,7 @@ def write_chain(workdir: Path) -> Path:
     """WORKDIR/report.html: the chain's steps in order, linking each run's report (rewritten here) and
     showing each training's curves and last logged metrics."""
     e = html.escape
-    state = json.loads((workdir / "chain.json").read_text(encoding="utf-8"))
+    state = json.loads((workdir / CHAIN_STATE).read_text(encoding="utf-8"))
     parts = [f"<h1>cai chain: {e(workdir.name)}</h1>"]
     for name, step in state["steps"].items():
         folder = workdir / name
@@ -470,18 +475,13 @@ def write_chain(workdir: Path) -> Path:
                 )
             )
     page = workdir / "report.html"
-    write_atomic(
-        page,
-        f"<!doctype html>\n<html><head><meta charset='utf-8'><title>cai chain</title><style>{STYLE}</style></head><body>\n"
-        + "\n".join(parts)
-        + "\n</body></html>\n",
-    )
+    write_atomic(page, _page("cai chain", parts))
     return page
 
 
 def write(run_dir: Path) -> Path:
     """RUN_DIR/report.html and RUN_DIR/report/*.png, replacing an older report whole."""
-    if (run_dir / "chain.json").exists():
+    if (run_dir / CHAIN_STATE).exists():
         return write_chain(run_dir)
     manifest, rows, failures = load_run(run_dir)
     stats = figures(manifest, rows, failures)

@@ -207,7 +207,8 @@ def revision_gain(rows: Iterable[dict[str, Any]]) -> dict[str, Any] | None:
 
 
 def failure_counts(failures: list[dict[str, Any]], done_ids: set[str]) -> dict[str, Any]:
-    """failures.jsonl keeps every failure; a row that a rerun then finished is `retried`, not lost."""
+    """failures.jsonl keeps every failure, also of rows a rerun then finished: `recorded` counts them all,
+    `rows_still_failed` only the rows no rerun has finished."""
     by_stage = Counter(f.get("stage", "?") for f in failures)
     reasons = Counter(f["reason"][:160] for f in failures)
     unresolved = {f["id"] for f in failures} - done_ids

@@ -28,7 +28,7 @@ DEFAULT_MAX_QUEUED = 100
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
-    kind TEXT NOT NULL,              -- run, or a trainer: sft, rm, dpo
+    kind TEXT NOT NULL,              -- run, or a trainer kind (cai.train.config.KINDS)
     target TEXT NOT NULL,            -- the pipeline or train config, relative to the workspace
     overrides TEXT NOT NULL,         -- JSON list of --set values
     row_limit INTEGER,

@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from cai.core.errors import InputError
-from cai.core.files import load_yaml, validate
+from cai.core.files import TYPE_NAMES, load_yaml, type_name, validate
 from cai.generate.backends.base import BackendSpec
-from cai.generate.keys import base_urls
+from cai.generate.backends.openai_api import base_urls
 
 LIMITS = ("max_concurrency", "requests_per_minute", "tokens_per_minute")
 
@@ -130,15 +130,6 @@ _WHY_ONE_VALUE = {
     "load_format": "other formats unpickle weights, which can run code",
 }
 _ACCEPTS = {int: (int,), float: (int, float), bool: (bool,)}  # exact types: True is an int to Python, not a count
-_TYPE_NAMES = {
-    int: "integer",
-    float: "number",
-    bool: "boolean",
-    str: "string",
-    list: "list",
-    dict: "mapping",
-    type(None): "null",
-}
 
 
 def check_engine_options(
@@ -161,9 +152,7 @@ def check_engine_options(
                 why = f": {_WHY_ONE_VALUE[key]}" if key in _WHY_ONE_VALUE else ""
                 raise InputError(shown, field, f"may only be {' or '.join(map(json.dumps, rule))} on this server{why}")
         elif type(value) not in _ACCEPTS[rule]:
-            raise InputError(
-                shown, field, f"expected {_TYPE_NAMES[rule]}, got {_TYPE_NAMES.get(type(value), type(value).__name__)}"
-            )
+            raise InputError(shown, field, f"expected {TYPE_NAMES[rule]}, got {type_name(value)}")
 
 
 def job_keys(backends: Mapping[str, BackendSpec]) -> list[str]:

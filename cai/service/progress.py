@@ -65,7 +65,8 @@ def _train_progress(output_dir: Path, job: Job) -> dict[str, Any]:
 
 
 def summary(root: Path, job: Job) -> dict[str, Any]:
-    """Counts of what the job's output folder holds: dataset rows, failures; a training's last step."""
+    """What the job's output folder holds: a run's dataset rows and failures; whether a training has
+    written its final model."""
     out_dir = root / job.out_dir
     if job.kind != "run":
         return {"output_dir": job.out_dir, "final_model": (out_dir / "final").is_dir()}

@@ -1,5 +1,5 @@
-"""The worker: one thread that starts queued jobs as processes (`python -m cai.cli run|train ...` in the
-workspace), reaps them, and stops the ones asked to cancel. All process handling happens on this thread,
+"""The worker: one thread that starts queued jobs as processes (`cai run|train ...` in the workspace,
+through `python -m cai.service.child`, which ties each to the server's life), reaps them, and stops the ones asked to cancel. All process handling happens on this thread,
 so there is one place that knows which jobs are alive."""
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from cai.service.progress import job_files
 log = logging.getLogger("cai.serve")
 
 JOB_MARKER_ENV = "CAI_JOB"  # in each job's environment: lets a restarted server recognise its orphans
-CANCEL_GRACE_S = 30.0  # after SIGINT, how long `cai run` gets to stop between batches before SIGKILL
+CANCEL_GRACE_S = 30.0  # after SIGINT, how long a job gets to write what it has done before SIGKILL
 _SECRET_NAME = re.compile(r"(KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIALS?)$", re.IGNORECASE)
 
 
@@ -170,7 +170,7 @@ class Worker:
     def _signal_cancels(self) -> None:
         for job_id, r in self._running.items():
             if r.signalled_at is None and self.store.get(job_id).cancel_requested:
-                # Ctrl-C to `cai run` itself: it stops between batches and exits 130, and a resume
+                # Ctrl-C to the job itself: it keeps the rows (or checkpoints) done and exits 130, and a resume
                 # continues from there. The engine's workers stop with it; SIGINT to all of them at
                 # once could kill an engine mid-batch and log its rows as failures.
                 _signal(r.proc.pid, signal.SIGINT)
