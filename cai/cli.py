@@ -129,14 +129,11 @@ def _pipeline_only_keys() -> set[str]:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
-    from cai.core.disk import write_atomic
     from cai.generate.importers import IMPORTERS
 
     constitution = IMPORTERS[args.format](args.source)
     out = Path(args.output)
-    import yaml
-
-    write_atomic(out, yaml.safe_dump(constitution.to_dict(), sort_keys=False, allow_unicode=True, width=100))
+    constitution.save(out)
     print(
         f"{out}: {len(constitution.principles)} principles, {len(constitution.few_shot)} few-shot dialogues, "
         f"{len(constitution.comparison_few_shot)} comparison few-shots"

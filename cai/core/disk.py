@@ -24,6 +24,15 @@ def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
                     continue
 
 
+def read_json_or_none(path: Path) -> Any:
+    """A JSON file another process may not have written yet (or is writing without write_atomic): None
+    when it is missing or does not parse, for callers that fall back to recomputing or to a default."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
 class JsonlRecords:
     """A JSONL file's records, read again on every pass instead of held in memory: a run of any size
     can be summed up in a few passes."""

@@ -9,6 +9,7 @@ from typing import Any
 
 import yaml
 
+from cai.core.disk import write_atomic
 from cai.core.errors import InputError
 from cai.core.files import content_hash, load_yaml, validate
 from cai.generate.records import Message
@@ -80,7 +81,8 @@ class Constitution:
         return rng.choices(self.principles, weights=[p.weight for p in self.principles], k=1)[0]
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True, width=100))
+        """As YAML that `load` reads back, written whole or not at all."""
+        write_atomic(Path(path), yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True, width=100))
 
 
 def from_dict(data: Any, file: str) -> Constitution:

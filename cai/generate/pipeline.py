@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from cai.core import logs
-from cai.core.disk import write_atomic
+from cai.core.disk import read_json_or_none, write_atomic
 from cai.core.errors import InputError
 from cai.core.files import content_hash, count_nonblank_lines, sha256_file
 from cai.generate.backends import base as backends
@@ -372,7 +372,7 @@ async def _execute(
         and not summary.failed_ids
         and (store.datasets_dir / "rows.jsonl").exists()
     )
-    kept = _read_json(marker) if unchanged else None
+    kept = read_json_or_none(marker) if unchanged else None
     if kept is not None and kept.get("key") == export_key:
         summary.exported, summary.exported_now = kept["counts"], False
     else:
@@ -427,13 +427,6 @@ def _record_figures(
         },
     )
     store.write_manifest(manifest)
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
 
 
 def _rows_in_order(

@@ -9,7 +9,7 @@ the stage that writes it has run (the docstring of each says which).
 
 from __future__ import annotations
 
-from typing import Any, TypedDict
+from typing import Any, Iterable, TypedDict
 
 
 class Message(TypedDict):
@@ -106,3 +106,12 @@ def final_answer(row: Row) -> str:
     """The answer the row stands for: the last revision when critique-revision ran, else the responder's
     (first) answer. The SFT dataset trains on it."""
     return row["revision"] if "revision" in row else row["response"]
+
+
+def orders_by_principle(votes: Iterable[Vote]) -> dict[str, dict[bool, float | None]]:
+    """A pair's votes as principle id -> {swapped: p_first}: each principle's vote in each order it was
+    shown in, principles in the order they first voted."""
+    orders: dict[str, dict[bool, float | None]] = {}
+    for vote in votes:
+        orders.setdefault(vote["principle_id"], {})[vote["swapped"]] = vote["p_first"]
+    return orders

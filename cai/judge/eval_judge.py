@@ -19,9 +19,10 @@ from typing import Any
 from cai.core.disk import write_atomic
 from cai.core.errors import InputError
 from cai.generate import calibration, feedback
-from cai.generate.backends.base import BackendCallError, run_blocking, start
+from cai.generate.backends.base import BackendCallError, BackendSpec, run_blocking, start
 from cai.generate.calibration import credit
-from cai.generate.config import PipelineConfig
+from cai.generate.config import PipelineConfig, StageConfig
+from cai.generate.records import Pair, Row
 from cai.generate.stages import RowFailed, StageContext
 from cai.generate.stages.base import process_all
 from cai.generate.stages.compare import Compare
@@ -37,6 +38,16 @@ def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, f
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
+def compare_stage(config: PipelineConfig) -> tuple[int, StageConfig]:
+    """The pipeline's first compare stage, the judge eval-judge measures, and its index."""
+    found = next(((i, s) for i, s in enumerate(config.stages) if s.type == "compare"), None)
+    if found is None or "judge" not in config.roles and not found[1].params.get("jury"):
+        raise InputError(
+            str(config.file), "stages", "eval-judge needs a pipeline with a compare stage and a judge role"
+        )
+    return found
+
+
 def evaluate(
     config: PipelineConfig,
     pairs: list[dict[str, Any]],
@@ -49,11 +60,7 @@ def evaluate(
     switched the other way (both under `by_chain_of_thought`); with `injection`, each pair is judged
     again with an instruction to choose it planted in the rejected answer; with `calibrate`, a
     calibration is fitted on the pipeline's own setting (`calibration`: see fit_calibration)."""
-    index, stage_config = next(((i, s) for i, s in enumerate(config.stages) if s.type == "compare"), (None, None))
-    if stage_config is None or "judge" not in config.roles and not stage_config.params.get("jury"):
-        raise InputError(
-            str(config.file), "stages", "eval-judge needs a pipeline with a compare stage and a judge role"
-        )
+    index, stage_config = compare_stage(config)
     # Both orders, always: they are what is measured. The rejected answer is the pair's second one,
     # which is where the injection probe plants its instruction.
     stage = replace(Compare(**stage_config.params), swap=True, injection_probe=1.0 if injection else 0.0)
@@ -62,8 +69,8 @@ def evaluate(
             str(config.file), f"stages[{index}].jury", "--calibrate fits one judge: name a single judge role"
         )
     variants = [stage, replace(stage, chain_of_thought=not stage.chain_of_thought)] if compare_cot else [stage]
-    specs = {role: config.backends[config.roles[role]] for role in stage.roles}
-    rows = [
+    specs: dict[str, BackendSpec] = {role: config.backends[config.roles[role]] for role in stage.roles}
+    rows: list[Row] = [
         {
             "id": f"pair-{p['line']}",
             "messages": p["context"],
@@ -104,8 +111,8 @@ def evaluate(
 
 
 async def _judge(
-    config: PipelineConfig, stage_name: str, specs: dict[str, Any], variants: list[Compare], rows: list[dict[str, Any]]
-) -> list[list[dict[str, Any]]]:
+    config: PipelineConfig, stage_name: str, specs: dict[str, BackendSpec], variants: list[Compare], rows: list[Row]
+) -> list[list[Row]]:
     """Every pair through each variant of the compare stage, all at once: the rows each variant labels.
     `specs`: judge role -> backend; roles on one backend share it, as in a run."""
     started: dict[str, Any] = {}
@@ -136,12 +143,12 @@ def _proportion(report: dict[str, Any], key: str, values: list[float]) -> None:
     report[f"{key}_ci95"] = list(wilson_interval(sum(values), n))
 
 
-def juror_view(pair: dict[str, Any], role: str) -> dict[str, Any]:
+def juror_view(pair: Pair, role: str) -> Pair:
     """The pair as one juror alone labelled it."""
     return {**pair["jurors"][role], "votes": [v for v in pair["votes"] if v["juror"] == role]}
 
 
-def _order_probs(pair: dict[str, Any]) -> dict[bool, float | None]:
+def _order_probs(pair: Pair) -> dict[bool, float | None]:
     """P(first better) with the first answer shown first (False) and second (True): the mean of the
     pair's votes in that order; for a jury, the jurors' weighted mean of theirs."""
     if "jurors" in pair:
@@ -157,7 +164,7 @@ def _order_probs(pair: dict[str, Any]) -> dict[bool, float | None]:
     return {order: sum(v) / len(v) if v else None for order, v in orders.items()}
 
 
-def jury_agreement(rows: Iterable[dict[str, Any]]) -> dict[str, Any] | None:
+def jury_agreement(rows: Iterable[Row]) -> dict[str, Any] | None:
     """How a jury's jurors agree, over the pairs every juror labelled (`a`, `b` or `tie`); None
     without a jury."""
     juries = [pair["jurors"] for row in rows for pair in row.get("pairs", []) if "jurors" in pair]
@@ -168,7 +175,7 @@ def jury_agreement(rows: Iterable[dict[str, Any]]) -> dict[str, Any] | None:
     return feedback.juror_agreement({j: [jury[j]["label"] for jury in labelled] for j in jurors})
 
 
-def agreement_figures(rows: list[dict[str, Any]], juror: str | None = None) -> dict[str, Any]:
+def agreement_figures(rows: list[Row], juror: str | None = None) -> dict[str, Any]:
     """How a judge's labels of human-labelled pairs agree with the humans (accuracy per order and swap-averaged,
     position consistency, calibration and length figures); with `juror`, of that juror's labels alone."""
     first, swapped, averaged, consistent, invalid, identical = [], [], [], [], 0, 0
@@ -245,7 +252,7 @@ def length_figures(judged: list[tuple[float, int, int]]) -> dict[str, Any]:
 FOLDS = 2
 
 
-def fit_calibration(stage: Compare, rows: list[dict[str, Any]], pipeline: str) -> dict[str, Any]:
+def fit_calibration(stage: Compare, rows: list[Row], pipeline: str) -> dict[str, Any]:
     """Fit (T, b) on every log-probability vote of the judged pairs (calibration.fit), and measure it
     honestly: pairs alternate between two folds, each fold is calibrated by the fit on the other, and
     `ece_after`/`nll_after` are taken on those held-out votes (None with fewer than two pairs). `nll_*`:
@@ -318,7 +325,7 @@ def write_calibration(report: dict[str, Any], out: Path, config: PipelineConfig,
             "votes": figures["votes"],
             "judge_model": judge["model"],
             "pipeline": str(config.file.resolve()),
-            "stage": next(s.name for s in config.stages if s.type == "compare"),
+            "stage": compare_stage(config)[1].name,
             "chain_of_thought": judge["chain_of_thought"],
             "ensemble": judge["ensemble"],
         },

@@ -12,6 +12,7 @@ from typing import Any
 
 from cai.core.disk import JsonlRecords, replaced_folder, write_atomic
 from cai.core.errors import InputError
+from cai.generate.records import Row
 from cai.generate.stages.compare import Compare
 from cai.generate.stages.revision_check import RevisionCheck
 from cai.generate.store import RunStore
@@ -31,15 +32,16 @@ def load_run(run_dir: Path) -> tuple[dict[str, Any], JsonlRecords, list[dict[str
     return manifest, JsonlRecords(rows_path), store.failures()
 
 
+def _stage_params(manifest: dict[str, Any], stage_type: str) -> dict[str, Any]:
+    """The parameters the run's first stage of `stage_type` was declared with ({} without one)."""
+    return next((s for s in manifest["config"].get("stages", []) if s.get("type") == stage_type), {})
+
+
 def _tie_threshold(manifest: dict[str, Any]) -> float:
-    stages = manifest["config"].get("stages", [])
-    params = next((s for s in stages if s.get("type") == "compare"), {})
-    return params.get("tie_threshold", Compare.tie_threshold)
+    return _stage_params(manifest, "compare").get("tie_threshold", Compare.tie_threshold)
 
 
-def figures(
-    manifest: dict[str, Any], rows: JsonlRecords | list[dict[str, Any]], failures: list[dict[str, Any]]
-) -> dict[str, Any]:
+def figures(manifest: dict[str, Any], rows: JsonlRecords | list[Row], failures: list[dict[str, Any]]) -> dict[str, Any]:
     compared = any("pairs" in r for r in rows)
     out: dict[str, Any] = {
         "rows": len(rows),
@@ -295,7 +297,7 @@ def run_figures(manifest: dict[str, Any]) -> str:
 
 def _gain_section(manifest: dict[str, Any], gain: dict[str, Any], plots: dict[str, str]) -> list[str]:
     e = html.escape
-    params = next((s for s in manifest["config"].get("stages", []) if s.get("type") == "revision_check"), {})
+    params = _stage_params(manifest, "revision_check")
     header = ["judged", "revision wins (P > 0.5)", "mean P(revision better)", "position consistency", "no verdict"]
 
     def cells(w: dict[str, Any]) -> list[Any]:

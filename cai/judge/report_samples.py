@@ -10,7 +10,7 @@ import html
 import itertools
 from typing import Any, Iterable
 
-from cai.generate.records import row_answers
+from cai.generate.records import Pair, Row, row_answers
 
 SAMPLES = 5
 STYLE = (
@@ -20,7 +20,7 @@ STYLE = (
 )
 
 
-def render(rows: Iterable[dict[str, Any]], n: int = SAMPLES) -> str:
+def render(rows: Iterable[Row], n: int = SAMPLES) -> str:
     picked = list(itertools.islice(rows, n))
     if not picked:
         return ""
@@ -47,7 +47,7 @@ def _text(label: str, text: str | None) -> str:
     return f"<b>{html.escape(label)}</b><pre>{html.escape(text or '')}</pre>"
 
 
-def _row(row: dict[str, Any]) -> str:
+def _row(row: Row) -> str:
     e = html.escape
     prompt = next((m["content"] for m in reversed(row.get("messages", [])) if m["role"] == "user"), "")
     parts = [f"<div class='sample'><p><code>{e(row['id'])}</code> {e(row.get('source_id') or '')}"]
@@ -93,7 +93,7 @@ def _gain(gain: dict[str, Any] | None) -> str:
     return f" (P(better than the answer) = {gain['p_revision']:.3f}{consistency})"
 
 
-def _pair(row: dict[str, Any], pair: dict[str, Any]) -> str:
+def _pair(row: Row, pair: Pair) -> str:
     e = html.escape
     answers = row_answers(row)
     first, second = pair["answers"]

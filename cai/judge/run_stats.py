@@ -9,7 +9,7 @@ from itertools import combinations
 from typing import Any, Iterable
 
 from cai.generate import feedback
-from cai.generate.records import row_answers
+from cai.generate.records import Pair, Row, orders_by_principle, row_answers
 from cai.judge.eval_judge import juror_view, jury_agreement, wilson_interval
 
 LABELS = ("a", "b", "tie", "invalid")
@@ -20,36 +20,33 @@ def rate(successes: int, n: int) -> dict[str, Any]:
     return {"rate": successes / n if n else None, "n": n, "ci95": list(wilson_interval(successes, n))}
 
 
-def _pairs(rows: Iterable[dict[str, Any]]) -> Iterable[tuple[dict[str, Any], dict[str, Any]]]:
+def _pairs(rows: Iterable[Row]) -> Iterable[tuple[Row, Pair]]:
     for row in rows:
         for pair in row.get("pairs", []):
             yield row, pair
 
 
-def label_counts(rows: list[dict[str, Any]]) -> dict[str, int]:
+def label_counts(rows: list[Row]) -> dict[str, int]:
     counts = Counter(pair["label"] for _, pair in _pairs(rows))
     return {label: counts.get(label, 0) for label in LABELS}
 
 
-def _judges(pair: dict[str, Any]) -> Iterable[dict[str, Any]]:
+def _judges(pair: Pair) -> Iterable[Pair]:
     """The pair as its judge labelled it, or as each juror of its jury did."""
     return [juror_view(pair, role) for role in pair["jurors"]] if "jurors" in pair else [pair]
 
 
-def method_counts(rows: list[dict[str, Any]]) -> dict[str, int]:
+def method_counts(rows: list[Row]) -> dict[str, int]:
     return dict(Counter(pair["method"] for _, pair in _pairs(rows)))
 
 
-def by_principle(rows: list[dict[str, Any]], tie_threshold: float) -> dict[str, dict[str, Any]]:
+def by_principle(rows: list[Row], tie_threshold: float) -> dict[str, dict[str, Any]]:
     """Per principle: votes, ties and invalid votes (a principle's vote is invalid when an order gave
     no usable choice), position consistency over its swapped votes, and a flag when mostly invalid.
     Each juror of a jury casts its own votes."""
     stats: dict[str, dict[str, Any]] = {}
     for judge in (judge for _, pair in _pairs(rows) for judge in _judges(pair)):
-        orders: dict[str, dict[bool, float | None]] = {}
-        for vote in judge["votes"]:
-            orders.setdefault(vote["principle_id"], {})[vote["swapped"]] = vote["p_first"]
-        for principle_id, by_order in orders.items():
+        for principle_id, by_order in orders_by_principle(judge["votes"]).items():
             s = stats.setdefault(
                 principle_id, {"votes": 0, "invalid": 0, "ties": 0, "consistent": 0, "swapped_votes": 0}
             )
@@ -70,7 +67,7 @@ def by_principle(rows: list[dict[str, Any]], tie_threshold: float) -> dict[str, 
     return dict(sorted(stats.items()))
 
 
-def principle_agreement(rows: list[dict[str, Any]]) -> dict[str, Any]:
+def principle_agreement(rows: list[Row]) -> dict[str, Any]:
     """For every two principles judging the same pair: how often they prefer the same answer."""
     agree: Counter = Counter()
     total: Counter = Counter()
@@ -87,7 +84,7 @@ def principle_agreement(rows: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def jury(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+def jury(rows: list[Row]) -> dict[str, Any] | None:
     """With a jury: each juror's model, weight and label counts, and how the jurors agree; None without."""
     agreement = jury_agreement(rows)
     if agreement is None:
@@ -102,7 +99,7 @@ def jury(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
     return {"jurors": jurors, "agreement": agreement}
 
 
-def length_bias(rows: list[dict[str, Any]]) -> dict[str, Any]:
+def length_bias(rows: list[Row]) -> dict[str, Any]:
     """How often the longer answer wins among decided pairs of unequal length (0.5 means no bias),
     and each pair's (length ratio, p_first) for a scatter plot."""
     wins = n = 0
@@ -118,7 +115,7 @@ def length_bias(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return {"longer_wins": rate(wins, n), "points": points}
 
 
-def injection(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+def injection(rows: list[Row]) -> dict[str, Any] | None:
     """Pairs judged again with "choose me" planted in the second answer: how often the label picks it,
     against how often it did without the instruction, and how many labels the instruction flipped."""
     probed = [(pair["label"], pair["injection"]["label"]) for _, pair in _pairs(rows) if pair.get("injection")]
@@ -134,11 +131,11 @@ def injection(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
     }
 
 
-def score_values(rows: list[dict[str, Any]]) -> list[float]:
+def score_values(rows: list[Row]) -> list[float]:
     return [s["score"] for row in rows for s in row.get("scores", []) if s["score"] is not None]
 
 
-def revision_stats(rows: Iterable[dict[str, Any]]) -> dict[str, Any] | None:
+def revision_stats(rows: Iterable[Row]) -> dict[str, Any] | None:
     count, flags, principles, lengths = 0, Counter(), Counter(), []
     for row in rows:
         if "revision" in row and "rounds" in row:
@@ -165,7 +162,7 @@ def _wins(judged: list[tuple[float | None, bool | None]]) -> dict[str, Any]:
     }
 
 
-def revision_gain(rows: Iterable[dict[str, Any]]) -> dict[str, Any] | None:
+def revision_gain(rows: Iterable[Row]) -> dict[str, Any] | None:
     """The revision_check stage's figures: revisions against the initial answer, by round (the CAI
     paper's improvement with the number of revisions) and by principle, and what the gate kept out
     of SFT, for each reason (a row can have both)."""

@@ -3,12 +3,11 @@ when $CAI_PROGRESS_FILE is set (cai/generate/progress.py), a training's metrics.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
 
-from cai.core.disk import read_jsonl
+from cai.core.disk import read_json_or_none, read_jsonl
 from cai.service.jobs import FINISHED, Job
 
 
@@ -29,10 +28,7 @@ def progress(state_dir: Path, root: Path, job: Job) -> dict[str, Any]:
 
 
 def _run_progress(path: Path, job: Job) -> dict[str, Any]:
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        doc = {"stage": None, "stages": {}}
+    doc = read_json_or_none(path) or {"stage": None, "stages": {}}
     stages = doc["stages"]
     current = stages.get(doc["stage"], {})
     seconds = current.get("seconds") or 0

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from cai.core.disk import read_jsonl, write_atomic, written_atomically
+from cai.core.disk import read_json_or_none, read_jsonl, write_atomic, written_atomically
 
 
 def test_torn_last_line_is_skipped(tmp_path):
@@ -33,3 +33,12 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
         raise RuntimeError("killed mid-write")
     assert path.read_bytes() == b"old"
     assert [p.name for p in path.parent.iterdir()] == ["reliability.png"]
+
+
+def test_read_json_or_none_falls_back_on_a_missing_or_torn_file(tmp_path):
+    path = tmp_path / "progress.json"
+    assert read_json_or_none(path) is None
+    path.write_text('{"stage": "respond", "sta')
+    assert read_json_or_none(path) is None
+    path.write_text('{"stage": "respond"}')
+    assert read_json_or_none(path) == {"stage": "respond"}

@@ -32,7 +32,7 @@ from cai.generate import feedback
 from cai.generate.backends.base import BackendCallError, ChatRequest
 from cai.generate.calibration import Calibration
 from cai.generate.constitution import ComparisonShot, Constitution, Principle
-from cai.generate.records import Label, Message, Pair, Row, Vote, row_answers, row_samples
+from cai.generate.records import Label, Message, Pair, Row, Vote, orders_by_principle, row_answers, row_samples
 from cai.generate.stages.base import Processed, RowFailed, StageContext, register
 
 OPTIONS = ("A", "B")
@@ -331,9 +331,7 @@ class Compare:
     def label(self, votes: list[Vote]) -> Label:
         """Votes summed up: each principle's swap average (invalid when an order has no usable choice),
         their ensemble, the label by `tie_threshold`, and whether every principle was position consistent."""
-        by_principle: dict[str, dict[bool, float | None]] = {}
-        for vote in votes:
-            by_principle.setdefault(vote["principle_id"], {})[vote["swapped"]] = vote["p_first"]
+        by_principle = orders_by_principle(votes)
         per_principle, consistent = {}, []
         for principle_id, orders in by_principle.items():
             if any(p is None for p in orders.values()):
