@@ -47,7 +47,7 @@ class PipelineConfig:
     stages: list[StageConfig]
     rows_in_flight: int
     output_dir: Path | None
-    constitution: Constitution = field(repr=False, default=None)  # type: ignore[assignment]
+    constitution: Constitution = field(repr=False)
 
     def prompts(self, limit: int | None = None) -> Iterator[Prompt]:
         """The prompts in input order, read and validated lazily (a bad line raises when reached)."""
@@ -154,8 +154,8 @@ def load(
         stages=stages,
         rows_in_flight=doc.get("rows_in_flight", DEFAULT_ROWS_IN_FLIGHT),
         output_dir=Path(output["dir"]).expanduser() if "dir" in output else None,  # relative to where cai runs
+        constitution=constitution_mod.load(constitution_path),
     )
-    config.constitution = constitution_mod.load(constitution_path)
     for index, stage in enumerate(stages):
         if stage.type in ("compare", "score") and not any(p.comparison for p in config.constitution.principles):
             raise InputError(

@@ -117,7 +117,7 @@ class Worker:
         logfile.flush()
         try:
             keys = self.admit(job)
-        except Exception as exc:  # noqa: BLE001  a job that cannot be checked does not start, whatever the reason
+        except Exception as exc:  # a job that cannot be checked does not start, whatever the reason
             error = exc.render() if isinstance(exc, InputError) else f"could not check the job: {exc}"
             with logfile:
                 logfile.write(f"refused: {error}\n")

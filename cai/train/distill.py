@@ -41,7 +41,7 @@ from cai.train import data, loop, runtime
 from cai.train.config import TrainConfig
 from cai.train.losses import distill_kl
 from cai.train.rejection import fine_tune, publish_final, sample, write_sft_records
-from cai.train.rollout import Sampler
+from cai.train.rollout import Sampler, fitting_prompts
 
 
 def train(config: TrainConfig, stop_after: int | None = None) -> Path:
@@ -233,20 +233,9 @@ def generate(
         )
     tokenizer = runtime.load_tokenizer(model)
     tokenizer.padding_side = "left"  # prompts end where the answers start
-    encoded = [
-        tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=True, return_dict=False)
-        for m in conversations
-    ]
-    room = config.max_length - options.max_new_tokens
-    kept = [i for i, ids in enumerate(encoded) if len(ids) <= room]
-    if not kept:
-        raise InputError(
-            str(config.file),
-            "max_length",
-            f"no prompt with its context fits in max_length - distill.max_new_tokens = {room} tokens",
-        )
-    if len(kept) < len(encoded):
-        runtime.note(acc, f"left out {len(encoded) - len(kept)} prompts longer than {room} tokens with the context")
+    kept, encoded = fitting_prompts(
+        config, tokenizer, conversations, options.max_new_tokens, acc, what="prompt with its context"
+    )
     teacher = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).to(acc.device).eval()
     sampler = Sampler(config, options, tokenizer, acc, "distill-teacher")
     k, out = options.samples, []

@@ -61,6 +61,16 @@ def load_prompts(config: TrainConfig, tokenizer, max_new_tokens: int, acc) -> tu
     """The prompt set's conversations and their chat-template token ids, leaving out (with a note)
     prompts with no room for `max_new_tokens` in `max_length`."""
     conversations = [list(p.messages) for p in prompt_sets.load(config.train_data)][: config.limit]
+    kept, encoded = fitting_prompts(config, tokenizer, conversations, max_new_tokens, acc)
+    return [conversations[i] for i in kept], [encoded[i] for i in kept]
+
+
+def fitting_prompts(
+    config: TrainConfig, tokenizer, conversations: list[list[dict]], max_new_tokens: int, acc, what: str = "prompt"
+) -> tuple[list[int], list[list[int]]]:
+    """Every conversation's chat-template prompt ids, and the indexes of those that leave room for
+    `max_new_tokens` in max_length; the others are left out with a note, and none fitting is an error
+    on max_length. `what` names a conversation in both ("prompt with its context")."""
     room = config.max_length - max_new_tokens
     encoded = [
         tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=True, return_dict=False)
@@ -71,11 +81,14 @@ def load_prompts(config: TrainConfig, tokenizer, max_new_tokens: int, acc) -> tu
         raise InputError(
             str(config.file),
             "max_length",
-            f"no prompt fits in max_length - {config.kind}.max_new_tokens = {room} tokens",
+            f"no {what} fits in max_length - {config.kind}.max_new_tokens = {room} tokens",
         )
     if len(kept) < len(encoded):
-        runtime.note(acc, f"left out {len(encoded) - len(kept)} prompts longer than {room} tokens")
-    return [conversations[i] for i in kept], [encoded[i] for i in kept]
+        runtime.note(
+            acc,
+            f"left out {len(encoded) - len(kept)} of {len(encoded)} prompts: the {what} is longer than {room} tokens",
+        )
+    return kept, encoded
 
 
 @dataclass

@@ -5,19 +5,16 @@ preference between two sampled answers."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
+from api_server import API_KEY, KEY_ENV, SERVED_NAME, running
 from synthetic import PROMPTS, WORDS, judge_model, read_metrics, write_config, write_jsonl
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from api_server import API_KEY, KEY_ENV, SERVED_NAME, running  # noqa: E402
-
-from cai.cli import main  # noqa: E402
-from cai.generate.prompts import load as load_prompts  # noqa: E402
-from cai.train import config as train_config  # noqa: E402
-from cai.train.reward import Rewards  # noqa: E402
+from cai.cli import main
+from cai.generate.prompts import load as load_prompts
+from cai.train import config as train_config
+from cai.train.reward import Rewards
 
 ROOT = Path(__file__).resolve().parents[2]
 

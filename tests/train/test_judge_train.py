@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import json
 import random
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from pipeline_files import tiny_pipeline
 from synthetic import MARKER, QUESTIONS, answer, read_metrics, write_config, write_jsonl
 
 from cai.core.errors import InputError
@@ -20,9 +20,6 @@ from cai.generate.constitution import load as load_constitution
 from cai.generate.stages.compare import ANSWER_INSTRUCTION, judge_messages
 from cai.train import config as train_config
 from cai.train import data, judge
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pipeline_files import tiny_pipeline  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 TRAIN, HELD_OUT = 160, 40

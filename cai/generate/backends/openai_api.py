@@ -329,7 +329,7 @@ class OpenAIBackend:
                 started = time.monotonic()
                 try:
                     result, used = await call(endpoint, request)
-                except Exception as exc:  # noqa: BLE001  every fault becomes a retry or a failed request
+                except Exception as exc:  # every fault becomes a retry or a failed request
                     error = exc if isinstance(exc, TransientError) else classify(exc)
                     if not isinstance(error, TransientError):
                         endpoint.succeeded(time.monotonic() - started)  # the server answered; the request was wrong
