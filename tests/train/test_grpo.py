@@ -1,10 +1,11 @@
 """GRPO and RLOO on the tiny model with the rule reward: each raises it, a large beta holds the policy
-at the reference, and a stopped run resumes with the numbers of an uninterrupted one."""
+at the reference, a stopped run resumes with the numbers of an uninterrupted one, and under bf16 the
+reference is held in bf16."""
 
 from __future__ import annotations
 
 import pytest
-from synthetic import group_config, read_metrics
+from synthetic import PROMPTS, group_config, read_metrics, write_config
 
 from cai.train import grpo
 
@@ -96,3 +97,47 @@ def test_packed_groups_give_the_unpacked_log_probs(tiny_model):
     mask = rollout.mask[members]
     assert torch.allclose(packed, expected[members] * mask, atol=1e-5), (packed - expected[members] * mask).abs().max()
     assert torch.allclose(entropy, expected_entropy[members] * mask, atol=1e-4)
+
+
+def test_under_bf16_the_reference_is_held_in_bf16_and_agrees_with_the_policy(
+    tmp_path, tiny_model, target_tokens, monkeypatch
+):
+    """bf16 mixed precision (a GPU's default) on the CPU: the frozen reference loads in bf16, half the
+    memory of fp32 weights, and before any update its log-probs match the policy's autocast ones up to
+    bf16 rounding (the first step's KL is near 0)."""
+    import torch
+
+    from cai.train import config as train_config
+    from cai.train import runtime
+
+    loaded = []
+
+    def spy(*args, **kwargs):
+        loaded.append(load_reference(*args, **kwargs))
+        return loaded[-1]
+
+    load_reference = runtime.load_reference
+    monkeypatch.setattr(runtime, "load_reference", spy)
+    path = write_config(
+        tmp_path / "bf16.yaml",
+        model=str(tiny_model),
+        data={"train": str(PROMPTS)},
+        output_dir=str(tmp_path / "bf16"),
+        max_steps=2,
+        batch_size=4,
+        max_length=192,
+        precision="bf16",
+        seed=1,
+        grpo={
+            "rewards": [{"name": "share", "rule": "token_fraction", "tokens": target_tokens}],
+            "samples": 4,
+            "max_new_tokens": 3,
+            "kl_beta": 0.01,
+        },
+    )
+    grpo.train(train_config.load("grpo", path))
+
+    [reference] = loaded
+    assert {p.dtype for p in reference.parameters()} == {torch.bfloat16}
+    first = read_metrics(tmp_path / "bf16")[1]
+    assert abs(first["kl_per_token"]) < 1e-3, first["kl_per_token"]
