@@ -4,10 +4,13 @@ reference is held in bf16."""
 
 from __future__ import annotations
 
-import pytest
-from synthetic import PROMPTS, group_config, read_metrics, write_config
+from dataclasses import replace
 
-from cai.train import grpo
+import pytest
+import torch
+from synthetic import group_config, read_metrics
+
+from cai.train import grpo, runtime
 
 
 def early_late(metrics: dict[int, dict], key: str, steps: int) -> tuple[float, float]:
@@ -67,7 +70,6 @@ def test_packed_groups_give_the_unpacked_log_probs(tiny_model):
     the answer alone does, and 0 past each answer's end."""
     from types import SimpleNamespace
 
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from cai.train.rollout import Sampler, group_logps_and_entropy, logps_and_entropy, response_mask
@@ -105,11 +107,6 @@ def test_under_bf16_the_reference_is_held_in_bf16_and_agrees_with_the_policy(
     """bf16 mixed precision (a GPU's default) on the CPU: the frozen reference loads in bf16, half the
     memory of fp32 weights, and before any update its log-probs match the policy's autocast ones up to
     bf16 rounding (the first step's KL is near 0)."""
-    import torch
-
-    from cai.train import config as train_config
-    from cai.train import runtime
-
     loaded = []
 
     def spy(*args, **kwargs):
@@ -118,26 +115,10 @@ def test_under_bf16_the_reference_is_held_in_bf16_and_agrees_with_the_policy(
 
     load_reference = runtime.load_reference
     monkeypatch.setattr(runtime, "load_reference", spy)
-    path = write_config(
-        tmp_path / "bf16.yaml",
-        model=str(tiny_model),
-        data={"train": str(PROMPTS)},
-        output_dir=str(tmp_path / "bf16"),
-        max_steps=2,
-        batch_size=4,
-        max_length=192,
-        precision="bf16",
-        seed=1,
-        grpo={
-            "rewards": [{"name": "share", "rule": "token_fraction", "tokens": target_tokens}],
-            "samples": 4,
-            "max_new_tokens": 3,
-            "kl_beta": 0.01,
-        },
-    )
-    grpo.train(train_config.load("grpo", path))
+    config = group_config(tmp_path, tiny_model, target_tokens, "grpo", "bf16", steps=2)
+    grpo.train(replace(config, precision="bf16", batch_size=4))
 
     [reference] = loaded
     assert {p.dtype for p in reference.parameters()} == {torch.bfloat16}
-    first = read_metrics(tmp_path / "bf16")[1]
+    first = read_metrics(config.output_dir)[1]
     assert abs(first["kl_per_token"]) < 1e-3, first["kl_per_token"]
