@@ -30,3 +30,15 @@ def cai_home(tmp_path_factory) -> Path:
     home = Path(os.environ.get("CAI_HOME") or tmp_path_factory.mktemp("cai-home"))
     os.environ["CAI_HOME"] = str(home)
     return home
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """accelerate keeps one process-wide state (its mixed precision among it) and refuses a second
+    Accelerator that differs: a test that sets its own (TRL's trainers, a bf16 run) starts and leaves
+    without one, so the tests around it build theirs."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)

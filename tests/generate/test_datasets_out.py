@@ -14,6 +14,9 @@ from pipeline_files import tiny_pipeline
 from cai.cli import main
 from cai.generate import constitution
 
+# TRL's trainers set accelerate's process-wide state: cai's trainers in later tests must find none
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
+
 
 def lines(path: Path) -> list[dict]:
     return [json.loads(x) for x in path.read_text().splitlines()]
@@ -56,16 +59,6 @@ def preference_run(tiny_model, tmp_path_factory) -> Path:
     assert main(["run", str(pipeline), "--limit", "6", "--run-dir", str(run_dir), "--quiet"]) == 0
     assert lines(run_dir / "datasets" / "preferences.jsonl"), "a random judge with no tie band labels every pair"
     return run_dir
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """TRL's trainers set accelerate's process-wide state (its mixed precision among it); cai's trainers
-    in later tests of this process must find none."""
-    yield
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def trl_args(config_class, out: Path, **extra):

@@ -102,7 +102,7 @@ def test_packed_groups_give_the_unpacked_log_probs(tiny_model):
 
 
 def test_under_bf16_the_reference_is_held_in_bf16_and_agrees_with_the_policy(
-    tmp_path, tiny_model, target_tokens, monkeypatch
+    tmp_path, tiny_model, target_tokens, monkeypatch, fresh_accelerate_state
 ):
     """bf16 mixed precision (a GPU's default) on the CPU: the frozen reference loads in bf16, half the
     memory of fp32 weights, and before any update its log-probs match the policy's autocast ones up to
