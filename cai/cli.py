@@ -33,6 +33,7 @@ def _non_negative_int(text: str) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from cai import chain
     from cai.generate import config, pipeline
+    from cai.generate.keys import used_backends
     from cai.judge import report
 
     if chain.is_chain(args.pipeline):
@@ -43,7 +44,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             verbose=args.verbose,
         )
     cfg = config.load(args.pipeline, args.set)
-    _say_where_keys_go(cfg, "run")
+    _say_where_keys_go(used_backends(cfg), "run")
     summary = pipeline.run(
         cfg, run_dir=args.run_dir, limit=args.limit, show_progress=not args.quiet, engine_log=not args.verbose
     )
@@ -53,11 +54,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     return EXIT_OK if summary.ok else EXIT_FAILED
 
 
-def _say_where_keys_go(cfg, command: str) -> None:
-    """Before any backend starts: a pipeline file from elsewhere cannot send a key off this machine unseen."""
+def _say_where_keys_go(specs, command: str) -> None:
+    """Before any backend starts: a file from elsewhere cannot send a key off this machine unseen."""
     from cai.generate.keys import key_destinations
 
-    for line in key_destinations(cfg):
+    for line in key_destinations(specs):
         print(f"cai {command}: {line}", file=sys.stderr, flush=True)
 
 
@@ -91,6 +92,38 @@ def _print_summary(summary) -> None:
     print(f"datasets: {summary.run_dir / 'datasets'} ({detail}; all rows: rows.jsonl{kept})")
     if failed:
         print(f"failures: {summary.run_dir / 'failures.jsonl'} (rerun the same command to retry them)")
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from cai.rating import config, run
+
+    cfg = config.load(args.eval, args.set)
+    _say_where_keys_go([*cfg.judges.values(), *(m.backend for m in cfg.models.values())], "eval")
+    summary = run.run(
+        cfg, run_dir=args.run_dir, limit=args.limit, show_progress=not args.quiet, engine_log=not args.verbose
+    )
+    print(f"eval: {summary.run_dir}")
+    for work in (summary.answers, summary.judgments):
+        print(f"  {work.name:<10} {work.done}/{work.total} ({work.new} new, {work.failed} failed), {work.calls} calls")
+    print(
+        f"tokens generated: {summary.tokens}, calls replayed from cache: {summary.cached_calls}, time: {summary.seconds:.1f} s"
+    )
+    ratings = summary.ratings
+    for axis, figures in ratings["axes"].items():
+        consistency = _figure(figures["position_consistency"])
+        print(
+            f"{axis}: {figures['n_comparisons']} comparisons on {figures['n_prompts']} prompts, position consistency {consistency}"
+        )
+        for name, f in sorted(figures["models"].items(), key=lambda item: -(item[1]["elo"] or 0)):
+            elo = "-" if f["elo"] is None else f"{f['elo']:.0f} ({f['ci95'][0]:.0f}-{f['ci95'][1]:.0f})"
+            print(
+                f"  {name:<20} Elo {elo:<18} win rate {_figure(f['win_rate_vs_baseline'])} "
+                f"(length-controlled {_figure(f['lc_win_rate_vs_baseline'])}), refusals {_figure(f['refusal_rate'])}"
+            )
+    print(f"ratings: {summary.run_dir / 'ratings.json'}, report: {summary.run_dir / 'report.html'}")
+    if not summary.ok:
+        print(f"failures: {summary.run_dir / 'failures.jsonl'} (rerun the same command to retry them)")
+    return EXIT_OK if summary.ok else EXIT_FAILED
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -146,10 +179,11 @@ def cmd_eval_judge(args: argparse.Namespace) -> int:
 
     from cai.core.disk import write_atomic
     from cai.generate import config, importers
+    from cai.generate.keys import used_backends
     from cai.judge import eval_judge
 
     cfg = config.load(args.pipeline, args.set)
-    _say_where_keys_go(cfg, "eval-judge")
+    _say_where_keys_go(used_backends(cfg), "eval-judge")
     pairs = importers.load_pairs(args.pairs, args.limit, args.skip)
     report = eval_judge.evaluate(
         cfg, pairs, compare_cot=args.compare_cot, injection=args.injection, calibrate=bool(args.calibrate)
@@ -373,6 +407,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="engine and library output on the terminal (by default: RUN_DIR/engine.log)",
     )
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser(
+        "eval", help="rate models: answers to each axis' prompts compared by the judge, Elo ratings with intervals"
+    )
+    p.add_argument("eval", help="eval file (schema: cai/schemas/eval.json)")
+    p.add_argument("--run-dir", type=Path, help="run directory (default: the file's output.dir, else runs/NAME)")
+    p.add_argument("--limit", type=_positive_int, help="use only the first N prompts of each axis")
+    p.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a field of the file")
+    p.add_argument("--quiet", action="store_true", help="no progress display")
+    p.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="engine and library output on the terminal (by default: RUN_DIR/engine.log)",
+    )
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser(
         "validate", help="validate a constitution, pipeline (with the files it names), chain or prompt set"

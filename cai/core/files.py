@@ -11,6 +11,8 @@ from typing import Any, Iterator
 
 import jsonschema
 import yaml
+from referencing import Registry, Resource
+from referencing.jsonschema import DRAFT202012
 
 from cai.core.errors import InputError, field_path
 
@@ -105,10 +107,21 @@ _STRICT_TYPES = jsonschema.Draft202012Validator.TYPE_CHECKER.redefine(
 _Validator = jsonschema.validators.extend(jsonschema.Draft202012Validator, type_checker=_STRICT_TYPES)
 
 
+@cache
+def _schemas() -> Registry:
+    """Every packaged schema by its file name, so one schema can use another's definitions
+    (`"$ref": "pipeline.json#/$defs/backend"`) instead of copying them."""
+    files = [f for f in resources.files("cai.schemas").iterdir() if f.name.endswith(".json")]
+    return Registry().with_resources(
+        (f.name, Resource.from_contents(schema(f.name[: -len(".json")]), default_specification=DRAFT202012))
+        for f in files
+    )
+
+
 def validate(data: Any, schema_name: str, file: str, line: int | None = None) -> None:
     """Validate against a packaged JSON Schema; the most specific error becomes an InputError."""
     _check_text(data, [], file, line)
-    errors = list(_Validator(schema(schema_name)).iter_errors(data))
+    errors = list(_Validator(schema(schema_name), registry=_schemas()).iter_errors(data))
     if not errors:
         return
     error = _most_specific(errors)

@@ -5,8 +5,10 @@ which host before it sends anything, unless that host is this machine."""
 from __future__ import annotations
 
 import ipaddress
+from typing import Iterable
 from urllib.parse import urlsplit
 
+from cai.generate.backends.base import BackendSpec
 from cai.generate.backends.openai_api import base_urls
 from cai.generate.config import PipelineConfig
 
@@ -20,11 +22,15 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def key_destinations(config: PipelineConfig) -> list[str]:
-    """One line per backend a role uses that sends a key off this machine: `backend 'x' sends $VAR to host`."""
+def used_backends(config: PipelineConfig) -> list[BackendSpec]:
+    """The backends a pipeline's roles use."""
+    return [config.backends[name] for name in sorted(set(config.roles.values()))]
+
+
+def key_destinations(specs: Iterable[BackendSpec]) -> list[str]:
+    """One line per backend that sends a key off this machine: `backend 'x' sends $VAR to host`."""
     lines = []
-    for name in sorted(set(config.roles.values())):
-        settings = config.backends[name].settings
+    for name, settings in sorted({spec.name: spec.settings for spec in specs}.items()):
         variable = settings.get("api_key_env")
         if not variable:
             continue

@@ -212,17 +212,17 @@ def _jury(jury: dict[str, Any] | None) -> str:
         [
             "<h2>Jury</h2>",
             "<p>Each juror labels every pair; the pair's probability is their weighted mean.</p>",
-            _table(["juror", "model", "weight", *run_stats.LABELS], rows),
+            html_table(["juror", "model", "weight", *run_stats.LABELS], rows),
             (
                 f"<p>Over the {agreement['n']} pairs every juror labelled, two jurors give the same label {share} of the time "
                 f"(Fleiss' kappa {kappa(agreement['fleiss_kappa'])}; 0 is chance agreement, 1 full agreement).</p>"
             ),
-            _table(["jurors", "same label", "Cohen's kappa"], pairs),
+            html_table(["jurors", "same label", "Cohen's kappa"], pairs),
         ]
     )
 
 
-def _table(header: list[str], rows: list[list[Any]]) -> str:
+def html_table(header: list[str], rows: list[list[Any]]) -> str:
     head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{cell}</td>" for cell in row) + "</tr>" for row in rows)
     return f"<table><tr>{head}</tr>{body}</table>"
@@ -232,7 +232,7 @@ def _img(plots: dict[str, str], name: str) -> str:
     return f'<img src="{plots[name]}" alt="{name}">' if name in plots else ""
 
 
-def _embedded(folder: Path, plots: dict[str, str]) -> dict[str, str]:
+def embedded_plots(folder: Path, plots: dict[str, str]) -> dict[str, str]:
     """Each plot as a data URI: report.html is one file that reads the same offline, sent by mail or
     opened outside the run folder (the PNGs stay in report/ for those who want the files)."""
     return {
@@ -271,7 +271,7 @@ def run_figures(manifest: dict[str, Any]) -> str:
         )
     parts = [
         "<h2>Run figures</h2>",
-        _table(
+        html_table(
             [
                 "started",
                 "rows finished",
@@ -322,9 +322,9 @@ def _gain_section(manifest: dict[str, Any], gain: dict[str, Any], plots: dict[st
         "<h2>Revision gain</h2>",
         "<p>The judge compares each round's revision with the initial answer under the comparison question of the principle that "
         "round used, in both orders (swap-averaged).</p>",
-        _table(["round", *header], [[k, *cells(w)] for k, w in gain["by_round"].items()]),
+        html_table(["round", *header], [[k, *cells(w)] for k, w in gain["by_round"].items()]),
         _img(plots, "gain"),
-        _table(["principle", *header], [[e(pid), *cells(w)] for pid, w in gain["by_principle"].items()]),
+        html_table(["principle", *header], [[e(pid), *cells(w)] for pid, w in gain["by_principle"].items()]),
     ]
     if gain["helpfulness"]:
         parts.append(
@@ -338,7 +338,7 @@ def render(manifest: dict[str, Any], stats: dict[str, Any], plots: dict[str, str
     c = manifest["constitution"]
     parts = [
         f"<h1>cai run: {e(manifest['name'])}</h1>",
-        _table(
+        html_table(
             ["pipeline", "constitution", "seed", "created", "rows"],
             [
                 [
@@ -358,7 +358,7 @@ def render(manifest: dict[str, Any], stats: dict[str, Any], plots: dict[str, str
         labels, total = stats["labels"], sum(stats["labels"].values())
         parts += [
             "<h2>AI-feedback labels</h2>",
-            _table(
+            html_table(
                 ["label", "pairs", "share"],
                 [[k, v, f"{100 * v / total:.1f}%" if total else "-"] for k, v in labels.items()],
             ),
@@ -367,7 +367,7 @@ def render(manifest: dict[str, Any], stats: dict[str, Any], plots: dict[str, str
             "<h2>Per principle</h2>",
             "<p>A principle's vote is invalid when an order gave no usable choice; principles flagged "
             f"<b>mostly invalid</b> (over {100 * run_stats.MOSTLY_INVALID:.0f}% invalid) need a clearer question or another judge.</p>",
-            _table(
+            html_table(
                 ["principle", "votes", "invalid", "ties", "position consistency", "flag"],
                 [
                     [
@@ -417,7 +417,7 @@ def render(manifest: dict[str, Any], stats: dict[str, Any], plots: dict[str, str
         parts += [
             "<h2>Critique and revision</h2>",
             f"<p>{revisions['rows']} rows revised; flagged and left out of SFT: {e(flags)}.</p>",
-            _table(["principle", "critiques"], [[e(k), v] for k, v in sorted(revisions["principles"].items())]),
+            html_table(["principle", "critiques"], [[e(k), v] for k, v in sorted(revisions["principles"].items())]),
             _img(plots, "revisions"),
         ]
     if stats.get("revision_gain"):
@@ -428,15 +428,15 @@ def render(manifest: dict[str, Any], stats: dict[str, Any], plots: dict[str, str
         parts += [
             f"<p>{failures['recorded']} failures recorded; {failures['rows_still_failed']} rows still failed "
             "(rerun the same <code>cai run</code> to retry them). Details: failures.jsonl.</p>",
-            _table(["reason", "count"], [[e(reason), n] for reason, n in failures["top_reasons"]]),
+            html_table(["reason", "count"], [[e(reason), n] for reason, n in failures["top_reasons"]]),
             _img(plots, "failures"),
         ]
     else:
         parts.append("<p>None.</p>")
-    return _page(f"cai report: {manifest['name']}", parts)
+    return html_page(f"cai report: {manifest['name']}", parts)
 
 
-def _page(title: str, parts: list[str]) -> str:
+def html_page(title: str, parts: list[str]) -> str:
     """A whole HTML page of these parts (empty ones left out), with the report's style."""
     head = f"<meta charset='utf-8'><title>{html.escape(title)}</title><style>{STYLE}</style>"
     return (
@@ -465,19 +465,19 @@ def write_chain(workdir: Path) -> Path:
             lines = metrics.read_text(encoding="utf-8").splitlines()
             last = json.loads(lines[-1]) if lines else {}
             cells = [[e(k), f"{v:.4g}" if isinstance(v, float) else e(str(v))] for k, v in last.items()]
-            parts += [_table(["last logged", "value"], cells)]
+            parts += [html_table(["last logged", "value"], cells)]
         if (folder / "curves.png").exists():
             parts.append(f'<img src="{e(name)}/curves.png" alt="{e(name)} curves">')
         if (folder / "rejection.jsonl").exists():
             rows = [json.loads(line) for line in (folder / "rejection.jsonl").read_text(encoding="utf-8").splitlines()]
             parts.append(
-                _table(
+                html_table(
                     ["iteration", "mean reward", "mean best reward"],
                     [[r["iteration"], f"{r['mean_reward']:.4g}", f"{r['mean_best_reward']:.4g}"] for r in rows],
                 )
             )
     page = workdir / "report.html"
-    write_atomic(page, _page("cai chain", parts))
+    write_atomic(page, html_page("cai chain", parts))
     return page
 
 
@@ -488,7 +488,7 @@ def write(run_dir: Path) -> Path:
     manifest, rows, failures = load_run(run_dir)
     stats = figures(manifest, rows, failures)
     with replaced_folder(run_dir / "report") as tmp:
-        plots = _embedded(tmp, _plots(stats, tmp))
+        plots = embedded_plots(tmp, _plots(stats, tmp))
     page = run_dir / "report.html"
     write_atomic(page, render(manifest, stats, plots, report_samples.render(rows)))
     return page

@@ -1,0 +1,275 @@
+"""Eval files (`cai eval EVAL.yaml`): load, apply `--set` overrides, validate against cai/schemas/eval.json
+and resolve: the models rated (checkpoint globs expanded in step order), the judge (the compare stage's,
+in both orders always), the axes and their questions. Every error names the file and the field."""
+
+from __future__ import annotations
+
+import glob
+import re
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from cai.core.errors import InputError
+from cai.core.files import content_hash, existing_path, load_yaml, resolve_path, validate
+from cai.core.models import EMBEDDED, check_model_folder
+from cai.core.overrides import apply_overrides
+from cai.generate import calibration
+from cai.generate import constitution as constitution_mod
+from cai.generate import prompts as prompts_mod
+from cai.generate.backends.base import BackendSpec
+from cai.generate.config import DEFAULT_ROWS_IN_FLIGHT, backend_spec
+from cai.generate.constitution import Constitution, Principle
+from cai.generate.prompts import Prompt
+from cai.generate.stages.compare import Compare
+
+BOOTSTRAP_ROUNDS = 1000
+JUDGE_ROLE = "judge"  # the one judge's role in the compare stage; a jury's roles are its backends' names
+
+
+@dataclass(frozen=True)
+class Generation:
+    """How a model answers the eval's prompts."""
+
+    max_tokens: int = 256
+    temperature: float = 0.7
+    top_p: float = 1.0
+    system_prompt: str | None = None
+
+
+@dataclass(frozen=True)
+class RatedModel:
+    name: str  # as rated: the entry's name, or NAME@FOLDER for each checkpoint of a glob
+    backend: BackendSpec  # the entry's backend, its model replaced by the entry's own
+    generation: Generation
+    series: str  # the entry's name: a glob's checkpoints share it and are joined by a line in the plots
+    step: int | None = None  # a checkpoint's step (the number ending its folder's name)
+    weights: str | None = None  # a local folder's files (names, sizes, times): a retrained folder is a new model
+
+    def engine(self) -> dict[str, Any]:
+        """What makes two models' answers come from the same engine: the key of its calls in the cache."""
+        return {**self.backend.identity(), **({"weights": self.weights} if self.weights else {})}
+
+    def identity(self) -> str:
+        """What determines this model's answers (its name does not: renaming a model reuses them)."""
+        return content_hash({"engine": self.engine(), "generation": asdict(self.generation)})
+
+
+@dataclass(frozen=True)
+class Axis:
+    name: str
+    prompt_paths: tuple[Path, ...]
+    constitution: Constitution  # what the judge asks: the eval's, or one principle holding the axis' question
+    question: str | None = None
+
+    def prompts(self, limit: int | None = None) -> Iterator[Prompt]:
+        for count, prompt in enumerate(prompts_mod.iter_many(self.prompt_paths)):
+            if limit is not None and count >= limit:
+                return
+            yield prompt
+
+
+@dataclass
+class EvalConfig:
+    file: Path
+    raw: dict[str, Any]  # the validated document, overrides applied: recorded in the manifest
+    name: str
+    seed: int
+    constitution_path: Path
+    models: dict[str, RatedModel]  # in the file's order, a glob's checkpoints in step order
+    baseline: str
+    judge: Compare
+    judges: dict[str, BackendSpec]  # the compare stage's roles -> their backends
+    axes: dict[str, Axis]
+    comparisons: str
+    pairs_per_prompt: int | None
+    bootstrap: int
+    rows_in_flight: int
+    output_dir: Path | None
+    constitution: Constitution = field(repr=False)
+
+    def judge_identity(self) -> dict[str, Any]:
+        """What makes two judgments the same: the judge's settings and the engines behind its roles."""
+        settings = {k: v for k, v in self.raw["judge"].items() if k not in ("backend", "calibration")}
+        cal = self.judge.calibration
+        return {
+            "settings": settings,
+            "engines": {role: spec.identity() for role, spec in self.judges.items()},
+            **({"calibration": cal.sha256} if cal else {}),
+        }
+
+
+def load(
+    path: str | Path, overrides: list[str] = (), check_path: Callable[[Path, str], None] | None = None
+) -> EvalConfig:
+    """`check_path(path, field)` sees every path the file names before it is opened (the server's
+    workspace confinement), as pipeline files do."""
+    file = Path(path)
+    name = str(file)
+    doc = load_yaml(file)
+    if not isinstance(doc, dict):
+        validate(doc, "eval", name)
+    doc = apply_overrides(doc, list(overrides), name)
+    validate(doc, "eval", name)
+
+    def existing(value: str, field_name: str) -> Path:
+        if check_path:
+            check_path(resolve_path(value, file), field_name)
+        return existing_path(value, file, name, field_name)
+
+    constitution_path = existing(doc["constitution"], "constitution")
+    constitution = constitution_mod.load(constitution_path)
+    backends = {}
+    for backend_name, b in doc["backends"].items():
+        if b["type"] == "vllm" and b["model"] not in EMBEDDED and check_path:
+            check_path(resolve_path(b["model"], file), f"backends.{backend_name}.model")
+        backends[backend_name] = backend_spec(backend_name, b, file, f"backends.{backend_name}")
+
+    def backend(backend_name: str, where: str) -> BackendSpec:
+        if backend_name not in backends:
+            raise InputError(name, where, f"undeclared backend {backend_name!r} (declared: {', '.join(backends)})")
+        return backends[backend_name]
+
+    defaults = Generation(**doc.get("generation", {}))
+    models: dict[str, RatedModel] = {}
+    for entry, spec in doc["models"].items():
+        where = f"models.{entry}"
+        if "model" in spec and "checkpoints" in spec:
+            raise InputError(name, where, "give `model` or `checkpoints`, not both")
+        base = backend(spec["backend"], f"{where}.backend")
+        generation = replace(defaults, **{k: spec[k] for k in asdict(defaults) if k in spec})
+        local = base.type == "vllm"
+        if "checkpoints" in spec:
+            if not local:
+                raise InputError(name, f"{where}.checkpoints", "checkpoints are model folders: use a vllm backend")
+            folders = _checkpoints(spec["checkpoints"], file, name, f"{where}.checkpoints", check_path)
+            for step, folder in folders:
+                rated = _rated(f"{entry}@{folder.name}", base, str(folder), generation, entry, step)
+                models[rated.name] = rated
+            continue
+        model = spec.get("model", base.model)
+        if local and "model" in spec:
+            if model not in EMBEDDED and check_path:
+                check_path(resolve_path(model, file), f"{where}.model")
+            check_model_folder(model, file, name, f"{where}.model")
+            if resolve_path(model, file).is_dir():
+                model = str(resolve_path(model, file).resolve())
+        models[entry] = _rated(entry, base, model, generation, entry, None)
+    if doc["baseline"] not in models:
+        raise InputError(
+            name, "baseline", f"{doc['baseline']!r} is not a model of this eval (models: {', '.join(models)})"
+        )
+    if len(models) < 2:
+        raise InputError(name, "models", "rating needs at least two models: the baseline and one to compare with it")
+
+    judge_doc = doc["judge"]
+    if ("backend" in judge_doc) == ("jury" in judge_doc):
+        raise InputError(name, "judge", "name the judge's `backend`, or a `jury` of backends, not both")
+    params = {k: v for k, v in judge_doc.items() if k != "backend"}
+    if "calibration" in params:
+        if "jury" in params:
+            raise InputError(
+                name, "judge.calibration", "a calibration is fitted to one judge: a jury's jurors would share it"
+            )
+        params["calibration"] = calibration.load(existing(params["calibration"], "judge.calibration"))
+    judge = Compare(**params, swap=True)
+    if judge.jury:
+        judges = {role: backend(role, f"judge.jury.{role}") for role in judge.jury}
+    else:
+        judges = {JUDGE_ROLE: backend(judge_doc["backend"], "judge.backend")}
+
+    axes = {}
+    for axis_name, spec in doc["axes"].items():
+        where = f"axes.{axis_name}"
+        values = spec["prompts"] if isinstance(spec["prompts"], list) else [spec["prompts"]]
+        field_of = (
+            (lambda i: f"{where}.prompts[{i}]") if isinstance(spec["prompts"], list) else (lambda i: f"{where}.prompts")
+        )
+        paths = tuple(existing(v, field_of(i)) for i, v in enumerate(values))
+        question = spec.get("question")
+        if question is None:
+            if not any(p.comparison for p in constitution.principles):
+                raise InputError(
+                    str(constitution_path),
+                    "principles",
+                    f"axis {axis_name!r} has no question and no principle has a 'comparison' question",
+                )
+            asked = constitution
+        else:
+            asked = replace(constitution, principles=(Principle(axis_name, "", "", comparison=question),))
+        shots = judge.few_shot
+        if shots > len(asked.comparison_few_shot):
+            raise InputError(
+                name,
+                "judge.few_shot",
+                f"{shots} comparison few-shots asked, the constitution has {len(asked.comparison_few_shot)}",
+            )
+        if not any(True for _ in prompts_mod.iter_many(paths)):
+            raise InputError(name, f"{where}.prompts", "no prompts: the axis' prompt files are empty")
+        axes[axis_name] = Axis(axis_name, paths, asked, question)
+
+    output = doc.get("output", {})
+    return EvalConfig(
+        file=file,
+        raw=doc,
+        name=doc["name"],
+        seed=doc.get("seed", 0),
+        constitution_path=constitution_path,
+        models=models,
+        baseline=doc["baseline"],
+        judge=judge,
+        judges=judges,
+        axes=axes,
+        comparisons=doc.get("comparisons", "all_pairs"),
+        pairs_per_prompt=doc.get("pairs_per_prompt"),
+        bootstrap=doc.get("bootstrap", BOOTSTRAP_ROUNDS),
+        rows_in_flight=doc.get("rows_in_flight", DEFAULT_ROWS_IN_FLIGHT),
+        output_dir=Path(output["dir"]).expanduser() if "dir" in output else None,
+        constitution=constitution,
+    )
+
+
+def _rated(
+    name: str, base: BackendSpec, model: str, generation: Generation, series: str, step: int | None
+) -> RatedModel:
+    folder = Path(model)
+    weights = _folder_stamp(folder) if folder.is_absolute() and folder.is_dir() else None
+    return RatedModel(name, replace(base, model=model), generation, series, step, weights)
+
+
+def _folder_stamp(folder: Path) -> str:
+    """The files of a model folder by name, size and modification time: cheap, and changed by a retraining."""
+    return content_hash(
+        sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in folder.iterdir() if p.is_file())
+    )
+
+
+STEP = re.compile(r"(\d+)$")
+
+
+def _checkpoints(
+    pattern: str, file: Path, shown: str, where: str, check_path: Callable[[Path, str], None] | None
+) -> list[tuple[int | None, Path]]:
+    """The model folders a glob matches (relative to the eval file's folder, else the current one), in step
+    order: the number ending each folder's name (`step-12`), then the name."""
+    bases = (
+        [Path(pattern).expanduser()]
+        if Path(pattern).expanduser().is_absolute()
+        else [file.parent / pattern, Path.cwd() / pattern]
+    )
+    matches: list[Path] = []
+    for candidate in bases:
+        matches = sorted(Path(p) for p in glob.glob(str(candidate)) if Path(p).is_dir())
+        if matches:
+            break
+    if not matches:
+        raise InputError(shown, where, f"{pattern!r} matches no folder")
+    found = []
+    for folder in matches:
+        if check_path:
+            check_path(folder, where)
+        if not (folder / "config.json").is_file():
+            raise InputError(shown, where, f"{folder} is not a model folder (no config.json)")
+        number = STEP.search(folder.name)
+        found.append((int(number.group(1)) if number else None, folder.resolve()))
+    return sorted(found, key=lambda f: (f[0] is None, f[0] or 0, f[1].name))
