@@ -1,8 +1,10 @@
-"""Chains: pipeline runs and trainings in order, each step reading what earlier steps wrote (for
-example SL-CAI data -> SFT -> RL-CAI labels from the SFT model -> reward model -> DPO).
+"""Chains: pipeline runs, trainings and evals in order, each step reading what earlier steps wrote (for
+example SL-CAI data -> SFT -> RL-CAI labels from the SFT model -> reward model -> DPO -> ratings of
+the base, SFT and DPO models).
 
 A chain file (a `steps:` list) runs with `cai run` like a pipeline. Each step is the very command a
-user would type, `cai run PIPELINE --run-dir DIR` or `cai train KIND CONFIG --set output_dir=DIR`,
+user would type, `cai run PIPELINE --run-dir DIR`, `cai eval EVAL --run-dir DIR` or
+`cai train KIND CONFIG --set output_dir=DIR`,
 with DIR a folder of the chain's workdir named after the step; `${step}` in a later step's `set` is
 that folder. Rerunning the chain skips the steps that finished with the same command and resumes
 the one that did not, as its own command does; a finished step whose command changed is refused.
@@ -59,9 +61,10 @@ def load(path: str | Path, overrides: list[str] = (), workdir: Path | None = Non
             raise InputError(name, f"{where}.name", f"a second step named {spec['name']!r}")
         sets = [_expand(text, folders, name, f"{where}.set") for text in spec.get("set", [])]
         folder = root / spec["name"]
-        if "run" in spec:
-            pipeline = existing_path(spec["run"], file, name, f"{where}.run").resolve()
-            argv = ["run", str(pipeline), "--run-dir", str(folder)]
+        if "run" in spec or "eval" in spec:
+            command = "run" if "run" in spec else "eval"
+            target = existing_path(spec[command], file, name, f"{where}.{command}").resolve()
+            argv = [command, str(target), "--run-dir", str(folder)]
             step_limit = limit or spec.get("limit")
             if step_limit is not None:
                 argv += ["--limit", str(step_limit)]
@@ -106,7 +109,9 @@ def run(chain: Chain, run_command: Callable[[list[str]], int], quiet: bool = Fal
                 f"changed since it ran: delete {', '.join(later)} to run it and the steps after it again",
             )
         print(f"[{number}/{len(chain.steps)}] {step.name}: cai {' '.join(step.argv)}", flush=True)
-        options = (["--quiet"] if quiet and step.argv[0] == "run" else []) + (["--verbose"] if verbose else [])
+        options = (["--quiet"] if quiet and step.argv[0] in ("run", "eval") else []) + (
+            ["--verbose"] if verbose else []
+        )
         code = run_command([*step.argv, *options])
         if code != 0:
             print(f"chain {chain.name}: step {step.name} stopped with exit {code}; rerun the same command to resume it")

@@ -98,7 +98,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from cai.rating import config, run
 
     cfg = config.load(args.eval, args.set)
-    _say_where_keys_go([*cfg.judges.values(), *(m.backend for m in cfg.models.values())], "eval")
+    _say_where_keys_go(cfg.used_backends(), "eval")
     summary = run.run(
         cfg, run_dir=args.run_dir, limit=args.limit, show_progress=not args.quiet, engine_log=not args.verbose
     )
@@ -138,7 +138,12 @@ def cmd_validate(args: argparse.Namespace) -> int:
         print(f"{path}: ok (prompt set, {n} prompts)")
         return EXIT_OK
     doc = load_yaml(path)
-    if isinstance(doc, dict) and "steps" in doc:
+    if isinstance(doc, dict) and "axes" in doc:
+        from cai.rating import config as eval_config
+
+        e = eval_config.load(path)
+        print(f"{path}: ok (eval {e.name!r}: models {', '.join(e.models)}; axes {', '.join(e.axes)})")
+    elif isinstance(doc, dict) and "steps" in doc:
         from cai import chain
 
         c = chain.load(path)
@@ -232,9 +237,12 @@ def _figure(value: float | None) -> str:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    from cai.core.disk import read_json_or_none
     from cai.judge import report
+    from cai.rating import report as eval_report
 
-    print(report.write(args.run_dir))
+    manifest = read_json_or_none(args.run_dir / "manifest.json") or {}
+    print((eval_report if manifest.get("kind") == "eval" else report).write(args.run_dir))
     return EXIT_OK
 
 
@@ -425,7 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser(
-        "validate", help="validate a constitution, pipeline (with the files it names), chain or prompt set"
+        "validate", help="validate a constitution, pipeline or eval (with the files it names), chain or prompt set"
     )
     p.add_argument("file")
     p.set_defaults(func=cmd_validate)

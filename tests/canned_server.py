@@ -2,8 +2,10 @@
 (where a model adds nothing): it answers after a delay drawn from a lognormal distribution, with text
 derived from the request, optional log-probabilities, usage, per-minute rate limits enforced with 429s,
 and failures at a chosen rate. Plain asyncio HTTP/1.1 with keep-alive, so it is never the bottleneck.
+With `--prefer shorter`, it is a scripted judge: asked the compare stage's question, it gives the letter
+of the shorter response probability 0.9 (in either order), a rule tests of ratings can check.
 
-    python tests/canned_server.py --port 0 --median-s 0.2 --sigma 0.8 [--rpm N] [--tpm N] [--fail-rate p]
+    python tests/canned_server.py --port 0 --median-s 0.2 --sigma 0.8 [--rpm N] [--tpm N] [--fail-rate p] [--prefer shorter]
 
 prints `listening PORT` on its first line; GET /stats gives the requests it saw, their times and 429s.
 """
@@ -15,9 +17,21 @@ import asyncio
 import json
 import math
 import random
+import re
 import time
 
 MODEL = "canned"
+RESPONSES = re.compile(r"<response_a>\n(.*)\n</response_a>.*<response_b>\n(.*)\n</response_b>", re.DOTALL)
+
+
+def letter_probabilities(last: str, prefer: str | None) -> tuple[tuple[str, float], tuple[str, float]]:
+    """The judge's option probabilities: by the scripted rule when the message is a comparison of two
+    responses, else a fixed pull towards A."""
+    found = RESPONSES.search(last) if prefer == "shorter" else None
+    if found is None:
+        return ("A", 0.6), ("B", 0.4)
+    first, second = (len(text) for text in found.groups())
+    return (("A", 0.9), ("B", 0.1)) if first < second else (("B", 0.9), ("A", 0.1))
 
 
 class Bucket:
@@ -91,10 +105,9 @@ class Canned:
         text = f"canned answer to: {last[:60]}"
         choice_logprobs = None
         if request.get("logprobs"):
-            top = [{"token": t, "logprob": math.log(p), "bytes": None} for t, p in (("A", 0.6), ("B", 0.4))]
-            choice_logprobs = {
-                "content": [{"token": "A", "logprob": math.log(0.6), "bytes": None, "top_logprobs": top}]
-            }
+            options = letter_probabilities(last, self.args.prefer)
+            top = [{"token": t, "logprob": math.log(p), "bytes": None} for t, p in options]
+            choice_logprobs = {"content": [{**top[0], "top_logprobs": top}]}
         choices = [
             {
                 "index": i,
@@ -184,6 +197,7 @@ def parse(argv=None):
     p.add_argument("--fail-rate", type=float, default=0.0)
     p.add_argument("--fail-delay-s", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--prefer", choices=["shorter"], help="judge comparisons by a scripted rule")
     return p.parse_args(argv)
 
 

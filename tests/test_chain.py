@@ -1,5 +1,6 @@
-"""Chains on the tiny model: SL-CAI data -> SFT -> RL-CAI labels from the SFT model -> RM -> DPO, each
-step the same command a user types, resumed and skipped on reruns."""
+"""Chains on the tiny model: SL-CAI data -> SFT -> RL-CAI labels from the SFT model -> RM -> DPO -> an
+eval of the base model against the DPO policy, each step the same command a user types, resumed and
+skipped on reruns."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import json
 
 import pytest
 import yaml
-from pipeline_files import tiny_pipeline
+from pipeline_files import tiny_eval, tiny_pipeline
 
 from cai.cli import main
 
@@ -33,6 +34,7 @@ def chain_file(tmp_path, tiny_model):
             {"type": "compare", "tie_threshold": 0.0},
         ],
     )
+    rated = tiny_eval(tmp_path, tiny_model, bootstrap=10, generation={"max_tokens": 4})
     # Each config names its data and model as a user would; the chain replaces them with its steps' outputs.
     configs = {
         kind: write(
@@ -72,6 +74,12 @@ def chain_file(tmp_path, tiny_model):
                     "config": str(configs["dpo"]),
                     "set": ["model=${sft}/final", "data.train=${rl}/datasets/preferences.jsonl"],
                 },
+                {
+                    "name": "eval",
+                    "eval": str(rated),
+                    "limit": 2,
+                    "set": ["models.terse.model=${dpo}/final", "models.verbose.model=${dpo}/final"],
+                },
             ],
         },
     )
@@ -91,11 +99,33 @@ def test_quiet_and_verbose_reach_the_steps_that_take_them(chain_file):
     assert seen[1][0] == "train" and seen[1][-1] == "--verbose" and "--quiet" not in seen[1]  # train has no --quiet
 
 
+def test_an_eval_step_is_the_cai_eval_command(chain_file, tmp_path):
+    from cai import chain
+
+    step = chain.load(chain_file).steps[-1]
+    work = tmp_path / "work"
+    assert step.argv == (
+        "eval",
+        str(tmp_path / "eval.yaml"),
+        "--run-dir",
+        str(work / "eval"),
+        "--limit",
+        "2",
+        "--set",
+        f"models.terse.model={work / 'dpo'}/final",
+        "--set",
+        f"models.verbose.model={work / 'dpo'}/final",
+    )
+    seen = []
+    chain.run(chain.Chain(chain_file, "one", work, (step,)), lambda argv: seen.append(argv) or 1, quiet=True)
+    assert seen[0][-1] == "--quiet"  # cai eval, like cai run, takes it
+
+
 def test_chain_runs_every_step_on_earlier_outputs_then_skips_them(chain_file, tmp_path, capsys):
     assert main(["run", str(chain_file), "--quiet"]) == 0
     work = tmp_path / "work"
     state = json.loads((work / "chain.json").read_text())
-    assert list(state["steps"]) == ["sl", "sft", "rl", "rm", "dpo"]
+    assert list(state["steps"]) == ["sl", "sft", "rl", "rm", "dpo", "eval"]
     rl_manifest = json.loads((work / "rl" / "manifest.json").read_text())
     assert rl_manifest["config"]["backends"]["local"]["model"] == str(
         work / "sft" / "final"
@@ -103,15 +133,19 @@ def test_chain_runs_every_step_on_earlier_outputs_then_skips_them(chain_file, tm
     assert (work / "rl" / "report.html").exists() and (work / "sl" / "datasets" / "sft.jsonl").exists()
     for step in ("sft", "rm", "dpo"):
         assert (work / step / "final" / "model.safetensors").exists() and (work / step / "metrics.jsonl").exists()
+    ratings = json.loads((work / "eval" / "ratings.json").read_text())
+    assert ratings["models"]["terse"]["model"] == str(work / "dpo" / "final")  # the policy the chain trained
+    assert ratings["axes"]["harmless"]["models"]["terse"]["n_comparisons"] == 2 * 2  # 2 prompts, 2 opponents
     capsys.readouterr()
 
     assert main(["run", str(chain_file), "--quiet"]) == 0
-    assert capsys.readouterr().out.count("done earlier, skipped") == 5
+    assert capsys.readouterr().out.count("done earlier, skipped") == 6
 
     assert main(["report", str(work)]) == 0
     page = (work / "report.html").read_text()
-    assert all(f"<h2>{step}</h2>" in page for step in ("sl", "sft", "rl", "rm", "dpo"))
+    assert all(f"<h2>{step}</h2>" in page for step in ("sl", "sft", "rl", "rm", "dpo", "eval"))
     assert 'href="rl/report.html"' in page and 'src="dpo/curves.png"' in page and "last logged" in page
+    assert 'href="eval/report.html"' in page and 'src="eval/report/frontier.png"' in page and "harmless Elo" in page
 
     doc = yaml.safe_load(chain_file.read_text())
     doc["steps"][3]["set"].append("lr=0.001")
@@ -120,7 +154,7 @@ def test_chain_runs_every_step_on_earlier_outputs_then_skips_them(chain_file, tm
     err = capsys.readouterr().err.strip()
     assert (
         err
-        == f"{chain_file}: steps[3]: changed since it ran: delete {work / 'rm'}, {work / 'dpo'} to run it and the steps after it again"
+        == f"{chain_file}: steps[3]: changed since it ran: delete {work / 'rm'}, {work / 'dpo'}, {work / 'eval'} to run it and the steps after it again"
     )
 
 
@@ -128,7 +162,7 @@ def test_chain_runs_every_step_on_earlier_outputs_then_skips_them(chain_file, tm
     "edit, field, says",
     [
         (lambda d: d["steps"][1]["set"].append("model=${rl}/final"), "steps[1].set", "${rl} names no earlier step"),
-        (lambda d: d["steps"].append(dict(d["steps"][0])), "steps[5].name", "a second step named 'sl'"),
+        (lambda d: d["steps"].append(dict(d["steps"][0])), "steps[6].name", "a second step named 'sl'"),
         (lambda d: d["steps"][0].update(run="missing.yaml"), "steps[0].run", "file not found: missing.yaml"),
         (lambda d: d["steps"][1].pop("config"), "steps[1]", None),
     ],

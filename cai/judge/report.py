@@ -1,6 +1,7 @@
 """`cai report RUN_DIR`: one HTML page (RUN_DIR/report.html, its PNG plots inside it and in RUN_DIR/report/) of what a
 run produced and how far its judge can be trusted. The figures come from run_stats.py. For a chain's
-workdir, a page with every step: each run's own report, each training's curves and last metrics."""
+workdir, a page with every step: each run's own report, each training's curves and last metrics, each
+eval's ratings and plots."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from cai.generate.store import RunStore
 from cai.judge import report_samples, run_stats
 
 CHAIN_STATE = "chain.json"  # a chain's workdir: the steps done (written by cai/chain.py, read by write_chain)
+EVAL_RATINGS = "ratings.json"  # an eval step's ratings (cai/rating/results.py writes it)
 
 
 def load_run(run_dir: Path) -> tuple[dict[str, Any], JsonlRecords, list[dict[str, Any]]]:
@@ -444,6 +446,24 @@ def html_page(title: str, parts: list[str]) -> str:
     )
 
 
+def _ratings_table(ratings: dict[str, Any]) -> str:
+    """An eval's Elo ratings, a row per model and a column per axis (the eval's own report has the rest)."""
+    axes = list(ratings["axes"])
+
+    def cell(figures: dict[str, Any]) -> str:
+        return (
+            "-"
+            if figures["elo"] is None
+            else f"{figures['elo']:.0f} ({figures['ci95'][0]:.0f}-{figures['ci95'][1]:.0f})"
+        )
+
+    rows = [
+        [html.escape(model), *(cell(ratings["axes"][axis]["models"][model]) for axis in axes)]
+        for model in ratings["models"]
+    ]
+    return html_table(["model", *(f"{axis} Elo (95% CI)" for axis in axes)], rows)
+
+
 def write_chain(workdir: Path) -> Path:
     """WORKDIR/report.html: the chain's steps in order, linking each run's report (rewritten here) and
     showing each training's curves and last logged metrics."""
@@ -455,7 +475,14 @@ def write_chain(workdir: Path) -> Path:
         parts.append(
             f"<h2>{e(name)}</h2><p><code>cai {e(' '.join(step['argv']))}</code> (finished {e(step['finished'])})</p>"
         )
-        if (folder / "manifest.json").exists():
+        if (folder / EVAL_RATINGS).exists():  # an eval step: it wrote its report when it ran
+            parts.append(f'<p><a href="{e(name)}/report.html">eval report</a></p>')
+            parts.append(_ratings_table(json.loads((folder / EVAL_RATINGS).read_text(encoding="utf-8"))))
+            parts += [
+                f'<img src="{e(name)}/report/{e(png.name)}" alt="{e(png.stem)}">'
+                for png in sorted((folder / "report").glob("*.png"))
+            ]
+        elif (folder / "manifest.json").exists():
             write(folder)
             parts.append(
                 f'<p><a href="{e(name)}/report.html">run report</a> &middot; <a href="{e(name)}/datasets/">datasets</a></p>'

@@ -44,15 +44,11 @@ class RatedModel:
     generation: Generation
     series: str  # the entry's name: a glob's checkpoints share it and are joined by a line in the plots
     step: int | None = None  # a checkpoint's step (the number ending its folder's name)
-    weights: str | None = None  # a local folder's files (names, sizes, times): a retrained folder is a new model
-
-    def engine(self) -> dict[str, Any]:
-        """What makes two models' answers come from the same engine: the key of its calls in the cache."""
-        return {**self.backend.identity(), **({"weights": self.weights} if self.weights else {})}
+    engine: dict[str, Any] = field(default_factory=dict)  # engine_identity(backend)
 
     def identity(self) -> str:
         """What determines this model's answers (its name does not: renaming a model reuses them)."""
-        return content_hash({"engine": self.engine(), "generation": asdict(self.generation)})
+        return content_hash({"engine": self.engine, "generation": asdict(self.generation)})
 
 
 @dataclass(frozen=True)
@@ -80,6 +76,7 @@ class EvalConfig:
     baseline: str
     judge: Compare
     judges: dict[str, BackendSpec]  # the compare stage's roles -> their backends
+    judge_engines: dict[str, dict[str, Any]]  # the compare stage's roles -> engine_identity of their backends
     axes: dict[str, Axis]
     comparisons: str
     pairs_per_prompt: int | None
@@ -88,13 +85,17 @@ class EvalConfig:
     output_dir: Path | None
     constitution: Constitution = field(repr=False)
 
+    def used_backends(self) -> list[BackendSpec]:
+        """The backends the eval starts: its judges' and its models' (a declared one nobody uses never starts)."""
+        return [*self.judges.values(), *(m.backend for m in self.models.values())]
+
     def judge_identity(self) -> dict[str, Any]:
         """What makes two judgments the same: the judge's settings and the engines behind its roles."""
         settings = {k: v for k, v in self.raw["judge"].items() if k not in ("backend", "calibration")}
         cal = self.judge.calibration
         return {
             "settings": settings,
-            "engines": {role: spec.identity() for role, spec in self.judges.items()},
+            "engines": self.judge_engines,
             **({"calibration": cal.sha256} if cal else {}),
         }
 
@@ -143,8 +144,8 @@ def load(
             if not local:
                 raise InputError(name, f"{where}.checkpoints", "checkpoints are model folders: use a vllm backend")
             folders = _checkpoints(spec["checkpoints"], file, name, f"{where}.checkpoints", check_path)
-            for step, folder in folders:
-                rated = _rated(f"{entry}@{folder.name}", base, str(folder), generation, entry, step)
+            for step, folder_name, folder in folders:
+                rated = _rated(f"{entry}@{folder_name}", base, str(folder), generation, entry, step)
                 models[rated.name] = rated
             continue
         model = spec.get("model", base.model)
@@ -164,7 +165,8 @@ def load(
 
     judge_doc = doc["judge"]
     if ("backend" in judge_doc) == ("jury" in judge_doc):
-        raise InputError(name, "judge", "name the judge's `backend`, or a `jury` of backends, not both")
+        given = "not both" if "backend" in judge_doc else "one of them is required"
+        raise InputError(name, "judge", f"name the judge's `backend`, or a `jury` of backends: {given}")
     params = {k: v for k, v in judge_doc.items() if k != "backend"}
     if "calibration" in params:
         if "jury" in params:
@@ -190,9 +192,10 @@ def load(
         if question is None:
             if not any(p.comparison for p in constitution.principles):
                 raise InputError(
-                    str(constitution_path),
-                    "principles",
-                    f"axis {axis_name!r} has no question and no principle has a 'comparison' question",
+                    name,
+                    where,
+                    f"no question, and no principle of {doc['constitution']} has a 'comparison' question: "
+                    "give the axis a question",
                 )
             asked = constitution
         else:
@@ -204,8 +207,8 @@ def load(
                 "judge.few_shot",
                 f"{shots} comparison few-shots asked, the constitution has {len(asked.comparison_few_shot)}",
             )
-        if not any(True for _ in prompts_mod.iter_many(paths)):
-            raise InputError(name, f"{where}.prompts", "no prompts: the axis' prompt files are empty")
+        if next(prompts_mod.iter_many(paths), None) is None:  # reads the first line: a broken one stops here
+            raise InputError(name, f"{where}.prompts", "no prompts")
         axes[axis_name] = Axis(axis_name, paths, asked, question)
 
     output = doc.get("output", {})
@@ -219,6 +222,7 @@ def load(
         baseline=doc["baseline"],
         judge=judge,
         judges=judges,
+        judge_engines={role: engine_identity(spec) for role, spec in judges.items()},
         axes=axes,
         comparisons=doc.get("comparisons", "all_pairs"),
         pairs_per_prompt=doc.get("pairs_per_prompt"),
@@ -232,26 +236,39 @@ def load(
 def _rated(
     name: str, base: BackendSpec, model: str, generation: Generation, series: str, step: int | None
 ) -> RatedModel:
-    folder = Path(model)
-    weights = _folder_stamp(folder) if folder.is_absolute() and folder.is_dir() else None
-    return RatedModel(name, replace(base, model=model), generation, series, step, weights)
+    spec = replace(base, model=model)
+    return RatedModel(name, spec, generation, series, step, engine_identity(spec))
 
 
-def _folder_stamp(folder: Path) -> str:
-    """The files of a model folder by name, size and modification time: cheap, and changed by a retraining."""
-    return content_hash(
-        sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in folder.iterdir() if p.is_file())
+def engine_identity(spec: BackendSpec) -> dict[str, Any]:
+    """What makes two calls go to the same engine, the key of its calls in the cache: the backend's
+    identity and, for a local model folder, its files by name, size and modification time (cheap, and
+    changed by a retraining into the same folder)."""
+    folder = (
+        Path(spec.model)
+        if Path(spec.model).is_absolute()
+        else Path(spec.base_dirs[0] if spec.base_dirs else ".") / spec.model
     )
+    if spec.type != "vllm" or not folder.is_dir():
+        return spec.identity()
+    files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in folder.iterdir() if p.is_file())
+    return {**spec.identity(), "weights": content_hash(files)}
 
 
 STEP = re.compile(r"(\d+)$")
 
 
+def _fixed_depth(pattern: Path) -> int:
+    """How many leading parts of a glob pattern hold no wildcard."""
+    return next((k for k, part in enumerate(pattern.parts) if glob.has_magic(part)), len(pattern.parts))
+
+
 def _checkpoints(
     pattern: str, file: Path, shown: str, where: str, check_path: Callable[[Path, str], None] | None
-) -> list[tuple[int | None, Path]]:
+) -> list[tuple[int | None, str, Path]]:
     """The model folders a glob matches (relative to the eval file's folder, else the current one), in step
-    order: the number ending each folder's name (`step-12`), then the name."""
+    order: the number ending each folder's name (`step-12`), then the name. Each is (step, name as matched,
+    resolved folder): a symlinked checkpoint keeps its own name, not its target's."""
     bases = (
         [Path(pattern).expanduser()]
         if Path(pattern).expanduser().is_absolute()
@@ -259,6 +276,8 @@ def _checkpoints(
     )
     matches: list[Path] = []
     for candidate in bases:
+        if check_path:  # the fixed folders above the pattern, before anything is listed
+            check_path(Path(*candidate.parts[: _fixed_depth(candidate)]), where)
         matches = sorted(Path(p) for p in glob.glob(str(candidate)) if Path(p).is_dir())
         if matches:
             break
@@ -271,5 +290,5 @@ def _checkpoints(
         if not (folder / "config.json").is_file():
             raise InputError(shown, where, f"{folder} is not a model folder (no config.json)")
         number = STEP.search(folder.name)
-        found.append((int(number.group(1)) if number else None, folder.resolve()))
-    return sorted(found, key=lambda f: (f[0] is None, f[0] or 0, f[1].name))
+        found.append((int(number.group(1)) if number else None, folder.name, folder.resolve()))
+    return sorted(found, key=lambda f: (f[0] is None, f[0] or 0, f[1]))

@@ -21,11 +21,12 @@ from cai.core.disk import write_atomic
 from cai.generate.prompts import Prompt
 from cai.generate.store import Location, ShardReader
 from cai.judge.eval_judge import wilson_interval
+from cai.judge.report import EVAL_RATINGS
 from cai.rating import ratings as maths
 from cai.rating.config import EvalConfig
 from cai.rating.units import Judgment, answer_id
 
-RATINGS, RATINGS_CSV, SAMPLES = "ratings.json", "ratings.csv", "samples.json"
+RATINGS, RATINGS_CSV, SAMPLES = EVAL_RATINGS, "ratings.csv", "samples.json"
 SAMPLES_PER_PAIR = 3  # prompts shown side by side per axis and model pair in the report
 CSV_COLUMNS = (
     "axis",

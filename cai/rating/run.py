@@ -33,7 +33,7 @@ from cai.generate.pipeline import COMMIT_EVERY_S, ENGINE_LOG, versions
 from cai.generate.progress import RunProgress, StageFigures
 from cai.generate.prompts import Prompt
 from cai.generate.stages import RowFailed, StageContext
-from cai.generate.store import RunStore, ShardReader, ShardWriter
+from cai.generate.store import Location, RunStore, ShardReader, ShardWriter
 from cai.rating import report, results
 from cai.rating.config import EvalConfig, RatedModel
 from cai.rating.units import Judgment, answer_id, plan
@@ -79,6 +79,7 @@ class Engines:
         self._cache = cache
         self._on_start = on_start
         self._by_key: dict[str, CachedBackend] = {}
+        self._closed: list[CachedBackend] = []
 
     def get(self, identity: dict[str, Any], spec: BackendSpec) -> CachedBackend:
         key = content_hash(identity)
@@ -92,9 +93,18 @@ class Engines:
             self._by_key[key] = CachedBackend(identity, starter, self._cache)
         return self._by_key[key]
 
+    async def release(self, identity: dict[str, Any]) -> None:
+        """Close an engine nothing will call again (its stats stay counted)."""
+        backend = self._by_key.get(content_hash(identity))
+        if backend is not None and backend not in self._closed:
+            self._closed.append(backend)
+            await backend.close()
+
     async def close_all(self) -> None:
         for backend in self._by_key.values():
-            await backend.close()
+            if backend not in self._closed:
+                self._closed.append(backend)
+                await backend.close()
 
     @property
     def all(self) -> list[CachedBackend]:
@@ -104,8 +114,8 @@ class Engines:
 class _Units:
     """Work of one kind: its shard writer, what earlier invocations finished, its progress figures."""
 
-    def __init__(self, store: RunStore, work: Work, progress: RunProgress):
-        self.index = store.stage_index(work.name)
+    def __init__(self, store: RunStore, index: dict[str, Location], work: Work, progress: RunProgress):
+        self.index = index
         self.writer: ShardWriter = store.stage_writer(work.name)
         self.work = work
         self.progress = progress
@@ -149,20 +159,24 @@ async def _execute(
     config: EvalConfig, store: RunStore, prompts: dict[str, list[Prompt]], show_progress: bool, terminal
 ) -> EvalSummary:
     summary = EvalSummary(store.root)
+    answers_done, judged_done = store.stage_index(ANSWERS), store.stage_index(JUDGMENTS)
     unique_prompts = list({p.id: p for axis_prompts in prompts.values() for p in axis_prompts}.values())
+    # Each answer once, however many model entries share it (same engine and sampling: same answers)
+    wanted = {answer_id(config, p, m): (m, p) for m in config.models.values() for p in unique_prompts}
     judgments = plan(config, prompts)
-    summary.answers.total = len(unique_prompts) * len(config.models)
-    summary.judgments.total = len(judgments)
+    summary.answers.total, summary.judgments.total = len(wanted), len(judgments)
+    summary.answers.done = sum(unit in answers_done for unit in wanted)
+    summary.judgments.done = sum(j.id in judged_done for j in judgments)
     progress = RunProgress(
-        [StageFigures(ANSWERS, summary.answers.total, 0), StageFigures(JUDGMENTS, summary.judgments.total, 0)],
+        [StageFigures(w.name, w.total, w.done) for w in (summary.answers, summary.judgments)],
         enabled=show_progress,
         stream=terminal,
     )
     cache = store.call_cache()
     engines = Engines(cache, progress.restart_clocks)
-    judges = {role: engines.get(spec.identity(), spec) for role, spec in config.judges.items()}
-    answers = _Units(store, summary.answers, progress)
-    judged = _Units(store, summary.judgments, progress)
+    judges = {role: engines.get(config.judge_engines[role], spec) for role, spec in config.judges.items()}
+    answers = _Units(store, answers_done, summary.answers, progress)
+    judged = _Units(store, judged_done, summary.judgments, progress)
     failures: list[dict[str, Any]] = []
     slots = asyncio.Semaphore(config.rows_in_flight)
     reader = ShardReader()
@@ -249,33 +263,23 @@ async def _execute(
 
     groups: dict[str, list[RatedModel]] = {}
     for model in config.models.values():
-        groups.setdefault(content_hash(model.engine()), []).append(model)
-    judge_keys = {content_hash(spec.identity()) for spec in config.judges.values()}
+        groups.setdefault(content_hash(model.engine), []).append(model)
+    judge_keys = {content_hash(identity) for identity in config.judge_engines.values()}
     # The judge's own engine last, so that it stays up into the judgments.
     order = sorted(groups, key=lambda key: key in judge_keys)
-    committer = asyncio.ensure_future(_committer(cache, [answers.writer, judged.writer], store, failures))
+    committer = asyncio.ensure_future(_committer(cache, [answers.writer, judged.writer]))
     try:
         with progress:
             for key in order:
-                tasks = []
-                for model in groups[key]:
-                    backend = engines.get(model.engine(), model.backend)
-                    for prompt in unique_prompts:
-                        unit = answer_id(config, prompt, model)
-                        if unit in answers.index:
-                            _count_done(summary.answers, progress)
-                            continue
-                        tasks.append(bounded(answer(model, backend, prompt, unit)))
-                await _gather(tasks)
+                pending = [(unit, m, p) for unit, (m, p) in wanted.items() if content_hash(m.engine) == key]
+                backend = engines.get(groups[key][0].engine, groups[key][0].backend)
+                await _gather(
+                    [bounded(answer(m, backend, p, unit)) for unit, m, p in pending if unit not in answers.index]
+                )
                 if key not in judge_keys:
-                    await engines.get(groups[key][0].engine(), groups[key][0].backend).close()
-            tasks = []
-            for j in judgments:
-                if j.id in judged.index:
-                    _count_done(summary.judgments, progress)
-                elif all(a in answers.index for a in j.answers):
-                    tasks.append(bounded(judge(j)))
-            await _gather(tasks)
+                    await engines.release(groups[key][0].engine)
+            ready = [j for j in judgments if j.id not in judged.index and all(a in answers.index for a in j.answers)]
+            await _gather([bounded(judge(j)) for j in ready])
     finally:
         committer.cancel()
         await asyncio.gather(committer, return_exceptions=True)
@@ -293,11 +297,6 @@ async def _execute(
     return summary
 
 
-def _count_done(work: Work, progress: RunProgress) -> None:
-    work.done += 1
-    progress.stages[work.name].done += 1
-
-
 async def _gather(jobs: list[Awaitable[None]]) -> None:
     """Every job at once; the first error (a bug, or an engine that died) cancels the rest and is raised."""
     tasks = [asyncio.ensure_future(job) for job in jobs]
@@ -309,7 +308,7 @@ async def _gather(jobs: list[Awaitable[None]]) -> None:
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-async def _committer(cache, writers: list[ShardWriter], store: RunStore, failures: list[dict[str, Any]]) -> None:
+async def _committer(cache, writers: list[ShardWriter]) -> None:
     """Group commits: the call cache and both shards every COMMIT_EVERY_S (failures are written at the end)."""
     while True:
         await asyncio.sleep(COMMIT_EVERY_S)

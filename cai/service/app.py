@@ -1,7 +1,7 @@
 """The HTTP API and the dashboard (FastAPI; the OpenAPI page is at /docs). Bad input gets the CLI's
 one-line message: 400 for files (an InputError), 422 for a malformed request body, 413 for one too
 large, 429 when the queue is full. Two tokens: the submit token may do everything, the read token only
-GET (dashboard, job list, progress, logs, downloads)."""
+GET (dashboard, job list, progress, logs, downloads); /api/access tells the dashboard which it holds."""
 
 from __future__ import annotations
 
@@ -25,6 +25,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.background import BackgroundTask
 
 from cai.core.errors import InputError, field_path
+from cai.generate.pipeline import default_run_dir
+from cai.rating import run as eval_run
 from cai.service import progress as job_progress
 from cai.service.body_limit import BodyLimit
 from cai.service.jobs import DEFAULT_MAX_QUEUED, ENDED, Job, JobStore, NewJob, QueueFull
@@ -58,6 +60,16 @@ class RunRequest(BaseModel):
     )
 
 
+class EvalRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    eval: str = Field(description="eval file, relative to the workspace")
+    set: list[str] = Field(default_factory=list, description="overrides as `cai eval --set`: KEY.PATH=VALUE")
+    limit: int | None = Field(default=None, ge=1, description="use only the first N prompts of each axis")
+    run_dir: str | None = Field(
+        default=None, description="run directory relative to the workspace (default: as `cai eval`)"
+    )
+
+
 class TrainRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     kind: Literal[KINDS]
@@ -72,7 +84,9 @@ def create_app(config: ServiceConfig) -> FastAPI:
     def admit(job: Job) -> list[str]:
         ws.resolve(job.out_dir, "run_dir")
         if job.kind == "run":
-            return job_keys(ws.load_pipeline(job.target, job.overrides).backends)
+            return job_keys(ws.load_pipeline(job.target, job.overrides).backends.values())
+        if job.kind == "eval":
+            return job_keys(ws.load_eval(job.target, job.overrides).used_backends())
         ws.load_training(job.kind, job.target, job.overrides)
         return []
 
@@ -84,7 +98,9 @@ def create_app(config: ServiceConfig) -> FastAPI:
         yield
         await asyncio.to_thread(worker.stop)
 
-    app = FastAPI(title="cai service", summary="Pipeline runs and trainings of a cai workspace", lifespan=lifespan)
+    app = FastAPI(
+        title="cai service", summary="Pipeline runs, evals and trainings of a cai workspace", lifespan=lifespan
+    )
     app.add_middleware(BodyLimit)
 
     # -- authentication
@@ -96,6 +112,11 @@ def create_app(config: ServiceConfig) -> FastAPI:
         if config.read_token is not None and _same(given, config.read_token):
             return True
         return None
+
+    def presented(request: Request) -> str:
+        header = request.headers.get("authorization", "")
+        bearer = header[7:] if header.lower().startswith("bearer ") else None
+        return bearer or request.cookies.get(TOKEN_COOKIE) or ""
 
     @app.middleware("http")
     async def authenticate(request: Request, call_next):
@@ -109,9 +130,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
             response = RedirectResponse(request.url.path + (f"?{query}" if query else ""), status_code=303)
             response.set_cookie(TOKEN_COOKIE, given, httponly=True, samesite="strict")
             return response
-        header = request.headers.get("authorization", "")
-        bearer = header[7:] if header.lower().startswith("bearer ") else None
-        reader = read_only(bearer or request.cookies.get(TOKEN_COOKIE) or "")
+        reader = read_only(presented(request))
         if reader is None:
             return JSONResponse(
                 {
@@ -126,6 +145,10 @@ def create_app(config: ServiceConfig) -> FastAPI:
                 status_code=403,
             )
         return await call_next(request)
+
+    @app.get("/api/access", summary="What the token presented may do (the dashboard shows no controls it would refuse)")
+    def access(request: Request) -> dict[str, bool]:
+        return {"read_only": config.token is not None and bool(read_only(presented(request)))}
 
     # -- errors: one line, as the CLI prints them
 
@@ -157,7 +180,14 @@ def create_app(config: ServiceConfig) -> FastAPI:
         if detail:
             out["summary"] = job_progress.summary(ws.root, job)
             out["downloads"] = job_progress.downloads(ws.root, job)
+            if job.kind == "eval":
+                out["ratings"] = job_progress.ratings(ws.root, job)
         return out
+
+    def queue(job: NewJob) -> dict[str, Any]:
+        added = store.add(job)
+        worker.wake()
+        return describe(added)
 
     # -- jobs
 
@@ -165,11 +195,15 @@ def create_app(config: ServiceConfig) -> FastAPI:
     def list_pipelines() -> list[dict[str, Any]]:
         return ws.pipelines()
 
+    @app.get("/api/evals", summary="Eval files found in the workspace")
+    def list_evals() -> list[dict[str, Any]]:
+        return ws.evals()
+
     @app.post("/api/jobs/run", status_code=201, summary="Queue a run of a workspace pipeline (as `cai run`)")
     def submit_run(body: RunRequest) -> dict[str, Any]:
         cfg = ws.load_pipeline(body.pipeline, body.set)
-        run_dir = ws.run_dir(cfg, body.run_dir)
-        job = store.add(
+        run_dir = ws.run_dir(body.run_dir, default_run_dir(cfg), str(cfg.file))
+        return queue(
             NewJob(
                 kind="run",
                 target=ws.relative(cfg.file),
@@ -179,13 +213,26 @@ def create_app(config: ServiceConfig) -> FastAPI:
                 stages=[s.name for s in cfg.stages],
             )
         )
-        worker.wake()
-        return describe(job)
+
+    @app.post("/api/jobs/eval", status_code=201, summary="Queue an eval of a workspace eval file (as `cai eval`)")
+    def submit_eval(body: EvalRequest) -> dict[str, Any]:
+        cfg = ws.load_eval(body.eval, body.set)
+        run_dir = ws.run_dir(body.run_dir, eval_run.default_run_dir(cfg), str(cfg.file))
+        return queue(
+            NewJob(
+                kind="eval",
+                target=ws.relative(cfg.file),
+                out_dir=ws.relative(run_dir),
+                overrides=body.set,
+                row_limit=body.limit,
+                stages=[eval_run.ANSWERS, eval_run.JUDGMENTS],
+            )
+        )
 
     @app.post("/api/jobs/train", status_code=201, summary="Queue a training (as `cai train KIND CONFIG`)")
     def submit_training(body: TrainRequest) -> dict[str, Any]:
         cfg = ws.load_training(body.kind, body.config, body.set)
-        job = store.add(
+        return queue(
             NewJob(
                 kind=body.kind,
                 target=ws.relative(cfg.file),
@@ -194,14 +241,14 @@ def create_app(config: ServiceConfig) -> FastAPI:
                 max_steps=cfg.max_steps,
             )
         )
-        worker.wake()
-        return describe(job)
 
     @app.get("/api/jobs", summary="All jobs, oldest first, with their progress")
     def list_jobs() -> list[dict[str, Any]]:
         return [describe(job) for job in store.list()]
 
-    @app.get("/api/jobs/{job_id}", summary="One job: status, progress, summary of its outputs, downloads")
+    @app.get(
+        "/api/jobs/{job_id}", summary="One job: status, progress, summary of its outputs, downloads (an eval's ratings)"
+    )
     def show_job(job_id: int) -> dict[str, Any]:
         return describe(get_job(job_id), detail=True)
 

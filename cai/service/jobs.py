@@ -23,17 +23,19 @@ QUEUED, RUNNING, FINISHED, FAILED, CANCELLED, INTERRUPTED = (
 )
 ENDED = (FINISHED, FAILED, CANCELLED, INTERRUPTED)
 RESUMABLE = (FAILED, CANCELLED, INTERRUPTED)
+# Kinds that run as `cai KIND FILE --run-dir DIR`: a run directory, and progress from the progress file
+RUN_KINDS = ("run", "eval")
 DEFAULT_MAX_QUEUED = 100
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
-    kind TEXT NOT NULL,              -- run, or a trainer kind (cai.train.config.KINDS)
-    target TEXT NOT NULL,            -- the pipeline or train config, relative to the workspace
+    kind TEXT NOT NULL,              -- run, eval, or a trainer kind (cai.train.config.KINDS)
+    target TEXT NOT NULL,            -- the pipeline, eval or train config, relative to the workspace
     overrides TEXT NOT NULL,         -- JSON list of --set values
     row_limit INTEGER,
     out_dir TEXT NOT NULL,           -- run directory or training output_dir, relative to the workspace
-    stages TEXT NOT NULL,            -- JSON list of stage names (runs), for the progress fraction
+    stages TEXT NOT NULL,            -- JSON list of stage names (runs, evals), for the progress fraction
     max_steps INTEGER,               -- trainings with a step budget, for the progress fraction
     status TEXT NOT NULL,
     cancel_requested INTEGER NOT NULL DEFAULT 0,
@@ -70,11 +72,11 @@ class Job:
 
     def command(self) -> list[str]:
         """The `cai` arguments this job runs: the same command a user would type, so resuming a job is
-        rerunning it, as with `cai run` and `cai train`."""
+        rerunning it, as with `cai run`, `cai eval` and `cai train`."""
         sets = [arg for value in self.overrides for arg in ("--set", value)]
-        if self.kind == "run":
+        if self.kind in RUN_KINDS:
             limit = ["--limit", str(self.row_limit)] if self.row_limit else []
-            return ["run", self.target, "--run-dir", self.out_dir, "--quiet", *limit, *sets]
+            return [self.kind, self.target, "--run-dir", self.out_dir, "--quiet", *limit, *sets]
         return ["train", self.kind, self.target, *sets]
 
     def to_json(self) -> dict[str, Any]:

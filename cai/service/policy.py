@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,10 +63,15 @@ def _same_url(url: str) -> str:
 
 
 def check_api_backend(
-    spec: BackendSpec, allowed: Mapping[str, ServerBackend], shown: str, where: str | None = None
+    spec: BackendSpec,
+    allowed: Mapping[str, ServerBackend],
+    shown: str,
+    where: str | None = None,
+    model_field: str | None = None,
 ) -> None:
     """An InputError unless the operator declared this backend's URLs with this key variable (or with none).
-    `where`: the field errors name (default: the pipeline's `backends.NAME`)."""
+    `where`: the field errors name (default: the pipeline's `backends.NAME`); `model_field`: the model's
+    (default `where.model`; an eval's model entry may name its own)."""
     where = where or f"backends.{spec.name}"
     urls = {_same_url(u) for u in base_urls(spec.settings)}
     variable = spec.settings.get("api_key_env")
@@ -85,7 +90,7 @@ def check_api_backend(
     if match.models and spec.model not in match.models:
         raise InputError(
             shown,
-            f"{where}.model",
+            model_field or f"{where}.model",
             f"{spec.model!r} is not a model the server's backend {match.name!r} allows ({', '.join(match.models)})",
         )
     for limit in LIMITS:
@@ -155,6 +160,6 @@ def check_engine_options(
             raise InputError(shown, field, f"expected {TYPE_NAMES[rule]}, got {type_name(value)}")
 
 
-def job_keys(backends: Mapping[str, BackendSpec]) -> list[str]:
-    """The key variables a checked pipeline's API backends read: the only secrets its job is given."""
-    return sorted({spec.settings["api_key_env"] for spec in backends.values() if spec.settings.get("api_key_env")})
+def job_keys(backends: Iterable[BackendSpec]) -> list[str]:
+    """The key variables a checked job's API backends read: the only secrets its job is given."""
+    return sorted({spec.settings["api_key_env"] for spec in backends if spec.settings.get("api_key_env")})

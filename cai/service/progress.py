@@ -1,14 +1,17 @@
-"""What a job has done so far, read from the files its process writes: the progress file `cai run` keeps
-when $CAI_PROGRESS_FILE is set (cai/generate/progress.py), a training's metrics.jsonl, and the run directory."""
+"""What a job has done so far, read from the files its process writes: the progress file `cai run` and
+`cai eval` keep when $CAI_PROGRESS_FILE is set (cai/generate/progress.py), a training's metrics.jsonl, and
+the run directory (an eval's ratings.json among it)."""
 
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Any
 
 from cai.core.disk import read_json_or_none, read_jsonl
-from cai.service.jobs import FINISHED, Job
+from cai.rating.results import RATINGS
+from cai.service.jobs import FINISHED, RUN_KINDS, Job
 
 
 def job_files(state_dir: Path, job: Job) -> dict[str, Path]:
@@ -19,7 +22,7 @@ def job_files(state_dir: Path, job: Job) -> dict[str, Path]:
 def progress(state_dir: Path, root: Path, job: Job) -> dict[str, Any]:
     out = (
         _run_progress(job_files(state_dir, job)["progress"], job)
-        if job.kind == "run"
+        if job.kind in RUN_KINDS
         else _train_progress(root / job.out_dir, job)
     )
     if job.status == FINISHED:
@@ -61,23 +64,34 @@ def _train_progress(output_dir: Path, job: Job) -> dict[str, Any]:
 
 
 def summary(root: Path, job: Job) -> dict[str, Any]:
-    """What the job's output folder holds: a run's dataset rows and failures; whether a training has
-    written its final model."""
+    """What the job's output folder holds: a run's dataset rows, a run's or an eval's failures and report;
+    whether a training has written its final model."""
     out_dir = root / job.out_dir
-    if job.kind != "run":
+    if job.kind not in RUN_KINDS:
         return {"output_dir": job.out_dir, "final_model": (out_dir / "final").is_dir()}
-    datasets = out_dir / "datasets"
-    counts = {
-        name: _lines(datasets / f"{name}.jsonl")
-        for name in ("rows", "sft", "preferences")
-        if (datasets / f"{name}.jsonl").exists()
-    }
-    return {
-        "run_dir": job.out_dir,
-        "datasets": counts,
-        "failures": _lines(out_dir / "failures.jsonl"),
-        "report": (out_dir / "report.html").exists(),
-    }
+    out: dict[str, Any] = {"run_dir": job.out_dir}
+    if job.kind == "run":
+        datasets = out_dir / "datasets"
+        out["datasets"] = {
+            name: _lines(datasets / f"{name}.jsonl")
+            for name in ("rows", "sft", "preferences")
+            if (datasets / f"{name}.jsonl").exists()
+        }
+    return {**out, "failures": _lines(out_dir / "failures.jsonl"), "report": (out_dir / "report.html").exists()}
+
+
+def ratings(root: Path, job: Job) -> dict[str, Any] | None:
+    """The ratings.json an eval job's last attempt wrote (cai/rating/results.py has its contract). None until
+    it has: the file there before is an earlier job's, as it is once a later job on the run directory
+    has replaced it."""
+    path = root / job.out_dir / RATINGS
+    try:
+        written = path.stat().st_mtime
+    except FileNotFoundError:
+        return None
+    if job.started is None or not job.started <= written <= (job.ended or time.time()):
+        return None
+    return read_json_or_none(path)
 
 
 def _lines(path: Path) -> int:

@@ -1,4 +1,4 @@
-"""The worker: one thread that starts queued jobs as processes (`cai run|train ...` in the workspace,
+"""The worker: one thread that starts queued jobs as processes (`cai run|eval|train ...` in the workspace,
 through `python -m cai.service.child`, which ties each to the server's life), reaps them, and stops the ones asked to cancel. All process handling happens on this thread,
 so there is one place that knows which jobs are alive."""
 

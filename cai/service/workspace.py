@@ -6,7 +6,7 @@ A job's backends and engine options must also pass the server's policy (cai/serv
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -14,13 +14,15 @@ from cai.core.errors import InputError
 from cai.core.files import load_yaml, resolve_path, schema
 from cai.core.models import EMBEDDED
 from cai.generate import config as pipeline_config
+from cai.generate.backends.base import BackendSpec
 from cai.generate.config import PipelineConfig
-from cai.generate.pipeline import default_run_dir
+from cai.rating import config as eval_config
+from cai.rating.config import EvalConfig, RatedModel
 from cai.service.policy import ServerBackend, check_api_backend, check_engine_options
 from cai.train import config as train_config
 from cai.train.config import TrainConfig
 
-# Where the server keeps its own state; never offered as a pipeline, never a job's output.
+# Where the server keeps its own state; never offered as a pipeline or an eval, never a job's output.
 STATE_DIR = ".cai"
 _NOT_SCANNED = {STATE_DIR, "runs", "node_modules"}
 
@@ -75,20 +77,33 @@ class Workspace:
             path.relative_to(self.root), overrides, check_path=lambda p, what: self.inside(p, shown, what)
         )
         for name, spec in cfg.backends.items():
-            if spec.type == "openai":
-                check_api_backend(spec, self.backends, shown)
-            else:
-                self._check_model(spec.model, path, shown, f"backends.{name}.model")
-                check_engine_options(spec.options, shown, f"backends.{name}.options")
+            self._check_backend(spec, path, shown, f"backends.{name}")
         if cfg.output_dir is not None:
             self.inside(self.root / cfg.output_dir, shown, "output.dir")
         return cfg
 
-    def run_dir(self, cfg: PipelineConfig, requested: str | None) -> Path:
+    def load_eval(self, relative: str, overrides: list[str]) -> EvalConfig:
+        """Load and validate as `cai eval` does, each file the eval names checked to be in here before it
+        is read; then the backends it uses (its judges' and its models') against the server's policy."""
+        path = self.resolve(relative, "eval")
+        shown = relative
+        cfg = eval_config.load(
+            path.relative_to(self.root), overrides, check_path=lambda p, what: self.inside(p, shown, what)
+        )
+        for spec in cfg.judges.values():
+            self._check_backend(spec, path, shown, f"backends.{spec.name}")
+        for model in cfg.models.values():
+            self._check_backend(model.backend, path, shown, f"backends.{model.backend.name}", _model_field(cfg, model))
+        if cfg.output_dir is not None:
+            self.inside(self.root / cfg.output_dir, shown, "output.dir")
+        return cfg
+
+    def run_dir(self, requested: str | None, default: Path, shown: str) -> Path:
+        """The run directory a job asked for, else its command's `default` (relative to the workspace,
+        where jobs run)."""
         if requested:
             return self.resolve(requested, "run_dir")
-        # `cai run`'s default, relative to the workspace (where jobs run)
-        return self.inside(self.root / default_run_dir(cfg), str(cfg.file), "output.dir")
+        return self.inside(self.root / default, shown, "output.dir")
 
     def load_training(self, kind: str, relative: str, overrides: list[str]) -> TrainConfig:
         path = self.resolve(relative, "config")
@@ -104,14 +119,21 @@ class Workspace:
         for section, options in cfg.reward_sections().items():
             check_engine_options(options.vllm_options, relative, f"{section}.vllm_options")
         for judge, judge_spec in cfg.judges():
-            spec, where = judge_spec.backend, f"{judge}.backend"
-            if spec.type == "openai":
-                check_api_backend(spec, self.backends, relative, where)
-            else:
-                self._check_model(spec.model, path, relative, f"{where}.model")
-                check_engine_options(spec.options, relative, f"{where}.options")
+            self._check_backend(judge_spec.backend, path, relative, f"{judge}.backend")
         self.inside(self.root / cfg.output_dir, relative, "output_dir")
         return cfg
+
+    def _check_backend(
+        self, spec: BackendSpec, config_file: Path, shown: str, where: str, model_field: str | None = None
+    ) -> None:
+        """A backend a job may start: an API the operator declared, or an engine with allowed options on a
+        model of the workspace. `where`: the backend's field; `model_field`: its model's (default `where.model`)."""
+        model_field = model_field or f"{where}.model"
+        if spec.type == "openai":
+            check_api_backend(spec, self.backends, shown, where, model_field)
+        else:
+            self._check_model(spec.model, config_file, shown, model_field)
+            check_engine_options(spec.options, shown, f"{where}.options")
 
     def _check_model(self, model: str, config_file: Path, shown: str, what: str) -> None:
         """An embedded model or a model folder in here. Not a hub id: that would have the server download
@@ -126,20 +148,40 @@ class Workspace:
             )
 
     def pipelines(self) -> list[dict]:
-        """Pipeline files in the workspace (YAML with a pipeline's required keys), for the dashboard's form."""
-        required = set(schema("pipeline")["required"])
-        found = []
+        """Pipeline files in the workspace, for the dashboard's form."""
+        return [
+            {
+                "path": relative,
+                "name": doc.get("name"),
+                "stages": [s.get("name", s.get("type")) for s in doc.get("stages") or [] if isinstance(s, dict)],
+            }
+            for relative, doc in self._documents("pipeline")
+        ]
+
+    def evals(self) -> list[dict]:
+        """Eval files in the workspace, for the dashboard's form."""
+        return [
+            {
+                "path": relative,
+                "name": doc.get("name"),
+                "models": _names(doc.get("models")),
+                "axes": _names(doc.get("axes")),
+            }
+            for relative, doc in self._documents("eval")
+        ]
+
+    def _documents(self, kind: str) -> Iterator[tuple[str, dict]]:
+        """(path, content) of the YAML files in here with the required keys of `kind`'s schema."""
+        required = set(schema(kind)["required"])
         for path in self._yaml_files():
             relative = path.relative_to(self.root)
             try:
-                self.inside(path, str(relative), "pipeline")
+                self.inside(path, str(relative), kind)
                 doc = load_yaml(path)
             except InputError:
                 continue
             if isinstance(doc, dict) and required <= set(doc):
-                stages = [s.get("name", s.get("type")) for s in doc.get("stages") or [] if isinstance(s, dict)]
-                found.append({"path": relative.as_posix(), "name": doc.get("name"), "stages": stages})
-        return found
+                yield relative.as_posix(), doc
 
     def _yaml_files(self) -> list[Path]:
         """YAML files, not descending into run directories (their call caches can be large) or hidden folders."""
@@ -149,3 +191,13 @@ class Workspace:
             dirs[:] = sorted(d for d in dirs if not d.startswith(".") and not (top and d in _NOT_SCANNED))
             out += [Path(folder) / f for f in sorted(files) if f.endswith((".yaml", ".yml"))]
         return out
+
+
+def _model_field(cfg: EvalConfig, model: RatedModel) -> str | None:
+    """Where the eval names a rated model: its entry's `model` or `checkpoints`; None: its backend's model."""
+    entry = cfg.raw["models"][model.series]
+    return next((f"models.{model.series}.{key}" for key in ("model", "checkpoints") if key in entry), None)
+
+
+def _names(value: object) -> list[str]:
+    return list(value) if isinstance(value, dict) else []

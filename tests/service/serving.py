@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -14,6 +15,8 @@ import httpx
 from api_server import free_port
 
 TOKEN = "test-token-0123456789"
+READ_TOKEN = "read-only-token-0123456789"  # CAI_SERVER_READ_TOKEN of the servers that have one
+EVAL_KEY_ENV, EVAL_KEY = "CAI_TEST_EVAL_KEY", "sk-eval-0123456789abcdef"  # the eval server's declared backend's key
 LIMIT = 12  # prompts per run: six batches of two per stage, so a job is mid-run for a while
 
 
@@ -87,9 +90,18 @@ class Server:
     # -- helpers the tests share
 
     def submit(self, pipeline: str = "tiny.yaml", **body) -> dict:
-        response = self.client().post("/api/jobs/run", json={"pipeline": pipeline, **body})
+        return self.queue("run", {"pipeline": pipeline, **body})
+
+    def submit_eval(self, eval_file: str = "eval.yaml", **body) -> dict:
+        return self.queue("eval", {"eval": eval_file, **body})
+
+    def queue(self, kind: str, body: dict) -> dict:
+        response = self.client().post(f"/api/jobs/{kind}", json=body)
         assert response.status_code == 201, response.text
         return response.json()
+
+    def job_ids(self) -> set[int]:
+        return {j["id"] for j in self.client().get("/api/jobs").json()}
 
     def job(self, job_id: int) -> dict:
         return self.client().get(f"/api/jobs/{job_id}").json()
@@ -117,3 +129,16 @@ class Server:
                 elif line.startswith("data: "):
                     out.append((name, json.loads(line[6:])))
         return out
+
+
+def fifo_has_reader(path: Path) -> bool:
+    """Whether some process has the FIFO open for reading (or waits in open()). Opening it for writing
+    also lets such a reader go on (it reads end of file when we close)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+    except OSError as exc:
+        if exc.errno == errno.ENXIO:
+            return False
+        raise
+    os.close(fd)
+    return True

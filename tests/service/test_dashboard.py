@@ -8,7 +8,7 @@ import shutil
 import pytest
 from pipeline_files import ROOT
 
-from service.serving import LIMIT, TOKEN
+from service.serving import LIMIT, READ_TOKEN, TOKEN
 
 ARTIFACTS = ROOT / "tests" / "artifacts"  # ignored by git; CI keeps it
 
@@ -51,8 +51,8 @@ def test_job_list_follows_a_submitted_job_to_100_percent(server, reference_job, 
 
     before = {j["id"] for j in server.client().get("/api/jobs").json()}
     Select(browser.find_element(By.ID, "pipeline")).select_by_value("tiny.yaml")
-    browser.find_element(By.ID, "limit").send_keys(str(LIMIT))
-    browser.find_element(By.ID, "start").click()
+    browser.find_element(By.ID, "pipeline-limit").send_keys(str(LIMIT))
+    browser.find_element(By.ID, "pipeline-start").click()
     wait.until(lambda d: {j["id"] for j in server.client().get("/api/jobs").json()} - before)
     (job_id,) = {j["id"] for j in server.client().get("/api/jobs").json()} - before
 
@@ -82,8 +82,61 @@ def test_job_list_follows_a_submitted_job_to_100_percent(server, reference_job, 
     assert samples and "round 1 critique" in samples[0].text and "answer → final revision" in samples[0].text
     browser.switch_to.default_content()
 
-    screenshot = tmp_path / "dashboard-job-page.png"
-    assert browser.save_screenshot(str(screenshot))
+    keep_screenshot(browser, tmp_path / "dashboard-job-page.png")
+
+
+def test_an_eval_shows_its_leaderboards_and_a_reader_no_controls(eval_server, finished_eval, browser, tmp_path):
+    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    wait = WebDriverWait(browser, 120, poll_frequency=0.2, ignored_exceptions=(StaleElementReferenceException,))
+    stopped = eval_server.submit_eval(limit=1, run_dir="runs/stopped")["id"]  # a job a writer may resume
+    eval_server.client().post(f"/api/jobs/{stopped}/cancel")
+    assert eval_server.wait_ended(stopped)["status"] == "cancelled"
+
+    browser.get(f"{eval_server.url}/?token={TOKEN}")
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#eval option[value='eval.yaml']"))  # the eval form
+    assert browser.find_elements(By.ID, "pipeline-form")
+    browser.get(f"{eval_server.url}/#/jobs/{stopped}")
+    wait.until(lambda d: d.find_elements(By.ID, "resume"))
+
+    browser.get(f"{eval_server.url}/#/jobs/{finished_eval['id']}")
+    ratings = finished_eval["ratings"]
+    for axis, figures in ratings["axes"].items():
+        for model, f in figures["models"].items():
+            row = f".leaderboard[data-axis='{axis}'] tr[data-model='{model}'] td"
+            cells = wait.until(lambda d: [td.text for td in d.find_elements(By.CSS_SELECTOR, row)])
+            assert cells[0] == (f"{model} (baseline)" if model == ratings["baseline"] else model)
+            assert cells[1] == f"{f['elo']:.0f} ({f['ci95'][0]:.0f}-{f['ci95'][1]:.0f})"
+            assert cells[4] == f"{100 * f['refusal_rate']:.1f}%"
+    # the frontier plot through the files endpoint and the cookie, and the link to the full report
+    assert wait.until(
+        lambda d: d.execute_script(
+            "const i = document.getElementById('frontier'); return i && i.complete && i.naturalWidth"
+        )
+    )
+    assert (
+        browser.find_element(By.ID, "eval-report")
+        .get_attribute("href")
+        .endswith(f"/api/jobs/{finished_eval['id']}/files/report.html")
+    )
+    keep_screenshot(browser, tmp_path / "dashboard-eval-page.png")
+
+    # The read-only token: the same pages without a control its token would be refused.
+    browser.delete_all_cookies()
+    browser.get(f"{eval_server.url}/?token={READ_TOKEN}")
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, f"#jobs tr[data-job-id='{stopped}']"))
+    assert not browser.find_elements(By.TAG_NAME, "form")
+    browser.get(f"{eval_server.url}/#/jobs/{stopped}")
+    wait.until(lambda d: d.find_elements(By.ID, "downloads"))
+    assert not browser.find_elements(By.ID, "resume") and not browser.find_elements(By.ID, "cancel")
+    browser.get(f"{eval_server.url}/#/jobs/{finished_eval['id']}")
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".leaderboard[data-axis='harmless'] tr[data-model='base']"))
+
+
+def keep_screenshot(browser, path) -> None:
+    assert browser.save_screenshot(str(path))
     ARTIFACTS.mkdir(exist_ok=True)
-    shutil.copy(screenshot, ARTIFACTS / screenshot.name)
-    print(f"screenshot: {ARTIFACTS / screenshot.name}")
+    shutil.copy(path, ARTIFACTS / path.name)
+    print(f"screenshot: {ARTIFACTS / path.name}")

@@ -5,7 +5,6 @@ engine starts here: the pipelines' local backend is declared but never used)."""
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import shutil
@@ -21,11 +20,10 @@ import yaml
 from pipeline_files import ROOT
 
 from service.fake_api import FakeAPI
-from service.serving import Server
+from service.serving import READ_TOKEN, Server, fifo_has_reader
 
 SECRET_ENV, SECRET = "CAI_TEST_CLOUD_SECRET", "cloud-secret-0123456789abcdef"  # unrelated to cai: must never leave
 API_KEY_ENV, API_KEY = "CAI_TEST_API_KEY", "sk-declared-0123456789abcdef"  # the key of the operator's declared backend
-READ_TOKEN = "read-only-token-0123456789"
 MAX_QUEUED = 2
 WAIT_S = 180  # for a job's process to start (Python imports on a busy CPU)
 
@@ -109,10 +107,6 @@ def guarded(api, tmp_path_factory):
     server.stop()
 
 
-def job_ids(server: Server) -> set[int]:
-    return {j["id"] for j in server.client().get("/api/jobs").json()}
-
-
 def one_line_400(response: httpx.Response, *words: str) -> str:
     assert response.status_code == 400, response.text
     detail = response.json()["detail"]
@@ -145,13 +139,13 @@ def job_pid(server: Server, job_id: int) -> int:
 )
 def test_a_job_cannot_send_a_key_where_the_operator_did_not_allow(guarded, api, capture, sets):
     sets = [s.replace("CAPTURE", capture.url).replace("API", api.url) for s in sets]
-    before = job_ids(guarded)
+    before = guarded.job_ids()
     response = guarded.client().post("/api/jobs/run", json={"pipeline": "api.yaml", "set": sets, "limit": 1})
     if response.status_code == 201:  # a door left open: let the job run, to show where the key goes
         guarded.wait_ended(response.json()["id"], timeout=WAIT_S)
     assert capture.requests == [], capture.requests
     one_line_400(response, "not a backend this server allows")
-    assert job_ids(guarded) == before
+    assert guarded.job_ids() == before
 
 
 def test_a_job_on_the_declared_backend_gets_its_key_and_no_other_secret(guarded, api):
@@ -233,7 +227,7 @@ def test_a_job_is_checked_again_when_it_starts(guarded, api, capture):
     ],
 )
 def test_engine_options_that_load_code_are_refused(guarded, kind, target, sets, field):
-    before = job_ids(guarded)
+    before = guarded.job_ids()
     body = (
         {"pipeline": target, "set": sets, "limit": 1}
         if kind == "run"
@@ -241,23 +235,10 @@ def test_engine_options_that_load_code_are_refused(guarded, kind, target, sets, 
     )
     response = guarded.client().post(f"/api/jobs/{'run' if kind == 'run' else 'train'}", json=body)
     one_line_400(response, field)
-    assert job_ids(guarded) == before
+    assert guarded.job_ids() == before
 
 
 # -- no file outside the workspace is opened
-
-
-def fifo_has_reader(path: Path) -> bool:
-    """Whether some process has the FIFO open for reading (or waits in open()). Opening it for writing
-    also lets such a reader go on (it reads end of file when we close)."""
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
-    except OSError as exc:
-        if exc.errno == errno.ENXIO:
-            return False
-        raise
-    os.close(fd)
-    return True
 
 
 @pytest.mark.parametrize(
@@ -272,7 +253,7 @@ def test_files_outside_the_workspace_are_never_opened(guarded, tmp_path, field, 
     link = guarded.workspace / "linked.jsonl"
     link.unlink(missing_ok=True)
     link.symlink_to(fifo)
-    before = job_ids(guarded)
+    before = guarded.job_ids()
     try:
         response = guarded.client().post(
             "/api/jobs/run",
@@ -284,7 +265,7 @@ def test_files_outside_the_workspace_are_never_opened(guarded, tmp_path, field, 
         link.unlink()
     assert not opened
     one_line_400(response, f"api.yaml: {field}: leaves the workspace")
-    assert job_ids(guarded) == before
+    assert guarded.job_ids() == before
 
 
 # -- roles
@@ -295,7 +276,7 @@ def test_read_only_token_reads_but_cannot_submit_cancel_or_resume(guarded):
     reader = guarded.client(READ_TOKEN)
     for path in ("/api/jobs", "/api/pipelines", f"/api/jobs/{job_id}", f"/api/jobs/{job_id}/log", "/"):
         assert reader.get(path).status_code == 200, path
-    before = job_ids(guarded)
+    before = guarded.job_ids()
     refused = [
         reader.post("/api/jobs/run", json={"pipeline": "api.yaml"}),
         reader.post("/api/jobs/train", json={"kind": "ppo", "config": "ppo.yaml"}),
@@ -307,7 +288,7 @@ def test_read_only_token_reads_but_cannot_submit_cancel_or_resume(guarded):
         assert response.status_code == 403, response.text
         assert "read-only" in response.json()["detail"] and "\n" not in response.json()["detail"]
     assert (
-        job_ids(guarded) == before
+        guarded.job_ids() == before
         and guarded.job(job_id)["status"] == "finished"
         and guarded.job(job_id)["attempts"] == 1
     )
@@ -317,14 +298,14 @@ def test_read_only_token_reads_but_cannot_submit_cancel_or_resume(guarded):
     assert browser.get(f"/?token={READ_TOKEN}", follow_redirects=False).status_code == 303
     assert browser.get("/api/jobs").status_code == 200
     assert browser.post("/api/jobs/run", json={"pipeline": "api.yaml"}).status_code == 403
-    assert job_ids(guarded) == before
+    assert guarded.job_ids() == before
 
 
 # -- size and rate
 
 
 def test_oversized_body_gets_413(guarded):
-    before = job_ids(guarded)
+    before = guarded.job_ids()
     huge = {"pipeline": "api.yaml", "set": ["description=" + "x" * (1 << 20)], "limit": 1}
     response = guarded.client().post("/api/jobs/run", json=huge)
     assert response.status_code == 413 and "\n" not in response.json()["detail"], response.status_code
@@ -336,7 +317,7 @@ def test_oversized_body_gets_413(guarded):
 
     response = guarded.client().post("/api/jobs/run", content=chunks(), headers={"Content-Type": "application/json"})
     assert response.status_code == 413, response.status_code
-    assert job_ids(guarded) == before
+    assert guarded.job_ids() == before
 
 
 def test_a_burst_of_submissions_gets_429(guarded, api):

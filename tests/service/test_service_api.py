@@ -21,7 +21,17 @@ from service.serving import LIMIT, TOKEN
 
 @pytest.mark.parametrize("token", [None, "wrong-token"], ids=["no-token", "wrong-token"])
 @pytest.mark.parametrize(
-    "path", ["/api/jobs", "/api/pipelines", "/", "/docs", "/openapi.json", "/api/jobs/1/files/report.html"]
+    "path",
+    [
+        "/api/jobs",
+        "/api/pipelines",
+        "/api/evals",
+        "/api/access",
+        "/",
+        "/docs",
+        "/openapi.json",
+        "/api/jobs/1/files/report.html",
+    ],
 )
 def test_requests_without_the_token_get_401(server, token, path):
     response = server.client(token).get(path)
