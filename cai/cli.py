@@ -183,6 +183,7 @@ def cmd_eval_judge(args: argparse.Namespace) -> int:
     import json
 
     from cai.core.disk import write_atomic
+    from cai.core.models import cai_home
     from cai.generate import config, importers
     from cai.generate.keys import used_backends
     from cai.judge import eval_judge
@@ -190,9 +191,14 @@ def cmd_eval_judge(args: argparse.Namespace) -> int:
     cfg = config.load(args.pipeline, args.set)
     _say_where_keys_go(used_backends(cfg), "eval-judge")
     pairs = importers.load_pairs(args.pairs, args.limit, args.skip)
-    report = eval_judge.evaluate(
-        cfg, pairs, compare_cot=args.compare_cot, injection=args.injection, calibrate=bool(args.calibrate)
-    )
+    log = args.log or cai_home() / "logs" / "eval-judge.log"
+    try:
+        with contextlib.nullcontext() if args.verbose else logs.redirected(log):
+            report = eval_judge.evaluate(
+                cfg, pairs, compare_cot=args.compare_cot, injection=args.injection, calibrate=bool(args.calibrate)
+            )
+    except BackendStartError as exc:  # what the engine said is in the log, not on the terminal
+        raise BackendStartError(f"{exc} (its output: {log})") from exc
     if args.calibrate:
         eval_judge.write_calibration(report, Path(args.calibrate), cfg, args.pairs)
     for variant in report.get("by_chain_of_thought", {"": report}).values():
@@ -362,9 +368,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_submit(args: argparse.Namespace) -> int:
     from cai.service.client import ServerError, call, job_line
 
-    body = {"pipeline": args.pipeline, "set": args.set, "limit": args.limit}
+    kind = "eval" if args.eval else "pipeline"
+    body = {kind: args.pipeline, "set": args.set, "limit": args.limit}
     try:
-        job = call(args.server, "POST", "/api/jobs/run", body)
+        job = call(args.server, "POST", "/api/jobs/eval" if args.eval else "/api/jobs/run", body)
     except ServerError as exc:
         print(f"cai submit: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT if exc.status in (400, 422) else EXIT_FAILED
@@ -464,6 +471,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="OUT.json",
         help="fit a temperature and position offset on the pairs, for a compare stage's `calibration:`; diagram in OUT.png",
     )
+    p.add_argument("--log", type=Path, help="where the engine's output goes (default: $CAI_HOME/logs/eval-judge.log)")
+    p.add_argument("-v", "--verbose", action="store_true", help="engine and library output on the terminal")
     p.set_defaults(func=cmd_eval_judge)
 
     p = sub.add_parser("report", help="write RUN_DIR/report.html: labels, judge bias checks, failures, with plots")
@@ -536,8 +545,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("submit", help="queue a run of a pipeline on a `cai serve` server (token: $CAI_SERVER_TOKEN)")
-    p.add_argument("pipeline", help="pipeline file, relative to the server's workspace")
+    p = sub.add_parser(
+        "submit", help="queue a run of a pipeline (or an eval) on a `cai serve` server (token: $CAI_SERVER_TOKEN)"
+    )
+    p.add_argument("pipeline", help="pipeline file (with --eval: eval file), relative to the server's workspace")
+    p.add_argument("--eval", action="store_true", help="the file is an eval file: queue `cai eval` on it")
     p.add_argument("--server", required=True, help="the server's URL, e.g. http://127.0.0.1:8420")
     p.add_argument("--limit", type=_positive_int, help="use only the first N prompts")
     p.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a pipeline field")

@@ -5,6 +5,11 @@ skipped on reruns."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import yaml
@@ -178,3 +183,143 @@ def test_bad_chain_is_one_line_before_any_step_runs(chain_file, tmp_path, capsys
     if says:
         assert err.endswith(says)
     assert not (tmp_path / "work").exists()
+
+
+# -- chains that repeat
+
+
+def rounds_chain(tmp_path, tiny_model, times: int = 2, after: list | None = None) -> object:
+    """RL-CAI labels from the latest policy -> DPO on them, `times` rounds: round 1 answers with the tiny
+    model itself, each later round with the previous round's DPO policy."""
+    (tmp_path / "rl").mkdir(exist_ok=True)
+    rl = tiny_pipeline(
+        tmp_path / "rl",
+        tiny_model,
+        roles={"responder": "local", "judge": "local"},
+        stages=[
+            {"type": "respond", "samples": 2, "max_tokens": 8, "temperature": 1.0},
+            {"type": "compare", "tie_threshold": 0.0},
+        ],
+    )
+    dpo = write(
+        tmp_path / "dpo.yaml",
+        {"model": str(tiny_model), "data": {"train": str(rl), "eval_fraction": 0.0}, "output_dir": "unused", **TRAIN},
+    )
+    round_steps = [
+        {"name": "rl", "run": str(rl), "limit": 2, "set": ["backends.local.model=${prev.dpo}/final"]},
+        {
+            "name": "dpo",
+            "train": "dpo",
+            "config": str(dpo),
+            "set": ["model=${prev.dpo}/final", "data.train=${rl}/datasets/preferences.jsonl", "seed=${round}"],
+        },
+    ]
+    return write(
+        tmp_path / "rounds.yaml",
+        {
+            "name": "rounds",
+            "workdir": str(tmp_path / "work"),
+            "steps": [{"name": "iterate", "repeat": {"times": times, "steps": round_steps}}, *(after or [])],
+        },
+    )
+
+
+def test_a_repeat_block_runs_its_steps_each_round_on_the_previous_rounds_outputs(tmp_path, tiny_model):
+    from cai import chain
+
+    after = [{"name": "last", "run": str(tmp_path / "rl" / "tiny.yaml"), "set": ["backends.local.model=${dpo}/final"]}]
+    loaded = chain.load(rounds_chain(tmp_path, tiny_model, times=3, after=after))
+    work = tmp_path / "work"
+    assert [s.name for s in loaded.steps] == [f"round-{r}/{n}" for r in (1, 2, 3) for n in ("rl", "dpo")] + ["last"]
+    sets = {s.name: [a for k, a in enumerate(s.argv) if k and s.argv[k - 1] == "--set"] for s in loaded.steps}
+    # round 1 has no previous round: the lines naming it are left out, the files' own models stand
+    assert sets["round-1/rl"] == []
+    assert sets["round-1/dpo"] == [
+        f"data.train={work}/round-1/rl/datasets/preferences.jsonl",
+        "seed=1",
+        f"output_dir={work}/round-1/dpo",
+    ]
+    assert sets["round-3/rl"] == [f"backends.local.model={work}/round-2/dpo/final"]
+    assert sets["round-3/dpo"][:2] == [
+        f"model={work}/round-2/dpo/final",
+        f"data.train={work}/round-3/rl/datasets/preferences.jsonl",
+    ]
+    assert ["--run-dir", str(work / "round-2" / "rl")] == list(loaded.steps[2].argv[2:4])
+    assert sets["last"] == [f"backends.local.model={work}/round-3/dpo/final"]  # after the block: its last round's
+
+
+@pytest.mark.parametrize(
+    "edit, field, says",
+    [
+        (
+            lambda d: d["steps"].append({"name": "x", "run": "rl/tiny.yaml", "set": ["a=${prev.dpo}"]}),
+            "steps[1].set",
+            "${prev.dpo} is known only inside a repeat block",
+        ),
+        (
+            lambda d: d["steps"].append({"name": "x", "run": "rl/tiny.yaml", "set": ["seed=${round}"]}),
+            "steps[1].set",
+            "${round} is known only inside a repeat block",
+        ),
+        (
+            lambda d: d["steps"][0]["repeat"]["steps"][0]["set"].append("a=${prev.sft}"),
+            "steps[0].repeat.steps[0].set",
+            "${prev.sft} names no step of this repeat block",
+        ),
+        (
+            lambda d: d["steps"][0]["repeat"]["steps"].append({"name": "iterate", "run": "rl/tiny.yaml"}),
+            "steps[0].repeat.steps[2].name",
+            "a second step named 'iterate'",
+        ),
+        (
+            lambda d: d["steps"][0]["repeat"]["steps"].append(
+                {"name": "inner", "repeat": {"times": 2, "steps": [{"name": "y", "run": "rl/tiny.yaml"}]}}
+            ),
+            "steps[0].repeat.steps[2]",
+            "a repeat block inside another is not supported",
+        ),
+        (lambda d: d["steps"][0]["repeat"].update(times=0), "steps[0].repeat.times", None),
+    ],
+    ids=["prev-outside", "round-outside", "prev-unknown", "duplicate-name", "nested", "zero-times"],
+)
+def test_bad_repeat_blocks_are_one_line_before_any_step_runs(tmp_path, tiny_model, capsys, edit, field, says):
+    path = rounds_chain(tmp_path, tiny_model)
+    doc = yaml.safe_load(path.read_text())
+    edit(doc)
+    write(path, doc)
+    assert main(["run", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"{path}: {field}: ") and "\n" not in err, err
+    if says:
+        assert err.endswith(says)
+    assert not (tmp_path / "work").exists()
+
+
+def test_two_rounds_resume_inside_round_two_after_a_kill(tmp_path, tiny_model):
+    path = rounds_chain(tmp_path, tiny_model)
+    work = tmp_path / "work"
+
+    def start():
+        command = [sys.executable, "-m", "cai.cli", "run", str(path), "--quiet"]
+        return subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+        )
+
+    proc = start()
+    deadline = time.monotonic() + 600
+    while not (work / "round-2" / "rl" / "manifest.json").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-2000:]
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert list(json.loads((work / "chain.json").read_text())["steps"]) == ["round-1/rl", "round-1/dpo"]
+
+    proc = start()
+    out, err = proc.communicate(timeout=900)
+    assert proc.returncode == 0, err[-3000:]
+    assert out.count("done earlier, skipped") == 2  # round 1 is not redone
+    state = json.loads((work / "chain.json").read_text())
+    assert list(state["steps"]) == ["round-1/rl", "round-1/dpo", "round-2/rl", "round-2/dpo"]
+    manifest = json.loads((work / "round-2" / "rl" / "manifest.json").read_text())
+    assert manifest["config"]["backends"]["local"]["model"] == str(work / "round-1" / "dpo" / "final")
+    assert (work / "round-2" / "dpo" / "final" / "model.safetensors").exists()

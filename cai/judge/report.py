@@ -503,9 +503,61 @@ def write_chain(workdir: Path) -> Path:
                     [[r["iteration"], f"{r['mean_reward']:.4g}", f"{r['mean_best_reward']:.4g}"] for r in rows],
                 )
             )
+    evals = {name: folder for name in state["steps"] if ((folder := workdir / name) / EVAL_RATINGS).exists()}
+    if len(evals) > 1:
+        parts += _ratings_over_steps(workdir, evals)
     page = workdir / "report.html"
     write_atomic(page, html_page("cai chain", parts))
     return page
+
+
+def _ratings_over_steps(workdir: Path, evals: dict[str, Path]) -> list[str]:
+    """The chain's evals side by side (the rounds of an iterated chain): each model's Elo per eval, and
+    with two axes each model's path over the evals on the frontier plane (WORKDIR/report/evals.png)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ratings = {name: json.loads((folder / EVAL_RATINGS).read_text(encoding="utf-8")) for name, folder in evals.items()}
+    axes = list(next(iter(ratings.values()))["axes"])
+    rows = []
+    for name, r in ratings.items():
+        for model in r["models"]:
+            cells = [
+                r["axes"][axis]["models"].get(model, {}).get("elo") if axis in r["axes"] else None for axis in axes
+            ]
+            rows.append([html.escape(name), html.escape(model), *("-" if c is None else f"{c:.0f}" for c in cells)])
+    parts = [
+        "<h2>Ratings over the chain's evals</h2>",
+        html_table(["eval", "model", *(f"{a} Elo" for a in axes)], rows),
+    ]
+    if len(axes) >= 2:
+        x_axis, y_axis = ("helpful", "harmless") if {"helpful", "harmless"} <= set(axes) else (axes[1], axes[0])
+        fig, ax = plt.subplots(figsize=(6, 5))
+        models = list(dict.fromkeys(m for r in ratings.values() for m in r["models"]))
+        for model in models:
+            points = [
+                (r["axes"][x_axis]["models"][model]["elo"], r["axes"][y_axis]["models"][model]["elo"], name)
+                for name, r in ratings.items()
+                if model in r["models"]
+                and r["axes"][x_axis]["models"][model]["elo"] is not None
+                and r["axes"][y_axis]["models"][model]["elo"] is not None
+            ]
+            if points:
+                ax.plot([p[0] for p in points], [p[1] for p in points], "o-", label=model)
+                for x, y, name in points:
+                    ax.annotate(name.split("/")[0], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        ax.set_xlabel(f"{x_axis} Elo")
+        ax.set_ylabel(f"{y_axis} Elo")
+        ax.set_title("each model over the chain's evals")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        (workdir / "report").mkdir(exist_ok=True)
+        fig.savefig(workdir / "report" / "evals.png", dpi=100)
+        plt.close(fig)
+        parts.append('<img src="report/evals.png" alt="ratings over the evals">')
+    return parts
 
 
 def write(run_dir: Path) -> Path:

@@ -60,7 +60,7 @@ def test_eval_judge_reports_figures(tiny_model, tmp_path, capsys):
         "--compare-cot",
         "--injection",
     ]
-    assert main(args + ["--set", "stages.1.cot_max_tokens=8"]) == 0
+    assert main(args + ["--set", "stages.1.cot_max_tokens=8", "--log", str(tmp_path / "judge.log")]) == 0
     report = json.loads(out.read_text())
     assert report["n"] + report["invalid"] + report["identical_answers"] == 8
     assert report["judge"]["chain_of_thought"] is False
@@ -78,8 +78,10 @@ def test_eval_judge_reports_figures(tiny_model, tmp_path, capsys):
         # the rejected answer's share without injection is exactly what the accuracy leaves over
         assert variant["injection_n"] == variant["n"]
         assert variant["injection_baseline_rate"] == pytest.approx(1 - variant["accuracy"])
-    output = capsys.readouterr().out
-    assert "chain of thought on" in output and "injection_follow_rate" in output
+    captured = capsys.readouterr()
+    assert "chain of thought on" in captured.out and "injection_follow_rate" in captured.out
+    assert captured.err == ""  # the engine's warnings went to the log
+    assert (tmp_path / "judge.log").stat().st_size > 0
 
 
 def test_calibrate_writes_a_file_and_diagram_and_a_pipeline_naming_it_calibrates_each_vote(tiny_model, tmp_path):

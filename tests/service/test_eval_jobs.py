@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from service.fake_api import FakeAPI
-from service.serving import EVAL_KEY, EVAL_KEY_ENV, READ_TOKEN, fifo_has_reader
+from service.serving import EVAL_KEY, EVAL_KEY_ENV, READ_TOKEN, TOKEN, fifo_has_reader
 
 WAIT_S = 180  # for a job's process to start (Python imports on a busy CPU)
 SECRET_ENV = "CAI_TEST_EVAL_SECRET"  # a variable no declared backend uses
@@ -244,3 +244,19 @@ def test_a_read_only_token_sees_evals_and_cannot_start_one(eval_server):
     response = reader.post("/api/jobs/eval", json={"eval": "eval.yaml", "limit": 1})
     assert response.status_code == 403 and "read-only" in response.json()["detail"]
     assert eval_server.job_ids() == before
+
+
+def test_cli_submits_an_eval(eval_server, finished_eval):
+    env = {**os.environ, "CAI_SERVER_TOKEN": TOKEN}
+
+    def submit(*args):
+        command = [sys.executable, "-m", "cai.cli", "submit", *args, "--eval", "--server", eval_server.url]
+        return subprocess.run(command, capture_output=True, text=True, env=env)
+
+    submitted = submit("eval.yaml", "--limit", "1")
+    assert submitted.returncode == 0, submitted.stderr
+    job = eval_server.wait_ended(int(submitted.stdout.split()[0]), timeout=WAIT_S)
+    assert job["kind"] == "eval" and job["status"] == "finished"  # the finished eval, resumed with nothing new
+    bad = submit("../eval.yaml")
+    assert bad.returncode == 2
+    assert bad.stderr.strip() == "cai submit: ../eval.yaml: eval: '..' is refused: give a path inside the workspace"
