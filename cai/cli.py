@@ -392,6 +392,20 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _run_options(p: argparse.ArgumentParser, limit: str) -> None:
+    """What `cai run` and `cai eval` both take: a run directory, a limit, overrides, and how loud to be."""
+    p.add_argument("--run-dir", type=Path, help="run directory (default: the file's output.dir, else runs/NAME)")
+    p.add_argument("--limit", type=_positive_int, help=f"use only {limit}")
+    p.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a field of the file")
+    p.add_argument("--quiet", action="store_true", help="no progress display")
+    p.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="engine and library output on the terminal (by default: RUN_DIR/engine.log)",
+    )
+
+
 class OneLineErrors(argparse.ArgumentParser):
     """Usage mistakes follow the same rule as bad files: one line on stderr, exit 2."""
 
@@ -411,32 +425,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="run a pipeline or chain file (resumes when its run directory exists)")
     p.add_argument("pipeline")
-    p.add_argument("--run-dir", type=Path, help="run directory (default: the pipeline's output.dir, else runs/NAME)")
-    p.add_argument("--limit", type=_positive_int, help="use only the first N prompts")
-    p.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a pipeline field")
-    p.add_argument("--quiet", action="store_true", help="no progress display")
-    p.add_argument(
-        "-v",
-        "--verbose",
-        action="store_true",
-        help="engine and library output on the terminal (by default: RUN_DIR/engine.log)",
-    )
+    _run_options(p, "the first N prompts")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser(
         "eval", help="rate models: answers to each axis' prompts compared by the judge, Elo ratings with intervals"
     )
     p.add_argument("eval", help="eval file (schema: cai/schemas/eval.json)")
-    p.add_argument("--run-dir", type=Path, help="run directory (default: the file's output.dir, else runs/NAME)")
-    p.add_argument("--limit", type=_positive_int, help="use only the first N prompts of each axis")
-    p.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a field of the file")
-    p.add_argument("--quiet", action="store_true", help="no progress display")
-    p.add_argument(
-        "-v",
-        "--verbose",
-        action="store_true",
-        help="engine and library output on the terminal (by default: RUN_DIR/engine.log)",
-    )
+    _run_options(p, "the first N prompts of each axis")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser(

@@ -12,6 +12,7 @@ Exports are written in input order, so the datasets do not depend on the order r
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.metadata
 import itertools
 import json
@@ -21,7 +22,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, TextIO
 
 from cai.core import logs
 from cai.core.disk import read_json_or_none, write_atomic
@@ -264,15 +265,22 @@ async def arun(
     head = list(itertools.islice(prompts, config.rows_in_flight))
     total = count_prompts(config, limit)
     store = _prepare_store(config, run_dir, limit)
-    if not engine_log:
+    with engine_output(run_dir, engine_log) as terminal:
         return await _execute(
-            config, store, limit, started, itertools.chain(head, prompts), total, show_progress, sys.stderr
+            config, store, limit, started, itertools.chain(head, prompts), total, show_progress, terminal
         )
+
+
+@contextlib.contextmanager
+def engine_output(run_dir: Path, to_log: bool) -> Iterator[TextIO]:
+    """With `to_log`, the engines' and libraries' output goes to RUN_DIR/engine.log for the block; yields
+    where the live display goes (the terminal either way)."""
+    if not to_log:
+        yield sys.stderr
+        return
     try:
         with logs.redirected(run_dir / ENGINE_LOG) as terminal:
-            return await _execute(
-                config, store, limit, started, itertools.chain(head, prompts), total, show_progress, terminal
-            )
+            yield terminal
     except backends.BackendStartError as exc:  # what the engine said is in the log, not on the terminal
         raise backends.BackendStartError(f"{exc} (its output: {run_dir / ENGINE_LOG})") from exc
 

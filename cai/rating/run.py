@@ -18,21 +18,20 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
-from cai.core import logs
 from cai.core.files import content_hash
-from cai.core.seeding import derive_seed
 from cai.generate.backends import base as backends
-from cai.generate.backends.base import BackendCallError, BackendSpec, ChatRequest
+from cai.generate.backends.base import BackendCallError, BackendSpec
 from cai.generate.backends.cached import CachedBackend
-from cai.generate.pipeline import COMMIT_EVERY_S, ENGINE_LOG, versions
+from cai.generate.pipeline import COMMIT_EVERY_S, engine_output, versions
 from cai.generate.progress import RunProgress, StageFigures
 from cai.generate.prompts import Prompt
 from cai.generate.stages import RowFailed, StageContext
+from cai.generate.stages.respond import Respond
 from cai.generate.store import Location, RunStore, ShardReader, ShardWriter
 from cai.rating import report, results
 from cai.rating.config import EvalConfig, RatedModel
@@ -142,14 +141,8 @@ async def arun(
     prompts = {name: list(axis.prompts(limit)) for name, axis in config.axes.items()}
     store = RunStore(run_dir)
     _record_invocation(store, config, limit)
-    if not engine_log:
-        summary = await _execute(config, store, prompts, show_progress, sys.stderr)
-    else:
-        try:
-            with logs.redirected(run_dir / ENGINE_LOG) as terminal:
-                summary = await _execute(config, store, prompts, show_progress, terminal)
-        except backends.BackendStartError as exc:
-            raise backends.BackendStartError(f"{exc} (its output: {run_dir / ENGINE_LOG})") from exc
+    with engine_output(run_dir, engine_log) as terminal:
+        summary = await _execute(config, store, prompts, show_progress, terminal)
     summary.seconds = time.monotonic() - started
     _record_figures(store, summary)
     return summary
@@ -194,32 +187,27 @@ async def _execute(
 
     async def answer(model: RatedModel, backend: CachedBackend, prompt: Prompt, unit: str) -> None:
         progress.started(ANSWERS)
-        g = model.generation
-        messages = tuple(prompt.messages)
-        if g.system_prompt and messages[0]["role"] != "system":
-            messages = ({"role": "system", "content": g.system_prompt}, *messages)
-        request = ChatRequest(
-            messages=messages,
-            max_tokens=g.max_tokens,
-            temperature=g.temperature,
-            top_p=g.top_p,
-            seed=derive_seed(config.seed, prompt.id, ANSWERS),
-        )
-        completion = await backend.complete(request)
-        summary.answers.calls += 1
-        if not completion.ok:
-            failed(summary.answers, unit, f"{model.name}: {completion.error}", model=model.name, prompt_id=prompt.id)
+        # The respond stage answers, seeded by (run seed, prompt id, "answers"): every model samples a
+        # prompt under the same seed, so models that differ only in their limits answer alike.
+        row = {"id": prompt.id, "messages": list(prompt.messages)}
+        ctx = StageContext(config.seed, ANSWERS, config.constitution, {"responder": backend}, {"responder": model.name})
+        try:
+            processed = await Respond(**asdict(model.generation)).process(row, ctx)
+        except RowFailed as exc:
+            failed(summary.answers, unit, f"{model.name}: {exc}", model=model.name, prompt_id=prompt.id)
             return
+        finally:
+            summary.answers.calls += 1
         record = {
             "id": unit,
             "prompt_id": prompt.id,
             "model": model.name,
             "model_identity": model.identity(),
-            "answer": completion.text.strip(),
-            "finish_reason": completion.finish_reasons[0],
-            "completion_tokens": completion.completion_tokens,
+            "answer": processed.row["response"],
+            "finish_reason": processed.row["response_finish_reason"],
+            "completion_tokens": processed.completion_tokens,
         }
-        answers.finished(record, completion.completion_tokens)
+        answers.finished(record, processed.completion_tokens)
 
     async def judge(j: Judgment) -> None:
         progress.started(JUDGMENTS)
