@@ -4,6 +4,7 @@ in both orders always), the axes and their questions. Every error names the file
 
 from __future__ import annotations
 
+import functools
 import glob
 import re
 from dataclasses import asdict, dataclass, field, replace
@@ -46,6 +47,7 @@ class RatedModel:
     step: int | None = None  # a checkpoint's step (the number ending its folder's name)
     engine: dict[str, Any] = field(default_factory=dict)  # engine_identity(backend)
 
+    @functools.cached_property
     def identity(self) -> str:
         """What determines this model's answers (its name does not: renaming a model reuses them)."""
         return content_hash({"engine": self.engine, "generation": asdict(self.generation)})

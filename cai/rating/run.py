@@ -202,7 +202,7 @@ async def _execute(
             "id": unit,
             "prompt_id": prompt.id,
             "model": model.name,
-            "model_identity": model.identity(),
+            "model_identity": model.identity,
             "answer": processed.row["response"],
             "finish_reason": processed.row["response_finish_reason"],
             "completion_tokens": processed.completion_tokens,

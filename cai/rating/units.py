@@ -13,7 +13,7 @@ from cai.rating.config import EvalConfig, RatedModel
 
 
 def answer_id(config: EvalConfig, prompt: Prompt, model: RatedModel) -> str:
-    return content_hash({"prompt": prompt.id, "model": model.identity(), "seed": config.seed})
+    return content_hash({"prompt": prompt.id, "model": model.identity, "seed": config.seed})
 
 
 def judgment_id(config: EvalConfig, axis: str, prompt: Prompt, answers: tuple[str, str]) -> str:
@@ -54,11 +54,12 @@ class Judgment:
 
 
 def plan(config: EvalConfig, prompts: dict[str, list[Prompt]]) -> list[Judgment]:
+    """Every judgment the eval makes, axis by axis and prompt by prompt, in the file's order."""
     out = []
     for axis, axis_prompts in prompts.items():
         for prompt in axis_prompts:
+            ids = {name: answer_id(config, prompt, model) for name, model in config.models.items()}
             for a, b in model_pairs(config, axis, prompt):
-                ids = {m: answer_id(config, prompt, config.models[m]) for m in (a, b)}
                 first, second = sorted((a, b), key=lambda m: ids[m])
                 answers = (ids[first], ids[second])
                 out.append(Judgment(judgment_id(config, axis, prompt, answers), axis, prompt, (first, second), answers))

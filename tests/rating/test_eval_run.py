@@ -39,7 +39,8 @@ def bisect(f, low: float, high: float) -> float:
 
 @pytest.fixture(scope="module")
 def judge_url():
-    with CannedServer("--median-s", "0", "--sigma", "0", "--prefer", "shorter") as server:
+    # Each judge call takes 0.2 s: the judgments span seconds, so a test can kill a run in their midst.
+    with CannedServer("--median-s", "0.2", "--sigma", "0", "--prefer", "shorter") as server:
         yield server.url
 
 
@@ -135,17 +136,18 @@ def test_kill_9_mid_eval_and_rerun_gives_the_same_ratings(reference, eval_file, 
     run_dir = tmp_path / "killed"
     proc = cai_eval(eval_file, run_dir, "--quiet")
     deadline = time.monotonic() + 300
-    while sum(1 for _ in read_shards(run_dir / "answers")) < 8:
+    while sum(1 for _ in read_shards(run_dir / "judgments")) < 4:
         assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-2000:]
-        time.sleep(0.1)
+        time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=60)
-    written = sum(1 for _ in read_shards(run_dir / "answers"))
-    assert 8 <= written < 3 * 2 * LIMIT and not (run_dir / "ratings.json").exists()
+    judged = sum(1 for _ in read_shards(run_dir / "judgments"))
+    assert 4 <= judged < 2 * LIMIT * 3 and not (run_dir / "ratings.json").exists()
 
     finished(cai_eval(eval_file, run_dir, "--quiet"))
-    answers = [a["id"] for a in read_shards(run_dir / "answers")]
-    assert len(answers) == len(set(answers)) == 3 * 2 * LIMIT  # nothing lost, nothing twice
+    for stage, count in (("answers", 2 * LIMIT * 3), ("judgments", 2 * LIMIT * 3)):
+        ids = [record["id"] for record in read_shards(run_dir / stage)]
+        assert len(ids) == len(set(ids)) == count  # nothing lost, nothing twice
     for name in ("ratings.json", "samples.json"):
         assert (run_dir / name).read_text() == (reference[0] / name).read_text()
 
