@@ -114,6 +114,7 @@ class Workspace:
         if cfg.distill.teacher is not None:
             self._check_model(cfg.distill.teacher, path, relative, "distill.teacher")
         check_engine_options(cfg.distill.vllm_options, relative, "distill.vllm_options")
+        check_engine_options(cfg.online_dpo.vllm_options, relative, "online-dpo.vllm_options")
         for where, read in cfg.read_paths():
             self.inside(read, relative, where)
         for section, options in cfg.reward_sections().items():

@@ -31,6 +31,7 @@ RECIPES = {
     "grpo": "cai.train.grpo",
     "rloo": "cai.train.grpo",
     "nash-md": "cai.train.nash_md",
+    "online-dpo": "cai.train.online_dpo",
     "hir": "cai.train.hir",
     "distill": "cai.train.distill",
     "judge": "cai.train.judge",
@@ -46,6 +47,7 @@ DEFAULT_LR = {
     "grpo": 1e-6,
     "rloo": 1e-6,
     "nash-md": 1e-6,
+    "online-dpo": 1e-6,
     "hir": 2e-5,
     "distill": 2e-5,
     "judge": 1e-5,
@@ -88,9 +90,13 @@ class RewardOptions:
 
 @dataclass(frozen=True)
 class DPOOptions:
-    beta: float = 0.1  # for cpl: its temperature alpha
+    beta: float = 0.1  # for cpl: its temperature alpha; orpo has none (orpo_lambda)
     loss_type: str = "sigmoid"
     cpl_lambda: float = 0.5  # CPL's conservative regulariser (1: plain CPL)
+    simpo_gamma: float = 0.5  # SimPO's target reward margin
+    orpo_lambda: float = 0.1  # ORPO's weight of the odds-ratio term beside the SFT term
+    kto_desirable_weight: float = 1.0  # KTO's lambda_D
+    kto_undesirable_weight: float = 1.0  # KTO's lambda_U
     use_soft_labels: bool = False  # conservative DPO with each pair's `label_prob`
     reference: str | None = None  # default: the starting model
     precompute_ref: bool = False  # reference log-probs once before training, cached in output_dir
@@ -183,6 +189,47 @@ class NashMDOptions:
     mixture_coef: float = 0.5
     kl_beta: float = 0.1
     rollout: str = "hf"
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+
+
+@dataclass(frozen=True)
+class PairJudgeSource:
+    """The compare stage's judge on live answers, as a pipeline's compare stage labels pairs: each pair in
+    both orders under `principles` comparison principles drawn per pair, each vote calibrated
+    (`calibration`, a `cai eval-judge --calibrate` file), or several backends voting by weight (`jury`)."""
+
+    backends: dict[str, BackendSpec]  # the compare stage's roles: `judge`, or the jury's names
+    constitution: Path
+    jury: dict[str, float] | None = None  # role -> weight; None: the one judge
+    principles: int = 1
+    calibration: Path | None = None
+    few_shot: int = 0
+    method: str = "auto"
+
+
+@dataclass(frozen=True)
+class PairPreferenceSource:
+    """Online DPO's labels: a reward model's Bradley-Terry probability sigmoid(r(y) - r(y')), or the judge."""
+
+    model: Path | None = None
+    judge: PairJudgeSource | None = None
+
+
+@dataclass(frozen=True)
+class OnlineDPOOptions:
+    """Online DPO from AI feedback (Guo et al. 2024): `samples` answers per prompt from the current policy,
+    pairs of them labelled live by `preference`, the DPO family's loss against the reference."""
+
+    preference: PairPreferenceSource = field(default_factory=PairPreferenceSource)
+    samples: int = 2
+    pairs: str = "best_vs_worst"  # or all: every pair of a prompt's answers
+    use_soft_labels: bool = False  # the judge's P as each pair's label, not its verdict
+    beta: float = 0.1
+    loss_type: str = "sigmoid"
+    rollout: str = "hf"
+    vllm_options: dict[str, Any] = field(default_factory=dict)
     max_new_tokens: int = 64
     temperature: float = 1.0
     top_p: float = 1.0
@@ -321,6 +368,7 @@ class TrainConfig:
     rloo: GroupOptions = field(default_factory=GroupOptions)
     hir: HIROptions = field(default_factory=HIROptions)
     nash_md: NashMDOptions = field(default_factory=NashMDOptions)  # the `nash-md:` section
+    online_dpo: OnlineDPOOptions = field(default_factory=OnlineDPOOptions)  # the `online-dpo:` section
     distill: DistillOptions = field(default_factory=DistillOptions)
     judge: JudgeTrainOptions = field(default_factory=JudgeTrainOptions)
 
@@ -345,6 +393,11 @@ class TrainConfig:
         ]
         if self.nash_md.preference.judge is not None:
             found.append(("nash-md.preference.judge", self.nash_md.preference.judge))
+        pair_judge = self.online_dpo.preference.judge
+        if pair_judge is not None:  # one entry per backend: a jury's jurors each have their own
+            for role, spec in pair_judge.backends.items():
+                where = "online-dpo.preference.judge" + (f".jury.{role}" if pair_judge.jury else "")
+                found.append((where, JudgeSource(backend=spec, constitution=pair_judge.constitution)))
         return found
 
     def read_paths(self) -> list[tuple[str, Path]]:
@@ -363,6 +416,10 @@ class TrainConfig:
         ]
         if self.nash_md.preference.model is not None:
             paths.append(("nash-md.preference.model", self.nash_md.preference.model))
+        if self.online_dpo.preference.model is not None:
+            paths.append(("online-dpo.preference.model", self.online_dpo.preference.model))
+        if self.online_dpo.preference.judge is not None and self.online_dpo.preference.judge.calibration is not None:
+            paths.append(("online-dpo.preference.judge.calibration", self.online_dpo.preference.judge.calibration))
         for where, judge in self.judges():
             paths.append((f"{where}.constitution", judge.constitution))
             if judge.references is not None:
@@ -398,14 +455,9 @@ def load(kind: str, path: str | Path, overrides: list[str] = ()) -> TrainConfig:
     model = doc["model"]
     check_model_folder(model, file, name, "model")
     dpo = DPOOptions(**doc.get("dpo", {}))
+    _check_dpo(dpo, doc, name)
     if dpo.reference is not None:
         check_model_folder(dpo.reference, file, name, "dpo.reference")
-    if dpo.loss_type == "cpl":
-        for key, value in (("reference", dpo.reference), ("precompute_ref", dpo.precompute_ref)):
-            if value:
-                raise InputError(name, f"dpo.{key}", "cpl is reference-free: it uses no reference model")
-    elif "cpl_lambda" in doc.get("dpo", {}):
-        raise InputError(name, "dpo.cpl_lambda", f"an option of loss_type cpl, not {dpo.loss_type}")
 
     data = doc["data"]
     train_data = existing_path(data["train"], file, name, "data.train", folder_ok=True)
@@ -469,10 +521,51 @@ def load(kind: str, path: str | Path, overrides: list[str] = ()) -> TrainConfig:
         grpo=_group_options(doc, "grpo", file, name) if kind == "grpo" else GroupOptions(),
         rloo=_group_options(doc, "rloo", file, name) if kind == "rloo" else GroupOptions(),
         nash_md=_nash_md_options(doc, file, name) if kind == "nash-md" else NashMDOptions(),
+        online_dpo=_online_dpo_options(doc, file, name) if kind == "online-dpo" else OnlineDPOOptions(),
         hir=_hir_options(doc, file, name) if kind == "hir" else HIROptions(),
         distill=_distill_options(doc, file, name) if kind == "distill" else DistillOptions(),
         judge=_judge_train_options(doc, file, name) if kind == "judge" else JudgeTrainOptions(),
     )
+
+
+# The loss_type each loss-specific `dpo:` option belongs to, and the losses that use no reference model.
+DPO_LOSS_OPTIONS = {
+    "cpl_lambda": "cpl",
+    "simpo_gamma": "simpo",
+    "orpo_lambda": "orpo",
+    "kto_desirable_weight": "kto",
+    "kto_undesirable_weight": "kto",
+}
+REFERENCE_FREE_LOSSES = ("cpl", "simpo", "orpo")
+
+
+def _check_dpo(dpo: DPOOptions, doc: dict[str, Any], name: str) -> None:
+    given, loss = doc.get("dpo", {}), dpo.loss_type
+    for key, owner in DPO_LOSS_OPTIONS.items():
+        if key in given and owner != loss:
+            raise InputError(name, f"dpo.{key}", f"an option of loss_type {owner}, not {loss}")
+    if loss in REFERENCE_FREE_LOSSES:
+        for key, value in (("reference", dpo.reference), ("precompute_ref", dpo.precompute_ref)):
+            if value:
+                raise InputError(name, f"dpo.{key}", f"{loss} is reference-free: it uses no reference model")
+    if loss == "orpo" and "beta" in given:
+        raise InputError(name, "dpo.beta", "orpo has no beta: the odds-ratio term's weight is orpo_lambda")
+    if loss == "kto":
+        if dpo.precompute_ref:
+            raise InputError(
+                name,
+                "dpo.precompute_ref",
+                "kto pairs each prompt with another answer of its batch for its KL estimate: "
+                "the reference runs every step",
+            )
+        if dpo.use_soft_labels:
+            raise InputError(
+                name, "dpo.use_soft_labels", "kto trains on answers labelled desirable or not, not on pairs"
+            )
+        if doc.get("batch_size", TrainConfig.batch_size) < 2:
+            raise InputError(
+                name, "batch_size", "kto estimates its KL reference point from the batch's other answers: at least 2"
+            )
 
 
 def _rewards(
@@ -644,6 +737,51 @@ def _nash_md_options(doc: dict[str, Any], file: Path, name: str) -> NashMDOption
             )
         )
     return NashMDOptions(preference=preference, **options)
+
+
+def _online_dpo_options(doc: dict[str, Any], file: Path, name: str) -> OnlineDPOOptions:
+    if "online-dpo" not in doc:
+        raise InputError(name, "online-dpo", "`cai train online-dpo` needs an online-dpo section with its preference")
+    options = dict(doc["online-dpo"])
+    _check_rollout(doc, options, "online-dpo", name)
+    spec = options.pop("preference")
+    if len(spec) != 1:
+        raise InputError(
+            name,
+            "online-dpo.preference",
+            "needs exactly one of model (a `cai train rm` output) or judge (the constitution's pairwise judge)",
+        )
+    if "model" in spec:
+        model = existing_path(spec["model"], file, name, "online-dpo.preference.model", folder_ok=True)
+        return OnlineDPOOptions(preference=PairPreferenceSource(model=model), **options)
+    judge, where = dict(spec["judge"]), "online-dpo.preference.judge"
+    if ("backend" in judge) == ("jury" in judge):
+        raise InputError(name, where, "needs exactly one of backend (one judge) or jury (several, by weight)")
+    if "jury" in judge and "calibration" in judge:
+        raise InputError(
+            name, f"{where}.calibration", "a calibration is fitted to one judge: a jury's jurors would share it"
+        )
+    if "backend" in judge:
+        backends = {"judge": backend_spec("judge", judge["backend"], file, f"{where}.backend")}
+        jury = None
+    else:
+        backends = {
+            role: backend_spec(role, juror["backend"], file, f"{where}.jury.{role}.backend")
+            for role, juror in judge["jury"].items()
+        }
+        jury = {role: juror.get("weight", 1.0) for role, juror in judge["jury"].items()}
+    source = PairJudgeSource(
+        backends=backends,
+        constitution=existing_path(judge["constitution"], file, name, f"{where}.constitution"),
+        jury=jury,
+        principles=judge.get("principles", 1),
+        calibration=existing_path(judge["calibration"], file, name, f"{where}.calibration")
+        if "calibration" in judge
+        else None,
+        few_shot=judge.get("few_shot", 0),
+        method=judge.get("method", "auto"),
+    )
+    return OnlineDPOOptions(preference=PairPreferenceSource(judge=source), **options)
 
 
 def _ppo_options(doc: dict[str, Any], file: Path, name: str) -> PPOOptions:

@@ -94,29 +94,89 @@ def load_preferences(path: Path, limit: int | None = None, skip: int = 0) -> lis
     file = str(path)
     pairs = []
     for line, record in itertools.islice(_records(path), skip, None):
-        validate(record, "train_preference", file, line)
-        for key in ("chosen", "rejected"):
-            if record[key][-1]["role"] != "assistant":
-                raise InputError(file, key, "must end with an assistant message", line=line)
-        for key in ("label_prob", "margin"):
-            if key in record and not math.isfinite(record[key]):
-                raise InputError(file, key, f"must be a finite number, got {record[key]}", line=line)
-        prompt = _plain(record["prompt"])
-        pairs.append(
-            Pair(
-                prompt=prompt,
-                chosen=_plain(record["chosen"]),
-                rejected=_plain(record["rejected"]),
-                label_prob=record.get("label_prob"),
-                margin=record.get("margin"),
-                group=str(record["group_id"]) if "group_id" in record else content_hash(prompt),
+        if _is_unpaired(record):
+            raise InputError(
+                file,
+                "completion",
+                "an unpaired row (prompt, completion, label): pairs (chosen, rejected) are needed here; "
+                "only `cai train dpo` with dpo.loss_type kto trains on unpaired answers",
+                line=line,
             )
-        )
+        pairs.append(_pair(record, file, line))
         if limit is not None and len(pairs) == limit:
             break
     if not pairs:
         raise InputError(file, None, f"no pairs after the {skip} skipped" if skip else "no pairs")
     return pairs
+
+
+def _pair(record: Any, file: str, line: int) -> Pair:
+    validate(record, "train_preference", file, line)
+    for key in ("chosen", "rejected"):
+        if record[key][-1]["role"] != "assistant":
+            raise InputError(file, key, "must end with an assistant message", line=line)
+    for key in ("label_prob", "margin"):
+        if key in record and not math.isfinite(record[key]):
+            raise InputError(file, key, f"must be a finite number, got {record[key]}", line=line)
+    prompt = _plain(record["prompt"])
+    return Pair(
+        prompt=prompt,
+        chosen=_plain(record["chosen"]),
+        rejected=_plain(record["rejected"]),
+        label_prob=record.get("label_prob"),
+        margin=record.get("margin"),
+        group=str(record["group_id"]) if "group_id" in record else content_hash(prompt),
+    )
+
+
+def _is_unpaired(record: Any) -> bool:
+    """TRL's unpaired preference format: `completion` and `label` where a pair has `chosen` and `rejected`."""
+    return isinstance(record, dict) and "completion" in record and "chosen" not in record
+
+
+@dataclass(frozen=True)
+class Example:
+    """One answer labelled desirable or not, without a pair (KTO's data)."""
+
+    prompt: Messages
+    completion: Messages
+    label: bool
+    group: str = ""  # the prompt's identity: KTO's KL estimate pairs a prompt with another prompt's answer
+
+
+def unpair(pairs: list[Pair]) -> list[Example]:
+    """Each pair as two examples: its chosen answer desirable, its rejected one not."""
+    return [
+        Example(p.prompt, answer, label, p.group)
+        for p in pairs
+        for answer, label in ((p.chosen, True), (p.rejected, False))
+    ]
+
+
+def load_examples(path: Path, limit: int | None = None, skip: int = 0) -> list[Example]:
+    """Answers labelled desirable or not: rows in TRL's unpaired preference format (conversational `prompt`
+    and `completion`, bool `label`, optional `group_id`), or preference pairs in any format
+    `load_preferences` reads, each pair giving two examples (`unpair`). `limit` and `skip` count records."""
+    if path.is_file() and _is_transcript_file(path):
+        return unpair(load_preferences(path, limit, skip))
+    file = str(path)
+    examples, records = [], 0
+    for line, record in itertools.islice(_records(path), skip, None):
+        if _is_unpaired(record):
+            validate(record, "train_unpaired", file, line)
+            if record["completion"][-1]["role"] != "assistant":
+                raise InputError(file, "completion", "must end with an assistant message", line=line)
+            prompt = _plain(record["prompt"])
+            group = str(record["group_id"]) if "group_id" in record else content_hash(prompt)
+            examples.append(Example(prompt, _plain(record["completion"]), record["label"], group))
+        else:
+            examples += unpair([_pair(record, file, line)])
+        records += 1
+        if limit is not None and records == limit:
+            break
+    if not examples:
+        raise InputError(file, None, f"no records after the {skip} skipped" if skip else "no records")
+    return examples
 
 
 def _is_transcript_file(path: Path) -> bool:
@@ -140,6 +200,14 @@ def preference_splits(config: TrainConfig) -> tuple[list[Pair], list[Pair]]:
     if config.eval_data is not None:
         return pairs, load_preferences(config.eval_data, skip=config.eval_skip)
     return split_eval(pairs, [p.group for p in pairs], config.eval_fraction, config.seed)
+
+
+def example_splits(config: TrainConfig) -> tuple[list[Example], list[Example]]:
+    """`preference_splits` for unpaired examples (`load_examples`): a seeded share of the prompts held out."""
+    examples = load_examples(config.train_data, config.limit)
+    if config.eval_data is not None:
+        return examples, load_examples(config.eval_data, skip=config.eval_skip)
+    return split_eval(examples, [e.group for e in examples], config.eval_fraction, config.seed)
 
 
 def require_column(config: TrainConfig, pairs: list[Pair], column: str, option: str) -> None:
@@ -239,6 +307,48 @@ def encode_pairs(tokenizer, pairs: list[Pair], max_length: int) -> tuple[list[En
             continue
         out.append(EncodedPair(chosen, rejected, p.label_prob))
     return out, dropped
+
+
+@dataclass(frozen=True)
+class EncodedExample:
+    encoded: Encoded  # prompt + answer, the loss mask on the answer
+    label: bool
+    group: str
+
+    @property
+    def answer_start(self) -> int:
+        """The position of the answer's first trained token: everything before it is the prompt."""
+        return self.encoded.mask.index(1)
+
+
+def encode_examples(tokenizer, examples: list[Example], max_length: int) -> tuple[list[EncodedExample], int]:
+    """`encode_pairs` for unpaired examples: (examples kept, examples left with no answer token)."""
+    out, dropped = [], 0
+    for e in examples:
+        encoded = truncate(encode(tokenizer, e.prompt + e.completion, train_from=len(e.prompt)), max_length)
+        if encoded is None:
+            dropped += 1
+            continue
+        out.append(EncodedExample(encoded, e.label, e.group))
+    return out, dropped
+
+
+def swap_answer(prompt_of: EncodedExample, answer_of: EncodedExample, max_length: int) -> Encoded:
+    """The prompt of one example followed by the answer of another (KTO's mismatched pair), as token ids:
+    TRL's KTOTrainer also joins prompt and completion ids. Always keeps an answer token: the prompt is
+    shorter than max_length, since its own answer's first token fitted."""
+    n, k = prompt_of.answer_start, answer_of.answer_start
+    ids = prompt_of.encoded.input_ids[:n] + answer_of.encoded.input_ids[k:]
+    mask = [0] * n + answer_of.encoded.mask[k:]
+    return Encoded(ids[:max_length], mask[:max_length])
+
+
+def kl_partners(groups: list[str]) -> list[int | None]:
+    """For each example of a batch, the one whose answer it is paired with for KTO's KL estimate: the one
+    before it (the last for the first), TRL's shift by one, or the nearest earlier one whose prompt (group)
+    differs, so that the pair is mismatched; None where every other example has the same prompt."""
+    n = len(groups)
+    return [next(((i - s) % n for s in range(1, n) if groups[(i - s) % n] != groups[i]), None) for i in range(n)]
 
 
 def shared_prompt(pair: EncodedPair) -> int:

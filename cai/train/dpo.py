@@ -1,4 +1,5 @@
-"""`cai train dpo`: direct preference optimisation of a policy against a frozen reference.
+"""`cai train dpo`: direct preference optimisation of a policy against a frozen reference, and the
+preference losses of the same shape (`dpo.loss_type`).
 
 The reference is the starting model unless `dpo.reference` names another; with LoRA it is the policy
 with its adapter switched off (no second copy). `dpo.precompute_ref` computes the reference
@@ -7,8 +8,18 @@ model is freed. Chosen and rejected answers go through the policy in one forward
 one row that holds the prompt once (data.collate_pairs).
 `dpo.use_soft_labels` trains on each pair's `label_prob` (conservative DPO with the judge's own
 confidence per pair).
-`dpo.loss_type: cpl` is Contrastive Preference Learning (losses.cpl_loss): the same loop on the same
-pairs, with no reference model at all.
+
+The other loss types, each a pure function in cai.train.losses, on the same loop:
+- `cpl` (Contrastive Preference Learning), `simpo` (SimPO) and `orpo` (ORPO) are reference-free: no
+  reference model is loaded at all. SimPO and ORPO read each answer's mean per-token log-prob, not the sum.
+  Their chosen/rejected rewards are alpha log pi (cpl), beta times the mean log-prob (simpo) and the
+  answers' log-odds (orpo); orpo also logs `nll`, its SFT term.
+- `kto` (KTO) trains on answers labelled desirable or not: TRL's unpaired rows (prompt, completion, label),
+  or pairs, each giving a desirable and an undesirable answer (`batch_size` then counts answers). Each
+  answer goes through the model in one packed row with its batch neighbour's answer to the same prompt
+  (data.swap_answer, data.kl_partners), whose log-ratio to the reference estimates the KL reference point
+  z0. Metrics: `kl_reference` (z0), `reward_accuracy` (the share of answers on their label's side of z0)
+  and `reward_margin` (the mean beta (r - z0), sign-flipped for undesirable answers).
 """
 
 from __future__ import annotations
@@ -20,8 +31,10 @@ import torch
 from cai.core.disk import written_atomically
 from cai.core.errors import InputError
 from cai.train import data, loop, runtime
-from cai.train.config import TrainConfig
-from cai.train.losses import cpl_loss, dpo_loss
+from cai.train.config import REFERENCE_FREE_LOSSES, TrainConfig
+from cai.train.losses import cpl_loss, dpo_loss, kto_loss, orpo_loss, simpo_loss
+
+PER_TOKEN_MEAN = ("ipo", "simpo", "orpo")  # losses on each answer's mean token log-prob, not its sum
 
 
 def train(config: TrainConfig, stop_after: int | None = None) -> Path:
@@ -31,36 +44,41 @@ def train(config: TrainConfig, stop_after: int | None = None) -> Path:
 
     acc = runtime.accelerator(config)
     tokenizer = runtime.load_tokenizer(runtime.model_path(config))
+    options = config.dpo
+    kto = options.loss_type == "kto"
 
     # --- data: validated before anything is written
-    pairs, eval_pairs = data.preference_splits(config)
-    if config.dpo.use_soft_labels:
-        data.require_column(config, pairs, "label_prob", "dpo.use_soft_labels")
-    train_set, dropped = data.encode_pairs(tokenizer, pairs, config.max_length)
-    eval_set, _ = data.encode_pairs(tokenizer, eval_pairs, config.max_length)
+    if kto:
+        examples, eval_examples = data.example_splits(config)
+        train_set, dropped = data.encode_examples(tokenizer, examples, config.max_length)
+        eval_set, _ = data.encode_examples(tokenizer, eval_examples, config.max_length)
+        what = "answers"
+        # an answer's row also holds a neighbour's answer of about its length
+        lengths = [2 * len(e.encoded.input_ids) - e.answer_start for e in train_set]
+    else:
+        pairs, eval_pairs = data.preference_splits(config)
+        if options.use_soft_labels:
+            data.require_column(config, pairs, "label_prob", "dpo.use_soft_labels")
+        train_set, dropped = data.encode_pairs(tokenizer, pairs, config.max_length)
+        eval_set, _ = data.encode_pairs(tokenizer, eval_pairs, config.max_length)
+        what = "pairs"
+        lengths = [len(p.chosen.input_ids) + len(p.rejected.input_ids) for p in train_set]
     if not train_set:
         raise InputError(
-            str(config.train_data), None, f"no pair keeps an answer token within max_length {config.max_length}"
+            str(config.train_data), None, f"no {what[:-1]} keeps an answer token within max_length {config.max_length}"
         )
     if dropped:
-        runtime.note(acc, f"left out {dropped} pairs with no answer token within max_length {config.max_length}")
+        runtime.note(acc, f"left out {dropped} {what} with no answer token within max_length {config.max_length}")
 
     resume = runtime.prepare_output(config, acc)
-    training = loop.start(
-        config,
-        acc,
-        tokenizer,
-        resume,
-        [len(p.chosen.input_ids) + len(p.rejected.input_ids) for p in train_set],
-        AutoModelForCausalLM,
-    )
+    training = loop.start(config, acc, tokenizer, resume, lengths, AutoModelForCausalLM)
     policy = training.model
-    reference_free = config.dpo.loss_type == "cpl"
-    reference = None if reference_free else runtime.load_reference(config, acc, config.dpo.reference)
+    reference_free = options.loss_type in REFERENCE_FREE_LOSSES
+    reference = None if reference_free else runtime.load_reference(config, acc, options.reference)
     pad_id = data.pad_id(tokenizer)
 
     def logps(model, items: list[data.EncodedPair]) -> tuple[torch.Tensor, torch.Tensor]:
-        return pair_logps(model, items, pad_id, acc.device, per_token_mean=config.dpo.loss_type == "ipo")
+        return pair_logps(model, items, pad_id, acc.device, per_token_mean=options.loss_type in PER_TOKEN_MEAN)
 
     @torch.no_grad()
     def reference_logps(items: list[data.EncodedPair]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,48 +87,86 @@ def train(config: TrainConfig, stop_after: int | None = None) -> Path:
         with acc.unwrap_model(policy).disable_adapter():
             return logps(policy, items)
 
-    cached = _precomputed(config, acc, reference_logps, train_set, eval_set) if config.dpo.precompute_ref else None
+    cached = _precomputed(config, acc, reference_logps, train_set, eval_set) if options.precompute_ref else None
     if cached is not None:
         reference = None  # frees the reference model: its numbers are all in `cached`
 
-    def step_values(
+    def pair_values(
         items: list[data.EncodedPair], indexes: list[int], split: str
     ) -> tuple[torch.Tensor, dict[str, float]]:
         chosen, rejected = logps(policy, items)
-        label_prob = (
-            torch.tensor([p.label_prob for p in items], device=acc.device) if config.dpo.use_soft_labels else None
-        )
-        if reference_free:
+        label_prob = torch.tensor([p.label_prob for p in items], device=acc.device) if options.use_soft_labels else None
+        figures = {}
+        if options.loss_type == "cpl":
             losses, chosen_rewards, rejected_rewards = cpl_loss(
-                chosen, rejected, config.dpo.beta, config.dpo.cpl_lambda, label_prob
+                chosen, rejected, options.beta, options.cpl_lambda, label_prob
             )
+        elif options.loss_type == "simpo":
+            losses, chosen_rewards, rejected_rewards = simpo_loss(
+                chosen, rejected, options.beta, options.simpo_gamma, label_prob
+            )
+        elif options.loss_type == "orpo":
+            losses, chosen_rewards, rejected_rewards = orpo_loss(chosen, rejected, options.orpo_lambda, label_prob)
+            figures["nll"] = -chosen.mean().item()
         else:
             if cached is None:
                 ref_chosen, ref_rejected = reference_logps(items)
             else:
                 ref_chosen, ref_rejected = (cached[split][indexes].to(acc.device)).unbind(dim=1)
             losses, chosen_rewards, rejected_rewards = dpo_loss(
-                chosen, rejected, ref_chosen, ref_rejected, config.dpo.beta, config.dpo.loss_type, label_prob
+                chosen, rejected, ref_chosen, ref_rejected, options.beta, options.loss_type, label_prob
             )
+            # mean log pi/pi_ref over the data's answers: the KL on these answers, not on samples of pi
+            figures["kl_estimate"] = ((chosen_rewards + rejected_rewards) / (2 * options.beta)).mean().item()
         loss = losses.mean()
-        values = {
+        return loss, {
             "loss": loss.item(),
             "reward_accuracy": (chosen_rewards > rejected_rewards).float().mean().item(),
             "reward_margin": (chosen_rewards - rejected_rewards).mean().item(),
             "chosen_reward": chosen_rewards.mean().item(),
             "rejected_reward": rejected_rewards.mean().item(),
+            **figures,
         }
-        if not reference_free:
-            # mean log pi/pi_ref over the data's answers: the KL on these answers, not on samples of pi
-            values["kl_estimate"] = ((chosen_rewards + rejected_rewards) / (2 * config.dpo.beta)).mean().item()
-        return loss, values
+
+    def kto_values(items: list[data.EncodedExample]) -> tuple[torch.Tensor, dict[str, float]]:
+        # each answer in one row with the answer of a batch neighbour to another prompt after the same prompt
+        partners = data.kl_partners([e.group for e in items])
+        rows = [
+            data.EncodedPair(e.encoded, data.swap_answer(e, items[j] if j is not None else e, config.max_length), None)
+            for e, j in zip(items, partners)
+        ]
+        answers, mismatched = logps(policy, rows)
+        ref_answers, ref_mismatched = reference_logps(rows)
+        has_partner = torch.tensor([j is not None for j in partners], device=acc.device)
+        desirable = torch.tensor([e.label for e in items], device=acc.device)
+        losses, rewards, z0 = kto_loss(
+            answers,
+            ref_answers,
+            desirable,
+            mismatched[has_partner],
+            ref_mismatched[has_partner],
+            options.beta,
+            options.kto_desirable_weight,
+            options.kto_undesirable_weight,
+        )
+        loss = losses.mean()
+        side = torch.where(desirable, 1.0, -1.0) * (rewards - options.beta * z0)  # > 0: on the label's side of z0
+        return loss, {
+            "loss": loss.item(),
+            "reward_accuracy": (side > 0).float().mean().item(),
+            "reward_margin": side.mean().item(),
+            "kl_reference": z0.item(),
+            "kl_estimate": (rewards / options.beta).mean().item(),
+        }
+
+    def step_values(indexes: list[int], split: str) -> tuple[torch.Tensor, dict[str, float]]:
+        items = [(train_set if split == "train" else eval_set)[i] for i in indexes]
+        return kto_values(items) if kto else pair_values(items, indexes, split)
 
     final_eval = loop.fit(
         training,
-        lambda indexes: step_values([train_set[i] for i in indexes], indexes, "train"),
-        loop.evaluator(
-            training, len(eval_set), lambda indexes: step_values([eval_set[i] for i in indexes], indexes, "eval")[1]
-        ),
+        lambda indexes: step_values(indexes, "train"),
+        loop.evaluator(training, len(eval_set), lambda indexes: step_values(indexes, "eval")[1]),
         stop_after,
     )
     if final_eval is None:
@@ -141,7 +197,7 @@ def pair_logps(
     model, items: list[data.EncodedPair], pad_id: int, device, per_token_mean: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(chosen, rejected) sequence log-probs from one forward pass over both, the shared prompt
-    computed once (data.collate_pairs); per-token means instead of sums for IPO."""
+    computed once (data.collate_pairs); per-token means instead of sums for IPO, SimPO and ORPO."""
     batch = data.collate_pairs(items, pad_id)
     # logits only from the first position that predicts an answer token: the prompt's own are never read
     first = int(batch["source"].min())

@@ -9,6 +9,8 @@ p * loss(chosen wins) + (1 - p) * loss(rejected wins).
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -111,6 +113,122 @@ def cpl_loss(
         else label_prob * hard(chosen, rejected) + (1 - label_prob) * hard(rejected, chosen)
     )
     return losses, chosen.detach(), rejected.detach()
+
+
+def simpo_loss(
+    policy_chosen_avg_logps: Tensor,
+    policy_rejected_avg_logps: Tensor,
+    beta: float,
+    gamma: float,
+    label_prob: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """SimPO (Meng et al. 2024, eq. 6), reference-free; returns (per-example losses, chosen rewards,
+    rejected rewards), the rewards being beta * the answer's mean per-token log-prob (detached: metrics).
+
+    The implicit reward is the length-normalised log-likelihood, with a target margin gamma:
+
+        r(y) = beta / |y| sum_t log pi(y_t | x, y_<t)          (the inputs are these per-token means)
+        L = -log sigmoid(r(y_c) - r(y_r) - gamma)
+
+    With label_prob p, p L(c over r) + (1 - p) L(r over c): the margin is always asked of the winner.
+    (TRL's CPOTrainer(loss_type="simpo") smooths as -(1 - s) log sigmoid(z) - s log sigmoid(-z) with
+    z = r_c - r_r - gamma, which asks -gamma of the loser; the two agree at gamma = 0.)
+    """
+    chosen, rejected = beta * policy_chosen_avg_logps, beta * policy_rejected_avg_logps
+
+    def hard(winner: Tensor, loser: Tensor) -> Tensor:
+        return -F.logsigmoid(winner - loser - gamma)
+
+    losses = (
+        hard(chosen, rejected)
+        if label_prob is None
+        else label_prob * hard(chosen, rejected) + (1 - label_prob) * hard(rejected, chosen)
+    )
+    return losses, chosen.detach(), rejected.detach()
+
+
+def log_odds(avg_logps: Tensor, eps: float = 1e-6) -> Tensor:
+    """log( P / (1 - P) ) with log P the per-token mean log-prob (ORPO's odds of an answer):
+    log P - log(1 - exp(log P)), the second term as log1p(-exp(x)) below -log 2 and log(-expm1(x)) above
+    (no cancellation either side). log P is capped at -eps: a rounding to 0 or above in low precision
+    would make the odds infinite (P = 1) or nan (P > 1)."""
+    x = avg_logps.clamp(max=-eps)
+    return x - torch.where(x < -math.log(2), torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
+
+
+def orpo_loss(
+    policy_chosen_avg_logps: Tensor,
+    policy_rejected_avg_logps: Tensor,
+    lam: float,
+    label_prob: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """ORPO, odds ratio preference optimisation (Hong et al. 2024, eqs. 6-7), reference-free; returns
+    (per-example losses, chosen log-odds, rejected log-odds) (the last two detached: metrics).
+
+    SFT on the chosen answer plus an odds-ratio term, both on per-token mean log-probs (the paper's
+    P(y|x) = exp(1/|y| sum_t log pi(y_t | x, y_<t))):
+
+        odds(y) = P(y|x) / (1 - P(y|x))
+        L_SFT   = -log P(y_c|x)                                  (the chosen answer's mean token NLL)
+        L_OR    = -log sigmoid( log odds(y_c) - log odds(y_r) )
+        L       = L_SFT + lambda L_OR
+
+    With label_prob p, p L(c over r) + (1 - p) L(r over c), the SFT term included (the expectation of
+    the hard loss: the answer that wins is the one fine-tuned on). TRL's ORPOTrainer takes lambda as
+    its `beta`, and its NLL term is the token mean over the batch's prompts and chosen answers; here it is
+    the paper's, over the answer's own tokens, one mean per answer.
+    """
+    chosen, rejected = log_odds(policy_chosen_avg_logps), log_odds(policy_rejected_avg_logps)
+
+    def hard(winner_logps: Tensor, winner: Tensor, loser: Tensor) -> Tensor:
+        return -winner_logps - lam * F.logsigmoid(winner - loser)
+
+    losses = (
+        hard(policy_chosen_avg_logps, chosen, rejected)
+        if label_prob is None
+        else label_prob * hard(policy_chosen_avg_logps, chosen, rejected)
+        + (1 - label_prob) * hard(policy_rejected_avg_logps, rejected, chosen)
+    )
+    return losses, chosen.detach(), rejected.detach()
+
+
+def kto_loss(
+    policy_logps: Tensor,
+    ref_logps: Tensor,
+    desirable: Tensor,
+    kl_policy_logps: Tensor,
+    kl_ref_logps: Tensor,
+    beta: float,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """KTO, Kahneman-Tversky optimisation (Ethayarajh et al. 2024, eq. 7), on unpaired answers each
+    labelled desirable or not; returns (per-example losses, rewards beta r (detached), z0).
+
+    With r = log pi(y|x) - log pi_ref(y|x) (sequence log-probs) and a reference point z0:
+
+        desirable:    L = lambda_D (1 - sigmoid(beta (r - z0)))
+        undesirable:  L = lambda_U (1 - sigmoid(beta (z0 - r)))
+        z0 = max(0, mean_j [ log pi(y'_j|x_j) - log pi_ref(y'_j|x_j) ])
+
+    z0 estimates KL(pi || pi_ref) from the batch itself, on mismatched pairs (x_j, y'_j): prompt j with
+    an answer written for another prompt (`kl_policy_logps`, `kl_ref_logps`, any number of them); it is
+    detached, as in the paper (no gradient through the reference point) and TRL's KTOTrainer. Without a
+    mismatched pair z0 is 0. `desirable` is a bool tensor; the batch loss is the plain mean of the
+    per-example losses, as TRL's. lambda_D n_D / (lambda_U n_U) in [1, 4/3] is the paper's advice for
+    unbalanced data (n_D, n_U the desirable and undesirable counts).
+    """
+    if kl_policy_logps.numel():
+        z0 = (kl_policy_logps - kl_ref_logps).mean().detach().clamp(min=0)
+    else:
+        z0 = torch.zeros((), dtype=policy_logps.dtype, device=policy_logps.device)
+    logratios = policy_logps - ref_logps
+    losses = torch.where(
+        desirable,
+        desirable_weight * (1 - torch.sigmoid(beta * (logratios - z0))),
+        undesirable_weight * (1 - torch.sigmoid(beta * (z0 - logratios))),
+    )
+    return losses, beta * logratios.detach(), z0
 
 
 def reward_centering_loss(chosen_rewards: Tensor, rejected_rewards: Tensor, coefficient: float) -> Tensor:

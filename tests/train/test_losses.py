@@ -1,9 +1,11 @@
 """Each loss against values worked out by hand (with math, not torch), gradients at extreme inputs, and
-our dpo_loss against TRL 1.16's own code on the same log-prob tensors."""
+our dpo_loss, simpo_loss, orpo_loss and kto_loss against TRL 1.16's own code on the same log-prob tensors."""
 
 from __future__ import annotations
 
+import contextlib
 import math
+import warnings
 from collections import defaultdict
 from types import SimpleNamespace
 
@@ -26,13 +28,17 @@ from cai.train.losses import (
     hir_loss,
     k3_kl,
     kl_penalty,
+    kto_loss,
+    log_odds,
     nash_md_loss,
+    orpo_loss,
     pairwise_credit,
     ppo_policy_loss,
     ppo_value_loss,
     reward_centering_loss,
     rloo_advantages,
     rloo_loss,
+    simpo_loss,
     token_entropy,
 )
 
@@ -270,6 +276,294 @@ def test_conservative_dpo_equals_trl_per_example() -> None:
             *(x[i : i + 1] for x in logps), beta=0.1, loss_type="aot", label_smoothing=1 - probs[i].item()
         )
         assert abs(ours[i].item() - theirs.item()) < 1e-6
+
+
+# ----------------------------------------------------------------------------- SimPO, ORPO, KTO by hand
+
+
+def test_simpo_by_hand() -> None:
+    # mean token log-probs -1 and -2, beta 2, gamma 0.5: -log sigmoid(2 * -1 - 2 * -2 - 0.5) = log(1 + e^-1.5)
+    losses, chosen, rejected = simpo_loss(t(-1.0), t(-2.0), beta=2.0, gamma=0.5)
+    assert losses.item() == pytest.approx(math.log(1 + math.exp(-1.5)), abs=1e-12)
+    assert losses.item() == pytest.approx(0.20141327798275246, abs=1e-12)
+    assert (chosen.item(), rejected.item()) == pytest.approx((-2.0, -4.0))
+    # gamma 0 and beta 1 is the plain Bradley-Terry loss on mean log-probs: log(1 + e^-1)
+    assert simpo_loss(t(-1.0), t(-2.0), beta=1.0, gamma=0.0)[0].item() == pytest.approx(0.31326168751822286)
+
+
+def test_simpo_soft_label_asks_the_margin_of_the_winner() -> None:
+    # p = 0.8: 0.8 * log(1 + e^-1.5) + 0.2 * -log sigmoid(-4 - -2 - 0.5) = ... + 0.2 * log(1 + e^2.5)
+    losses, _, _ = simpo_loss(t(-1.0), t(-2.0), beta=2.0, gamma=0.5, label_prob=t(0.8))
+    assert losses.item() == pytest.approx(0.8 * math.log(1 + math.exp(-1.5)) + 0.2 * math.log(1 + math.exp(2.5)))
+
+
+def test_orpo_by_hand() -> None:
+    # P_c = 0.5 (odds 1, log-odds 0), P_r = 0.2 (odds 1/4): L_OR = -log sigmoid(log 4) = -log(4/5) = log 1.25,
+    # L_SFT = -log 0.5 = log 2
+    chosen, rejected = t(math.log(0.5)), t(math.log(0.2))
+    losses, chosen_odds, rejected_odds = orpo_loss(chosen, rejected, lam=0.1)
+    assert losses.item() == pytest.approx(math.log(2) + 0.1 * math.log(1.25), abs=1e-12)
+    assert losses.item() == pytest.approx(0.7154615356913663, abs=1e-12)
+    assert chosen_odds.item() == pytest.approx(0.0, abs=1e-12)
+    assert rejected_odds.item() == pytest.approx(math.log(0.25), abs=1e-12)
+    # label_prob 0.75: the rejected answer wins a quarter of the time, its own NLL -log 0.2 = log 5 and
+    # L_OR = -log sigmoid(log 1/4) = -log(1/5) = log 5
+    losses, _, _ = orpo_loss(chosen, rejected, lam=0.1, label_prob=t(0.75))
+    expected = 0.75 * (math.log(2) + 0.1 * math.log(1.25)) + 0.25 * (math.log(5) + 0.1 * math.log(5))
+    assert losses.item() == pytest.approx(expected, abs=1e-12)
+
+
+def test_orpo_gradient_of_the_sft_term_alone() -> None:
+    # lambda 0: the loss is -mean log-prob, whose gradient is -1
+    chosen, rejected = t(-1.5).requires_grad_(), t(-0.5).requires_grad_()
+    orpo_loss(chosen, rejected, lam=0.0)[0].sum().backward()
+    assert chosen.grad.item() == pytest.approx(-1.0) and rejected.grad.item() == 0.0
+
+
+@pytest.mark.parametrize("avg", [-1e4, -30.0, -0.7, -0.69, -1e-9, 0.0, 1e-7])
+def test_log_odds_finite_with_finite_gradients(avg: float) -> None:
+    """Both branches of log(1 - P), a near-certain answer, and rounding to log P >= 0 (capped below 0)."""
+    x = torch.tensor([avg], dtype=torch.float32, requires_grad=True)
+    value = log_odds(x)
+    value.sum().backward()
+    assert torch.isfinite(value).all() and torch.isfinite(x.grad).all()
+    if -30 <= avg < -1e-6:
+        assert value.item() == pytest.approx(avg - math.log(1 - math.exp(avg)), rel=1e-5)
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_simpo_and_orpo_gradients_finite_at_extreme_logps(sign: float) -> None:
+    for loss in (
+        lambda c, r: simpo_loss(c, r, beta=2.0, gamma=0.5, label_prob=torch.tensor([0.8]))[0],
+        lambda c, r: orpo_loss(c, r, lam=0.5, label_prob=torch.tensor([0.8]))[0],
+    ):
+        chosen = torch.tensor([-1e4 if sign > 0 else -1e-8], requires_grad=True)
+        losses = loss(chosen, torch.tensor([-1.0]))
+        losses.sum().backward()
+        assert torch.isfinite(losses).all() and torch.isfinite(chosen.grad).all()
+
+
+def sigmoid(x: float) -> float:
+    return 1 / (1 + math.exp(-x))
+
+
+def test_kto_by_hand() -> None:
+    # r = log pi - log pi_ref = (1, -1, 0); mismatched pairs' log-ratios (1, -0.4): z0 = 0.3; beta 0.5
+    desirable = torch.tensor([True, False, True])
+    losses, rewards, z0 = kto_loss(
+        t(-10.0, -12.0, -11.0),
+        t(-11.0, -11.0, -11.0),
+        desirable,
+        t(-20.0, -21.0),
+        t(-21.0, -20.6),
+        beta=0.5,
+        desirable_weight=1.0,
+        undesirable_weight=2.0,
+    )
+    assert z0.item() == pytest.approx(0.3, abs=1e-12)
+    assert losses.tolist() == pytest.approx(
+        [1 - sigmoid(0.5 * (1 - 0.3)), 2 * (1 - sigmoid(0.5 * (0.3 + 1))), 1 - sigmoid(0.5 * (0 - 0.3))], abs=1e-12
+    )
+    assert losses.tolist() == pytest.approx([0.41338242108266987, 0.6859790746530023, 0.5374298453437496], abs=1e-12)
+    assert rewards.tolist() == pytest.approx([0.5, -0.5, 0.0])
+
+
+def test_kto_reference_point_is_clamped_detached_and_zero_without_mismatched_pairs() -> None:
+    policy = t(-10.0, -12.0).requires_grad_()
+    kl_policy = t(-20.0, -21.0).requires_grad_()
+    desirable = torch.tensor([True, False])
+    # mean mismatched log-ratio -0.5 < 0: z0 = 0, so desirable 1 - sigmoid(0.5), undesirable 1 - sigmoid(1)
+    losses, _, z0 = kto_loss(policy, t(-11.0, -10.0), desirable, kl_policy, t(-19.0, -21.0), beta=1.0)
+    assert z0.item() == 0.0
+    assert losses.tolist() == pytest.approx([1 - sigmoid(1.0), 1 - sigmoid(2.0)], abs=1e-12)
+    losses.sum().backward()
+    assert kl_policy.grad is None  # no gradient through the reference point
+    # d/dr (1 - sigmoid(r)) = -sigmoid(r)(1 - sigmoid(r)); the undesirable one's is +sigmoid(-r)(1 - sigmoid(-r))
+    assert policy.grad.tolist() == pytest.approx(
+        [-sigmoid(1.0) * (1 - sigmoid(1.0)), sigmoid(2.0) * (1 - sigmoid(2.0))], abs=1e-12
+    )
+    losses, _, z0 = kto_loss(t(-10.0), t(-11.0), torch.tensor([True]), t(), t(), beta=1.0)
+    assert z0.item() == 0.0 and losses.item() == pytest.approx(1 - sigmoid(1.0), abs=1e-12)
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_kto_gradients_finite_at_extreme_logps(sign: float) -> None:
+    policy = torch.tensor([sign * 1e4, sign * 1e4], requires_grad=True)
+    zeros = torch.zeros(2)
+    losses, _, _ = kto_loss(policy, zeros, torch.tensor([True, False]), zeros, zeros - sign * 1e4, beta=1.0)
+    losses.sum().backward()
+    assert torch.isfinite(losses).all() and torch.isfinite(policy.grad).all()
+
+
+# ----------------------------------------------------------------------------- SimPO, ORPO, KTO against TRL 1.16
+
+
+@contextlib.contextmanager
+def quiet_experimental():
+    """TRL warns once, on import, that trl.experimental (where CPO and ORPO live) is unstable."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="You are importing from 'trl.experimental'")
+        yield
+
+
+def stand_in_accelerator() -> SimpleNamespace:
+    gather = lambda x: x
+    return SimpleNamespace(device=torch.device("cpu"), gather=gather, gather_for_metrics=gather)
+
+
+def trl_cpo(beta: float, gamma: float, label_smoothing: float = 0.0) -> SimpleNamespace:
+    """A stand-in CPOTrainer with the attributes its SimPO loss path reads (loss_type simpo, cpo_alpha 0:
+    SimPO as TRL runs it); its methods are TRL's own, called unbound."""
+    with quiet_experimental():
+        from trl.experimental.cpo.cpo_trainer import CPOTrainer
+
+    trainer = SimpleNamespace(
+        accelerator=stand_in_accelerator(),
+        alpha=0.0,  # AlphaPO's reward transform off
+        loss_type="simpo",
+        beta=beta,
+        simpo_gamma=gamma,
+        label_smoothing=label_smoothing,
+        cpo_alpha=0.0,
+        aux_loss_enabled=False,
+    )
+    trainer.cpo_loss = lambda c, r: CPOTrainer.cpo_loss(trainer, c, r)
+    trainer.get_batch_loss_metrics = lambda forward: CPOTrainer.get_batch_loss_metrics(
+        SimpleNamespace(**vars(trainer), concatenated_forward=lambda model, batch: forward), None, None
+    )
+    return trainer
+
+
+def trl_orpo(lam: float) -> SimpleNamespace:
+    """A stand-in ORPOTrainer: TRL's `beta` is ORPO's lambda."""
+    with quiet_experimental():
+        from trl.experimental.orpo.orpo_trainer import ORPOTrainer
+
+    trainer = SimpleNamespace(accelerator=stand_in_accelerator(), beta=lam, aux_loss_enabled=False)
+    trainer.odds_ratio_loss = lambda c, r: ORPOTrainer.odds_ratio_loss(trainer, c, r)
+    trainer.get_batch_loss_metrics = lambda forward: ORPOTrainer.get_batch_loss_metrics(
+        SimpleNamespace(**vars(trainer), concatenated_forward=lambda model, batch: forward), None, None
+    )
+    return trainer
+
+
+def random_avg_logps(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token mean log-probs in [-4, -0.01]: both branches of ORPO's log(1 - P)."""
+    g = torch.Generator().manual_seed(seed)
+    return tuple(-(torch.rand(n, generator=g, dtype=torch.float64) * 3.99 + 0.01) for _ in range(2))
+
+
+@pytest.mark.parametrize("beta, gamma", [(2.0, 0.5), (0.1, 1.4), (2.5, 0.0)])
+def test_simpo_loss_equals_trl_cpo_simpo(beta: float, gamma: float) -> None:
+    chosen, rejected = random_avg_logps(32, seed=7)
+    ours, our_chosen, our_rejected = simpo_loss(chosen, rejected, beta=beta, gamma=gamma)
+    trl = trl_cpo(beta, gamma)
+    theirs, their_chosen, their_rejected = trl.cpo_loss(chosen, rejected)
+    assert (ours - theirs).abs().max().item() < 1e-12
+    assert torch.allclose(our_chosen, their_chosen) and torch.allclose(our_rejected, their_rejected)
+    nothing = torch.zeros(32, 1, 1)
+    loss, _ = trl.get_batch_loss_metrics((chosen, rejected, nothing, nothing, torch.tensor(5.0)))
+    assert abs(ours.mean().item() - loss.item()) < 1e-12  # cpo_alpha 0: its NLL term is left out
+
+
+def test_soft_simpo_equals_trl_label_smoothing_at_gamma_zero() -> None:
+    chosen, rejected = random_avg_logps(16, seed=8)
+    probs = torch.linspace(0.5, 1.0, 16, dtype=torch.float64)
+    ours, _, _ = simpo_loss(chosen, rejected, beta=2.0, gamma=0.0, label_prob=probs)
+    for i in range(16):
+        theirs, _, _ = trl_cpo(2.0, 0.0, label_smoothing=1 - probs[i].item()).cpo_loss(
+            chosen[i : i + 1], rejected[i : i + 1]
+        )
+        assert abs(ours[i].item() - theirs.item()) < 1e-12
+
+
+@pytest.mark.parametrize("lam", [0.1, 1.0])
+def test_orpo_loss_equals_trl(lam: float) -> None:
+    """TRL computes ORPO's odds in fp32 whatever it is given: the comparison is in fp32."""
+    chosen, rejected = (x.float() for x in random_avg_logps(32, seed=9))
+    ours, our_chosen, our_rejected = orpo_loss(chosen, rejected, lam=lam)
+    trl = trl_orpo(lam)
+    odds_term, _, _, log_sigmoid_ratio, log_odds_ratio = trl.odds_ratio_loss(chosen, rejected)  # lam log sigmoid
+    assert ((ours + chosen) - -odds_term).abs().max().item() < 1e-6  # ours less its SFT term -log P_c
+    assert abs((our_chosen - our_rejected).mean().item() - log_odds_ratio.item()) < 1e-6
+    assert abs(torch.nn.functional.logsigmoid(our_chosen - our_rejected).mean().item() - log_sigmoid_ratio) < 1e-6
+    # the whole loss, TRL's NLL term being the value its forward pass reports: here the answers' mean NLL
+    nothing = torch.zeros(32, 1, 1)
+    loss, _ = trl.get_batch_loss_metrics((chosen, rejected, nothing, nothing, (-chosen).mean()))
+    assert abs(ours.mean().item() - loss.item()) < 1e-6
+
+
+def trl_kto_loss(
+    policy, ref, desirable, kl_policy, kl_ref, beta: float, desirable_weight: float, undesirable_weight: float
+) -> torch.Tensor:
+    """TRL 1.16's KTO loss lives inside KTOTrainer._compute_loss. Call it unbound, with a stand-in trainer
+    and a stand-in model that gives each sequence's whole log-prob on its one completion token: the
+    examples' when called on `input_ids` of ones, the mismatched (KL) sequences' on twos. The reference
+    log-probs go in as precomputed; TRL shifts the KL completions itself, here they are given."""
+    from trl.trainer.kto_trainer import KTOTrainer
+
+    n = policy.shape[0]
+
+    def fake_model(input_ids, **_):
+        log_probs = (policy if bool((input_ids == 1).all()) else kl_policy).unsqueeze(1)
+        return SimpleNamespace(
+            log_probs=log_probs, entropy=torch.zeros_like(log_probs), mean_logits=torch.zeros_like(log_probs)
+        )
+
+    trainer = SimpleNamespace(
+        model=SimpleNamespace(training=True),
+        accelerator=stand_in_accelerator(),
+        aux_loss_enabled=False,
+        precompute_ref_logps=True,
+        calculate_KL=True,
+        loss_type="kto",
+        beta=beta,
+        desirable_weight=desirable_weight,
+        undesirable_weight=undesirable_weight,
+        _metrics=defaultdict(lambda: defaultdict(list)),
+        _total_train_tokens=0,
+        _tp_size=1,
+    )
+    trainer._compute_kl_logps = lambda model, batch: KTOTrainer._compute_kl_logps(trainer, model, batch)
+    ones = torch.ones(n, 2, dtype=torch.long)
+    inputs = {
+        "input_ids": ones,
+        "attention_mask": ones,
+        "completion_mask": torch.tensor([[0, 1]] * n),
+        "KL_input_ids": 2 * ones,
+        "KL_attention_mask": ones,
+        "KL_completion_mask": torch.tensor([[0, 1]] * n),
+        "label": desirable,
+        "ref_logps": ref,
+        "ref_KL_logps": kl_ref,
+    }
+    return KTOTrainer._compute_loss(trainer, fake_model, inputs, return_outputs=False)
+
+
+@pytest.mark.parametrize("kl_shift", [-3.0, 3.0], ids=["kl-clamped-at-0", "kl-positive"])
+@pytest.mark.parametrize("weights", [(1.0, 1.0), (1.0, 1.33)])
+def test_kto_loss_equals_trl(kl_shift: float, weights: tuple[float, float]) -> None:
+    policy, ref, _, kl_ref = random_logps(32, seed=11)
+    g = torch.Generator().manual_seed(12)
+    kl_policy = kl_ref + kl_shift + torch.rand(32, generator=g, dtype=torch.float64) * 2 - 1  # mean log-ratio ~ shift
+    desirable = torch.rand(32, generator=g) < 0.4
+    ours, _, z0 = kto_loss(policy, ref, desirable, kl_policy, kl_ref, 0.1, *weights)
+    assert (z0.item() > 1.0) == (kl_shift > 0) and z0.item() >= 0
+    theirs = trl_kto_loss(policy, ref, desirable, kl_policy, kl_ref, 0.1, *weights)
+    assert abs(ours.mean().item() - theirs.item()) < 1e-12
+
+
+def test_kto_per_example_equals_trl_on_single_label_batches() -> None:
+    """TRL returns the batch mean only; a batch of desirable answers alone and one of undesirable ones
+    pins each side's formula, example by example, with the same reference point."""
+    policy, ref, kl_policy, kl_ref = random_logps(8, seed=13)
+    for label in (True, False):
+        desirable = torch.full((8,), label)
+        ours, _, _ = kto_loss(policy, ref, desirable, kl_policy + 5, kl_ref, 0.2, 1.0, 1.5)
+        for i in range(8):
+            single = tuple(x[i : i + 1] for x in (policy, ref))
+            theirs = trl_kto_loss(*single, desirable[i : i + 1], kl_policy + 5, kl_ref, 0.2, 1.0, 1.5)
+            assert abs(ours[i].item() - theirs.item()) < 1e-12
 
 
 # ----------------------------------------------------------------------------- PPO pieces
