@@ -192,6 +192,7 @@ def cmd_eval_judge(args: argparse.Namespace) -> int:
     _say_where_keys_go(used_backends(cfg), "eval-judge")
     pairs = importers.load_pairs(args.pairs, args.limit, args.skip)
     log = args.log or cai_home() / "logs" / "eval-judge.log"
+    fresh = not log.exists()
     try:
         with contextlib.nullcontext() if args.verbose else logs.redirected(log):
             report = eval_judge.evaluate(
@@ -199,6 +200,12 @@ def cmd_eval_judge(args: argparse.Namespace) -> int:
             )
     except BackendStartError as exc:  # what the engine said is in the log, not on the terminal
         raise BackendStartError(f"{exc} (its output: {log})") from exc
+    except InputError:
+        if fresh and log.exists() and not log.stat().st_size:  # bad input writes nothing, not even an empty log
+            log.unlink()
+            with contextlib.suppress(OSError):
+                log.parent.rmdir()
+        raise
     if args.calibrate:
         eval_judge.write_calibration(report, Path(args.calibrate), cfg, args.pairs)
     for variant in report.get("by_chain_of_thought", {"": report}).values():

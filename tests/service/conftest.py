@@ -21,9 +21,18 @@ def workspace(tiny_model, tmp_path_factory) -> Path:
     shutil.copytree(tiny_model, ws / "models" / "tiny")
     shutil.copy(ROOT / "constitutions" / "harmless.yaml", ws / "constitution.yaml")
     shutil.copy(ROOT / "prompts" / "red_team_demo.jsonl", ws / "prompts.jsonl")
-    # "./": a folder, not a hub id
+    # "./": a folder, not a hub id. Answers of 32 tokens keep a job mid-run for some seconds, over several
+    # of the progress stream's half-second intervals.
     tiny_pipeline(
-        ws, "./models/tiny", rows_in_flight=2, rounds=1, constitution="constitution.yaml", prompts=["prompts.jsonl"]
+        ws,
+        "./models/tiny",
+        rows_in_flight=2,
+        constitution="constitution.yaml",
+        prompts=["prompts.jsonl"],
+        stages=[
+            {"type": "respond", "max_tokens": 32, "temperature": 0.8},
+            {"type": "critique_revise", "rounds": 1, "few_shot": 1, "max_tokens": 32, "temperature": 0.8},
+        ],
     )
     return ws
 
