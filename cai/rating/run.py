@@ -78,7 +78,7 @@ class Engines:
         self._cache = cache
         self._on_start = on_start
         self._by_key: dict[str, CachedBackend] = {}
-        self._closed: list[CachedBackend] = []
+        self._closed: set[str] = set()  # keys of the engines closed
 
     def get(self, identity: dict[str, Any], spec: BackendSpec) -> CachedBackend:
         key = content_hash(identity)
@@ -94,16 +94,16 @@ class Engines:
 
     async def release(self, identity: dict[str, Any]) -> None:
         """Close an engine nothing will call again (its stats stay counted)."""
-        backend = self._by_key.get(content_hash(identity))
-        if backend is not None and backend not in self._closed:
-            self._closed.append(backend)
-            await backend.close()
+        await self._close(content_hash(identity))
 
     async def close_all(self) -> None:
-        for backend in self._by_key.values():
-            if backend not in self._closed:
-                self._closed.append(backend)
-                await backend.close()
+        for key in list(self._by_key):
+            await self._close(key)
+
+    async def _close(self, key: str) -> None:
+        if key in self._by_key and key not in self._closed:
+            self._closed.add(key)
+            await self._by_key[key].close()
 
     @property
     def all(self) -> list[CachedBackend]:
