@@ -86,6 +86,11 @@ def _print_summary(summary) -> None:
     exported = summary.exported
     if "preferences" in exported:
         detail = f"preferences: {exported['preferences']} pairs, left out: {exported['ties']} ties, {exported['invalid']} invalid"
+    elif "unpaired" in exported:
+        detail = (
+            f"unpaired: {exported['unpaired']} answers, {exported['desirable']} desirable, "
+            f"left out: {exported['unscored']} unscored"
+        )
     else:
         detail = f"sft: {exported.get('sft', 0)} rows, flagged and left out: {exported.get('flagged', 0)}"
     kept = "" if summary.exported_now else "; unchanged since the last run, kept"

@@ -20,6 +20,10 @@ COLUMNS = {
     "prompt": "the conversation up to the answers being compared",
     "chosen": "the answer the AI labeler preferred (one assistant turn)",
     "rejected": "the other answer",
+    "completion": "one answer (one assistant turn), scored on its own",
+    "label": "whether the answer is desirable: its score is above the score stage's `desirable_above` (KTO's label)",
+    "score": "the judge's expected score from 1 to 10 (d-RLAIF), averaged over principles",
+    "principle_scores": "each principle's expected score",
     "label_prob": "the labeler's probability that `chosen` is better, swap-averaged over principles (soft label)",
     "margin": "log-odds of label_prob: a reward-model margin (Llama 2 style)",
     "principle_ids": "the constitution's principles used for this row",
@@ -42,6 +46,7 @@ LEFT_OUT = {
         "ties": "ties (the labeler preferred neither answer)",
         "invalid": "comparisons with no valid label",
     },
+    "unpaired": {"unscored": "answers no principle gave a valid score"},
 }
 
 
@@ -87,7 +92,7 @@ LAYOUTS = {
 
 
 def render(kind: str, provenance: Provenance, counts: dict[str, int], columns: list[str], layout: str = "run") -> str:
-    """The card of an export of `kind` (sft or preferences) holding `counts` and `columns`, in one of LAYOUTS
+    """The card of an export of `kind` (sft, preferences or unpaired) holding `counts` and `columns`, in one of LAYOUTS
     (run: a run's datasets folder)."""
     data_files, files, load = (_fill(x, kind) for x in LAYOUTS[layout])
     n = counts.get(kind, 0)
@@ -109,13 +114,14 @@ def render(kind: str, provenance: Provenance, counts: dict[str, int], columns: l
         },
     }
     c = provenance.constitution
-    what = (
-        "supervised fine-tuning data: each prompt answered, critiqued against a principle of the constitution and revised "
-        "(Constitutional AI's SL stage)"
-        if kind == "sft"
-        else "preference pairs: two answers to each prompt compared by an AI labeler under the constitution's principles "
-        "(Constitutional AI's RL stage, RLAIF)"
-    )
+    what = {
+        "sft": "supervised fine-tuning data: each prompt answered, critiqued against a principle of the constitution and "
+        "revised (Constitutional AI's SL stage)",
+        "preferences": "preference pairs: two answers to each prompt compared by an AI labeler under the constitution's "
+        "principles (Constitutional AI's RL stage, RLAIF)",
+        "unpaired": "unpaired preference data: each answer scored 1-10 by an AI labeler under the constitution's principles "
+        "(the RLAIF paper's direct scores) and labelled desirable or not, for KTO",
+    }[kind]
     lines = [
         "---",
         yaml.safe_dump(header, sort_keys=False, allow_unicode=True).rstrip(),
@@ -175,6 +181,13 @@ def _trl_example(kind: str) -> list[str]:
             "from trl import SFTConfig, SFTTrainer  # reads `messages` as it is",
             "",
             'SFTTrainer(model="MODEL", args=SFTConfig(output_dir="sft-out"), train_dataset=data).train()',
+        ]
+    if kind == "unpaired":
+        return [
+            "",
+            "from trl import KTOConfig, KTOTrainer  # reads prompt/completion/label as they are",
+            "",
+            'KTOTrainer(model="MODEL", args=KTOConfig(output_dir="kto-out"), train_dataset=data).train()',
         ]
     return [
         "",

@@ -1,6 +1,7 @@
 """Rows -> datasets others read as they are, in TRL's conversational formats, each as a HF `datasets`
-folder and as JSONL, plus every full row for tracing: SFT (`messages`) from critique-revision, and
-preferences (`prompt`, `chosen`, `rejected`) from AI-feedback comparisons."""
+folder and as JSONL, plus every full row for tracing: SFT (`messages`) from critique-revision,
+preferences (`prompt`, `chosen`, `rejected`) from AI-feedback comparisons, and unpaired answers
+(`prompt`, `completion`, `label`) from direct scores."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from cai.core.disk import read_jsonl, replaced_folder
 from cai.core.errors import InputError
 from cai.core.files import canonical_json
 from cai.generate import dataset_card, feedback
-from cai.generate.records import Row, final_answer, row_answers
+from cai.generate.records import Row, final_answer, row_answers, row_samples
 
 
 def sft_record(row: Row) -> dict[str, Any]:
@@ -65,15 +66,47 @@ def preference_records(row: Row) -> list[dict[str, Any]]:
     return records
 
 
+# what an export of each dataset counts: its records, and what it left out
+SUMMARY = {
+    "sft": ("rows", "sft", "flagged"),
+    "preferences": ("rows", "preferences", "ties", "invalid"),
+    "unpaired": ("rows", "unpaired", "desirable", "unscored"),
+}
+
+
+def unpaired_records(row: Row) -> list[dict[str, Any]]:
+    """One record per scored answer in TRL's unpaired format (`prompt`, `completion`, `label`): KTO trains
+    on them without pairs. `label` is the score stage's verdict (score above its `desirable_above`);
+    answers no principle scored stay in rows.jsonl only."""
+    return [
+        {
+            "prompt": row["messages"],
+            "completion": [{"role": "assistant", "content": answer}],
+            "label": scored["desirable"],
+            "score": scored["score"],
+            "principle_scores": scored["principle_scores"],
+            "group_id": row["id"],  # the answers to one prompt: KTO's KL estimate pairs prompts with others' answers
+            "id": f"{row['id']}-{index}",
+            "constitution_hash": row["constitution_hash"],
+            "seed": row["seed"],
+            "models": row.get("models", {}),
+            "pipeline": row["pipeline"],
+        }
+        for index, (answer, scored) in enumerate(zip(row_samples(row), row["scores"]))
+        if scored["score"] is not None
+    ]
+
+
 def export(
     rows: Iterable[Row], datasets_dir: Path, provenance: dataset_card.Provenance | None = None
 ) -> dict[str, int]:
-    """Write datasets/rows.jsonl and, by what the rows hold, datasets/sft{,.jsonl} or
-    datasets/preferences{,.jsonl}, and with `provenance` the dataset card datasets/README.md: all or
-    nothing, streaming (rows are read once, one at a time).
+    """Write datasets/rows.jsonl and, by what the rows hold, datasets/sft{,.jsonl},
+    datasets/preferences{,.jsonl} or datasets/unpaired{,.jsonl}, and with `provenance` the dataset card
+    datasets/README.md: all or nothing, streaming (rows are read once, one at a time).
 
     Flagged rows (empty revision, revision that repeats the critique) stay out of SFT; tied and
-    invalid comparisons stay out of preferences. Both are counted.
+    invalid comparisons stay out of preferences; unscored answers stay out of the unpaired set. Each is
+    counted (SUMMARY).
     """
     counts: Counter[str] = Counter()
     columns: dict[str, None] = {}  # every record's keys, in first-seen order
@@ -82,7 +115,7 @@ def export(
         name = None
         for row in rows:
             if name is None:  # every row of a run has the same shape: the first says which dataset this is
-                name = "preferences" if "pairs" in row else "sft"
+                name = "preferences" if "pairs" in row else "unpaired" if "scores" in row else "sft"
                 records_file = open(tmp / f"{name}.jsonl", "w", encoding="utf-8")
             counts["rows"] += 1
             rows_file.write(canonical_json(row) + "\n")
@@ -90,6 +123,9 @@ def export(
                 labels = [pair["label"] for pair in row["pairs"]]
                 counts.update(ties=labels.count("tie"), invalid=labels.count("invalid"))
                 records = preference_records(row)
+            elif name == "unpaired":
+                records = unpaired_records(row)
+                counts.update(desirable=sum(r["label"] for r in records), unscored=len(row["scores"]) - len(records))
             else:
                 records = [] if row.get("flags") else [sft_record(row)]
                 counts["flagged"] += not records
@@ -105,8 +141,7 @@ def export(
             records_file.close()
         if counts[name]:
             _save_dataset(tmp / f"{name}.jsonl", tmp / name, tmp / ".cache")
-        keys = ("rows", "preferences", "ties", "invalid") if name == "preferences" else ("rows", "sft", "flagged")
-        summary = {key: counts[key] for key in keys}
+        summary = {key: counts[key] for key in SUMMARY[name]}
         if provenance is not None:
             (tmp / "README.md").write_text(
                 dataset_card.render(name, provenance, summary, list(columns)), encoding="utf-8"
@@ -123,12 +158,12 @@ def convert(run_dir: Path, fmt: str, dest: Path) -> Path:
     if fmt not in FORMATS:
         raise InputError(str(dest), None, f"unknown format {fmt!r}: one of {', '.join(FORMATS)}")
     datasets_dir = run_dir / "datasets"
-    kind = next((k for k in ("preferences", "sft") if (datasets_dir / f"{k}.jsonl").is_file()), None)
+    kind = next((k for k in SUMMARY if (datasets_dir / f"{k}.jsonl").is_file()), None)
     if kind is None:
         raise InputError(
             str(run_dir),
             None,
-            "no exported datasets here (datasets/sft.jsonl or preferences.jsonl): run its pipeline first",
+            "no exported datasets here (datasets/sft.jsonl, preferences.jsonl or unpaired.jsonl): run its pipeline first",
         )
     if dest.exists() and any(dest.iterdir()):
         raise InputError(str(dest), None, "exists and is not empty: name a new folder")

@@ -74,7 +74,7 @@ def summary(root: Path, job: Job) -> dict[str, Any]:
         datasets = out_dir / "datasets"
         out["datasets"] = {
             name: _lines(datasets / f"{name}.jsonl")
-            for name in ("rows", "sft", "preferences")
+            for name in ("rows", "sft", "preferences", "unpaired")
             if (datasets / f"{name}.jsonl").exists()
         }
     return {**out, "failures": _lines(out_dir / "failures.jsonl"), "report": (out_dir / "report.html").exists()}

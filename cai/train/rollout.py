@@ -142,8 +142,10 @@ class Sampler:
         start = batch["input_ids"].shape[1]
         if self.engine is None:
             torch.manual_seed(derive_seed(self.config.seed, self.stage, step))
+            model = self.acc.unwrap_model(policy)
             with torch.no_grad():
-                ids = self.acc.unwrap_model(policy).generate(**batch, generation_config=self.generation)
+                cache = shared_prefill(model, batch, prompts)
+                ids = model.generate(**batch, past_key_values=cache, generation_config=self.generation)
         else:
             sync_seconds = self.engine.sync(self.acc.unwrap_model(policy))
             answers = self.engine.generate(
@@ -170,6 +172,26 @@ class Sampler:
     def close(self) -> None:
         if self.engine is not None:
             self.engine.close()
+
+
+def shared_prefill(model, batch: dict, prompts: list[list[int]]):
+    """The KV cache of every prompt but its last token, each distinct prompt computed once: K answers per
+    prompt (consecutive repeats, as GRPO and online DPO sample) would otherwise prefill it K times, and on
+    prompts of a few hundred tokens the prefill is much of the generation. `generate` continues from the
+    cache and samples what it would have sampled without it. None (plain generation) when the prompts are
+    not K consecutive repeats each."""
+    k = 1
+    while k < len(prompts) and prompts[k] == prompts[0]:
+        k += 1
+    start = batch["input_ids"].shape[1]
+    repeated = len(prompts) % k == 0 and all(prompts[i] == prompts[i - i % k] for i in range(len(prompts)))
+    if k == 1 or not repeated or start < 2:
+        return None
+    ids, attention = batch["input_ids"][::k, :-1], batch["attention_mask"][::k, :-1]
+    cache = model(input_ids=ids, attention_mask=attention, position_ids=positions(attention), use_cache=True)
+    cache = cache.past_key_values
+    cache.batch_repeat_interleave(k)
+    return cache
 
 
 def logps_and_entropy(

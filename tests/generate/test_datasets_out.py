@@ -202,3 +202,55 @@ def test_cai_export_refuses_a_folder_in_use_and_a_run_without_datasets(sft_run, 
     assert [p.name for p in used.iterdir()] == ["notes.txt"]
     assert main(["export", str(tmp_path), "--format", "parquet", "-o", str(tmp_path / "new")]) == 2
     assert "no exported datasets here" in capsys.readouterr().err and not (tmp_path / "new").exists()
+
+
+def scored_row(index: int, scores: list[float | None]) -> dict:
+    return {
+        "id": f"row{index}",
+        "messages": [{"role": "user", "content": f"Question {index}?"}],
+        "responses": [f"answer {index}.{k}" for k in range(len(scores))],
+        "scores": [
+            {
+                "score": s,
+                "principle_scores": {"p1": s},
+                "desirable": None if s is None else s > 5.5,
+            }
+            for s in scores
+        ],
+        "constitution_hash": "c",
+        "seed": 1,
+        "pipeline": "scored",
+    }
+
+
+def test_scored_answers_export_as_unpaired_records_kto_trains_on(tiny_model, tmp_path):
+    """Each scored answer one (prompt, completion, label) record, TRL's unpaired format; answers no
+    principle scored stay in rows.jsonl only, counted. TRL's KTOTrainer reads the export as it is."""
+    from datasets import load_from_disk
+    from transformers import AutoTokenizer
+    from trl import KTOConfig, KTOTrainer
+
+    from cai.generate import export
+
+    rows = [scored_row(0, [7.5, 2.0]), scored_row(1, [None, 5.5]), scored_row(2, [9.0, 3.25])]
+    counts = export.export(rows, tmp_path / "datasets")
+
+    assert counts == {"rows": 3, "unpaired": 5, "desirable": 2, "unscored": 1}
+    records = lines(tmp_path / "datasets" / "unpaired.jsonl")
+    assert [(r["completion"][0]["content"], r["label"], r["score"]) for r in records] == [
+        ("answer 0.0", True, 7.5),
+        ("answer 0.1", False, 2.0),
+        ("answer 1.1", False, 5.5),  # not above desirable_above
+        ("answer 2.0", True, 9.0),
+        ("answer 2.1", False, 3.25),
+    ]
+    assert [r["group_id"] for r in records] == ["row0", "row0", "row1", "row2", "row2"]
+    assert records[0]["prompt"] == [{"role": "user", "content": "Question 0?"}]
+    trainer = KTOTrainer(
+        model=str(tiny_model),
+        args=trl_args(KTOConfig, tmp_path / "kto", max_length=128),
+        train_dataset=load_from_disk(str(tmp_path / "datasets" / "unpaired")),
+        processing_class=AutoTokenizer.from_pretrained(tiny_model),
+    )
+    result = trainer.train()
+    assert result.global_step == 1 and math.isfinite(result.training_loss)

@@ -259,3 +259,28 @@ def test_direct_scores_on_the_real_engine(tiny_model, tmp_path):
     rows = lines(tmp_path / "run" / "datasets" / "rows.jsonl")
     scores = [s["score"] for r in rows for s in r["scores"]]
     assert len(scores) == 6 and all(1.0 <= s <= 10.0 for s in scores)
+
+    # each scored answer is an unpaired (KTO) record, desirable above the stage's desirable_above (5.5)
+    from datasets import load_from_disk
+
+    unpaired = load_from_disk(str(tmp_path / "run" / "datasets" / "unpaired"))
+    assert [r["score"] for r in unpaired] == scores
+    assert [r["label"] for r in unpaired] == [s > 5.5 for s in scores]
+    assert [r["completion"][0]["content"] for r in unpaired] == [a for r in rows for a in r["responses"]]
+    assert "KTOTrainer" in (tmp_path / "run" / "datasets" / "README.md").read_text()
+    config = tmp_path / "kto.yaml"
+    config.write_text(
+        json.dumps(
+            {
+                "model": str(tiny_model),
+                "data": {"train": str(tmp_path / "run" / "datasets" / "unpaired"), "eval_fraction": 0},
+                "output_dir": str(tmp_path / "kto"),
+                "max_steps": 2,
+                "batch_size": 3,
+                "max_length": 128,
+                "dpo": {"loss_type": "kto"},
+            }
+        )
+    )
+    assert main(["train", "dpo", str(config)]) == 0
+    assert (tmp_path / "kto" / "final" / "model.safetensors").is_file()

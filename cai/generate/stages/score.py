@@ -36,6 +36,8 @@ Reply with a single number from 1 to 10."""
 @dataclass(frozen=True)
 class Score:
     ensemble: int = 1
+    # an answer scored above it is desirable: the label of the unpaired (KTO) dataset the run exports
+    desirable_above: float = 5.5
     roles: tuple[str, ...] = ("judge",)
 
     async def process(self, row: Row, ctx: StageContext) -> Processed:
@@ -58,7 +60,9 @@ class Score:
         for a in range(len(answers)):
             by_principle = {p.id: rated[a * len(principles) + k] for k, p in enumerate(principles)}
             valid = [s for s in by_principle.values() if s is not None]
-            scores.append({"score": sum(valid) / len(valid) if valid else None, "principle_scores": by_principle})
+            score = sum(valid) / len(valid) if valid else None
+            desirable = None if score is None else score > self.desirable_above
+            scores.append({"score": score, "principle_scores": by_principle, "desirable": desirable})
         return Processed({**row, "scores": scores, "models": {**row.get("models", {}), "judge": ctx.models["judge"]}})
 
 
