@@ -52,8 +52,11 @@ DEFAULT_LR = {
     "distill": 2e-5,
     "judge": 1e-5,
 }
-# Keys that change neither the weights nor the data order: a resumed run may change them.
-RESUMABLE_CHANGES = frozenset({"save_every", "keep_checkpoints", "eval_every", "eval_batch_size", "tensorboard"})
+# Keys that change neither the weights nor the data order: a resumed run may change them (gradient
+# checkpointing gives the same gradients, and is what a run that ran out of memory needs)
+RESUMABLE_CHANGES = frozenset(
+    {"save_every", "keep_checkpoints", "eval_every", "eval_batch_size", "tensorboard", "gradient_checkpointing"}
+)
 
 
 @dataclass(frozen=True)
@@ -357,6 +360,8 @@ class TrainConfig:
     eval_every: int | None = None
     eval_batch_size: int | None = None
     tensorboard: bool = False
+    gradient_checkpointing: bool = False
+    attn_implementation: str | None = None  # transformers' default (sdpa where the model supports it)
     lora: LoraOptions | None = None
     sft: SFTOptions = field(default_factory=SFTOptions)
     rm: RewardOptions = field(default_factory=RewardOptions)
@@ -440,6 +445,18 @@ class TrainConfig:
         return [self.file.parent.resolve(), Path.cwd()]
 
 
+def _check_flash_attention(name: str) -> None:
+    """flash_attention_2 needs the flash-attn package and a CUDA GPU: refused before anything is loaded."""
+    import importlib.util
+
+    import torch
+
+    if importlib.util.find_spec("flash_attn") is None:
+        raise InputError(name, "attn_implementation", "flash_attention_2 needs the flash-attn package: use sdpa")
+    if not torch.cuda.is_available():
+        raise InputError(name, "attn_implementation", "flash_attention_2 runs on a CUDA GPU only: use sdpa")
+
+
 def load(kind: str, path: str | Path, overrides: list[str] = ()) -> TrainConfig:
     file = Path(path)
     name = str(file)
@@ -496,9 +513,13 @@ def load(kind: str, path: str | Path, overrides: list[str] = ()) -> TrainConfig:
             "eval_every",
             "eval_batch_size",
             "tensorboard",
+            "gradient_checkpointing",
+            "attn_implementation",
         )
         if k in doc
     }
+    if doc.get("attn_implementation") == "flash_attention_2":
+        _check_flash_attention(name)
     return TrainConfig(
         kind=kind,
         file=file,

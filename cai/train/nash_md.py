@@ -36,6 +36,7 @@ from cai.train.reward import Preference
 from cai.train.rollout import (
     Rollout,
     Sampler,
+    eval_mode,
     finish,
     load_prompts,
     logps_and_entropy,
@@ -90,9 +91,10 @@ def train(config: TrainConfig, stop_after: int | None = None) -> Path:
                 baseline = reference_sampler(model, prompt_ids, step)
         rollout = sampler(policy, prompt_ids, step)
         unwrapped = acc.unwrap_model(policy)
-        opponent = mixture_sampler(
-            unwrapped, reference if reference is not None else unwrapped, prompt_ids, step, options
-        )
+        with eval_mode(unwrapped):
+            opponent = mixture_sampler(
+                unwrapped, reference if reference is not None else unwrapped, prompt_ids, step, options
+            )
         generation_seconds = time.perf_counter() - started
 
         # --- preferences (the judge's calls in flight while the log-probs are computed)

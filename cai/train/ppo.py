@@ -120,11 +120,14 @@ def train(config: TrainConfig, stop_after: int | None = None) -> Path:
             else runtime.model_path(config)
         )
     )
-    value = TokenValues(
-        AutoModelForSequenceClassification.from_pretrained(
-            value_start, num_labels=1, pad_token_id=data.pad_id(tokenizer), dtype=torch.float32
-        )
+    value_model = AutoModelForSequenceClassification.from_pretrained(
+        value_start,
+        num_labels=1,
+        pad_token_id=data.pad_id(tokenizer),
+        dtype=torch.float32,
+        **runtime.load_options(config),
     )
+    value = TokenValues(runtime.checkpointed(value_model, config))
     optimizer, scheduler = runtime.optimizer_and_scheduler(
         config, torch.nn.ModuleList([policy, value]), steps * updates
     )

@@ -6,6 +6,7 @@ loss, update) stays in its recipe.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -143,7 +144,7 @@ class Sampler:
         if self.engine is None:
             torch.manual_seed(derive_seed(self.config.seed, self.stage, step))
             model = self.acc.unwrap_model(policy)
-            with torch.no_grad():
+            with torch.no_grad(), eval_mode(model):
                 cache = shared_prefill(model, batch, prompts)
                 ids = model.generate(**batch, past_key_values=cache, generation_config=self.generation)
         else:
@@ -172,6 +173,18 @@ class Sampler:
     def close(self) -> None:
         if self.engine is not None:
             self.engine.close()
+
+
+@contextlib.contextmanager
+def eval_mode(model):
+    """The model in eval mode for sampling: no dropout, and a KV cache even under gradient checkpointing
+    (which turns the cache off in training mode and would recompute every prefix at each new token)."""
+    training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(training)
 
 
 def shared_prefill(model, batch: dict, prompts: list[list[int]]):

@@ -92,13 +92,30 @@ def load_tokenizer(path: str):
     return tokenizer
 
 
+def load_options(config: TrainConfig) -> dict:
+    """What every model load of a training passes to `from_pretrained`, trained and frozen models alike."""
+    return {} if config.attn_implementation is None else {"attn_implementation": config.attn_implementation}
+
+
+def checkpointed(model, config: TrainConfig):
+    """The model with gradient checkpointing when the config asks for it: non-reentrant, which gives the
+    same gradients, works under LoRA without making the inputs require grad, and lets a layer's
+    outputs that carry no gradient through. The KV cache is off in training (it would be recomputed);
+    generation, in eval mode, still uses one."""
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    return model
+
+
 def load_model(cls, config: TrainConfig, resume: Path | None, task_type: str, **kwargs):
     """The model to train: from `config.model`, or from the checkpoint to resume (a LoRA checkpoint
     holds the adapter only: it goes on top of the base model)."""
     start = model_path(config)
+    kwargs = {**load_options(config), **kwargs}
     if resume is not None and config.lora is None:
-        return cls.from_pretrained(resume, dtype=torch.float32, **kwargs)
-    model = cls.from_pretrained(start, dtype=torch.float32, **kwargs)
+        return checkpointed(cls.from_pretrained(resume, dtype=torch.float32, **kwargs), config)
+    model = checkpointed(cls.from_pretrained(start, dtype=torch.float32, **kwargs), config)
     if config.lora is None:
         return model
     from peft import LoraConfig, PeftModel, get_peft_model
@@ -127,7 +144,8 @@ def load_reference(config: TrainConfig, acc, model: str | None = None):
     if config.lora is not None and model is None:
         return None
     dtype = torch.bfloat16 if acc.mixed_precision == "bf16" else torch.float32
-    reference = AutoModelForCausalLM.from_pretrained(model_path(config, model), dtype=dtype).to(acc.device).eval()
+    reference = AutoModelForCausalLM.from_pretrained(model_path(config, model), dtype=dtype, **load_options(config))
+    reference = reference.to(acc.device).eval()
     reference.requires_grad_(False)
     return reference
 
