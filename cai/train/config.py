@@ -362,6 +362,8 @@ class TrainConfig:
     tensorboard: bool = False
     gradient_checkpointing: bool = False
     attn_implementation: str | None = None  # transformers' default (sdpa where the model supports it)
+    packing: bool = False
+    max_tokens_per_batch: int | None = None  # with packing; batch_size x max_length when not given
     lora: LoraOptions | None = None
     sft: SFTOptions = field(default_factory=SFTOptions)
     rm: RewardOptions = field(default_factory=RewardOptions)
@@ -457,6 +459,25 @@ def _check_flash_attention(name: str) -> None:
         raise InputError(name, "attn_implementation", "flash_attention_2 runs on a CUDA GPU only: use sdpa")
 
 
+PACKING_KINDS = ("sft",)
+
+
+def _check_packing(doc: dict[str, Any], kind: str, name: str) -> None:
+    if doc.get("packing") and kind not in PACKING_KINDS:
+        raise InputError(
+            name, "packing", f"`cai train {kind}` cannot pack batches: packing is for {', '.join(PACKING_KINDS)}"
+        )
+    if "max_tokens_per_batch" in doc:
+        if not doc.get("packing"):
+            raise InputError(name, "max_tokens_per_batch", "an option of packing: true")
+        if doc["max_tokens_per_batch"] < doc.get("max_length", 1024):
+            raise InputError(
+                name,
+                "max_tokens_per_batch",
+                f"must hold the longest example: at least max_length ({doc.get('max_length', 1024)})",
+            )
+
+
 def load(kind: str, path: str | Path, overrides: list[str] = ()) -> TrainConfig:
     file = Path(path)
     name = str(file)
@@ -515,11 +536,14 @@ def load(kind: str, path: str | Path, overrides: list[str] = ()) -> TrainConfig:
             "tensorboard",
             "gradient_checkpointing",
             "attn_implementation",
+            "packing",
+            "max_tokens_per_batch",
         )
         if k in doc
     }
     if doc.get("attn_implementation") == "flash_attention_2":
         _check_flash_attention(name)
+    _check_packing(doc, kind, name)
     return TrainConfig(
         kind=kind,
         file=file,

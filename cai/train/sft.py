@@ -58,22 +58,43 @@ def train(config: TrainConfig, stop_after: int | None = None) -> Path:
         bucket=config.sft.bucket_by_length,
     )
     pad_id = data.pad_id(tokenizer)
+    attention = acc.unwrap_model(training.model).config._attn_implementation
 
-    def batch_values(items: list[data.Encoded]) -> tuple[torch.Tensor, dict[str, float]]:
+    def batch_values(items: list[data.Encoded], packed: bool = False) -> tuple[torch.Tensor, dict[str, float]]:
         """Mean negative log-likelihood of the assistant tokens."""
-        batch = {k: v.to(acc.device) for k, v in data.collate(items, pad_id).items()}
-        logits = training.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        mask = batch["mask"][:, 1:].float()
+        if packed:
+            batch = packed_batch(items, pad_id, attention)
+        else:
+            batch = data.collate(items, pad_id)
+        batch = {k: v.to(acc.device) for k, v in batch.items()}
+        mask = batch.pop("mask")[:, 1:].float()
+        logits = training.model(**batch).logits
         tokens = mask.sum()
         loss = -(token_logps(logits, batch["input_ids"]) * mask).sum() / tokens
         return loss, {"loss": loss.item(), "tokens": tokens.item()}
 
     final_eval = loop.fit(
         training,
-        lambda indexes: batch_values([train_set[i] for i in indexes]),
+        lambda indexes: batch_values([train_set[i] for i in indexes], packed=config.packing),
         loop.evaluator(training, len(eval_set), lambda indexes: batch_values([eval_set[i] for i in indexes])[1]),
         stop_after,
     )
     if final_eval is None:
         return config.output_dir / "final"
     return loop.publish(config, acc, training.model, tokenizer)
+
+
+def packed_batch(items: list[data.Encoded], pad_id: int, attention: str) -> dict[str, torch.Tensor]:
+    """The items concatenated into one row (packing.py): `input_ids`, `position_ids` restarting at each
+    item, the loss `mask` (an item's first token is never trained: it would be predicted from the item
+    before it), and an attention mask that keeps each item to itself: boolean for sdpa (a quarter of the
+    additive form's memory, [T, T] per row), additive for eager attention, none for flash attention,
+    which reads the item boundaries from the position ids (transformers' padding-free path)."""
+    batch, _ = data.pack([(0, [e.input_ids for e in items])], pad_id)
+    mask = torch.tensor([[m if i else 0 for e in items for i, m in enumerate(e.mask)]])
+    out = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "mask": mask}
+    if attention == "eager":
+        out["attention_mask"] = data.additive_mask(batch["attention_mask"], torch.float32)
+    elif attention != "flash_attention_2":
+        out["attention_mask"] = batch["attention_mask"]
+    return out

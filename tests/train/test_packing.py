@@ -1,0 +1,129 @@
+"""Padding-free SFT batches (`packing: true`): best-fit decreasing bins, a plan that resumes, packed
+rows whose per-example log-probs are the unpacked ones, and the options' checks."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from synthetic import read_metrics, sft_records, write_config, write_jsonl
+
+from cai.core.errors import InputError
+from cai.train import config as train_config
+from cai.train import data, sft
+from cai.train.losses import token_logps
+from cai.train.packing import PackedBatches, best_fit_decreasing
+
+
+def test_best_fit_decreasing_puts_each_item_in_the_fullest_bin_it_fits():
+    lengths = [5, 4, 3, 3, 2, 1]
+    # 5 opens bin 0 (3 left), 4 opens bin 1 (4 left), 3 fills bin 0, 3 goes to bin 1 (1 left),
+    # 2 fits nowhere and opens bin 2, 1 goes to the fullest bin it fits: bin 1
+    assert best_fit_decreasing(lengths, list(range(6)), 8) == [[0, 2], [1, 3, 5], [4]]
+
+    rng = random.Random(0)
+    lengths = [rng.randint(1, 100) for _ in range(300)]
+    bins = best_fit_decreasing(lengths, list(range(300)), 128)
+    assert sorted(i for b in bins for i in b) == list(range(300))
+    assert all(sum(lengths[i] for i in b) <= 128 for b in bins)
+    assert len(bins) <= 1.25 * sum(lengths) / 128 + 1  # near the lower bound on bins
+
+
+def test_packed_batches_are_a_function_of_seed_and_epoch_and_split_over_processes():
+    lengths = [random.Random(i).randint(5, 60) for i in range(50)]
+    batches = PackedBatches(lengths, 128, seed=7)
+    first = [batches(p) for p in range(3 * batches.per_epoch)]
+    resumed = PackedBatches(lengths, 128, seed=7)
+    assert [resumed(p) for p in range(batches.per_epoch + 1, 2 * batches.per_epoch)] == first[
+        batches.per_epoch + 1 : 2 * batches.per_epoch
+    ]
+    for epoch in range(3):
+        items = first[epoch * batches.per_epoch : (epoch + 1) * batches.per_epoch]
+        assert sorted(i for b in items for i in b) == list(range(50))  # every example once an epoch
+    assert first[: batches.per_epoch] != first[batches.per_epoch : 2 * batches.per_epoch]
+    ranks = [PackedBatches(lengths, 128, seed=7, rank=r, world_size=2) for r in (0, 1)]
+    assert ranks[0].per_epoch == ranks[1].per_epoch == batches.per_epoch // 2
+    mine = [set(i for p in range(r.per_epoch) for i in r(p)) for r in ranks]
+    assert not mine[0] & mine[1]
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_a_packed_row_gives_each_example_its_unpacked_log_probs_and_loss(tiny_model, attention):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32, attn_implementation=attention)
+    items = [data.encode(tokenizer, r["messages"]) for r in sft_records(3, seed=4)]
+    pad_id = data.pad_id(tokenizer)
+
+    packed = sft.packed_batch(items, pad_id, attention)
+    mask = packed.pop("mask")
+    logp = token_logps(model(**packed).logits, packed["input_ids"])[0]
+    start = 0
+    for item in items:
+        alone = token_logps(model(input_ids=torch.tensor([item.input_ids])).logits, torch.tensor([item.input_ids]))[0]
+        assert torch.allclose(logp[start : start + len(item.input_ids) - 1], alone, atol=1e-5)
+        start += len(item.input_ids)
+
+    padded = data.collate(items, pad_id)
+    padded_logp = token_logps(
+        model(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"]).logits, padded["input_ids"]
+    )
+    padded_mask = padded["mask"][:, 1:].float()
+    packed_loss = -(logp * mask[0, 1:]).sum() / mask[0, 1:].sum()
+    padded_loss = -(padded_logp * padded_mask).sum() / padded_mask.sum()
+    assert packed_loss.item() == pytest.approx(padded_loss.item(), abs=1e-5)
+
+
+def packed_config(tmp_path: Path, tiny_model: Path, name: str, sets: list[str] = (), **doc):
+    train = write_jsonl(tmp_path / "sft.jsonl", sft_records(40))
+    base = {
+        "model": str(tiny_model),
+        "data": {"train": str(train), "eval_fraction": 0.2},
+        "output_dir": str(tmp_path / name),
+        "max_steps": 8,
+        "lr": 1e-3,
+        "max_length": 64,
+        "save_every": 2,
+        "packing": True,
+        "max_tokens_per_batch": 160,
+        **doc,
+    }
+    return train_config.load("sft", write_config(tmp_path / f"{name}.yaml", **base), list(sets))
+
+
+def test_packed_sft_learns_and_resumes_exactly(tmp_path, tiny_model):
+    straight = packed_config(tmp_path, tiny_model, "straight")
+    sft.train(straight)
+    killed = packed_config(tmp_path, tiny_model, "killed")
+    sft.train(killed, stop_after=3)
+    sft.train(killed)
+
+    expected, resumed = read_metrics(straight.output_dir), read_metrics(killed.output_dir)
+    assert all(resumed[s]["loss"] == pytest.approx(expected[s]["loss"], abs=1e-6) for s in range(1, 9))
+    assert all(expected[s]["tokens"] <= 160 for s in expected)
+    assert read_metrics(straight.output_dir, "eval")[8]["loss"] < read_metrics(straight.output_dir, "eval")[0]["loss"]
+
+
+@pytest.mark.parametrize(
+    ("kind", "doc", "field", "says"),
+    [
+        ("dpo", {"packing": True}, "packing", "`cai train dpo` cannot pack batches"),
+        ("sft", {"max_tokens_per_batch": 256}, "max_tokens_per_batch", "an option of packing: true"),
+        ("sft", {"packing": True, "max_tokens_per_batch": 32}, "max_tokens_per_batch", "at least max_length (64)"),
+    ],
+)
+def test_packing_options_that_cannot_work_name_the_field(tmp_path, tiny_model, kind, doc, field, says):
+    path = write_config(
+        tmp_path / "bad.yaml",
+        model=str(tiny_model),
+        data={"train": str(write_jsonl(tmp_path / "sft.jsonl", sft_records(4)))},
+        output_dir=str(tmp_path / "out"),
+        max_length=64,
+        **doc,
+    )
+    with pytest.raises(InputError) as error:
+        train_config.load(kind, path)
+    assert error.value.field == field and says in str(error.value)
