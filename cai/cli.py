@@ -37,6 +37,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     from cai.judge import report
 
     if chain.is_chain(args.pipeline):
+        if args.shard:
+            raise InputError(
+                args.pipeline, None, "--shard splits a pipeline's rows: run a chain's pipelines one by one"
+            )
         return chain.run(
             chain.load(args.pipeline, args.set, workdir=args.run_dir, limit=args.limit),
             main,
@@ -46,12 +50,37 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = config.load(args.pipeline, args.set)
     _say_where_keys_go(used_backends(cfg), "run")
     summary = pipeline.run(
-        cfg, run_dir=args.run_dir, limit=args.limit, show_progress=not args.quiet, engine_log=not args.verbose
+        cfg,
+        run_dir=args.run_dir,
+        limit=args.limit,
+        show_progress=not args.quiet,
+        engine_log=not args.verbose,
+        shard=args.shard,
     )
     _print_summary(summary)
     page = summary.run_dir / "report.html"
     print(f"report: {report.write(summary.run_dir) if summary.exported_now or not page.exists() else page}")
     return EXIT_OK if summary.ok else EXIT_FAILED
+
+
+def _shard(text: str):
+    from cai.generate.shards import Shard
+
+    try:
+        return Shard.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from cai.generate.shards import merge
+    from cai.judge import report
+
+    summary = merge(args.run_dirs, args.output)
+    exported = ", ".join(f"{k}: {v}" for k, v in summary.exported.items())
+    print(f"merged {summary.shards} shards into {summary.run_dir} ({exported}; rows failed: {summary.failed})")
+    print(f"report: {report.write(summary.run_dir)}")
+    return EXIT_OK if not summary.failed else EXIT_FAILED
 
 
 def _say_where_keys_go(specs, command: str) -> None:
@@ -438,7 +467,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run a pipeline or chain file (resumes when its run directory exists)")
     p.add_argument("pipeline")
     _run_options(p, "the first N prompts")
+    p.add_argument(
+        "--shard",
+        type=_shard,
+        metavar="K/N",
+        help="only the rows whose id hashes to shard K of N (K from 0: $JOB_COMPLETION_INDEX, $SLURM_ARRAY_TASK_ID "
+        "of --array=0-(N-1)); default run directory runs/NAME-shard-K-of-N; join them with `cai merge`",
+    )
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser(
+        "merge", help="join the run directories of every shard of a run (`cai run --shard K/N`) into one run"
+    )
+    p.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR")
+    p.add_argument("-o", "--output", required=True, type=Path, help="the merged run's directory (new or empty)")
+    p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser(
         "eval", help="rate models: answers to each axis' prompts compared by the judge, Elo ratings with intervals"

@@ -23,6 +23,28 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def engine_args(model: Path, kv_cache_bytes: int = 256 << 20) -> list[str]:
+    """The engine flags that work here (CPU, float32, a small KV cache), for vLLM's server and its
+    offline batch runner alike."""
+    return [
+        "--model",
+        str(model),
+        "--served-model-name",
+        SERVED_NAME,
+        "--dtype",
+        "float32",
+        "--max-model-len",
+        "2048",
+        "--enforce-eager",
+        "--kv-cache-memory-bytes",
+        str(kv_cache_bytes),
+        "--seed",
+        "0",
+        "--structured-outputs-config",
+        '{"backend": "xgrammar", "disable_any_whitespace": true}',  # as the local engine's default
+    ]
+
+
 class VLLMServer:
     def __init__(self, model: Path, log: Path, kv_cache_bytes: int = 256 << 20):
         self.port = free_port()
@@ -32,27 +54,13 @@ class VLLMServer:
             sys.executable,
             "-m",
             "vllm.entrypoints.openai.api_server",
-            "--model",
-            str(model),
-            "--served-model-name",
-            SERVED_NAME,
+            *engine_args(model, kv_cache_bytes),
             "--host",
             "127.0.0.1",
             "--port",
             str(self.port),
-            "--dtype",
-            "float32",
-            "--max-model-len",
-            "2048",
-            "--enforce-eager",
-            "--kv-cache-memory-bytes",
-            str(kv_cache_bytes),
             "--api-key",
             API_KEY,
-            "--seed",
-            "0",
-            "--structured-outputs-config",
-            '{"backend": "xgrammar", "disable_any_whitespace": true}',  # as the local engine's default
         ]
         self.proc = subprocess.Popen(
             command,

@@ -60,14 +60,28 @@ def backend_spec(backend_name: str, b: dict[str, Any], file: Path, field_name: s
     local = b["type"] == "vllm"
     if local:  # an API backend's model is a name the server knows, never a path here
         check_model_folder(model, file, str(file), f"{field_name}.model")
+    settings = {k: v for k, v in b.items() if k not in ("type", "model", "options")}
+    if "prices" in settings:
+        settings["prices"] = charged_prices(settings["prices"], batch=b["type"] == "openai_batch")
     return BackendSpec(
         name=backend_name,
         type=b["type"],
         model=model,
         options=dict(b.get("options", {})),
-        settings={k: v for k, v in b.items() if k not in ("type", "model", "options")},
+        settings=settings,
         base_dirs=(str(file.parent.resolve()), str(Path.cwd())),
     )
+
+
+def charged_prices(prices: dict[str, float], batch: bool) -> dict[str, float]:
+    """The per-million prices a backend's tokens cost: a Batch API backend's are the declared batch
+    prices when the pipeline gives them (one `prices` entry serves an online and a batch backend)."""
+    if batch and "batch_input_per_million" in prices:
+        return {
+            "input_per_million": prices["batch_input_per_million"],
+            "output_per_million": prices["batch_output_per_million"],
+        }
+    return {"input_per_million": prices["input_per_million"], "output_per_million": prices["output_per_million"]}
 
 
 def load(

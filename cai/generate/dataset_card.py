@@ -30,6 +30,8 @@ COLUMNS = {
     "votes": "each principle's probability that `chosen` is better",
     "position_consistent": "whether the labeler's choice survived swapping the answers' order (null when not swapped)",
     "label_method": "logprobs (soft label from option log-probabilities) or parsed (the labeler's stated choice)",
+    "jurors": "with a jury: each judge role's own verdict (its model, weight, label as chosen/rejected/tie/invalid, probability that `chosen` is better, position consistency, method); label_prob is their weighted mean",
+    "calibration": "with a calibrated judge: the sha256 of the calibration file its probabilities went through",
     "group_id": "answers to the same prompt share it: pairs of one group hold the same prompt",
     "id": "the row's id in the run (rows.jsonl holds the full row: every critique, revision and vote)",
     "prompt_id": "the prompt's id in its prompt file",

@@ -61,9 +61,44 @@ def preference_records(row: Row) -> list[dict[str, Any]]:
                 "seed": row["seed"],
                 "models": row.get("models", {}),
                 "pipeline": row["pipeline"],
+                **_judging_marks(pair),
             }
         )
     return records
+
+
+# A juror's label as the exported pair reads it: the pair's first answer is `chosen` when it is labelled a.
+_SIDES = {"a": {"a": "chosen", "b": "rejected"}, "b": {"a": "rejected", "b": "chosen"}}
+
+
+def _judging_marks(pair: dict[str, Any]) -> dict[str, Any]:
+    """With a jury, each juror's own label (`jurors`); with a calibration, its file's hash: columns only
+    runs that have them get, so every record of a run has the same ones."""
+    marks: dict[str, Any] = {}
+    if "jurors" in pair:
+        side = _SIDES[pair["label"]]
+        marks["jurors"] = [
+            {
+                "role": role,
+                "model": juror["model"],
+                "weight": juror["weight"],
+                "label": side.get(juror["label"], juror["label"]),  # chosen, rejected, tie or invalid
+                "p_chosen": _toward_chosen(juror["p_first"], pair["label"]),
+                "position_consistent": juror["position_consistent"],
+                "method": juror["method"],
+            }
+            for role, juror in pair["jurors"].items()
+        ]
+    if "calibration" in pair:
+        marks["calibration"] = pair["calibration"]
+    return marks
+
+
+def _toward_chosen(p_first: float | None, label: str) -> float | None:
+    """P(the pair's first answer is better) as P(`chosen` is better); None (no usable choice) stays."""
+    if p_first is None:
+        return None
+    return p_first if label == "a" else 1 - p_first
 
 
 # what an export of each dataset counts: its records, and what it left out

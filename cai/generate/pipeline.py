@@ -19,7 +19,7 @@ import json
 import platform
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator, TextIO
@@ -30,11 +30,13 @@ from cai.core.errors import InputError
 from cai.core.files import content_hash, count_nonblank_lines, sha256_file
 from cai.generate.backends import base as backends
 from cai.generate.backends.cached import CachedBackend
+from cai.generate.backends.openai_api import STATE_DIR
 from cai.generate.config import PipelineConfig
 from cai.generate.dataset_card import Provenance
 from cai.generate.export import export
 from cai.generate.progress import RunProgress, StageFigures
 from cai.generate.prompts import Prompt
+from cai.generate.shards import Shard, rows_in_order
 from cai.generate.stages import Row, RowFailed, Stage, StageContext, build
 from cai.generate.store import Location, RunStore, ShardReader, ShardWriter
 
@@ -73,8 +75,10 @@ class RunSummary:
         return not self.failed_ids
 
 
-def default_run_dir(config: PipelineConfig) -> Path:
-    return config.output_dir or Path("runs") / config.name
+def default_run_dir(config: PipelineConfig, shard: Shard | None = None) -> Path:
+    run_dir = config.output_dir or Path("runs") / config.name
+    # shards on a shared disk each need a folder of their own
+    return run_dir if shard is None else run_dir.with_name(f"{run_dir.name}-shard-{shard.index}-of-{shard.count}")
 
 
 def fingerprint(config: PipelineConfig) -> str:
@@ -120,7 +124,7 @@ def provenance(config: PipelineConfig, limit: int | None) -> Provenance:
     )
 
 
-def _prepare_store(config: PipelineConfig, run_dir: Path, limit: int | None) -> RunStore:
+def _prepare_store(config: PipelineConfig, run_dir: Path, limit: int | None, shard: Shard | None) -> RunStore:
     store = RunStore(run_dir)
     fp = fingerprint(config)
     manifest = store.read_manifest()
@@ -143,6 +147,7 @@ def _prepare_store(config: PipelineConfig, run_dir: Path, limit: int | None) -> 
             "versions": versions(),
             "created": now,
             "invocations": [],
+            **({"shard": shard.to_dict()} if shard else {}),
         }
     elif manifest.get("fingerprint") != fp:
         raise InputError(
@@ -150,6 +155,17 @@ def _prepare_store(config: PipelineConfig, run_dir: Path, limit: int | None) -> 
             "fingerprint",
             "this run directory was made by a different pipeline, constitution or prompt set; "
             "pass another --run-dir to start a new run",
+        )
+    elif manifest.get("shard") != (shard.to_dict() if shard else None):
+        made = (
+            f"shard {manifest['shard']['index']}/{manifest['shard']['count']}"
+            if "shard" in manifest
+            else "the whole run (no --shard)"
+        )
+        raise InputError(
+            str(store.manifest_path),
+            "shard",
+            f"this run directory holds {made}; pass its --shard, or another --run-dir",
         )
     manifest["invocations"].append({"started": now, "limit": limit, "argv": sys.argv[1:]})
     store.write_manifest(manifest)
@@ -254,17 +270,19 @@ async def arun(
     limit: int | None = None,
     show_progress: bool = True,
     engine_log: bool = False,
+    shard: Shard | None = None,
 ) -> RunSummary:
     """Run (or resume) a pipeline from inside an event loop. `engine_log`: the engines' and libraries'
-    output goes to RUN_DIR/engine.log instead of the terminal (the CLI's default)."""
+    output goes to RUN_DIR/engine.log instead of the terminal (the CLI's default). `shard`: only the rows
+    of that shard (`--limit` counts prompts before the split, so limited shards merge into the limited run)."""
     started = time.monotonic()
-    run_dir = run_dir or default_run_dir(config)
-    prompts = config.prompts(limit)
+    run_dir = run_dir or default_run_dir(config, shard)
+    prompts = config.prompts(limit) if shard is None else shard.select(config.prompts(limit))
     # The first rows are read before anything is written or started: a bad prompt file is one line and
     # exit 2 with nothing written, however large the file (a bad line further on stops the run there).
     head = list(itertools.islice(prompts, config.rows_in_flight))
-    total = count_prompts(config, limit)
-    store = _prepare_store(config, run_dir, limit)
+    total = count_prompts(config, limit) if shard is None else sum(1 for _ in shard.select(config.prompts(limit)))
+    store = _prepare_store(config, run_dir, limit, shard)
     with engine_output(run_dir, engine_log) as terminal:
         return await _execute(
             config, store, limit, started, itertools.chain(head, prompts), total, show_progress, terminal
@@ -299,7 +317,9 @@ async def _execute(
     cache = store.call_cache()
 
     async def starter(spec):
-        backend = await backends.start(spec)
+        # a backend that keeps state across invocations (the batch backend) keeps it in the run
+        state = {STATE_DIR: str(store.root / "batches" / spec.name)}
+        backend = await backends.start(replace(spec, settings={**spec.settings, **state}))
         progress.restart_clocks()  # rates measure generation, not an engine's start-up
         return backend
 
@@ -384,7 +404,7 @@ async def _execute(
     if kept is not None and kept.get("key") == export_key:
         summary.exported, summary.exported_now = kept["counts"], False
     else:
-        rows = _rows_in_order(config, limit, final, run.reader)
+        rows = rows_in_order(config.prompts(limit), final, run.reader)
         summary.exported = await asyncio.to_thread(export, rows, store.datasets_dir, provenance(config, limit))
         write_atomic(marker, json.dumps({"key": export_key, "counts": summary.exported}) + "\n")
     run.reader.close()
@@ -437,23 +457,14 @@ def _record_figures(
     store.write_manifest(manifest)
 
 
-def _rows_in_order(
-    config: PipelineConfig, limit: int | None, final: dict[str, Location], reader: ShardReader
-) -> Iterator[Row]:
-    """Finished rows in input order, read back one at a time."""
-    for prompt in config.prompts(limit):
-        location = final.get(prompt.id)
-        if location is not None:
-            yield reader.read(location)
-
-
 def run(
     config: PipelineConfig,
     run_dir: Path | None = None,
     limit: int | None = None,
     show_progress: bool = True,
     engine_log: bool = False,
+    shard: Shard | None = None,
 ) -> RunSummary:
     """Run (or resume) a pipeline and block until it ends. Works from plain code (its own event loop) and
     from inside a running loop, like a notebook's (the run gets a loop on a thread of its own)."""
-    return backends.run_blocking(arun(config, run_dir, limit, show_progress, engine_log))
+    return backends.run_blocking(arun(config, run_dir, limit, show_progress, engine_log, shard))

@@ -45,15 +45,108 @@ class OpenAISettings:
 
     @classmethod
     def from_options(cls, settings: dict[str, Any]) -> "OpenAISettings":
-        # prices: the run's accounting, not the client's
-        values = {k: v for k, v in settings.items() if k not in ("base_url", "prices")}
+        # prices: the run's accounting, not the client's; state_dir: where stateful backends keep state
+        values = {k: v for k, v in settings.items() if k not in ("base_url", "prices", STATE_DIR)}
         return cls(base_urls=tuple(base_urls(settings)), **values)
+
+
+# The setting the pipeline adds to every backend's spec: a folder of the run directory for backends that
+# keep state across invocations (the batch backend's batches); the others ignore it.
+STATE_DIR = "state_dir"
 
 
 def base_urls(settings: dict[str, Any]) -> list[str]:
     """The endpoints of a backend's `base_url`: one URL, or a list of them."""
     urls = settings["base_url"]
     return [urls] if isinstance(urls, str) else list(urls)
+
+
+def api_key(settings: OpenAISettings) -> str:
+    """The key from the environment variable `api_key_env` names; raises when it is unset."""
+    env = settings.api_key_env
+    if env and not os.environ.get(env):
+        raise RuntimeError(f"environment variable {env} (api_key_env) is not set")
+    # Servers without authentication still want some key in the header.
+    return os.environ[env] if env else "EMPTY"
+
+
+def check_server(url: str, model: str, key: str, settings: OpenAISettings) -> None:
+    """Raise a one-line RuntimeError unless the server at `url` answers, takes the key and serves `model`."""
+    import openai
+
+    client = openai.OpenAI(base_url=url, api_key=key, max_retries=2, timeout=min(settings.timeout_s, 30))
+    try:
+        served = [m.id for m in client.models.list()]
+    except openai.AuthenticationError:
+        source = f"${settings.api_key_env}" if settings.api_key_env else "no key (set api_key_env)"
+        raise RuntimeError(f"{url} refused the API key from {source} (HTTP 401)") from None
+    except openai.APIConnectionError as exc:
+        raise RuntimeError(f"cannot reach {url}: {exc.__cause__ or exc}") from None
+    except openai.APIStatusError as exc:
+        raise RuntimeError(
+            f"{url} answered HTTP {exc.status_code} to GET /models: {_server_message(exc.body, exc.message)}"
+        ) from None
+    finally:
+        client.close()
+    if model not in served:
+        raise RuntimeError(f"{url} does not serve model {model!r} (it serves: {', '.join(served) or 'nothing'})")
+
+
+def chat_body(model: str, request: ChatRequest, structured_output: bool) -> dict[str, Any]:
+    """The body of POST /chat/completions for a request (also a batch input line's `body`)."""
+    body: dict[str, Any] = {
+        "model": model,
+        "messages": [dict(m) for m in request.messages],
+        "max_tokens": request.max_tokens,
+        "temperature": request.temperature,
+        "top_p": request.top_p,
+        "n": request.n,
+    }
+    if request.seed is not None:
+        body["seed"] = request.seed
+    if request.stop:
+        body["stop"] = list(request.stop)
+    if request.json_schema and structured_output:
+        body["response_format"] = {
+            "type": "json_schema",
+            "json_schema": {"name": "reply", "schema": json.loads(request.json_schema), "strict": True},
+        }
+    return body
+
+
+def choice_body(body: dict[str, Any]) -> dict[str, Any]:
+    """A chat body turned into the one-token request whose top log-probabilities score the choices."""
+    return {**body, "max_tokens": 1, "temperature": 0.0, "n": 1, "logprobs": True, "top_logprobs": TOP_LOGPROBS}
+
+
+def parse_completion(response: Any) -> Completion:
+    """A chat completion's JSON as a Completion; raises MalformedResponse without choices or content."""
+    if not isinstance(response, dict) or not response.get("choices"):
+        raise MalformedResponse("no choices in the response")
+    choices = response["choices"]
+    if any(not isinstance((c.get("message") or {}).get("content"), str) for c in choices):
+        raise MalformedResponse("no message content in the response")
+    usage = response.get("usage") or {}
+    return Completion(
+        texts=tuple(c["message"]["content"] for c in choices),
+        prompt_tokens=usage.get("prompt_tokens") or 0,
+        completion_tokens=usage.get("completion_tokens") or 0,
+        finish_reasons=tuple(str(c.get("finish_reason")) for c in choices),
+    )
+
+
+def parse_choice_logprobs(response: Any, choices: Sequence[str]) -> dict[str, float]:
+    """Log-probability of each choice as the reply's first token, from a `choice_body` answer's top
+    log-probs: exact for single-token choices (`A`/`B`, digits); one outside the top 20 gets -inf."""
+    if not isinstance(response, dict) or not response.get("choices"):
+        raise MalformedResponse("no choices in the response")
+    content = (response["choices"][0].get("logprobs") or {}).get("content")
+    if not content:
+        # A server without log-probabilities answers, just without them: no choice has a known
+        # probability, which the judge reads as "no usable choice" (and may ask for a parsed one).
+        return {choice: float("-inf") for choice in choices}
+    top = {entry["token"]: entry["logprob"] for entry in content[0].get("top_logprobs") or []}
+    return {choice: top.get(choice, float("-inf")) for choice in choices}
 
 
 # Bursts of at most this many seconds' worth of a limit: providers enforce per-minute limits over
@@ -246,15 +339,9 @@ class EndpointPool:
 
 class OpenAIBackend:
     def __init__(self, spec: BackendSpec):
-        import openai
-
         self.spec = spec
         self.settings = OpenAISettings.from_options(spec.settings)
-        env = self.settings.api_key_env
-        if env and not os.environ.get(env):
-            raise RuntimeError(f"environment variable {env} (api_key_env) is not set")
-        # Servers without authentication still want some key in the header.
-        self._api_key = os.environ[env] if env else "EMPTY"
+        self._api_key = api_key(self.settings)
         self._request_bucket = (
             TokenBucket(self.settings.requests_per_minute, burst_s=BURST_S)
             if self.settings.requests_per_minute
@@ -267,29 +354,7 @@ class OpenAIBackend:
         self.pool = EndpointPool(self.settings.base_urls)
         self._semaphore: asyncio.Semaphore | None = None
         for url in self.settings.base_urls:
-            self._check_server(openai, url)
-
-    def _check_server(self, openai, url: str) -> None:
-        client = openai.OpenAI(
-            base_url=url, api_key=self._api_key, max_retries=2, timeout=min(self.settings.timeout_s, 30)
-        )
-        try:
-            served = [m.id for m in client.models.list()]
-        except openai.AuthenticationError:
-            source = f"${self.settings.api_key_env}" if self.settings.api_key_env else "no key (set api_key_env)"
-            raise RuntimeError(f"{url} refused the API key from {source} (HTTP 401)") from None
-        except openai.APIConnectionError as exc:
-            raise RuntimeError(f"cannot reach {url}: {exc.__cause__ or exc}") from None
-        except openai.APIStatusError as exc:
-            raise RuntimeError(
-                f"{url} answered HTTP {exc.status_code} to GET /models: {_server_message(exc.body, exc.message)}"
-            ) from None
-        finally:
-            client.close()
-        if self.spec.model not in served:
-            raise RuntimeError(
-                f"{url} does not serve model {self.spec.model!r} (it serves: {', '.join(served) or 'nothing'})"
-            )
+            check_server(url, spec.model, self._api_key, self.settings)
 
     def endpoint_stats(self) -> list[dict[str, Any]]:
         return [e.stats() for e in self.pool.endpoints]
@@ -359,24 +424,7 @@ class OpenAIBackend:
         return estimate
 
     def _body(self, request: ChatRequest) -> dict[str, Any]:
-        body: dict[str, Any] = {
-            "model": self.spec.model,
-            "messages": [dict(m) for m in request.messages],
-            "max_tokens": request.max_tokens,
-            "temperature": request.temperature,
-            "top_p": request.top_p,
-            "n": request.n,
-        }
-        if request.seed is not None:
-            body["seed"] = request.seed
-        if request.stop:
-            body["stop"] = list(request.stop)
-        if request.json_schema and self.settings.structured_output:
-            body["response_format"] = {
-                "type": "json_schema",
-                "json_schema": {"name": "reply", "schema": json.loads(request.json_schema), "strict": True},
-            }
-        return body
+        return chat_body(self.spec.model, request, self.settings.structured_output)
 
     def _session(self):
         """An aiohttp session for one endpoint. Not the OpenAI SDK's client for the calls themselves:
@@ -403,45 +451,17 @@ class OpenAIBackend:
                 raise HTTPStatusError(
                     response.status, _server_message(detail, response.reason or ""), _retry_after(response.headers)
                 )
-        answer = json.loads(text)
-        if not isinstance(answer, dict) or not answer.get("choices"):
-            raise MalformedResponse("no choices in the response")
-        return answer
+        return json.loads(text)
 
     async def _complete_one(self, endpoint: Endpoint, request: ChatRequest) -> tuple[Completion, int | None]:
         response = await self._create(endpoint, self._body(request))
-        choices = response["choices"]
-        if any(not isinstance((c.get("message") or {}).get("content"), str) for c in choices):
-            raise MalformedResponse("no message content in the response")
-        usage = response.get("usage") or {}
-        completion = Completion(
-            texts=tuple(c["message"]["content"] for c in choices),
-            prompt_tokens=usage.get("prompt_tokens") or 0,
-            completion_tokens=usage.get("completion_tokens") or 0,
-            finish_reasons=tuple(str(c.get("finish_reason")) for c in choices),
-        )
-        return completion, _tokens_used(usage)
+        return parse_completion(response), _tokens_used(response.get("usage") or {})
 
     async def _choice_one(
         self, endpoint: Endpoint, request: ChatRequest, choices: Sequence[str]
     ) -> tuple[dict[str, float], int | None]:
-        body = {
-            **self._body(request),
-            "max_tokens": 1,
-            "temperature": 0.0,
-            "n": 1,
-            "logprobs": True,
-            "top_logprobs": TOP_LOGPROBS,
-        }
-        response = await self._create(endpoint, body)
-        used = _tokens_used(response.get("usage") or {})
-        content = (response["choices"][0].get("logprobs") or {}).get("content")
-        if not content:
-            # A server without log-probabilities answers, just without them: no choice has a known
-            # probability, which the judge reads as "no usable choice" (and may ask for a parsed one).
-            return {choice: float("-inf") for choice in choices}, used
-        top = {entry["token"]: entry["logprob"] for entry in content[0].get("top_logprobs") or []}
-        return {choice: top.get(choice, float("-inf")) for choice in choices}, used
+        response = await self._create(endpoint, choice_body(self._body(request)))
+        return parse_choice_logprobs(response, choices), _tokens_used(response.get("usage") or {})
 
     async def close(self) -> None:
         for endpoint in self.pool.endpoints:
