@@ -577,7 +577,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "serve",
-        help="job server with a web dashboard over a workspace folder (tokens: $CAI_SERVER_TOKEN, read-only $CAI_SERVER_READ_TOKEN)",
+        help="job server with a web dashboard over a workspace folder (tokens: $CAI_SERVER_TOKEN, read-only $CAI_SERVER_READ_TOKEN, labelers' $CAI_SERVER_LABEL_TOKENS as NAME=TOKEN,...)",
     )
     p.add_argument("--workspace", required=True, type=Path, help="folder of constitutions, prompts, pipelines and runs")
     p.add_argument("--host", default="127.0.0.1", help="off loopback, $CAI_SERVER_TOKEN must be set")

@@ -1,17 +1,18 @@
 """The HTTP API and the dashboard (FastAPI; the OpenAPI page is at /docs). Bad input gets the CLI's
 one-line message: 400 for files (an InputError), 422 for a malformed request body, 413 for one too
-large, 429 when the queue is full. Two tokens: the submit token may do everything, the read token only
-GET (dashboard, job list, progress, logs, downloads); /api/access tells the dashboard which it holds."""
+large, 429 when the queue is full. Three token scopes (cai/service/tokens.py): the submit token may do
+everything, the read token only GET (dashboard, job list, progress, logs, downloads, label figures), a
+labeler's token only label (cai/service/label_api.py); /api/access tells the dashboard which it holds."""
 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import shutil
 import tempfile
+from collections.abc import Mapping
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -29,8 +30,12 @@ from cai.generate.pipeline import default_run_dir
 from cai.rating import run as eval_run
 from cai.service import progress as job_progress
 from cai.service.body_limit import BodyLimit
+from cai.service.browse_api import router as browse_router
 from cai.service.jobs import DEFAULT_MAX_QUEUED, ENDED, Job, JobStore, NewJob, QueueFull
+from cai.service.label_api import router as label_router
+from cai.service.labeling import LabelStore
 from cai.service.policy import job_keys
+from cai.service.tokens import READ, Tokens, allowed
 from cai.service.worker import Worker, redact, secrets
 from cai.service.workspace import Workspace
 from cai.train.config import KINDS
@@ -38,7 +43,6 @@ from cai.train.config import KINDS
 TOKEN_COOKIE = "cai_token"
 STREAM_INTERVAL_S = 0.5
 QUEUE_RETRY_S = 30  # Retry-After of a 429: about when a queued job may have started
-READ_METHODS = ("GET", "HEAD")  # what the read-only token may do
 
 
 @dataclass(frozen=True)
@@ -46,6 +50,7 @@ class ServiceConfig:
     workspace: Workspace
     token: str | None = None  # None: no authentication (loopback only; cai serve enforces that)
     read_token: str | None = None  # reads only; needs `token`
+    label_tokens: Mapping[str, str] = field(default_factory=dict)  # labeler name -> token; needs `token`
     max_jobs: int = 1
     max_queued: int = DEFAULT_MAX_QUEUED
 
@@ -105,13 +110,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
 
     # -- authentication
 
-    def read_only(given: str) -> bool | None:
-        """None: not a token of this server."""
-        if _same(given, config.token):
-            return False
-        if config.read_token is not None and _same(given, config.read_token):
-            return True
-        return None
+    tokens = Tokens(config.token, config.read_token, config.label_tokens)
 
     def presented(request: Request) -> str:
         header = request.headers.get("authorization", "")
@@ -121,17 +120,18 @@ def create_app(config: ServiceConfig) -> FastAPI:
     @app.middleware("http")
     async def authenticate(request: Request, call_next):
         if config.token is None:
+            request.state.principal = tokens.identify("")
             return await call_next(request)
         given = request.query_params.get("token")
-        if given is not None and request.method == "GET" and read_only(given) is not None:
+        if given is not None and request.method == "GET" and tokens.identify(given) is not None:
             # The dashboard's first visit: keep the token in a cookie and drop it from the address bar,
             # so it stays out of the history and of links people copy.
             query = urlencode([(k, v) for k, v in request.query_params.multi_items() if k != "token"])
             response = RedirectResponse(request.url.path + (f"?{query}" if query else ""), status_code=303)
             response.set_cookie(TOKEN_COOKIE, given, httponly=True, samesite="strict")
             return response
-        reader = read_only(presented(request))
-        if reader is None:
+        principal = tokens.identify(presented(request))
+        if principal is None:
             return JSONResponse(
                 {
                     "detail": "missing or wrong token: send `Authorization: Bearer $CAI_SERVER_TOKEN` (dashboard: open /?token=...)"
@@ -139,16 +139,16 @@ def create_app(config: ServiceConfig) -> FastAPI:
                 status_code=401,
                 headers={"WWW-Authenticate": "Bearer"},
             )
-        if reader and request.method not in READ_METHODS:
-            return JSONResponse(
-                {"detail": "this token is read-only: submitting, cancelling and resuming jobs need $CAI_SERVER_TOKEN"},
-                status_code=403,
-            )
+        refused = allowed(principal, request.method, request.scope["path"])
+        if refused is not None:
+            return JSONResponse({"detail": refused}, status_code=403)
+        request.state.principal = principal
         return await call_next(request)
 
     @app.get("/api/access", summary="What the token presented may do (the dashboard shows no controls it would refuse)")
-    def access(request: Request) -> dict[str, bool]:
-        return {"read_only": config.token is not None and bool(read_only(presented(request)))}
+    def access(request: Request) -> dict[str, Any]:
+        principal = request.state.principal
+        return {"read_only": principal.scope == READ, "scope": principal.scope, "name": principal.name}
 
     # -- errors: one line, as the CLI prints them
 
@@ -198,6 +198,10 @@ def create_app(config: ServiceConfig) -> FastAPI:
     @app.get("/api/evals", summary="Eval files found in the workspace")
     def list_evals() -> list[dict[str, Any]]:
         return ws.evals()
+
+    @app.get("/api/trainings", summary="Train configs found in the workspace, and the trainer kinds")
+    def list_trainings() -> dict[str, Any]:
+        return {"kinds": list(KINDS), "configs": ws.trainings()}
 
     @app.post("/api/jobs/run", status_code=201, summary="Queue a run of a workspace pipeline (as `cai run`)")
     def submit_run(body: RunRequest) -> dict[str, Any]:
@@ -325,6 +329,9 @@ def create_app(config: ServiceConfig) -> FastAPI:
         name = f"{Path(job.out_dir).name}-datasets.zip"
         return FileResponse(archive, filename=name, background=BackgroundTask(shutil.rmtree, tmp, ignore_errors=True))
 
+    app.include_router(label_router(ws, LabelStore(ws.state_dir / "jobs.sqlite")))
+    app.include_router(browse_router(ws, get_job))
+
     # -- the dashboard
 
     static = Path(str(resources.files("cai.service").joinpath("static")))
@@ -335,7 +342,3 @@ def create_app(config: ServiceConfig) -> FastAPI:
 
     app.mount("/static", StaticFiles(directory=static), name="static")
     return app
-
-
-def _same(given: str, token: str) -> bool:
-    return hmac.compare_digest(given.encode(), token.encode())

@@ -7,11 +7,12 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from contextlib import closing
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+
+from cai.service import database
 
 QUEUED, RUNNING, FINISHED, FAILED, CANCELLED, INTERRUPTED = (
     "queued",
@@ -112,22 +113,13 @@ class QueueFull(Exception):
 
 
 class JobStore:
-    """A connection per call: sqlite3 connections are not shared between threads, and opening one costs
-    microseconds next to what a job does."""
-
     def __init__(self, path: Path, max_queued: int = DEFAULT_MAX_QUEUED):
         self.path = path
         self.max_queued = max_queued
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with self._db() as db:
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute(_SCHEMA)
+        database.create(path, _SCHEMA)
 
     def _db(self):
-        db = sqlite3.connect(self.path, timeout=30, isolation_level=None)  # autocommit: one statement, one transaction
-        db.row_factory = sqlite3.Row
-        db.execute("PRAGMA synchronous=FULL")  # an acknowledged submission survives power loss, not only kill -9
-        return closing(db)
+        return database.connect(self.path)
 
     # Appended to a statement that queues a job: counting and queueing are then one transaction.
     _ROOM = f"(SELECT COUNT(*) FROM jobs WHERE status = '{QUEUED}') < ?"

@@ -11,6 +11,7 @@ from cai.core.errors import InputError
 from cai.generate.keys import is_loopback
 from cai.service.jobs import DEFAULT_MAX_QUEUED
 from cai.service.policy import load_backends
+from cai.service.tokens import LABEL_TOKENS_ENV, parse_label_tokens
 from cai.service.workspace import Workspace
 
 TOKEN_ENV = "CAI_SERVER_TOKEN"
@@ -52,6 +53,10 @@ def serve(options: ServeOptions) -> None:
         raise UnsafeServe(f"--host {options.host} is reachable from other machines: set {TOKEN_ENV} to a secret first")
     if read_token is not None and (token is None or read_token == token):
         raise UnsafeServe(f"{READ_TOKEN_ENV} is the read-only token beside {TOKEN_ENV}: set both, to different secrets")
+    label_tokens = os.environ.get(LABEL_TOKENS_ENV, "").strip()
+    if label_tokens and token is None:
+        raise UnsafeServe(f"{LABEL_TOKENS_ENV} holds labelers' tokens beside {TOKEN_ENV}: set {TOKEN_ENV} too")
+    labelers = parse_label_tokens(label_tokens, (token, read_token)) if label_tokens else {}
     backends = load_backends(options.backends) if options.backends else {}
     workspace = Workspace.open(options.workspace, backends)
     if not os.access(workspace.root, os.W_OK):
@@ -59,10 +64,12 @@ def serve(options: ServeOptions) -> None:
     # Jobs run in the workspace and resolve a pipeline's relative paths from there; validating a
     # submission from the same folder makes it see the same files the job will.
     os.chdir(workspace.root)
-    app = create_app(ServiceConfig(workspace, token, read_token, options.max_jobs, options.max_queued))
+    app = create_app(ServiceConfig(workspace, token, read_token, labelers, options.max_jobs, options.max_queued))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("uvicorn.access").addFilter(_NoQueryStrings())
     print(f"cai serve: workspace {workspace.root}, http://{options.host}:{options.port}/ (API docs: /docs)", flush=True)
+    if labelers:
+        print(f"cai serve: labelers {', '.join(labelers)}", flush=True)
     for backend in backends.values():
         print(f"cai serve: jobs may use API backend {backend.describe()}", flush=True)
     uvicorn.run(app, host=options.host, port=options.port, log_level="info")

@@ -171,6 +171,13 @@ class Workspace:
             for relative, doc in self._documents("eval")
         ]
 
+    def trainings(self) -> list[dict]:
+        """Train configs in the workspace, for the dashboard's form (one config may serve several kinds)."""
+        return [
+            {"path": relative, "model": doc.get("model"), "output_dir": doc.get("output_dir")}
+            for relative, doc in self._documents("train")
+        ]
+
     def _documents(self, kind: str) -> Iterator[tuple[str, dict]]:
         """(path, content) of the YAML files in here with the required keys of `kind`'s schema."""
         required = set(schema(kind)["required"])

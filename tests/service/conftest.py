@@ -11,6 +11,7 @@ import yaml
 from pipeline_files import ROOT, tiny_pipeline
 
 from service.fake_api import MODEL, FakeAPI
+from service.labeling_files import LABEL_TOKENS, write_workspace
 from service.serving import EVAL_KEY, EVAL_KEY_ENV, LIMIT, READ_TOKEN, Server
 
 
@@ -120,3 +121,20 @@ def finished_eval(eval_server) -> dict:
     job = eval_server.wait_ended(job["id"], timeout=300)
     assert job["status"] == "finished", eval_server.client().get(f"/api/jobs/{job['id']}/log").text[-3000:]
     return job
+
+
+# -- labeling: a server with labelers' tokens over hand-made pairs (no job runs there)
+
+
+@pytest.fixture(scope="module")
+def label_server(tmp_path_factory):
+    ws = tmp_path_factory.mktemp("label-workspace")
+    write_workspace(ws)
+    server = Server(
+        ws,
+        tmp_path_factory.mktemp("label-log") / "serve.log",
+        env={"CAI_SERVER_READ_TOKEN": READ_TOKEN, "CAI_SERVER_LABEL_TOKENS": LABEL_TOKENS},
+    )
+    server.start()
+    yield server
+    server.stop()

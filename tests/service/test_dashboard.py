@@ -4,17 +4,18 @@
 from __future__ import annotations
 
 import shutil
+from collections import Counter
 
 import pytest
 from pipeline_files import ROOT
 
+from service.labeling_files import LABELERS, label_run_pairs
 from service.serving import LIMIT, READ_TOKEN, TOKEN
 
 ARTIFACTS = ROOT / "tests" / "artifacts"  # ignored by git; CI keeps it
 
 
-@pytest.fixture
-def browser():
+def chrome():
     chromium, chromedriver = shutil.which("chromium"), shutil.which("chromedriver")
     if not (chromium and chromedriver):
         pytest.skip("needs Debian's chromium and chromium-driver (scripts/setup.sh installs them)")
@@ -31,9 +32,22 @@ def browser():
         "--window-size=1280,1800",
     ):
         options.add_argument(flag)
-    driver = webdriver.Chrome(
+    return webdriver.Chrome(
         service=Service(executable_path=chromedriver), options=options
     )  # a path: selenium-manager stays idle
+
+
+@pytest.fixture
+def browser():
+    driver = chrome()
+    yield driver
+    driver.quit()
+
+
+@pytest.fixture
+def second_browser():
+    """Another person's browser, with its own cookies."""
+    driver = chrome()
     yield driver
     driver.quit()
 
@@ -48,6 +62,7 @@ def test_job_list_follows_a_submitted_job_to_100_percent(server, reference_job, 
     browser.get(f"{server.url}/?token={TOKEN}")  # the link a user is given; the token moves to a cookie
     assert "token" not in browser.current_url
     wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#pipeline option[value='tiny.yaml']"))
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#train-kind option[value='sft']"))  # trainings too
 
     before = {j["id"] for j in server.client().get("/api/jobs").json()}
     Select(browser.find_element(By.ID, "pipeline")).select_by_value("tiny.yaml")
@@ -81,8 +96,28 @@ def test_job_list_follows_a_submitted_job_to_100_percent(server, reference_job, 
     )  # rows as a person reads them: prompt, answer, critique, revision
     assert samples and "round 1 critique" in samples[0].text and "answer → final revision" in samples[0].text
     browser.switch_to.default_content()
-
     keep_screenshot(browser, tmp_path / "dashboard-job-page.png")
+
+    # The row browser: each row's whole story, filtered by its text; then side by side with another run.
+    wait.until(lambda d: d.find_element(By.ID, "rows-info").text == f"{LIMIT} found")
+    stories = browser.find_elements(By.CSS_SELECTOR, "#rows-list details.row")
+    assert len(stories) == LIMIT
+    stories[0].find_element(By.TAG_NAME, "summary").click()
+    assert "round 1 critique" in stories[0].text and "round 1 revision" in stories[0].text
+    prompt = server.client().get(f"/api/jobs/{job_id}/rows?limit=1").json()["rows"][0]["messages"][-1]["content"]
+    matching = server.client().get(f"/api/jobs/{job_id}/rows", params={"q": prompt}).json()["total"]
+    assert 1 <= matching < LIMIT
+    browser.find_element(By.ID, "rows-q").send_keys(prompt)
+    browser.find_element(By.ID, "rows-search").click()
+    wait.until(lambda d: d.find_element(By.ID, "rows-info").text == f"{matching} found")
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#rows-list details.row")) == matching
+    Select(browser.find_element(By.ID, "compare-with")).select_by_value(str(reference_job[0]["id"]))
+    browser.find_element(By.ID, "compare").click()
+    wait.until(lambda d: d.find_element(By.ID, "pair-rows-info").text == f"{LIMIT} found")
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#pair-rows-list .side-by-side")) == LIMIT
+    cells = [td.text for td in browser.find_elements(By.CSS_SELECTOR, "#compare-table tr:nth-child(2) td")]
+    assert cells == [str(LIMIT), str(LIMIT)]  # rows in each run
+    keep_screenshot(browser, tmp_path / "dashboard-compare.png")
 
 
 def test_an_eval_shows_its_leaderboards_and_a_reader_no_controls(eval_server, finished_eval, browser, tmp_path):
@@ -133,6 +168,121 @@ def test_an_eval_shows_its_leaderboards_and_a_reader_no_controls(eval_server, fi
     assert not browser.find_elements(By.ID, "resume") and not browser.find_elements(By.ID, "cancel")
     browser.get(f"{eval_server.url}/#/jobs/{finished_eval['id']}")
     wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".leaderboard[data-axis='harmless'] tr[data-model='base']"))
+
+
+def test_labelers_label_with_the_keyboard_and_hostile_text_stays_text(label_server, browser, second_browser, tmp_path):
+    """The operator creates a task in the form; two labelers in two browsers label it at once with keys
+    1/2/3/0 (a note on one pair) through pairs holding <script>, <img onerror> and javascript: links;
+    then the operator and a reader read a task's live agreement figures."""
+    from selenium.common.exceptions import NoAlertPresentException, StaleElementReferenceException
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    def waiting(driver):
+        return WebDriverWait(driver, 60, poll_frequency=0.1, ignored_exceptions=(StaleElementReferenceException,))
+
+    wait = waiting(browser)
+    browser.get(f"{label_server.url}/?token={TOKEN}")
+    browser.get(f"{label_server.url}/#/tasks")
+    wait.until(lambda d: d.find_elements(By.ID, "task-form"))
+    for field, value in (("name", "keyboard"), ("source", "pairs.jsonl"), ("labelers", "alice, bob")):
+        browser.find_element(By.ID, f"task-{field}").send_keys(value)
+    overlap = browser.find_element(By.ID, "task-overlap")
+    overlap.clear()
+    overlap.send_keys("1")
+    before = {t["id"] for t in label_server.client().get("/api/tasks").json()}
+    browser.find_element(By.ID, "task-create").click()
+    wait.until(lambda d: {t["id"] for t in label_server.client().get("/api/tasks").json()} - before)
+    (task_id,) = {t["id"] for t in label_server.client().get("/api/tasks").json()} - before
+
+    browser.delete_all_cookies()
+    labelers = {"alice": browser, "bob": second_browser}
+    for name, driver in labelers.items():
+        driver.get(f"{label_server.url}/?token={LABELERS[name]}")  # a labeler's home: its tasks
+        link = f"#tasks tr[data-task-id='{task_id}'] a.label-link"
+        waiting(driver).until(lambda d: d.find_elements(By.CSS_SELECTOR, link))
+        assert not driver.find_elements(By.TAG_NAME, "form") and not driver.find_elements(
+            By.CSS_SELECTOR, "a.figures-link"
+        )
+        driver.find_element(By.CSS_SELECTOR, link).click()
+    keys = {"alice": "1230", "bob": "213"}  # bob never skips: what alice skips comes to him
+    pressed, hostile_seen, turns = {}, set(), Counter()
+    while True:  # turn about, until neither has a pair left
+        progressed = False
+        for name, driver in labelers.items():
+            shown = waiting(driver).until(
+                lambda d: (
+                    d.find_elements(By.ID, "no-more") or d.find_elements(By.CSS_SELECTOR, ".answers[data-assignment]")
+                )
+            )[0]
+            if shown.get_attribute("id") == "no-more":
+                continue
+            assignment = shown.get_attribute("data-assignment")
+            assert assignment not in pressed
+            text = driver.find_element(By.ID, "pair").text
+            hostile_seen.update(m for m in ("<script>", "<img src=x onerror=", 'href="javascript:') if m in text)
+            if name == "alice" and turns[name] == 1:
+                driver.find_element(By.ID, "note").send_keys("too close to call", Keys.ESCAPE)
+            if "<script>" in text:
+                keep_screenshot(driver, tmp_path / "dashboard-labeling.png")
+            pressed[assignment] = (name, keys[name][turns[name] % len(keys[name])])
+            turns[name] += 1
+            driver.find_element(By.TAG_NAME, "body").send_keys(pressed[assignment][1])
+            waiting(driver).until(
+                lambda d: (
+                    d.find_elements(By.ID, "no-more")
+                    or d.find_element(By.CSS_SELECTOR, ".answers").get_attribute("data-assignment") != assignment
+                )
+            )
+            progressed = True
+        if not progressed:
+            break
+        for driver in labelers.values():  # a pair the other skipped may have come free since: ask again
+            if driver.find_elements(By.ID, "no-more"):
+                driver.refresh()
+    assert hostile_seen == {"<script>", "<img src=x onerror=", 'href="javascript:'}  # shown as the model wrote them
+    for driver in labelers.values():
+        assert driver.execute_script("return window.__xss === undefined")
+        assert not driver.find_elements(By.CSS_SELECTOR, "#view img, a[href^='javascript']")
+        with pytest.raises(NoAlertPresentException):
+            driver.switch_to.alert.text
+
+    answers = label_server.client().get(f"/api/tasks/{task_id}/labels").json()
+    assert {str(a["assignment"]) for a in answers} == set(pressed)
+    labelled = Counter(a["pair"] for a in answers if a["label"] != "skip")
+    assert len(labelled) == 12 and set(labelled.values()) == {1}  # each pair once: the overlap, never beyond
+    assert {a["labeler"] for a in answers if a["label"] != "skip"} == {"alice", "bob"}
+    for a in answers:  # key 1: the left answer, the pair's first (`a`) unless it was shown swapped
+        name, key = pressed[str(a["assignment"])]
+        assert a["labeler"] == name
+        assert a["label"] == {"1": "ba"[not a["swapped"]], "2": "ab"[not a["swapped"]], "3": "tie", "0": "skip"}[key]
+    assert [a["note"] for a in answers if a["note"]] == ["too close to call"]
+    assert Counter(a["swapped"] for a in answers)[True] not in (0, len(answers))  # both orders shown
+
+    # Live figures: two labelers on a run's pairs, then the operator's and a reader's view.
+    run = label_server.client().post("/api/tasks", json={"name": "run", "source": "runs/judged", "overlap": 2}).json()
+    for who in ("alice", "bob"):
+        label_run_pairs(label_server, run["id"], who)
+    browser.delete_all_cookies()
+    browser.get(f"{label_server.url}/?token={TOKEN}")
+    browser.get(f"{label_server.url}/#/tasks/{run['id']}")
+    figure = lambda key: wait.until(lambda d: d.find_element(By.CSS_SELECTOR, f"tr[data-figure='{key}'] td").text)  # noqa: E731
+    assert figure("percent") == "50.0%" and figure("fleiss") == "0.158" and figure("cohen:alice|bob") == "0.273"
+    overall = wait.until(
+        lambda d: [
+            td.text for td in d.find_elements(By.CSS_SELECTOR, "#judge-figures tr[data-principle='all principles'] td")
+        ]
+    )
+    assert overall[1] == "2" and overall[2].startswith("50.0%")
+    assert browser.find_element(By.CSS_SELECTOR, "#disagreements li").get_attribute("data-pair")
+    assert browser.find_elements(By.ID, "export-form")
+    keep_screenshot(browser, tmp_path / "dashboard-agreement.png")
+    browser.delete_all_cookies()
+    browser.get(f"{label_server.url}/?token={READ_TOKEN}")
+    browser.get(f"{label_server.url}/#/tasks/{run['id']}")
+    assert figure("percent") == "50.0%"
+    assert not browser.find_elements(By.ID, "export-form")
 
 
 def keep_screenshot(browser, path) -> None:

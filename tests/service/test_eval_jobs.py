@@ -237,8 +237,8 @@ def test_engine_options_and_models_that_load_code_are_refused(eval_server, sets,
 
 def test_a_read_only_token_sees_evals_and_cannot_start_one(eval_server):
     reader = eval_server.client(READ_TOKEN)
-    assert reader.get("/api/access").json() == {"read_only": True}
-    assert eval_server.client().get("/api/access").json() == {"read_only": False}
+    assert reader.get("/api/access").json() == {"read_only": True, "scope": "read", "name": "reader"}
+    assert eval_server.client().get("/api/access").json() == {"read_only": False, "scope": "submit", "name": "operator"}
     assert "eval.yaml" in {e["path"] for e in reader.get("/api/evals").json()}
     before = eval_server.job_ids()
     response = reader.post("/api/jobs/eval", json={"eval": "eval.yaml", "limit": 1})

@@ -160,6 +160,34 @@ def test_stream_reports_progress_until_the_job_ends(reference_job):
     assert job["attempts"] == 1 and job["exit_code"] == 0
 
 
+def test_train_configs_found_in_the_workspace(server, workspace):
+    config = {"model": "./models/tiny", "data": {"train": "prompts.jsonl"}, "output_dir": "runs/sft"}
+    (workspace / "sft_tiny.yaml").write_text(json.dumps(config))
+    found = server.client().get("/api/trainings").json()
+    assert {"path": "sft_tiny.yaml", "model": "./models/tiny", "output_dir": "runs/sft"} in found["configs"]
+    assert {"sft", "rm", "dpo"} <= set(found["kinds"])
+    assert all(c["path"] != "tiny.yaml" for c in found["configs"])  # a pipeline is not a train config
+
+
+def test_a_runs_rows_filtered_a_page_at_a_time(server, workspace, reference_job):
+    job, _ = reference_job
+    client = server.client()
+    page = client.get(f"/api/jobs/{job['id']}/rows", params={"limit": 5, "offset": 10}).json()
+    assert page["total"] == LIMIT and len(page["rows"]) == LIMIT - 10
+    every = [
+        json.loads(line) for line in (workspace / job["out_dir"] / "datasets" / "rows.jsonl").read_text().splitlines()
+    ]
+    assert page["rows"] == every[10:]  # whole rows: answers, critiques, revisions
+    principle = page["choices"]["principle"][0]
+    picked = client.get(f"/api/jobs/{job['id']}/rows", params={"principle": principle}).json()
+    assert picked["total"] == sum(principle in r["principle_ids"] for r in every)
+    assert client.get(f"/api/jobs/{job['id']}/rows", params={"failed": True}).json()["total"] == 0
+    assert client.get("/api/jobs/999999/rows").status_code == 404
+    assert client.get(f"/api/jobs/{job['id']}/rows", params={"limit": 0}).status_code == 422
+    side = client.get("/api/compare", params={"a": job["id"], "b": job["id"], "limit": 2}).json()
+    assert side["shared"] == LIMIT and side["a"]["rows"] == LIMIT and len(side["rows"]) == 2
+
+
 def test_job_summary_and_downloads(server, workspace, reference_job):
     job, _ = reference_job
     detail = server.job(job["id"])
