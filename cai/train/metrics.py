@@ -74,29 +74,24 @@ class MetricsLog:
                 self._tb.close()
 
 
-class StepLine:
-    """The terminal's view of a training: `kind step N/M, loss ..., s/step, ETA`, rewritten in place on
-    a terminal; piped output gets a plain line every few seconds and at the last step."""
+class TerminalLine:
+    """One line of progress on the terminal: rewritten in place on a terminal; piped output gets a
+    plain line every few seconds and the last one."""
 
-    def __init__(self, kind: str, resume_step: int, total_steps: int):
-        self.kind, self.total = kind, total_steps
-        self._first, self._started = resume_step, time.monotonic()
+    def __init__(self):
+        self._started = time.monotonic()
         self._printed = self._started
         self._stream = logs.terminal()
         self._live = self._stream.isatty()
         self._shown = False
 
-    def show(self, step: int, values: dict[str, float]) -> None:
+    def write(self, line: str, last: bool = False) -> None:
         now = time.monotonic()
-        per_step = (now - self._started) / max(step - self._first, 1)
-        eta = per_step * (self.total - step)
-        figures = ", ".join(f"{key} {values[key]:.4g}" for key in SHOWN if isinstance(values.get(key), (int, float)))
-        line = f"{self.kind} step {step}/{self.total}, {figures}, {per_step:.2f} s/step, ETA {int(eta // 60)}:{int(eta % 60):02d}"
         if self._live:
             self._stream.write("\r" + line + "\x1b[K")
             self._stream.flush()
             self._shown = True
-        elif now - self._printed >= PLAIN_EVERY_S or step == self.total:
+        elif now - self._printed >= PLAIN_EVERY_S or last:
             self._printed = now
             print(line, file=self._stream, flush=True)
 
@@ -104,6 +99,37 @@ class StepLine:
         if self._shown:
             self._stream.write("\n")
             self._stream.flush()
+            self._shown = False
+
+
+class StepLine(TerminalLine):
+    """The terminal's view of a training: `kind step N/M, loss ..., s/step, ETA`."""
+
+    def __init__(self, kind: str, resume_step: int, total_steps: int):
+        super().__init__()
+        self.kind, self.total, self._first = kind, total_steps, resume_step
+
+    def show(self, step: int, values: dict[str, float]) -> None:
+        per_step = (time.monotonic() - self._started) / max(step - self._first, 1)
+        eta = per_step * (self.total - step)
+        figures = ", ".join(f"{key} {values[key]:.4g}" for key in SHOWN if isinstance(values.get(key), (int, float)))
+        line = f"{self.kind} step {step}/{self.total}, {figures}, {per_step:.2f} s/step, ETA {int(eta // 60)}:{int(eta % 60):02d}"
+        self.write(line, last=step == self.total)
+
+
+class PhaseLine(TerminalLine):
+    """The terminal's view of a phase without optimizer steps (sampling K answers per prompt, scoring
+    them): `what: done/total, elapsed, ETA`, so a long phase does not look like a hung process."""
+
+    def __init__(self, what: str, total: int):
+        super().__init__()
+        self.what, self.total = what, total
+
+    def show(self, done: int) -> None:
+        elapsed = time.monotonic() - self._started
+        eta = elapsed / done * (self.total - done) if done else 0.0
+        line = f"{self.what}: {done}/{self.total}, {int(elapsed)} s, ETA {int(eta // 60)}:{int(eta % 60):02d}"
+        self.write(line, last=done == self.total)
 
 
 def plot(metrics_path: Path, png_path: Path) -> None:

@@ -31,6 +31,7 @@ from cai.generate import prompts as prompt_sets
 from cai.generate.backends import BackendSpec, ChatRequest, create
 from cai.train import checkpoint, runtime, sft
 from cai.train.config import SampledOptions, TrainConfig
+from cai.train.metrics import PhaseLine
 from cai.train.reward import Rewards
 
 
@@ -107,12 +108,9 @@ def sample_scored(
     the conversation the model is given (HIR's instruction); the rewards score the answers against
     the prompt itself."""
     seeds = [derive_seed(config.seed, stage, iteration, p.id) for p in prompts]
-    kept = [
-        (prompts[i], texts)
-        for i, texts in sample(
-            config, options, [tuple(ask(p.messages)) if ask else p.messages for p in prompts], seeds, model
-        )
-    ]
+    conversations = [tuple(ask(p.messages)) if ask else p.messages for p in prompts]
+    what = f"{config.kind} round {iteration}: prompts sampled ({options.samples} answers each)"
+    kept = [(prompts[i], texts) for i, texts in sample(config, options, conversations, seeds, model, what)]
     conversations = [list(p.messages) for p, texts in kept for _ in texts]
     scores, _ = rewards.score_texts(conversations, [text for _, texts in kept for text in texts])
     out, start = [], 0
@@ -123,10 +121,11 @@ def sample_scored(
 
 
 def sample(
-    config: TrainConfig, options, conversations, seeds: list[int], model: Path
+    config: TrainConfig, options, conversations, seeds: list[int], model: Path, what: str | None = None
 ) -> list[tuple[int, tuple[str, ...]]]:
     """`options.samples` answers to each conversation from `model` with the vLLM engine, one seed per
-    conversation: (index, answers) of those the engine could take (the others are too long)."""
+    conversation: (index, answers) of those the engine could take (the others are too long). The
+    terminal shows how many conversations are answered (`what` names the phase)."""
     engine = create(
         BackendSpec(
             name="sampler",
@@ -147,7 +146,11 @@ def sample(
             )
             for messages, seed in zip(conversations, seeds)
         ]
-        completions = engine.complete(requests)
+        line = PhaseLine(what or f"{config.kind}: prompts sampled", len(requests))
+        try:
+            completions = engine.complete(requests, progress=line.show)
+        finally:
+            line.close()
     finally:
         engine.close()
     kept = [(i, c.texts) for i, c in enumerate(completions) if c.ok]

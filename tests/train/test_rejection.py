@@ -10,7 +10,7 @@ from synthetic import PROMPTS, write_config
 from cai.cli import main
 
 
-def test_best_of_k_iterations_raise_the_reward(tmp_path, tiny_model, target_tokens, capsys):
+def test_best_of_k_iterations_raise_the_reward(tmp_path, tiny_model, target_tokens, capfd):
     config = write_config(
         tmp_path / "rejection.yaml",
         model=str(tiny_model),
@@ -33,6 +33,10 @@ def test_best_of_k_iterations_raise_the_reward(tmp_path, tiny_model, target_toke
     assert main(["train", "rejection", str(config)]) == 0
     out = tmp_path / "out"
     iterations = [json.loads(line) for line in (out / "rejection.jsonl").read_text().splitlines()]
+    shown = capfd.readouterr().err  # the sampling phase shows its progress, then each fine-tuning its steps
+    prompts = iterations[0]["prompts"]
+    for round_ in (1, 2):
+        assert f"rejection round {round_}: prompts sampled (6 answers each): {prompts}/{prompts}, " in shown
     assert [i["iteration"] for i in iterations] == [1, 2] and iterations[0]["samples"] == 6 * iterations[0]["prompts"]
     assert all(i["mean_best_reward"] > i["mean_reward"] for i in iterations)
     assert iterations[1]["mean_reward"] > iterations[0]["mean_reward"] + 0.05  # the fine-tuned model samples better
@@ -47,6 +51,5 @@ def test_best_of_k_iterations_raise_the_reward(tmp_path, tiny_model, target_toke
     assert iteration_2_model == str(out / "iteration-1" / "sft" / "final")
 
     before = (out / "iteration-2" / "best_of_k.jsonl").stat().st_mtime_ns
-    capsys.readouterr()
     assert main(["train", "rejection", str(config)]) == 0  # finished: nothing sampled or trained again
     assert (out / "iteration-2" / "best_of_k.jsonl").stat().st_mtime_ns == before

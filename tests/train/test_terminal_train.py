@@ -3,6 +3,8 @@ output goes to OUTPUT/train.log."""
 
 from __future__ import annotations
 
+import asyncio
+
 from synthetic import preference_records, write_config, write_jsonl
 from terminal import ENGINE_LINE, run_in_terminal
 
@@ -44,3 +46,24 @@ def test_a_training_with_bad_input_leaves_no_output_folder(tiny_model, tmp_path)
     code, shown = run_in_terminal("train", "sft", str(config))
     assert code == 2 and str(data) in shown, shown[-3000:]
     assert not (tmp_path / "out").exists()
+
+
+def test_a_phase_without_steps_shows_its_progress(monkeypatch):
+    """Sampling K answers per prompt (rejection sampling, ReST, HIR) shows how many prompts are done;
+    piped, a plain line every few seconds and the last one."""
+    import io
+
+    from cai.core import logs
+    from cai.generate.backends.base import _gather
+    from cai.train import metrics
+
+    stream = io.StringIO()
+    monkeypatch.setattr(logs, "terminal", lambda: stream)
+    line = metrics.PhaseLine("rejection round 1: prompts sampled", 3)
+
+    async def answer(value):
+        return value
+
+    assert asyncio.run(_gather((answer(v) for v in "abc"), line.show)) == ["a", "b", "c"]
+    line.close()
+    assert stream.getvalue().splitlines() == ["rejection round 1: prompts sampled: 3/3, 0 s, ETA 0:00"]

@@ -188,8 +188,11 @@ class BlockingBackend:
             self._loop.stop()
             raise
 
-    def complete(self, requests: Sequence[ChatRequest]) -> list[Completion]:
-        return self._loop.run(_gather(self.backend.complete(r) for r in requests))
+    def complete(
+        self, requests: Sequence[ChatRequest], progress: Callable[[int], None] | None = None
+    ) -> list[Completion]:
+        """Every request's completion, in order; `progress(done)` after each one that finishes."""
+        return self._loop.run(_gather((self.backend.complete(r) for r in requests), progress))
 
     def choice_logprobs(self, requests: Sequence[ChatRequest], choices: Sequence[str]) -> list[dict[str, float]]:
         return self._loop.run(_gather(self.backend.choice_logprobs(r, choices) for r in requests))
@@ -201,8 +204,19 @@ class BlockingBackend:
             self._loop.stop()
 
 
-async def _gather(coroutines) -> list:
-    return list(await asyncio.gather(*coroutines))
+async def _gather(coroutines, progress: Callable[[int], None] | None = None) -> list:
+    if progress is None:
+        return list(await asyncio.gather(*coroutines))
+    done = 0
+
+    async def counted(coroutine):
+        nonlocal done
+        result = await coroutine
+        done += 1
+        progress(done)
+        return result
+
+    return list(await asyncio.gather(*(counted(c) for c in coroutines)))
 
 
 def create(spec: BackendSpec) -> BlockingBackend:
