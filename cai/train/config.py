@@ -447,19 +447,34 @@ class TrainConfig:
         return [self.file.parent.resolve(), Path.cwd()]
 
 
-def _check_flash_attention(name: str) -> None:
-    """flash_attention_2 needs the flash-attn package and a CUDA GPU: refused before anything is loaded."""
+def _check_flash_attention(name: str, kind: str) -> None:
+    """flash_attention_2 needs the flash-attn package and a CUDA GPU: refused before anything is loaded.
+    It reads no attention mask, and every trainer but SFT computes a shared prompt once for several
+    answers behind one (data.pack)."""
     import importlib.util
 
     import torch
 
+    if kind != "sft":
+        raise InputError(
+            name,
+            "attn_implementation",
+            f"flash_attention_2 takes no attention mask, and `cai train {kind}` shares each prompt between "
+            "its answers through one: use sdpa",
+        )
     if importlib.util.find_spec("flash_attn") is None:
         raise InputError(name, "attn_implementation", "flash_attention_2 needs the flash-attn package: use sdpa")
     if not torch.cuda.is_available():
         raise InputError(name, "attn_implementation", "flash_attention_2 runs on a CUDA GPU only: use sdpa")
 
 
-PACKING_KINDS = ("sft",)
+# trainers that pack (`packing: true`), with the sequences an example holds at most (a pair: two answers)
+PACKING_KINDS = {"sft": 1, "dpo": 2}
+
+
+def packing_budget(config: "TrainConfig") -> int:
+    """A packed batch's tokens: max_tokens_per_batch, or as many as a full padded batch holds."""
+    return config.max_tokens_per_batch or config.batch_size * config.max_length * PACKING_KINDS[config.kind]
 
 
 def _check_packing(doc: dict[str, Any], kind: str, name: str) -> None:
@@ -467,14 +482,16 @@ def _check_packing(doc: dict[str, Any], kind: str, name: str) -> None:
         raise InputError(
             name, "packing", f"`cai train {kind}` cannot pack batches: packing is for {', '.join(PACKING_KINDS)}"
         )
+    if doc.get("packing") and doc.get("dpo", {}).get("loss_type") == "kto":
+        raise InputError(name, "packing", "dpo.loss_type kto pairs each answer with a neighbour's prompt: no packing")
     if "max_tokens_per_batch" in doc:
         if not doc.get("packing"):
             raise InputError(name, "max_tokens_per_batch", "an option of packing: true")
-        if doc["max_tokens_per_batch"] < doc.get("max_length", 1024):
+        longest = doc.get("max_length", 1024) * PACKING_KINDS[kind]
+        if doc["max_tokens_per_batch"] < longest:
+            holds = "max_length" if PACKING_KINDS[kind] == 1 else f"{PACKING_KINDS[kind]} x max_length"
             raise InputError(
-                name,
-                "max_tokens_per_batch",
-                f"must hold the longest example: at least max_length ({doc.get('max_length', 1024)})",
+                name, "max_tokens_per_batch", f"must hold the longest example: at least {holds} ({longest})"
             )
 
 
@@ -542,7 +559,7 @@ def load(kind: str, path: str | Path, overrides: list[str] = ()) -> TrainConfig:
         if k in doc
     }
     if doc.get("attn_implementation") == "flash_attention_2":
-        _check_flash_attention(name)
+        _check_flash_attention(name, kind)
     _check_packing(doc, kind, name)
     return TrainConfig(
         kind=kind,

@@ -370,26 +370,53 @@ def pack(rows: list[tuple[int, list[list[int]]]], pad_id: int) -> tuple[dict[str
     `position_ids` [B, T] and `attention_mask` [B, 1, T, T] (True where a token may attend), and for
     each row where each sequence's token n lands in it.
     """
-    ids, positions, segments, starts = [], [], [], []
-    for n, sequences in rows:
-        row_ids, row_positions, row_segments, row_starts = list(sequences[0][:n]), list(range(n)), [0] * n, []
-        for k, sequence in enumerate(sequences, start=1):
-            row_starts.append(len(row_ids))
-            row_ids += sequence[n:]
-            row_positions += range(n, len(sequence))
-            row_segments += [k] * (len(sequence) - n)
+    batch, starts = pack_groups([[row] for row in rows], pad_id)
+    return batch, [groups[0][1] for groups in starts]
+
+
+def pack_groups(
+    rows: list[list[tuple[int, list[list[int]]]]], pad_id: int
+) -> tuple[dict[str, torch.Tensor], list[list[tuple[int, list[int]]]]]:
+    """`pack` with several groups (n, sequences) one after another in a row (padding-free batches of
+    pairs): a sequence attends to its own group's shared part and to itself only. Returns `pack`'s
+    tensors and, per row and group, (where the group starts, where each sequence's token n lands)."""
+    ids, positions, groups, segments, starts = [], [], [], [], []
+    for row in rows:
+        row_ids, row_positions, row_groups, row_segments, row_starts = [], [], [], [], []
+        for g, (n, sequences) in enumerate(row):
+            offset = len(row_ids)
+            row_ids += sequences[0][:n]
+            row_positions += range(n)
+            row_segments += [0] * n
+            sequence_starts = []
+            for k, sequence in enumerate(sequences, start=1):
+                sequence_starts.append(len(row_ids))
+                row_ids += sequence[n:]
+                row_positions += range(n, len(sequence))
+                row_segments += [k] * (len(sequence) - n)
+            row_groups += [g] * (len(row_ids) - offset)
+            row_starts.append((offset, sequence_starts))
         ids.append(row_ids)
         positions.append(row_positions)
+        groups.append(row_groups)
         segments.append(row_segments)
         starts.append(row_starts)
-    segment = pad(segments, -1)  # pads: a segment of their own, which sees the shared part
+    segment, group = pad(segments, -1), pad(groups, -1)  # pads: a group of their own
     causal = torch.ones(segment.shape[1], segment.shape[1], dtype=torch.bool).tril()
-    sees = (segment[:, None, :] == 0) | (segment[:, None, :] == segment[:, :, None])  # [B, query, key]
+    same_group = group[:, None, :] == group[:, :, None]  # [B, query, key]
+    sees = same_group & ((segment[:, None, :] == 0) | (segment[:, None, :] == segment[:, :, None]))
     return {
         "input_ids": pad(ids, pad_id),
         "position_ids": pad(positions, 0),
         "attention_mask": (causal & sees).unsqueeze(1),
     }, starts
+
+
+def attention_mask(attention_mask: torch.Tensor, implementation: str, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean [B, 1, T, T] mask (`pack`) in the form the model's attention takes: sdpa the boolean one
+    (a quarter of the additive form's memory, which matters for a packed row of thousands of tokens),
+    eager attention the additive one."""
+    return additive_mask(attention_mask, dtype) if implementation == "eager" else attention_mask
 
 
 def additive_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -400,27 +427,29 @@ def additive_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Ten
     )
 
 
-def collate_pairs(pairs: list[EncodedPair], pad_id: int) -> dict[str, torch.Tensor]:
+def collate_pairs(pairs: list[EncodedPair], pad_id: int, one_row: bool = False) -> dict[str, torch.Tensor]:
     """Each pair as one packed row holding its shared prompt once (`pack`): [prompt, chosen answer,
     rejected answer, pads]; one forward pass gives every sequence's log-probs with the prompt computed
-    once (on HH-RLHF pairs the prompt is most of the tokens).
+    once (on HH-RLHF pairs the prompt is most of the tokens). `one_row`: all the pairs one after another
+    in a single row, no pads at all (`packing: true`).
 
     Returns `pack`'s tensors, and for each trained token of each sequence (mask 1, position >= 1, as
     a sequence's log-prob sums them): `row`, `source` (the position whose logits predict it), `token`, and
     `sequence` (i for pair i's chosen answer, B + i for its rejected one).
     """
-    rows = [(shared_prompt(pair), [pair.chosen.input_ids, pair.rejected.input_ids]) for pair in pairs]
-    batch, starts = pack(rows, pad_id)
+    groups = [(shared_prompt(pair), [pair.chosen.input_ids, pair.rejected.input_ids]) for pair in pairs]
+    batch, starts = pack_groups([groups] if one_row else [[group] for group in groups], pad_id)
+    placed = [(0, g) for g in range(len(pairs))] if one_row else [(b, 0) for b in range(len(pairs))]
     row, source, token, sequence = [], [], [], []
-    for b, ((n, _), pair) in enumerate(zip(rows, pairs)):
+    for b, ((n, _), pair, (r, g)) in enumerate(zip(groups, pairs, placed)):
+        offset, sequence_starts = starts[r][g]
         for side, e in enumerate((pair.chosen, pair.rejected)):
-            start = starts[b][side]  # where this answer's position n lands in the row
+            start = sequence_starts[side]  # where this answer's position n lands in the row
             for i in range(max(n, 1), len(e.input_ids)):
                 if e.mask[i]:
-                    row.append(b)
-                    source.append(
-                        start + i - 1 - n if i > n else i - 1
-                    )  # the answer's first token is predicted from the prompt's last
+                    row.append(r)
+                    # the answer's first token is predicted from the prompt's last
+                    source.append(start + i - 1 - n if i > n else offset + i - 1)
                     token.append(e.input_ids[i])
                     sequence.append(side * len(pairs) + b)
     return {

@@ -63,6 +63,8 @@ def train(config: TrainConfig, stop_after: int | None = None) -> Path:
         eval_set, _ = data.encode_pairs(tokenizer, eval_pairs, config.max_length)
         what = "pairs"
         lengths = [len(p.chosen.input_ids) + len(p.rejected.input_ids) for p in train_set]
+        if config.packing:  # a packed pair holds its prompt once
+            lengths = [n - data.shared_prompt(p) for n, p in zip(lengths, train_set)]
     if not train_set:
         raise InputError(
             str(config.train_data), None, f"no {what[:-1]} keeps an answer token within max_length {config.max_length}"
@@ -76,16 +78,17 @@ def train(config: TrainConfig, stop_after: int | None = None) -> Path:
     reference_free = options.loss_type in REFERENCE_FREE_LOSSES
     reference = None if reference_free else runtime.load_reference(config, acc, options.reference)
     pad_id = data.pad_id(tokenizer)
+    attention = acc.unwrap_model(policy).config._attn_implementation  # the reference loads with the same
 
-    def logps(model, items: list[data.EncodedPair]) -> tuple[torch.Tensor, torch.Tensor]:
-        return pair_logps(model, items, pad_id, acc.device, per_token_mean=options.loss_type in PER_TOKEN_MEAN)
+    def logps(model, items: list[data.EncodedPair], packed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        return pair_logps(model, items, pad_id, acc.device, options.loss_type in PER_TOKEN_MEAN, packed, attention)
 
     @torch.no_grad()
-    def reference_logps(items: list[data.EncodedPair]) -> tuple[torch.Tensor, torch.Tensor]:
+    def reference_logps(items: list[data.EncodedPair], packed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         if reference is not None:
-            return logps(reference, items)
+            return logps(reference, items, packed)
         with acc.unwrap_model(policy).disable_adapter():
-            return logps(policy, items)
+            return logps(policy, items, packed)
 
     cached = _precomputed(config, acc, reference_logps, train_set, eval_set) if options.precompute_ref else None
     if cached is not None:
@@ -94,7 +97,8 @@ def train(config: TrainConfig, stop_after: int | None = None) -> Path:
     def pair_values(
         items: list[data.EncodedPair], indexes: list[int], split: str
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        chosen, rejected = logps(policy, items)
+        packed = config.packing and split == "train"  # a training batch is one packed row; evaluation pads
+        chosen, rejected = logps(policy, items, packed)
         label_prob = torch.tensor([p.label_prob for p in items], device=acc.device) if options.use_soft_labels else None
         figures = {}
         if options.loss_type == "cpl":
@@ -110,7 +114,7 @@ def train(config: TrainConfig, stop_after: int | None = None) -> Path:
             figures["nll"] = -chosen.mean().item()
         else:
             if cached is None:
-                ref_chosen, ref_rejected = reference_logps(items)
+                ref_chosen, ref_rejected = reference_logps(items, packed)
             else:
                 ref_chosen, ref_rejected = (cached[split][indexes].to(acc.device)).unbind(dim=1)
             losses, chosen_rewards, rejected_rewards = dpo_loss(
@@ -194,15 +198,23 @@ def _precomputed(config: TrainConfig, acc, reference_logps, train_set, eval_set)
 
 
 def pair_logps(
-    model, items: list[data.EncodedPair], pad_id: int, device, per_token_mean: bool = False
+    model,
+    items: list[data.EncodedPair],
+    pad_id: int,
+    device,
+    per_token_mean: bool = False,
+    one_row: bool = False,
+    attention: str = "eager",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(chosen, rejected) sequence log-probs from one forward pass over both, the shared prompt
-    computed once (data.collate_pairs); per-token means instead of sums for IPO, SimPO and ORPO."""
-    batch = data.collate_pairs(items, pad_id)
+    computed once (data.collate_pairs; `one_row`: every pair in one padding-free row); per-token means
+    instead of sums for IPO, SimPO and ORPO. `attention`: the model's attention implementation, which
+    says the mask's form (data.attention_mask)."""
+    batch = data.collate_pairs(items, pad_id, one_row)
     # logits only from the first position that predicts an answer token: the prompt's own are never read
     first = int(batch["source"].min())
     batch = {k: v.to(device) for k, v in batch.items()}
-    mask = data.additive_mask(batch["attention_mask"], next(model.parameters()).dtype)
+    mask = data.attention_mask(batch["attention_mask"], attention, next(model.parameters()).dtype)
     logits = model(
         input_ids=batch["input_ids"],
         attention_mask=mask,

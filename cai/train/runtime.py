@@ -13,7 +13,7 @@ import torch
 from cai.core import logs, models
 from cai.core.errors import InputError
 from cai.train import checkpoint, data, packing
-from cai.train.config import TrainConfig
+from cai.train.config import TrainConfig, packing_budget
 
 
 def note(acc, message: str) -> None:
@@ -162,8 +162,9 @@ def trainable(config: TrainConfig, acc, resume: Path | None, optimizer_steps: in
 def batches(config: TrainConfig, acc, lengths: list[int], bucket: bool = False) -> data.Batches:
     """The batches of items of these token lengths (bucketed by length or not, or packed), this process's share."""
     if config.packing:
-        budget = config.max_tokens_per_batch or config.batch_size * config.max_length
-        return packing.PackedBatches(lengths, budget, config.seed, rank=acc.process_index, world_size=acc.num_processes)
+        return packing.PackedBatches(
+            lengths, packing_budget(config), config.seed, rank=acc.process_index, world_size=acc.num_processes
+        )
     return data.Batches(
         lengths, config.batch_size, config.seed, bucket=bucket, rank=acc.process_index, world_size=acc.num_processes
     )

@@ -87,14 +87,12 @@ def train(config: TrainConfig, stop_after: int | None = None) -> Path:
 def packed_batch(items: list[data.Encoded], pad_id: int, attention: str) -> dict[str, torch.Tensor]:
     """The items concatenated into one row (packing.py): `input_ids`, `position_ids` restarting at each
     item, the loss `mask` (an item's first token is never trained: it would be predicted from the item
-    before it), and an attention mask that keeps each item to itself: boolean for sdpa (a quarter of the
-    additive form's memory, [T, T] per row), additive for eager attention, none for flash attention,
-    which reads the item boundaries from the position ids (transformers' padding-free path)."""
+    before it), and an attention mask that keeps each item to itself (data.attention_mask), none for
+    flash attention, which reads the item boundaries from the position ids (transformers' padding-free
+    path)."""
     batch, _ = data.pack([(0, [e.input_ids for e in items])], pad_id)
     mask = torch.tensor([[m if i else 0 for e in items for i, m in enumerate(e.mask)]])
     out = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "mask": mask}
-    if attention == "eager":
-        out["attention_mask"] = data.additive_mask(batch["attention_mask"], torch.float32)
-    elif attention != "flash_attention_2":
-        out["attention_mask"] = batch["attention_mask"]
+    if attention != "flash_attention_2":
+        out["attention_mask"] = data.attention_mask(batch["attention_mask"], attention, torch.float32)
     return out

@@ -1,5 +1,5 @@
-"""Padding-free SFT batches (`packing: true`): best-fit decreasing bins, a plan that resumes, packed
-rows whose per-example log-probs are the unpacked ones, and the options' checks."""
+"""Padding-free batches (`packing: true`) for SFT and DPO: best-fit decreasing bins, a plan that
+resumes, packed rows whose per-example log-probs are the unpacked ones, and the options' checks."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from synthetic import read_metrics, sft_records, write_config, write_jsonl
+from synthetic import preference_records, read_metrics, sft_records, write_config, write_jsonl
 
 from cai.core.errors import InputError
 from cai.train import config as train_config
-from cai.train import data, sft
+from cai.train import data, dpo, sft
 from cai.train.losses import token_logps
 from cai.train.packing import PackedBatches, best_fit_decreasing
 
@@ -77,6 +77,24 @@ def test_a_packed_row_gives_each_example_its_unpacked_log_probs_and_loss(tiny_mo
     assert packed_loss.item() == pytest.approx(padded_loss.item(), abs=1e-5)
 
 
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_pairs_packed_in_one_row_give_their_unpacked_log_probs(tmp_path, tiny_model, attention):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32, attn_implementation=attention)
+    pairs = data.load_preferences(write_jsonl(tmp_path / "pairs.jsonl", preference_records(5, seed=2)))
+    encoded, _ = data.encode_pairs(tokenizer, pairs, 128)
+    pad_id = data.pad_id(tokenizer)
+
+    padded = dpo.pair_logps(model, encoded, pad_id, "cpu", attention=attention)
+    packed = dpo.pair_logps(model, encoded, pad_id, "cpu", one_row=True, attention=attention)
+    batch = data.collate_pairs(encoded, pad_id, one_row=True)
+    assert batch["input_ids"].shape[0] == 1 and (batch["input_ids"] != pad_id).all()  # one row, no pads
+    for side in (0, 1):
+        assert torch.allclose(packed[side], padded[side], atol=1e-4)
+
+
 def packed_config(tmp_path: Path, tiny_model: Path, name: str, sets: list[str] = (), **doc):
     train = write_jsonl(tmp_path / "sft.jsonl", sft_records(40))
     base = {
@@ -107,10 +125,42 @@ def test_packed_sft_learns_and_resumes_exactly(tmp_path, tiny_model):
     assert read_metrics(straight.output_dir, "eval")[8]["loss"] < read_metrics(straight.output_dir, "eval")[0]["loss"]
 
 
+def test_packed_dpo_starts_at_log_2_learns_and_resumes_exactly(tmp_path, tiny_model):
+    train = write_jsonl(tmp_path / "pairs.jsonl", preference_records(40, seed=0))
+
+    def config(name):
+        doc = {
+            "model": str(tiny_model),
+            "data": {"train": str(train), "eval_fraction": 0.2},
+            "output_dir": str(tmp_path / name),
+            "max_steps": 6,
+            "lr": 1e-3,
+            "max_length": 64,
+            "save_every": 2,
+            "packing": True,
+            "max_tokens_per_batch": 300,
+            "dpo": {"beta": 0.1},
+        }
+        return train_config.load("dpo", write_config(tmp_path / f"{name}.yaml", **doc))
+
+    dpo.train(config("straight"))
+    killed = config("killed")
+    dpo.train(killed, stop_after=3)
+    dpo.train(killed)
+    expected, resumed = read_metrics(tmp_path / "straight"), read_metrics(tmp_path / "killed")
+    assert expected[1]["loss"] == pytest.approx(0.6931, abs=1e-3)  # policy == reference
+    assert all(resumed[s]["loss"] == pytest.approx(expected[s]["loss"], abs=1e-6) for s in range(1, 7))
+    evals = read_metrics(tmp_path / "straight", "eval")
+    assert evals[6]["reward_margin"] > evals[0]["reward_margin"]
+
+
 @pytest.mark.parametrize(
     ("kind", "doc", "field", "says"),
     [
-        ("dpo", {"packing": True}, "packing", "`cai train dpo` cannot pack batches"),
+        ("rm", {"packing": True}, "packing", "`cai train rm` cannot pack batches"),
+        ("dpo", {"packing": True, "dpo": {"loss_type": "kto"}}, "packing", "kto"),
+        ("dpo", {"packing": True, "max_tokens_per_batch": 100}, "max_tokens_per_batch", "2 x max_length (128)"),
+        ("dpo", {"attn_implementation": "flash_attention_2"}, "attn_implementation", "shares each prompt"),
         ("sft", {"max_tokens_per_batch": 256}, "max_tokens_per_batch", "an option of packing: true"),
         ("sft", {"packing": True, "max_tokens_per_batch": 32}, "max_tokens_per_batch", "at least max_length (64)"),
     ],
