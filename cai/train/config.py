@@ -472,9 +472,11 @@ def _check_flash_attention(name: str, kind: str) -> None:
 PACKING_KINDS = {"sft": 1, "dpo": 2}
 
 
-def packing_budget(config: "TrainConfig") -> int:
-    """A packed batch's tokens: max_tokens_per_batch, or as many as a full padded batch holds."""
-    return config.max_tokens_per_batch or config.batch_size * config.max_length * PACKING_KINDS[config.kind]
+def packed_row(config: "TrainConfig") -> tuple[int, int]:
+    """(a packed row's capacity: the longest example, rows a batch holds): max_tokens_per_batch / the
+    capacity rows, or batch_size rows, as many tokens as a full padded batch."""
+    capacity = config.max_length * PACKING_KINDS[config.kind]
+    return capacity, (config.max_tokens_per_batch // capacity if config.max_tokens_per_batch else config.batch_size)
 
 
 def _check_packing(doc: dict[str, Any], kind: str, name: str) -> None:

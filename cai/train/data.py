@@ -20,6 +20,7 @@ import torch
 from cai.core.errors import InputError
 from cai.core.files import canonical_json, content_hash, jsonl_records, read_text, validate
 from cai.generate import importers
+from cai.train import packing
 from cai.train.config import TrainConfig
 
 Messages = list[dict[str, str]]
@@ -427,21 +428,26 @@ def additive_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Ten
     )
 
 
-def collate_pairs(pairs: list[EncodedPair], pad_id: int, one_row: bool = False) -> dict[str, torch.Tensor]:
+def collate_pairs(pairs: list[EncodedPair], pad_id: int, capacity: int | None = None) -> dict[str, torch.Tensor]:
     """Each pair as one packed row holding its shared prompt once (`pack`): [prompt, chosen answer,
     rejected answer, pads]; one forward pass gives every sequence's log-probs with the prompt computed
-    once (on HH-RLHF pairs the prompt is most of the tokens). `one_row`: all the pairs one after another
-    in a single row, no pads at all (`packing: true`).
+    once (on HH-RLHF pairs the prompt is most of the tokens). With a `capacity` (`packing: true`), the
+    pairs one after another in rows of at most that many tokens (packing.rows), with next to no pads.
 
     Returns `pack`'s tensors, and for each trained token of each sequence (mask 1, position >= 1, as
     a sequence's log-prob sums them): `row`, `source` (the position whose logits predict it), `token`, and
     `sequence` (i for pair i's chosen answer, B + i for its rejected one).
     """
     groups = [(shared_prompt(pair), [pair.chosen.input_ids, pair.rejected.input_ids]) for pair in pairs]
-    batch, starts = pack_groups([groups] if one_row else [[group] for group in groups], pad_id)
-    placed = [(0, g) for g in range(len(pairs))] if one_row else [(b, 0) for b in range(len(pairs))]
+    if capacity is None:
+        layout = [[b] for b in range(len(pairs))]
+    else:
+        layout = packing.rows([len(c) + len(r) - n for n, (c, r) in groups], capacity)
+    batch, starts = pack_groups([[groups[b] for b in row] for row in layout], pad_id)
+    placed = {b: (r, g) for r, row in enumerate(layout) for g, b in enumerate(row)}
     row, source, token, sequence = [], [], [], []
-    for b, ((n, _), pair, (r, g)) in enumerate(zip(groups, pairs, placed)):
+    for b, ((n, _), pair) in enumerate(zip(groups, pairs)):
+        r, g = placed[b]
         offset, sequence_starts = starts[r][g]
         for side, e in enumerate((pair.chosen, pair.rejected)):
             start = sequence_starts[side]  # where this answer's position n lands in the row

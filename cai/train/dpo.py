@@ -31,7 +31,7 @@ import torch
 from cai.core.disk import written_atomically
 from cai.core.errors import InputError
 from cai.train import data, loop, runtime
-from cai.train.config import REFERENCE_FREE_LOSSES, TrainConfig
+from cai.train.config import REFERENCE_FREE_LOSSES, TrainConfig, packed_row
 from cai.train.losses import cpl_loss, dpo_loss, kto_loss, orpo_loss, simpo_loss
 
 PER_TOKEN_MEAN = ("ipo", "simpo", "orpo")  # losses on each answer's mean token log-prob, not its sum
@@ -81,7 +81,8 @@ def train(config: TrainConfig, stop_after: int | None = None) -> Path:
     attention = acc.unwrap_model(policy).config._attn_implementation  # the reference loads with the same
 
     def logps(model, items: list[data.EncodedPair], packed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        return pair_logps(model, items, pad_id, acc.device, options.loss_type in PER_TOKEN_MEAN, packed, attention)
+        capacity = packed_row(config)[0] if packed else None
+        return pair_logps(model, items, pad_id, acc.device, options.loss_type in PER_TOKEN_MEAN, capacity, attention)
 
     @torch.no_grad()
     def reference_logps(items: list[data.EncodedPair], packed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -203,14 +204,14 @@ def pair_logps(
     pad_id: int,
     device,
     per_token_mean: bool = False,
-    one_row: bool = False,
+    capacity: int | None = None,
     attention: str = "eager",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(chosen, rejected) sequence log-probs from one forward pass over both, the shared prompt
-    computed once (data.collate_pairs; `one_row`: every pair in one padding-free row); per-token means
+    computed once (data.collate_pairs; with a `capacity`, pairs packed into rows of that many tokens); per-token means
     instead of sums for IPO, SimPO and ORPO. `attention`: the model's attention implementation, which
     says the mask's form (data.attention_mask)."""
-    batch = data.collate_pairs(items, pad_id, one_row)
+    batch = data.collate_pairs(items, pad_id, capacity)
     # logits only from the first position that predicts an answer token: the prompt's own are never read
     first = int(batch["source"].min())
     batch = {k: v.to(device) for k, v in batch.items()}

@@ -1,8 +1,11 @@
-"""Padding-free batches (`packing: true`): whole examples concatenated into rows of at most
-`max_tokens_per_batch` tokens, each example at the positions it has on its own and attending only to
-itself (data.pack with no shared prefix), so every token of a batch is an example's token and the
-losses are those of the examples one by one. Rows are filled by best-fit decreasing, as TRL's
-`packing_strategy: bfd`: on HH-RLHF's lengths (a long tail) padded batches spend most tokens on pads.
+"""Padding-free batches (`packing: true`): whole examples concatenated into rows of at most a row's
+capacity (max_length; for pairs twice that), each example at the positions it has on its own and
+attending only to itself (data.pack), so every token of a row is an example's token and the losses
+are those of the examples one by one; a batch is `max_tokens_per_batch` / capacity such rows. Rows are
+filled by best-fit decreasing, as TRL's `packing_strategy: bfd`: on HH-RLHF's lengths (a long tail)
+padded batches spend most tokens on pads. Rows are capped at the longest example, not one row for the
+whole batch: a row's attention costs the square of its length under a block-diagonal mask (no
+variable-length kernel on a CPU or under sdpa), so one long row would spend more than the padding saved.
 """
 
 from __future__ import annotations
@@ -30,30 +33,43 @@ def best_fit_decreasing(lengths: list[int], order: list[int], budget: int) -> li
     return bins
 
 
-class PackedBatches:
-    """`data.Batches` for packed rows: each batch is the items of one bin, a pure function of
-    (seed, epoch) so that a resumed run gets what the uninterrupted one got. Items are shuffled before
-    the (stable) best-fit, so equal-length items change bins between epochs, and the bins are shuffled;
-    each process reads every world_size-th bin."""
+def rows(lengths: list[int], capacity: int) -> list[list[int]]:
+    """A batch's items (indexes into `lengths`) as rows of at most `capacity` tokens, by best-fit
+    decreasing: what a trainer packs the batch PackedBatches gave it into."""
+    return best_fit_decreasing(lengths, list(range(len(lengths))), capacity)
 
-    def __init__(self, lengths: list[int], budget: int, seed: int, rank: int = 0, world_size: int = 1):
-        self.lengths, self.budget, self.seed, self.rank, self.world_size = lengths, budget, seed, rank, world_size
+
+class PackedBatches:
+    """`data.Batches` for packed rows: each batch is the items of `rows_per_batch` bins of at most
+    `capacity` tokens, a pure function of (seed, epoch) so that a resumed run gets what the uninterrupted
+    one got. Items are shuffled before the (stable) best-fit, so equal-length items change bins between
+    epochs, and the bins are shuffled; each process reads every world_size-th batch."""
+
+    def __init__(
+        self, lengths: list[int], capacity: int, rows_per_batch: int, seed: int, rank: int = 0, world_size: int = 1
+    ):
+        self.lengths, self.capacity, self.rows_per_batch = lengths, capacity, rows_per_batch
+        self.seed, self.rank, self.world_size = seed, rank, world_size
         # the number of bins depends on the lengths only, not on the epoch's order among equal lengths
-        self.per_epoch = len(self.bins(0)) // world_size
+        self.per_epoch = len(self.plan(0)) // world_size
         if self.per_epoch == 0:
             raise ValueError(f"{len(lengths)} examples make no packed batch on each of {world_size} processes")
         self._epoch, self._plan = -1, []
 
-    def bins(self, epoch: int) -> list[list[int]]:
+    def plan(self, epoch: int) -> list[list[int]]:
+        """Every batch of the epoch, each the items of its bins, bin after bin."""
         rng = random.Random(self.seed * 1_000_003 + epoch)
         order = list(range(len(self.lengths)))
         rng.shuffle(order)
-        bins = best_fit_decreasing(self.lengths, order, self.budget)
+        bins = best_fit_decreasing(self.lengths, order, self.capacity)
         rng.shuffle(bins)
-        return bins
+        return [
+            [i for b in bins[start : start + self.rows_per_batch] for i in b]
+            for start in range(0, len(bins), self.rows_per_batch)
+        ]
 
     def __call__(self, position: int) -> list[int]:
         epoch, index = divmod(position, self.per_epoch)
         if epoch != self._epoch:
-            self._epoch, self._plan = epoch, self.bins(epoch)[self.rank :: self.world_size][: self.per_epoch]
+            self._epoch, self._plan = epoch, self.plan(epoch)[self.rank :: self.world_size][: self.per_epoch]
         return self._plan[index]

@@ -13,7 +13,7 @@ import torch
 from cai.core import logs, models
 from cai.core.errors import InputError
 from cai.train import checkpoint, data, packing
-from cai.train.config import TrainConfig, packing_budget
+from cai.train.config import TrainConfig, packed_row
 
 
 def note(acc, message: str) -> None:
@@ -162,8 +162,9 @@ def trainable(config: TrainConfig, acc, resume: Path | None, optimizer_steps: in
 def batches(config: TrainConfig, acc, lengths: list[int], bucket: bool = False) -> data.Batches:
     """The batches of items of these token lengths (bucketed by length or not, or packed), this process's share."""
     if config.packing:
+        capacity, rows = packed_row(config)
         return packing.PackedBatches(
-            lengths, packing_budget(config), config.seed, rank=acc.process_index, world_size=acc.num_processes
+            lengths, capacity, rows, config.seed, rank=acc.process_index, world_size=acc.num_processes
         )
     return data.Batches(
         lengths, config.batch_size, config.seed, bucket=bucket, rank=acc.process_index, world_size=acc.num_processes

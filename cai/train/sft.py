@@ -10,8 +10,8 @@ import torch
 
 from cai.core.errors import InputError
 from cai.core.files import content_hash
-from cai.train import data, loop, runtime
-from cai.train.config import TrainConfig
+from cai.train import data, loop, packing, runtime
+from cai.train.config import TrainConfig, packed_row
 from cai.train.losses import token_logps
 
 
@@ -59,11 +59,12 @@ def train(config: TrainConfig, stop_after: int | None = None) -> Path:
     )
     pad_id = data.pad_id(tokenizer)
     attention = acc.unwrap_model(training.model).config._attn_implementation
+    capacity, _ = packed_row(config)
 
     def batch_values(items: list[data.Encoded], packed: bool = False) -> tuple[torch.Tensor, dict[str, float]]:
         """Mean negative log-likelihood of the assistant tokens."""
         if packed:
-            batch = packed_batch(items, pad_id, attention)
+            batch = packed_batch(items, pad_id, attention, capacity)
         else:
             batch = data.collate(items, pad_id)
         batch = {k: v.to(acc.device) for k, v in batch.items()}
@@ -84,14 +85,15 @@ def train(config: TrainConfig, stop_after: int | None = None) -> Path:
     return loop.publish(config, acc, training.model, tokenizer)
 
 
-def packed_batch(items: list[data.Encoded], pad_id: int, attention: str) -> dict[str, torch.Tensor]:
-    """The items concatenated into one row (packing.py): `input_ids`, `position_ids` restarting at each
-    item, the loss `mask` (an item's first token is never trained: it would be predicted from the item
-    before it), and an attention mask that keeps each item to itself (data.attention_mask), none for
-    flash attention, which reads the item boundaries from the position ids (transformers' padding-free
-    path)."""
-    batch, _ = data.pack([(0, [e.input_ids for e in items])], pad_id)
-    mask = torch.tensor([[m if i else 0 for e in items for i, m in enumerate(e.mask)]])
+def packed_batch(items: list[data.Encoded], pad_id: int, attention: str, capacity: int) -> dict[str, torch.Tensor]:
+    """The items concatenated into rows of at most `capacity` tokens (packing.rows): `input_ids`,
+    `position_ids` restarting at each item, the loss `mask` (an item's first token is never trained: it
+    would be predicted from the item before it), and an attention mask that keeps each item to itself
+    (data.attention_mask), none for flash attention, which reads the item boundaries from the position
+    ids (transformers' padding-free path)."""
+    layout = packing.rows([len(e.input_ids) for e in items], capacity)
+    batch, _ = data.pack([(0, [items[i].input_ids for i in row]) for row in layout], pad_id)
+    mask = data.pad([[m if k else 0 for i in row for k, m in enumerate(items[i].mask)] for row in layout], 0)
     out = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "mask": mask}
     if attention != "flash_attention_2":
         out["attention_mask"] = data.attention_mask(batch["attention_mask"], attention, torch.float32)

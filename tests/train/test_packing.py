@@ -14,7 +14,7 @@ from cai.core.errors import InputError
 from cai.train import config as train_config
 from cai.train import data, dpo, sft
 from cai.train.losses import token_logps
-from cai.train.packing import PackedBatches, best_fit_decreasing
+from cai.train.packing import PackedBatches, best_fit_decreasing, rows
 
 
 def test_best_fit_decreasing_puts_each_item_in_the_fullest_bin_it_fits():
@@ -33,9 +33,10 @@ def test_best_fit_decreasing_puts_each_item_in_the_fullest_bin_it_fits():
 
 def test_packed_batches_are_a_function_of_seed_and_epoch_and_split_over_processes():
     lengths = [random.Random(i).randint(5, 60) for i in range(50)]
-    batches = PackedBatches(lengths, 128, seed=7)
+    batches = PackedBatches(lengths, 128, 2, seed=7)
     first = [batches(p) for p in range(3 * batches.per_epoch)]
-    resumed = PackedBatches(lengths, 128, seed=7)
+    assert all(len(rows([lengths[i] for i in batch], 128)) <= 2 for batch in first)  # two rows a batch
+    resumed = PackedBatches(lengths, 128, 2, seed=7)
     assert [resumed(p) for p in range(batches.per_epoch + 1, 2 * batches.per_epoch)] == first[
         batches.per_epoch + 1 : 2 * batches.per_epoch
     ]
@@ -43,7 +44,7 @@ def test_packed_batches_are_a_function_of_seed_and_epoch_and_split_over_processe
         items = first[epoch * batches.per_epoch : (epoch + 1) * batches.per_epoch]
         assert sorted(i for b in items for i in b) == list(range(50))  # every example once an epoch
     assert first[: batches.per_epoch] != first[batches.per_epoch : 2 * batches.per_epoch]
-    ranks = [PackedBatches(lengths, 128, seed=7, rank=r, world_size=2) for r in (0, 1)]
+    ranks = [PackedBatches(lengths, 128, 2, seed=7, rank=r, world_size=2) for r in (0, 1)]
     assert ranks[0].per_epoch == ranks[1].per_epoch == batches.per_epoch // 2
     mine = [set(i for p in range(r.per_epoch) for i in r(p)) for r in ranks]
     assert not mine[0] & mine[1]
@@ -58,8 +59,9 @@ def test_a_packed_row_gives_each_example_its_unpacked_log_probs_and_loss(tiny_mo
     items = [data.encode(tokenizer, r["messages"]) for r in sft_records(3, seed=4)]
     pad_id = data.pad_id(tokenizer)
 
-    packed = sft.packed_batch(items, pad_id, attention)
+    packed = sft.packed_batch(items, pad_id, attention, capacity=1000)  # one row
     mask = packed.pop("mask")
+    assert packed["input_ids"].shape[0] == 1
     logp = token_logps(model(**packed).logits, packed["input_ids"])[0]
     start = 0
     for item in items:
@@ -76,9 +78,17 @@ def test_a_packed_row_gives_each_example_its_unpacked_log_probs_and_loss(tiny_mo
     padded_loss = -(padded_logp * padded_mask).sum() / padded_mask.sum()
     assert packed_loss.item() == pytest.approx(padded_loss.item(), abs=1e-5)
 
+    # rows capped at the longest item: each holds what fits, the loss the same
+    longest = max(len(e.input_ids) for e in items)
+    rowed = sft.packed_batch(items, pad_id, attention, capacity=longest)
+    row_mask = rowed.pop("mask")[:, 1:].float()
+    assert rowed["input_ids"].shape[1] == longest  # no row past the capacity
+    row_logp = token_logps(model(**rowed).logits, rowed["input_ids"])
+    assert (-(row_logp * row_mask).sum() / row_mask.sum()).item() == pytest.approx(padded_loss.item(), abs=1e-5)
+
 
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
-def test_pairs_packed_in_one_row_give_their_unpacked_log_probs(tmp_path, tiny_model, attention):
+def test_packed_pairs_give_their_unpacked_log_probs(tmp_path, tiny_model, attention):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
@@ -88,11 +98,13 @@ def test_pairs_packed_in_one_row_give_their_unpacked_log_probs(tmp_path, tiny_mo
     pad_id = data.pad_id(tokenizer)
 
     padded = dpo.pair_logps(model, encoded, pad_id, "cpu", attention=attention)
-    packed = dpo.pair_logps(model, encoded, pad_id, "cpu", one_row=True, attention=attention)
-    batch = data.collate_pairs(encoded, pad_id, one_row=True)
-    assert batch["input_ids"].shape[0] == 1 and (batch["input_ids"] != pad_id).all()  # one row, no pads
-    for side in (0, 1):
-        assert torch.allclose(packed[side], padded[side], atol=1e-4)
+    for capacity in (10_000, 128):  # every pair in one row; rows of two answers at most
+        packed = dpo.pair_logps(model, encoded, pad_id, "cpu", capacity=capacity, attention=attention)
+        for side in (0, 1):
+            assert torch.allclose(packed[side], padded[side], atol=1e-4), capacity
+    one_row = data.collate_pairs(encoded, pad_id, capacity=10_000)
+    assert one_row["input_ids"].shape[0] == 1 and (one_row["input_ids"] != pad_id).all()  # no pads at all
+    assert data.collate_pairs(encoded, pad_id, capacity=128)["input_ids"].shape[0] > 1
 
 
 def packed_config(tmp_path: Path, tiny_model: Path, name: str, sets: list[str] = (), **doc):
