@@ -254,6 +254,8 @@ def cmd_eval_judge(args: argparse.Namespace) -> int:
         for key in keys + ["length_win_rate", "human_length_win_rate"]:
             low, high = variant[f"{key}_ci95"]
             print(f"  {key:<24} {variant[key]:.3f}  (95% CI {low:.3f}-{high:.3f})")
+            if key == "accuracy":
+                print(_length_split_line(variant))
         for key in ("length_win_rate_balanced", "ece"):
             print(f"  {key:<24} {_figure(variant[key])}")
         for role, figures in variant.get("jurors", {}).items():
@@ -368,6 +370,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _length_split_line(figures: dict) -> str:
+    """The length-balanced accuracy and the two accuracies it averages, for the line under accuracy."""
+    sides = ", ".join(
+        f"{figures[f'accuracy_chosen_{side}']:.3f} on {figures[f'chosen_{side}_n']} chosen-{side}"
+        for side in ("longer", "shorter")
+    )
+    return f"  {'length-balanced':<24} {_figure(figures['length_balanced_accuracy'])}  ({sides})"
+
+
 def cmd_eval_rm(args: argparse.Namespace) -> int:
     import json
 
@@ -389,6 +400,7 @@ def cmd_eval_rm(args: argparse.Namespace) -> int:
     low, high = report["accuracy_ci95"]
     print(f"reward model {model} on {report['n']} pairs")
     print(f"  accuracy     {report['accuracy']:.3f}  (95% CI {low:.3f}-{high:.3f})")
+    print(_length_split_line(report))
     print(f"  mean margin  {report['mean_margin']:.3f}")
     if args.json:
         write_atomic(Path(args.json), json.dumps(report, indent=2) + "\n")

@@ -2,8 +2,9 @@
 
 Each pair is judged in both orders, so one run gives the accuracy with the human-chosen answer shown
 first, shown second, and swap-averaged, plus how often both orders agree, how well the judge's
-confidence matches its accuracy (expected calibration error), and how often it picks the longer
-answer. With `calibrate`, a temperature and position offset are fitted on the pairs
+confidence matches its accuracy (expected calibration error), its accuracy on the pairs where people
+chose the longer answer and on those where they chose the shorter (their mean: the length-balanced
+accuracy), and how often it picks the longer answer. With `calibrate`, a temperature and position offset are fitted on the pairs
 (cai/generate/calibration.py).
 """
 
@@ -219,9 +220,15 @@ def agreement_figures(rows: list[Row], juror: str | None = None) -> dict[str, An
 
 
 def length_figures(judged: list[tuple[float, int, int]]) -> dict[str, Any]:
-    """How often the longer answer wins, from (swap-averaged P(chosen better), chosen's length, rejected's
-    length) per judged pair; lengths in characters, pairs of equal length left out (`length_n` remain).
+    """Accuracy split by length and how often the longer answer wins, from (P(chosen better), chosen's
+    length, rejected's length) per judged pair (a 0/0.5/1 credit works as P); lengths in characters,
+    pairs of equal length left out (`length_n` remain).
 
+    - `accuracy_chosen_longer` / `accuracy_chosen_shorter`: the accuracy on the pairs where people chose
+      the longer answer and on those where they chose the shorter (`chosen_longer_n`, `chosen_shorter_n`,
+      each with its 95% interval). A length rule shows as near 1 on one side and near 0 on the other.
+    - `length_balanced_accuracy`: their mean, the accuracy of a test set where people chose the longer
+      answer in half the pairs: 0.5 for any pure length rule. None when either side is empty.
     - `length_win_rate`: share of pairs where the judge prefers the longer answer (credit(p) of it:
       1, or 0.5 at exactly p = 0.5).
     - `human_length_win_rate`: the same for the human label: the share where the chosen answer is the
@@ -242,6 +249,15 @@ def length_figures(judged: list[tuple[float, int, int]]) -> dict[str, Any]:
         human.append(1.0 if chosen_longer else 0.0)
         by_human[chosen_longer].append(win)
     out: dict[str, Any] = {"length_n": len(judge)}
+    # right = the longer answer won where people chose it, the shorter where they chose that
+    split = {"chosen_longer": by_human[True], "chosen_shorter": [1 - win for win in by_human[False]]}
+    for side, right in split.items():
+        out[f"{side}_n"] = len(right)
+        _proportion(out, f"accuracy_{side}", right)
+    both = all(split.values())
+    out["length_balanced_accuracy"] = (
+        (out["accuracy_chosen_longer"] + out["accuracy_chosen_shorter"]) / 2 if both else None
+    )
     _proportion(out, "length_win_rate", judge)
     _proportion(out, "human_length_win_rate", human)
     groups = [sum(g) / len(g) for g in by_human.values() if g]

@@ -88,6 +88,10 @@ class RewardOptions:
     use_margin: bool = False  # Llama 2: -log sigmoid(d - margin), margin from the dataset's `margin` column
     use_soft_labels: bool = False  # CAI paper: soft cross-entropy on the `label_prob` column
     center_coef: float = 0.0  # Eisenstein et al.: coef * (r_c + r_r)^2
+    length_balance: bool = False  # chosen-longer and chosen-shorter pairs weigh the same in total
+    length_coef: float = 0.0  # heads 1: coef * |corr(r_c - r_r, length difference)|; heads 2: ODIN's length loss
+    heads: int = 1  # 2: ODIN's quality and length heads; the quality head alone is kept
+    orthogonal_coef: float = 1.0  # heads 2: ODIN's |w_quality . w_length|
     pretrain: PretrainOptions | None = None
 
 
@@ -329,6 +333,22 @@ class JudgeTrainOptions:
     constitution: Path | None = None  # its comparison principles pose the question; None: the project's harmless.yaml
     soft_labels: bool = False  # the target is each pair's label_prob, not 1
     lm_coef: float = 0.1
+    length_balance: bool = False  # chosen-longer and chosen-shorter pairs weigh the same in total
+    length_coef: float = 0.0  # coef * |corr(z_chosen - z_rejected, length difference)| per batch
+
+
+@dataclass(frozen=True)
+class DataFile:
+    """One file of `data.train`, and how much each of its records counts in the loss."""
+
+    path: Path
+    weight: float = 1.0
+
+
+# The trainers that read `data.train` as a list of weighted files (their losses weigh each pair).
+WEIGHTED_DATA_KINDS = ("judge", "rm")
+# The decorrelation term is a Pearson correlation over a batch's pairs: two points always correlate fully.
+MIN_CORRELATION_BATCH = 4
 
 
 @dataclass
@@ -337,8 +357,9 @@ class TrainConfig:
     file: Path
     raw: dict[str, Any]  # the validated document, overrides applied: recorded in output_dir
     model: str
-    train_data: Path
+    train_data: Path  # the first of train_files: what the trainers that read one file read
     output_dir: Path
+    train_files: tuple[DataFile, ...] = ()  # every file of data.train with its weight
     eval_data: Path | None = None
     eval_fraction: float = 0.1
     limit: int | None = None
@@ -407,12 +428,16 @@ class TrainConfig:
                 found.append((where, JudgeSource(backend=spec, constitution=pair_judge.constitution)))
         return found
 
+    def data_files(self) -> tuple[DataFile, ...]:
+        """data.train's files with their weights (a config made in code may give train_data alone)."""
+        return self.train_files or (DataFile(self.train_data),)
+
     def read_paths(self) -> list[tuple[str, Path]]:
         """(config field, path) of every file or folder this trainer reads besides its models: the data
         and the reward models. What the service confines to its workspace."""
-        paths = [("data.train", self.train_data)] + (
-            [("data.eval", self.eval_data)] if self.eval_data is not None else []
-        )
+        listed = isinstance(self.raw.get("data", {}).get("train"), list)
+        paths = [(f"data.train[{i}].path" if listed else "data.train", f.path) for i, f in enumerate(self.data_files())]
+        paths += [("data.eval", self.eval_data)] if self.eval_data is not None else []
         if self.rm.pretrain is not None:
             paths.append(("rm.pretrain.data", self.rm.pretrain.data))
         paths += [
@@ -517,7 +542,7 @@ def load(kind: str, path: str | Path, overrides: list[str] = ()) -> TrainConfig:
         check_model_folder(dpo.reference, file, name, "dpo.reference")
 
     data = doc["data"]
-    train_data = existing_path(data["train"], file, name, "data.train", folder_ok=True)
+    train_files = _train_files(kind, data["train"], file, name)
     eval_data = existing_path(data["eval"], file, name, "data.eval", folder_ok=True) if "eval" in data else None
     if "eval_skip" in data and eval_data is None:
         raise InputError(name, "data.eval_skip", "skips records of data.eval: give data.eval")
@@ -532,6 +557,17 @@ def load(kind: str, path: str | Path, overrides: list[str] = ()) -> TrainConfig:
         raise InputError(
             name, "rm.use_soft_labels", "use_margin and use_soft_labels both encode the judge's confidence: enable one"
         )
+    if rm.heads == 1 and "orthogonal_coef" in rm_doc:
+        raise InputError(
+            name, "rm.orthogonal_coef", "an option of rm.heads 2: one head has nothing to be orthogonal to"
+        )
+    for section in ("rm", "judge"):
+        if doc.get(section, {}).get("length_coef", 0) > 0 and doc.get("batch_size", 8) < MIN_CORRELATION_BATCH:
+            raise InputError(
+                name,
+                f"{section}.length_coef",
+                f"a correlation over each batch: batch_size must be at least {MIN_CORRELATION_BATCH} (is {doc['batch_size']})",
+            )
 
     scalars = {
         k: doc[k]
@@ -568,7 +604,8 @@ def load(kind: str, path: str | Path, overrides: list[str] = ()) -> TrainConfig:
         file=file,
         raw=doc,
         model=model,
-        train_data=train_data,
+        train_data=train_files[0].path,
+        train_files=train_files,
         output_dir=Path(doc["output_dir"]).expanduser(),  # relative to where cai runs, as a pipeline's output.dir
         eval_data=eval_data,
         eval_fraction=data.get("eval_fraction", 0.0 if eval_data else 0.1),
@@ -889,6 +926,24 @@ def _distill_options(doc: dict[str, Any], file: Path, name: str) -> DistillOptio
     if "teacher" in options:
         check_model_folder(options["teacher"], file, name, "distill.teacher")
     return DistillOptions(context=DistillContext(system=context.get("system"), **paths), **options)
+
+
+def _train_files(kind: str, spec: str | list[dict[str, Any]], file: Path, name: str) -> tuple[DataFile, ...]:
+    """`data.train`: one file or folder, or (judge, rm) a list of them with weights."""
+    if isinstance(spec, str):
+        return (DataFile(existing_path(spec, file, name, "data.train", folder_ok=True)),)
+    if kind not in WEIGHTED_DATA_KINDS:
+        raise InputError(
+            name,
+            "data.train",
+            f"a list of files is read by `cai train {' and '.join(WEIGHTED_DATA_KINDS)}` only: give `cai train {kind}` one file",
+        )
+    return tuple(
+        DataFile(
+            existing_path(entry["path"], file, name, f"data.train[{i}].path", folder_ok=True), entry.get("weight", 1.0)
+        )
+        for i, entry in enumerate(spec)
+    )
 
 
 def _judge_train_options(doc: dict[str, Any], file: Path, name: str) -> JudgeTrainOptions:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import itertools
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -22,6 +22,7 @@ from cai.core.files import canonical_json, content_hash, jsonl_records, read_tex
 from cai.generate import importers
 from cai.train import packing
 from cai.train.config import TrainConfig
+from cai.train.losses import length_balance_weights, unit_mean
 
 Messages = list[dict[str, str]]
 
@@ -37,6 +38,7 @@ class Pair:
     label_prob: float | None = None  # P(chosen is better) from the judge
     margin: float | None = None
     group: str = ""  # pairs of one prompt's K answers share it (the `group_id` column)
+    weight: float = 1.0  # how much the pair counts in the loss: its data.train file's weight
 
 
 def _records(path: Path) -> Iterator[tuple[int, Any]]:
@@ -195,9 +197,14 @@ def _plain(messages: list[dict[str, Any]]) -> Messages:
 
 
 def preference_splits(config: TrainConfig) -> tuple[list[Pair], list[Pair]]:
-    """The training pairs (the first `limit`) and the held-out ones: `data.eval` from `eval_skip` on, else
-    a seeded `eval_fraction` of the prompts (all of a prompt's pairs on one side)."""
-    pairs = load_preferences(config.train_data, config.limit)
+    """The training pairs (the first `limit` of each data.train file, each pair with its file's weight)
+    and the held-out ones: `data.eval` from `eval_skip` on, else a seeded `eval_fraction` of the prompts
+    (all of a prompt's pairs on one side)."""
+    pairs = [
+        replace(pair, weight=source.weight) if source.weight != 1.0 else pair
+        for source in config.data_files()
+        for pair in load_preferences(source.path, config.limit)
+    ]
     if config.eval_data is not None:
         return pairs, load_preferences(config.eval_data, skip=config.eval_skip)
     return split_eval(pairs, [p.group for p in pairs], config.eval_fraction, config.seed)
@@ -496,6 +503,11 @@ class Group:
 
     answers: list[list[int]]
     pairs: list[tuple[int, int, float | None, float | None]]  # (chosen index, rejected index, label_prob, margin)
+    weights: tuple[float, ...] = ()  # each pair's loss weight; () all 1
+
+    def length_diffs(self) -> list[int]:
+        """Each pair's token-length difference, chosen minus rejected (their shared prompt cancels)."""
+        return [len(self.answers[c]) - len(self.answers[r]) for c, r, _, _ in self.pairs]
 
     @property
     def tokens(self) -> int:
@@ -506,6 +518,7 @@ def group_pairs(tokenizer, pairs: list[Pair], max_length: int) -> tuple[list[Gro
     """Pairs with the same group -> one Group; pairs with an answer longer than max_length are left out
     (a reward read off a cut answer would score text the labeller never saw). Returns (groups, dropped)."""
     by_group: dict[str, tuple[dict[str, int], list[list[int]], list]] = {}
+    weights: dict[str, list[float]] = {}
     dropped = 0
     for p in pairs:
         chosen_ids = encode(tokenizer, p.prompt + p.chosen).input_ids
@@ -522,7 +535,36 @@ def group_pairs(tokenizer, pairs: list[Pair], max_length: int) -> tuple[list[Gro
                 answers.append(ids)
             slots.append(index[key])
         group_pairs_.append((slots[0], slots[1], p.label_prob, p.margin))
-    return [Group(answers, pairs_) for _, answers, pairs_ in by_group.values()], dropped
+        weights.setdefault(p.group, []).append(p.weight)
+    return [
+        Group(answers, pairs_, tuple(weights[group]) if set(weights[group]) != {1.0} else ())
+        for group, (_, answers, pairs_) in by_group.items()
+    ], dropped
+
+
+def pair_weights(weights: list[float], length_diffs: list[int], balance: bool) -> tuple[list[float], dict[str, Any]]:
+    """Each training pair's loss weight, mean 1: its file's weight, made length-balanced with `balance`
+    (losses.length_balance_weights); and what to print and record: per side (the chosen answer the
+    longer, the shorter, equal lengths) the pairs and the weight they carry in total."""
+    out = unit_mean(length_balance_weights(length_diffs, weights) if balance else list(weights))
+    sides = {"chosen_longer": lambda d: d > 0, "chosen_shorter": lambda d: d < 0, "equal_length": lambda d: d == 0}
+    summary = {
+        side: {
+            "pairs": sum(1 for d in length_diffs if test(d)),
+            "total_weight": round(sum(w for w, d in zip(out, length_diffs) if test(d)), 6),
+        }
+        for side, test in sides.items()
+    }
+    return out, {"length_balance": balance, **summary}
+
+
+def weights_line(summary: dict) -> str:
+    """The training pairs' weights, once on the terminal."""
+    sides = ", ".join(
+        f"{summary[side]['pairs']} {side.replace('_', '-')} pairs weigh {summary[side]['total_weight']:.1f}"
+        for side in ("chosen_longer", "chosen_shorter", "equal_length")
+    )
+    return f"pair weights ({'length-balanced' if summary['length_balance'] else 'by file'}): {sides} in total"
 
 
 # ----------------------------------------------------------------------------- batches

@@ -16,7 +16,12 @@ capped, the conversation cut from the left; the counts are reported.
 
 Before and after training, the held-out pairs are judged in-process the way `cai eval-judge` judges
 them (option log-probs normalised over A/B, swap-averaged) and measured by eval-judge's own figures:
-accuracy swap-averaged and per order, position consistency, with Wilson intervals.
+accuracy swap-averaged and per order, position consistency, with Wilson intervals, and the accuracy on
+chosen-longer and chosen-shorter pairs (their mean: the length-balanced accuracy).
+
+Against the length shortcut: each pair's loss carries a weight (its data.train file's, made
+length-balanced with `length_balance`), and `length_coef` adds the batch's |corr(z_chosen - z_rejected,
+token-length difference)| (losses.length_correlation_penalty).
 
 OUTPUT/
   checkpoints/, metrics.jsonl, curves.png
@@ -28,7 +33,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -45,11 +50,13 @@ from cai.generate.stages.compare import ANSWER_INSTRUCTION, OPTIONS, conversatio
 from cai.judge.eval_judge import agreement_figures
 from cai.train import data, loop, runtime
 from cai.train.config import TrainConfig
-from cai.train.losses import judge_choice_loss, pairwise_credit
+from cai.train.losses import judge_choice_loss, length_correlation_penalty, pairwise_credit, pearson_correlation
 
 JUDGE_FILE = "judge.json"
 BEFORE_FILE = "judge-before.json"
 FIGURES = ("accuracy", "accuracy_first_order", "accuracy_swapped_order", "position_consistency")
+# the length split (None when one side has no pair): in the summary line, and in metrics.jsonl when known
+SPLIT_FIGURES = ("length_balanced_accuracy", "accuracy_chosen_longer", "accuracy_chosen_shorter")
 DEFAULT_CONSTITUTION = Path(__file__).resolve().parents[2] / "constitutions" / "harmless.yaml"
 
 
@@ -61,6 +68,8 @@ class Judged:
     orders: tuple[list[int], list[int]]
     target: float
     row: dict[str, Any]
+    length_diff: int = 0  # tokens of the shown chosen answer minus the shown rejected one
+    weight: float = 1.0  # in the loss: its file's weight, length-balanced with judge.length_balance
 
 
 def train(config: TrainConfig, stop_after: int | None = None) -> Path:
@@ -93,6 +102,13 @@ def train(config: TrainConfig, stop_after: int | None = None) -> Path:
                 f"to fit max_length {config.max_length}, {counts['left_out']} left out (too long even so), {counts['identical']} with identical answers",
             )
 
+    weights, weighting = data.pair_weights(
+        [j.weight for j in train_set], [j.length_diff for j in train_set], options.length_balance
+    )
+    train_set = [replace(j, weight=w) for j, w in zip(train_set, weights)]
+    if options.length_balance or config.data_files()[1:]:
+        runtime.note(acc, data.weights_line(weighting))
+
     resume = runtime.prepare_output(config, acc)
     training = loop.start(
         config,
@@ -110,7 +126,13 @@ def train(config: TrainConfig, stop_after: int | None = None) -> Path:
         logits = option_logits(model, items, pad_id, acc.device)  # pair i's order (A) at 2i, order (B) at 2i + 1
         right, wrong = letters.repeat(len(items)), letters.flip(0).repeat(len(items))
         target = torch.tensor([j.target for j in items], device=acc.device).repeat_interleave(2)
-        loss = judge_choice_loss(logits, right, wrong, target, options.lm_coef).mean()
+        weight = torch.tensor([j.weight for j in items], device=acc.device).repeat_interleave(2)
+        loss = (judge_choice_loss(logits, right, wrong, target, options.lm_coef) * weight).mean()
+        # z_chosen - z_rejected per pair, the two orders averaged: the preference without its position part
+        preference = (logits.gather(1, right[:, None]) - logits.gather(1, wrong[:, None])).view(-1, 2).mean(1)
+        length_diff = torch.tensor([float(j.length_diff) for j in items], device=acc.device)
+        if options.length_coef:
+            loss = loss + length_correlation_penalty(preference, length_diff, options.length_coef)
         probs = logits.softmax(-1)
         p_right = probs.gather(1, right[:, None])[:, 0] / probs[:, letters].sum(-1)
         return loss, {
@@ -118,6 +140,7 @@ def train(config: TrainConfig, stop_after: int | None = None) -> Path:
             "accuracy": pairwise_credit(p_right, 0.5).mean().item(),  # per order
             "p_right": p_right.mean().item(),
             "letter_mass": probs[:, letters].sum(-1).mean().item(),  # P(A) + P(B) over the vocabulary
+            "length_correlation": pearson_correlation(preference, length_diff).item(),
         }
 
     reports: dict[str, dict[str, Any]] = {}
@@ -137,7 +160,8 @@ def train(config: TrainConfig, stop_after: int | None = None) -> Path:
         if resume is None and "after" not in reports and acc.is_main_process:
             write_atomic(config.output_dir / BEFORE_FILE, json.dumps(report, indent=2) + "\n")
         reports["after"] = report
-        return {"loss": loss, **{key: report[key] for key in FIGURES}}
+        split = {key: report[key] for key in SPLIT_FIGURES if report[key] is not None}
+        return {"loss": loss, **{key: report[key] for key in FIGURES}, **split}
 
     result = loop.fit(
         training,
@@ -159,6 +183,7 @@ def train(config: TrainConfig, stop_after: int | None = None) -> Path:
             "before": json.loads(before_file.read_text()) if eval_set else None,
             "after": reports.get("after"),
             "train_pairs": {"used": len(train_set), **train_counts},
+            "train_weights": weighting,
             "eval_pairs": {"used": len(eval_set), **eval_counts},
         }
         write_atomic(final / JUDGE_FILE, json.dumps(summary, indent=2) + "\n")
@@ -168,8 +193,14 @@ def train(config: TrainConfig, stop_after: int | None = None) -> Path:
 
 
 def summary_line(before: dict[str, Any], after: dict[str, Any]) -> str:
-    shown = ", ".join(f"{key.replace('_', ' ')} {before[key]:.3f} -> {after[key]:.3f}" for key in FIGURES)
+    shown = ", ".join(
+        f"{key.replace('_', ' ')} {_figure(before[key])} -> {_figure(after[key])}" for key in FIGURES + SPLIT_FIGURES
+    )
     return f"judge on {after['n']} held-out pairs, before -> after: {shown}"
+
+
+def _figure(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
 
 
 def load_constitution(config: TrainConfig) -> constitutions.Constitution:
@@ -227,6 +258,9 @@ def encode_pairs(tokenizer, pairs: list[data.Pair], constitution, config: TrainC
             judge_prompt(tokenizer, messages, principle, shown_rejected, shown_chosen),
         )
         target = pair.label_prob if config.judge.soft_labels and pair.label_prob is not None else 1.0
+        length_diff = len(tokenizer.encode(shown_chosen, add_special_tokens=False)) - len(
+            tokenizer.encode(shown_rejected, add_special_tokens=False)
+        )
         row = {
             "id": f"pair-{index + 1}",
             "messages": pair.prompt,
@@ -234,7 +268,7 @@ def encode_pairs(tokenizer, pairs: list[data.Pair], constitution, config: TrainC
             "responses": [chosen, rejected],
             "principle_id": principle.id,
         }
-        out.append(Judged(orders, target, row))
+        out.append(Judged(orders, target, row, length_diff, pair.weight))
     return out, counts
 
 

@@ -625,3 +625,73 @@ def judge_choice_loss(
         normaliser = torch.logsumexp(z, dim=-1)
         loss = loss - lm_coef * (q * (z_right - normaliser) + (1 - q) * (z_wrong - normaliser))
     return loss
+
+
+# ----------------------------------------------------------------------------- length debiasing
+
+
+def length_balance_weights(length_diffs: list[float], weights: list[float] | None = None) -> list[float]:
+    """Pair weights under which the pairs whose chosen answer is the longer (d_i > 0, d_i = len(chosen)
+    - len(rejected)) and those whose chosen answer is the shorter (d_i < 0) carry equal total weight,
+    the total kept: with the pairs' own weights w_i (their files', 1 by default),
+
+        W+ = sum_{d_i > 0} w_i,   W- = sum_{d_i < 0} w_i
+        w'_i = w_i (W+ + W-) / (2 W+)   if d_i > 0
+               w_i (W+ + W-) / (2 W-)   if d_i < 0
+               w_i                      if d_i = 0
+
+    so that sum_{d > 0} w' = sum_{d < 0} w' = (W+ + W-) / 2: length alone then predicts no label. With no
+    pair on one side there is nothing to balance, and the weights are returned as they are."""
+    weights = [1.0] * len(length_diffs) if weights is None else list(weights)
+    longer = sum(w for d, w in zip(length_diffs, weights) if d > 0)
+    shorter = sum(w for d, w in zip(length_diffs, weights) if d < 0)
+    if longer == 0 or shorter == 0:
+        return weights
+    half = (longer + shorter) / 2
+    return [w * half / longer if d > 0 else w * half / shorter if d < 0 else w for d, w in zip(length_diffs, weights)]
+
+
+def unit_mean(weights: list[float]) -> list[float]:
+    """w_i * n / sum_j w_j: the same proportions with mean 1, so that a weighted mean loss keeps its scale."""
+    total = sum(weights)
+    return [w * len(weights) / total for w in weights]
+
+
+def pearson_correlation(x: Tensor, y: Tensor, eps: float = 1e-8) -> Tensor:
+    """rho(x, y) = sum (x - mean x)(y - mean y) / sqrt(sum (x - mean x)^2 * sum (y - mean y)^2 + eps).
+    The eps inside the root keeps the value (0) and its gradient finite when x or y is constant."""
+    x, y = x.float() - x.float().mean(), y.float() - y.float().mean()
+    return (x * y).sum() / torch.sqrt((x * x).sum() * (y * y).sum() + eps)
+
+
+def length_correlation_penalty(preference: Tensor, length_diff: Tensor, coefficient: float) -> Tensor:
+    """The length-decorrelation term (after ODIN, Chen et al. 2024), over a batch of pairs:
+
+        coefficient * |rho(s_chosen - s_rejected, len(chosen) - len(rejected))|
+
+    `preference`: the model's score difference per pair (a reward model's r_c - r_r, a judge's logit
+    difference z_chosen - z_rejected); `length_diff`: the answers' token-length difference. Zero for a
+    batch of fewer than two pairs (no correlation to measure)."""
+    if preference.numel() < 2:
+        return preference.sum() * 0.0
+    return coefficient * pearson_correlation(preference, length_diff).abs()
+
+
+def odin_length_loss(quality: Tensor, length_rewards: Tensor, lengths: Tensor) -> Tensor:
+    """ODIN's disentangling term (Chen et al. 2024, eq. 4) over a batch of answers, with the reward
+    r = r^Q + r^L of a quality head and a length head trained by the ranking loss:
+
+        L_L = |rho(r^Q, L)| - rho(r^L, L)
+
+    L the answers' token lengths: the quality head is pushed to carry no length, the length head all
+    of it."""
+    return pearson_correlation(quality, lengths).abs() - pearson_correlation(length_rewards, lengths)
+
+
+def orthogonality_loss(w_quality: Tensor, w_length: Tensor) -> Tensor:
+    """ODIN's orthogonality term (Chen et al. 2024, eq. 5) between the two heads' weight vectors:
+
+        L_O = |w_Q^T w_L|
+
+    so the quality head cannot read the feature direction the length head uses."""
+    return (w_quality.float() @ w_length.float()).abs()

@@ -12,6 +12,12 @@ through the model once, and the loss over the prompt's pairs is their mean (ever
 same, however many pairs it has). A prompt's K answers share one packed row that holds the prompt once
 (score_groups), as DPO's pairs do. `rm.pretrain` first trains on a generic comparison set (PMP). After training, the mean reward over the training answers is
 stored as an offset (final/reward.json) that RewardScorer subtracts, so rewards are centred at 0.
+
+Against the length shortcut: each pair's loss carries a weight (its data.train file's, made
+length-balanced with `length_balance`); `length_coef` adds the batch's |corr(r_c - r_r, length
+difference)|; `heads: 2` is ODIN (a quality and a length head, the ranking loss on their sum, the
+decorrelation and orthogonality terms), and final/ keeps the quality head alone. The held-out figures
+include the accuracy on chosen-longer and chosen-shorter pairs (eval_judge.length_figures).
 """
 
 from __future__ import annotations
@@ -29,11 +35,19 @@ import torch
 from cai.core.disk import write_atomic
 from cai.core.errors import InputError
 from cai.core.files import canonical_json
-from cai.judge.eval_judge import wilson_interval
+from cai.judge.eval_judge import length_figures, wilson_interval
 from cai.train import checkpoint, data, loop, runtime
-from cai.train.config import JudgeSource, PreferenceSource, TrainConfig
-from cai.train.losses import bradley_terry_loss, pairwise_credit, reward_centering_loss
-from cai.train.metrics import plot
+from cai.train.config import DataFile, JudgeSource, PreferenceSource, TrainConfig
+from cai.train.losses import (
+    bradley_terry_loss,
+    length_correlation_penalty,
+    odin_length_loss,
+    orthogonality_loss,
+    pairwise_credit,
+    pearson_correlation,
+    reward_centering_loss,
+)
+from cai.train.metrics import mean, plot
 
 REWARD_FILE = "reward.json"
 
@@ -61,6 +75,9 @@ def train(config: TrainConfig, stop_after: int | None = None) -> Path:
         raise InputError(str(config.train_data), None, f"no pair fits in max_length {config.max_length}")
     if dropped:
         runtime.note(acc, f"left out {dropped} pairs longer than max_length {config.max_length}")
+    groups, weighting = weighted(groups, options.length_balance)
+    if options.length_balance or config.data_files()[1:]:
+        runtime.note(acc, data.weights_line(weighting))
 
     resume = runtime.prepare_output(config, acc)
     pad_id = data.pad_id(tokenizer)
@@ -72,41 +89,84 @@ def train(config: TrainConfig, stop_after: int | None = None) -> Path:
         [g.tokens for g in groups],
         AutoModelForSequenceClassification,
         task_type="SEQ_CLS",
-        num_labels=1,
+        num_labels=options.heads,
+        ignore_mismatched_sizes=options.heads > 1,  # a one-head model (a pretraining phase's) gets both heads fresh
         pad_token_id=pad_id,
     )
     model = training.model
 
-    def batch_values(batch: list[data.Group]) -> tuple[torch.Tensor, dict[str, float]]:
-        """Every distinct answer of the batch's prompts scored once; all pair losses from those rewards."""
-        rewards = score_groups(model, [g.answers for g in batch], pad_id, acc.device)
-        losses, chosen_all, rejected_all, start = [], [], [], 0
+    def batch_values(batch: list[data.Group]) -> tuple[torch.Tensor, dict[str, float], tuple[torch.Tensor, ...]]:
+        """Every distinct answer of the batch's prompts scored once; all pair losses from those rewards.
+        With two heads (ODIN) the ranking loss reads their sum and the figures the quality head alone.
+        Also returns (chosen, rejected, token-length difference) per pair, for the held-out figures."""
+        heads = score_groups(model, [g.answers for g in batch], pad_id, acc.device, all_heads=True)
+        rewards = heads.sum(-1)  # one head: its reward; two: r = r^Q + r^L
+        losses, chosen_all, rejected_all, diffs, start = [], [], [], [], 0
         for g in batch:
             chosen = rewards[start + torch.tensor([c for c, _, _, _ in g.pairs], device=acc.device)]
             rejected = rewards[start + torch.tensor([r for _, r, _, _ in g.pairs], device=acc.device)]
+            quality_chosen = heads[start + torch.tensor([c for c, _, _, _ in g.pairs], device=acc.device), 0]
+            quality_rejected = heads[start + torch.tensor([r for _, r, _, _ in g.pairs], device=acc.device), 0]
             start += len(g.answers)
             margin = torch.tensor([m for _, _, _, m in g.pairs], device=acc.device) if options.use_margin else None
             label_prob = (
                 torch.tensor([p for _, _, p, _ in g.pairs], device=acc.device) if options.use_soft_labels else None
             )
-            losses.append(bradley_terry_loss(chosen, rejected, margin=margin, label_prob=label_prob).mean())
-            chosen_all.append(chosen)
-            rejected_all.append(rejected)
+            pair_losses = bradley_terry_loss(chosen, rejected, margin=margin, label_prob=label_prob)
+            if g.weights:
+                pair_losses = pair_losses * torch.tensor(g.weights, device=acc.device)
+            losses.append(pair_losses.mean())
+            chosen_all.append(quality_chosen)
+            rejected_all.append(quality_rejected)
+            diffs += g.length_diffs()
         chosen, rejected = torch.cat(chosen_all), torch.cat(rejected_all)
+        length_diff = torch.tensor(diffs, device=acc.device, dtype=torch.float32)
         loss = torch.stack(losses).mean()
         if options.center_coef:
             loss = loss + reward_centering_loss(chosen, rejected, options.center_coef)
-        return loss, {
-            "loss": loss.item(),
-            "accuracy": pairwise_credit(chosen, rejected).mean().item(),
-            "reward_margin": (chosen - rejected).mean().item(),
-            "mean_reward": rewards.mean().item(),
-        }
+        figures = {}
+        if options.heads == 2:
+            lengths = torch.tensor([float(n) for g in batch for n in answer_lengths(g)], device=acc.device)
+            odin = odin_length_loss(heads[:, 0], heads[:, 1], lengths)
+            orthogonal = orthogonality_loss(*head_weight(model)[:2])
+            loss = loss + options.length_coef * odin + options.orthogonal_coef * orthogonal
+            figures = {"length_loss": odin.item(), "orthogonality": orthogonal.item()}
+        elif options.length_coef:
+            loss = loss + length_correlation_penalty(chosen - rejected, length_diff, options.length_coef)
+        return (
+            loss,
+            {
+                "loss": loss.item(),
+                "accuracy": pairwise_credit(chosen, rejected).mean().item(),
+                "reward_margin": (chosen - rejected).mean().item(),
+                "mean_reward": heads[:, 0].mean().item(),
+                "length_correlation": pearson_correlation(chosen - rejected, length_diff).item(),
+                **figures,
+            },
+            (chosen.detach(), rejected.detach(), length_diff),
+        )
+
+    held: list[tuple[torch.Tensor, ...]] = []
+    final_figures: dict[str, object] = {}
+
+    def eval_chunk(indexes: list[int]) -> dict[str, float]:
+        _, figures, scored = batch_values([eval_groups[i] for i in indexes])
+        held.append(scored)
+        return figures
+
+    def eval_combine(chunks: list[dict[str, float]]) -> dict[str, float]:
+        """The chunks' mean loss and figures, and the split accuracies over all held-out pairs at once."""
+        chosen, rejected, diff = (torch.cat(parts).cpu() for parts in zip(*held))
+        held.clear()
+        final_figures.clear()
+        # token lengths: cut at 0 they only say which answer is the longer
+        final_figures.update(pair_figures(chosen, rejected, diff.clamp(min=0).tolist(), (-diff).clamp(min=0).tolist()))
+        return {**mean(chunks), **{k: final_figures[k] for k in SPLIT_FIGURES if final_figures[k] is not None}}
 
     eval_result = loop.fit(
         training,
-        lambda indexes: batch_values([groups[i] for i in indexes]),
-        loop.evaluator(training, len(eval_groups), lambda indexes: batch_values([eval_groups[i] for i in indexes])[1]),
+        lambda indexes: batch_values([groups[i] for i in indexes])[:2],
+        loop.evaluator(training, len(eval_groups), eval_chunk, eval_combine),
         stop_after,
     )
     if eval_result is None:
@@ -124,16 +184,67 @@ def train(config: TrainConfig, stop_after: int | None = None) -> Path:
             .mean()
             .item()
         )
+    if options.heads == 2:
+        keep_quality_head(model)
     final = checkpoint.save_final(acc, model, tokenizer, config.output_dir)
     if acc.is_main_process:
         summary = {
             "offset": offset,
             "train_answers": sum(len(a) for a in answers),
             "eval_accuracy": eval_result.get("accuracy"),
+            "eval": dict(final_figures) or None,  # the last held-out evaluation's figures, lengths in tokens
+            "train_weights": weighting,
+            "heads": options.heads,
         }
         write_atomic(final / REWARD_FILE, json.dumps(summary, indent=2) + "\n")
         plot(config.output_dir / "metrics.jsonl", config.output_dir / "curves.png")
     return final
+
+
+SPLIT_FIGURES = ("accuracy_chosen_longer", "accuracy_chosen_shorter", "length_balanced_accuracy")
+
+
+def weighted(groups: list[data.Group], balance: bool) -> tuple[list[data.Group], dict]:
+    """The groups with each pair's loss weight (data.pair_weights: its file's, length-balanced with
+    `balance`), and the weights' summary."""
+    diffs = [d for g in groups for d in g.length_diffs()]
+    given = [w for g in groups for w in (g.weights or (1.0,) * len(g.pairs))]
+    weights, summary = data.pair_weights(given, diffs, balance)
+    out, start = [], 0
+    for g in groups:
+        out.append(replace(g, weights=tuple(weights[start : start + len(g.pairs)])))
+        start += len(g.pairs)
+    return out, summary
+
+
+def answer_lengths(group: data.Group) -> list[int]:
+    """Each answer's tokens after the group's shared prompt (a few shared leading answer tokens aside)."""
+    shared = data.shared_prefix(group.answers)
+    return [len(a) - shared for a in group.answers]
+
+
+def head_weight(model) -> torch.Tensor:
+    """The reward head's weight [heads, hidden]: the trained copy (under LoRA the head is wrapped, its
+    original frozen)."""
+    from accelerate.utils import extract_model_from_parallel
+
+    head = extract_model_from_parallel(model).score
+    return [m for m in head.modules() if isinstance(m, torch.nn.Linear) and m.weight.requires_grad][-1].weight
+
+
+@torch.no_grad()
+def keep_quality_head(model) -> None:
+    """ODIN's inference model: the quality head alone (row 0), so final/ is a one-head reward model any
+    loader reads as usual (RewardScorer, TRL, vLLM's reward serving)."""
+    from accelerate.utils import extract_model_from_parallel
+
+    unwrapped = extract_model_from_parallel(model)
+    for linear in [m for m in unwrapped.score.modules() if isinstance(m, torch.nn.Linear)]:
+        linear.weight = torch.nn.Parameter(linear.weight[:1].clone())
+        if linear.bias is not None:
+            linear.bias = torch.nn.Parameter(linear.bias[:1].clone())
+        linear.out_features = 1
+    unwrapped.config.num_labels = 1
 
 
 def pretrained(config: TrainConfig) -> TrainConfig:
@@ -149,6 +260,7 @@ def pretrained(config: TrainConfig) -> TrainConfig:
             replace(
                 config,
                 train_data=options.data,
+                train_files=(DataFile(options.data),),
                 limit=options.limit,
                 eval_data=config.eval_data,
                 eval_fraction=0.0,
@@ -156,14 +268,15 @@ def pretrained(config: TrainConfig) -> TrainConfig:
                 max_steps=options.max_steps,
                 epochs=options.epochs,
                 lr=options.lr or config.lr,
-                rm=replace(config.rm, pretrain=None, use_margin=False, use_soft_labels=False),
+                # one head: the main phase starts its heads fresh when it has two
+                rm=replace(config.rm, pretrain=None, use_margin=False, use_soft_labels=False, heads=1),
             )
         )
     return replace(config, model=str((folder / "final").resolve()))
 
 
-def score_groups(model, groups: list[list[list[int]]], pad_id: int, device) -> torch.Tensor:
-    """One scalar reward per token sequence, in order. Each group's sequences (one prompt's answers)
+def score_groups(model, groups: list[list[list[int]]], pad_id: int, device, all_heads: bool = False) -> torch.Tensor:
+    """One scalar reward per token sequence, in order (the first head's; `all_heads`: [N, heads]). Each group's sequences (one prompt's answers)
     go in one packed row that holds their shared prompt once (data.collate_groups), and the head is read
     at each sequence's last token: the same rewards as each sequence on its own, the prompt computed once.
 
@@ -185,7 +298,8 @@ def score_groups(model, groups: list[list[list[int]]], pad_id: int, device) -> t
         )
     finally:
         handle.remove()
-    return outputs[0][batch["row"], batch["end"], 0].float()
+    rewards = outputs[0][batch["row"], batch["end"]].float()
+    return rewards if all_heads else rewards[:, 0]
 
 
 # ----------------------------------------------------------------------------- scoring for later stages
@@ -510,15 +624,26 @@ class Preference:
 
 
 def evaluate_pairs(scorer: RewardScorer, pairs: list[data.Pair]) -> dict[str, object]:
-    """Pairwise accuracy (ties count half) with its 95% Wilson interval, and the mean reward margin."""
+    """Pairwise accuracy (ties count half) with its 95% Wilson interval, the mean reward margin, and
+    eval-judge's length figures (accuracy on chosen-longer and chosen-shorter pairs, their mean the
+    length-balanced accuracy; lengths in characters)."""
     prompts = [p.prompt for p in pairs]
-    chosen = scorer.score(prompts, [p.chosen[-1]["content"] for p in pairs])
-    rejected = scorer.score(prompts, [p.rejected[-1]["content"] for p in pairs])
+    chosen_texts, rejected_texts = [p.chosen[-1]["content"] for p in pairs], [p.rejected[-1]["content"] for p in pairs]
+    chosen = scorer.score(prompts, chosen_texts)
+    rejected = scorer.score(prompts, rejected_texts)
+    return pair_figures(chosen, rejected, [len(t) for t in chosen_texts], [len(t) for t in rejected_texts])
+
+
+def pair_figures(
+    chosen: torch.Tensor, rejected: torch.Tensor, chosen_lengths: list[int], rejected_lengths: list[int]
+) -> dict[str, object]:
+    """A reward model's figures on pairs from their rewards and their answers' lengths (evaluate_pairs)."""
     credit = pairwise_credit(chosen, rejected)
-    n = len(pairs)
+    n = len(credit)
     return {
         "n": n,
         "accuracy": credit.mean().item(),
         "accuracy_ci95": list(wilson_interval(credit.sum().item(), n)),
         "mean_margin": (chosen - rejected).mean().item(),
+        **length_figures(list(zip(credit.tolist(), chosen_lengths, rejected_lengths))),
     }

@@ -136,6 +136,8 @@ def test_train_rm_from_a_datasets_folder_then_eval_rm(tmp_path: Path, tiny_model
         == EXIT_OK
     )
     report = json.loads((tmp_path / "rm.json").read_text())
-    assert set(report) == {"n", "accuracy", "accuracy_ci95", "mean_margin"}
+    assert {"n", "accuracy", "accuracy_ci95", "mean_margin", "length_balanced_accuracy"} <= set(report)
     assert report["n"] == 20 and report["accuracy"] >= 0.9 and report["mean_margin"] > 0
-    assert "accuracy" in capsys.readouterr().out
+    assert report["chosen_longer_n"] + report["chosen_shorter_n"] == report["length_n"]
+    out = capsys.readouterr().out
+    assert "accuracy" in out and "length-balanced" in out
