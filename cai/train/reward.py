@@ -52,9 +52,11 @@ from cai.train.metrics import mean, plot
 REWARD_FILE = "reward.json"
 
 
-def train(config: TrainConfig, stop_after: int | None = None) -> Path:
+def train(config: TrainConfig, stop_after: int | None = None, centre: bool = True) -> Path:
     """Train; returns OUTPUT/final. `stop_after=N` returns right after step N's checkpoint, as a kill
-    there would (of the main phase: a pretraining phase runs to its end first)."""
+    there would (of the main phase: a pretraining phase runs to its end first). `centre`: score every
+    training answer for the offset; a pretraining phase does not (the main phase centres its own
+    rewards, and scoring a generic comparison set took most of its time)."""
     from transformers import AutoModelForSequenceClassification
 
     if config.rm.pretrain is not None:
@@ -174,22 +176,27 @@ def train(config: TrainConfig, stop_after: int | None = None) -> Path:
 
     # --- centre: the mean reward over the training answers becomes the offset scoring subtracts
     model.eval()
-    with torch.no_grad():
-        answers = [g.answers for g in groups]
-        size = config.eval_batch_size or config.batch_size
-        offset = (
-            torch.cat(
-                [score_groups(model, answers[i : i + size], pad_id, acc.device) for i in range(0, len(answers), size)]
+    answers = [g.answers for g in groups]
+    offset = None
+    if centre:
+        with torch.no_grad():
+            size = config.eval_batch_size or config.batch_size
+            offset = (
+                torch.cat(
+                    [
+                        score_groups(model, answers[i : i + size], pad_id, acc.device)
+                        for i in range(0, len(answers), size)
+                    ]
+                )
+                .mean()
+                .item()
             )
-            .mean()
-            .item()
-        )
     if options.heads == 2:
         keep_quality_head(model)
     final = checkpoint.save_final(acc, model, tokenizer, config.output_dir)
     if acc.is_main_process:
         summary = {
-            "offset": offset,
+            "offset": offset,  # null: not centred (a pretraining phase's model)
             "train_answers": sum(len(a) for a in answers),
             "eval_accuracy": eval_result.get("accuracy"),
             "eval": dict(final_figures) or None,  # the last held-out evaluation's figures, lengths in tokens
@@ -270,7 +277,8 @@ def pretrained(config: TrainConfig) -> TrainConfig:
                 lr=options.lr or config.lr,
                 # one head: the main phase starts its heads fresh when it has two
                 rm=replace(config.rm, pretrain=None, use_margin=False, use_soft_labels=False, heads=1),
-            )
+            ),
+            centre=False,
         )
     return replace(config, model=str((folder / "final").resolve()))
 
@@ -339,7 +347,7 @@ class RewardScorer:
                 .eval()
             )
             offset_file = Path(path) / REWARD_FILE
-            offset = json.loads(offset_file.read_text())["offset"] if offset_file.exists() else 0.0
+            offset = (json.loads(offset_file.read_text())["offset"] or 0.0) if offset_file.exists() else 0.0
             self.models[name] = (model, tokenizer, float(weight), offset)
 
     @torch.no_grad()

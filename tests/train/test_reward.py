@@ -181,6 +181,9 @@ def test_pretraining_phase_then_the_main_pairs(tmp_path: Path, tiny_model: Path,
     )  # the main phase starts from the pretrained model
     assert main[2]["accuracy"] >= 0.9 and read_metrics(plain.output_dir, "eval")[2]["accuracy"] <= 0.75
 
+    # the pretraining phase's rewards are not centred (the main phase centres its own): no offset to compute
+    assert json.loads((pmp.output_dir / "pretrain" / "final" / "reward.json").read_text())["offset"] is None
+    assert json.loads((pmp.output_dir / "final" / "reward.json").read_text())["offset"] is not None
     pretrained_at = (pmp.output_dir / "pretrain" / "final" / "model.safetensors").stat().st_mtime_ns
     reward.train(pmp)
     assert (pmp.output_dir / "pretrain" / "final" / "model.safetensors").stat().st_mtime_ns == pretrained_at
