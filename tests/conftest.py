@@ -24,6 +24,16 @@ def tiny_model(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_api_server(tiny_model, tmp_path_factory):
+    """The real vLLM OpenAI server on the tiny model, one for the whole session (each start costs tens
+    of seconds); tests of the API backend and of juries share it."""
+    from api_server import running
+
+    with running(tiny_model, tmp_path_factory.mktemp("tiny-server") / "vllm-server.log") as srv:
+        yield srv
+
+
+@pytest.fixture(scope="session")
 def cai_home(tmp_path_factory) -> Path:
     """Where embedded models are prepared: the user's $CAI_HOME when set (a model prepared once is
     reused across test sessions), else a folder of this session."""

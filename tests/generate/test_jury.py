@@ -7,7 +7,7 @@ import json
 
 import pytest
 import yaml
-from api_server import API_KEY, KEY_ENV, SERVED_NAME, running
+from api_server import API_KEY, KEY_ENV, SERVED_NAME
 from locations import SHARED_DATA
 from pipeline_files import tiny_pipeline
 
@@ -18,9 +18,8 @@ WEIGHTS = {"judge": 1.0, "judge_api": 3.0}
 
 
 @pytest.fixture
-def server(tiny_model, tmp_path):
-    with running(tiny_model, tmp_path / "vllm-server.log") as srv:
-        yield srv
+def server(tiny_api_server):
+    return tiny_api_server
 
 
 def test_a_jury_of_a_local_engine_and_an_api_server(tiny_model, server, tmp_path, monkeypatch, capsys):

@@ -22,3 +22,15 @@ def target_tokens(tiny_model) -> list[str]:
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     texts = [tokenizer.decode([i]) for i in range(300, 600)]
     return [t for t in texts if len(tokenizer.encode(t, add_special_tokens=False)) == 1]
+
+
+@pytest.fixture(scope="session")
+def judge_api_server(tiny_model, tmp_path_factory):
+    """The real vLLM OpenAI server on the tiny model made a judge (synthetic.judge_model), one for the
+    whole session: the online trainers' judge tests share it."""
+    from api_server import running
+    from synthetic import judge_model
+
+    folder = tmp_path_factory.mktemp("judge-server")
+    with running(judge_model(tiny_model, folder / "judge"), folder / "vllm-server.log") as srv:
+        yield srv

@@ -8,8 +8,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from api_server import API_KEY, KEY_ENV, SERVED_NAME, running
-from synthetic import PROMPTS, WORDS, judge_model, read_metrics, write_config, write_jsonl
+from api_server import API_KEY, KEY_ENV, SERVED_NAME
+from synthetic import PROMPTS, WORDS, read_metrics, write_config, write_jsonl
 
 from cai.cli import main
 from cai.generate.prompts import load as load_prompts
@@ -19,11 +19,9 @@ from cai.train.reward import Rewards
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="module")
-def server(tiny_model, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("judge-server")
-    with running(judge_model(tiny_model, folder / "judge"), folder / "vllm-server.log") as srv:
-        yield srv
+@pytest.fixture
+def server(judge_api_server):
+    return judge_api_server
 
 
 @pytest.fixture(autouse=True)

@@ -203,14 +203,9 @@ def test_vllm_rollouts_sample_from_the_policy_after_each_sync(tmp_path, tiny_mod
     assert late > metrics[1]["win_rate"] + 0.2, [metrics[s]["win_rate"] for s in metrics]
 
 
-@pytest.fixture(scope="module")
-def server(tiny_model, tmp_path_factory):
-    from api_server import running
-    from synthetic import judge_model
-
-    folder = tmp_path_factory.mktemp("online-dpo-judge-server")
-    with running(judge_model(tiny_model, folder / "judge"), folder / "vllm-server.log") as srv:
-        yield srv
+@pytest.fixture
+def server(judge_api_server):
+    return judge_api_server
 
 
 def test_the_judge_through_the_real_api_server(server, tiny_model, tmp_path, monkeypatch, capsys):

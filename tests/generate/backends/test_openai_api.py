@@ -24,10 +24,9 @@ from cai.generate.backends.openai_api import TokenBucket, backoff_delay
 from cai.generate.store import CallCache, read_shards
 
 
-@pytest.fixture(scope="module")
-def server(tiny_model, tmp_path_factory):
-    with running(tiny_model, tmp_path_factory.mktemp("server") / "vllm-server.log") as srv:
-        yield srv
+@pytest.fixture
+def server(tiny_api_server):
+    return tiny_api_server
 
 
 @pytest.fixture(autouse=True)
