@@ -522,6 +522,18 @@ def _check_packing(doc: dict[str, Any], kind: str, name: str) -> None:
             )
 
 
+def judge_backend(name: str, doc: dict[str, Any], file: Path, field: str):
+    """A training's judge backend, written as a pipeline's; a Batch API is refused: it answers within
+    hours, and a training step waits for its labels."""
+    if doc.get("type") == "openai_batch":
+        raise InputError(
+            str(file),
+            f"{field}.type",
+            "a Batch API answers within hours: a training step's judge must be vllm or openai",
+        )
+    return backend_spec(name, doc, file, field)
+
+
 def load(kind: str, path: str | Path, overrides: list[str] = ()) -> TrainConfig:
     file = Path(path)
     name = str(file)
@@ -708,7 +720,7 @@ def _judge(doc: dict[str, Any], file: Path, name: str, where: str, source: str) 
             "pairwise mode needs references (each prompt's reference answer); score mode takes none",
         )
     return JudgeSource(
-        backend=backend_spec(f"judge-{source}", doc["backend"], file, f"{where}.backend"),
+        backend=judge_backend(f"judge-{source}", doc["backend"], file, f"{where}.backend"),
         constitution=existing_path(doc["constitution"], file, name, f"{where}.constitution"),
         mode=mode,
         principles=doc.get("principles", 1),
@@ -831,7 +843,7 @@ def _nash_md_options(doc: dict[str, Any], file: Path, name: str) -> NashMDOption
         judge, where = spec["judge"], "nash-md.preference.judge"
         preference = PreferenceSource(
             judge=JudgeSource(
-                backend=backend_spec("judge-preference", judge["backend"], file, f"{where}.backend"),
+                backend=judge_backend("judge-preference", judge["backend"], file, f"{where}.backend"),
                 constitution=existing_path(judge["constitution"], file, name, f"{where}.constitution"),
                 mode="pairwise",
                 principles=judge.get("principles", 1),
@@ -863,7 +875,7 @@ def _online_dpo_options(doc: dict[str, Any], file: Path, name: str) -> OnlineDPO
             name, f"{where}.calibration", "a calibration is fitted to one judge: a jury's jurors would share it"
         )
     if "backend" in judge:
-        backends = {"judge": backend_spec("judge", judge["backend"], file, f"{where}.backend")}
+        backends = {"judge": judge_backend("judge", judge["backend"], file, f"{where}.backend")}
         jury = None
     else:
         backends = {

@@ -16,6 +16,7 @@ from cai.core.files import schema
 from cai.service.app import TrainRequest
 from cai.service.workspace import Workspace
 from cai.train.config import DEFAULT_LR, KINDS
+from cai.train.config import load as load_config
 
 
 def test_every_kind_is_a_command_a_chain_step_and_a_service_job(tmp_path: Path) -> None:
@@ -160,10 +161,19 @@ def test_service_refuses_a_judge_backend_the_operator_did_not_declare(tmp_path: 
     )
 
 
-def test_the_judge_backend_schema_is_the_pipelines(tmp_path: Path) -> None:
-    """One backend entry format: the train schema's copy is kept equal to the pipeline schema's."""
-    assert schema("train")["$defs"]["backend"] == schema("pipeline")["$defs"]["backend"]
-    assert schema("train")["$defs"]["url"] == schema("pipeline")["$defs"]["url"]
+def test_the_judge_backend_schema_is_the_pipelines_without_batch_apis(tmp_path: Path) -> None:
+    """One backend entry format: the train schema points at the pipeline schema's. A Batch API, which
+    answers within hours, cannot label a training step: refused naming the field."""
+    assert schema("train")["$defs"]["backend"] == {"$ref": "pipeline.json#/$defs/backend"}
+    write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "Hi?"}])
+    backend = {"type": "openai_batch", "model": "judge", "base_url": "http://127.0.0.1:9/v1"}
+    rewards = [{"name": "judge", "judge": {"backend": backend, "constitution": "harmless.yaml"}}]
+    config = write_config(
+        tmp_path / "c.yaml", model="smollm2", data={"train": "prompts.jsonl"}, output_dir="x", grpo={"rewards": rewards}
+    )
+    with pytest.raises(InputError) as info:
+        load_config("grpo", config)
+    assert info.value.field == "grpo.rewards[0].judge.backend.type" and "Batch API" in info.value.message
 
 
 def test_service_confines_nash_md_preference_to_the_workspace_and_its_backends(tmp_path: Path, monkeypatch) -> None:
