@@ -62,6 +62,10 @@ def _same_url(url: str) -> str:
     return url.rstrip("/")  # `.../v1/` and `.../v1` are one server
 
 
+# backends that reach a server by URL with a key: a job may name only those the operator declared
+API_BACKENDS = ("openai", "openai_batch")
+
+
 def check_api_backend(
     spec: BackendSpec,
     allowed: Mapping[str, ServerBackend],

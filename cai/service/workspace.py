@@ -18,7 +18,7 @@ from cai.generate.backends.base import BackendSpec
 from cai.generate.config import PipelineConfig
 from cai.rating import config as eval_config
 from cai.rating.config import EvalConfig, RatedModel
-from cai.service.policy import ServerBackend, check_api_backend, check_engine_options
+from cai.service.policy import API_BACKENDS, ServerBackend, check_api_backend, check_engine_options
 from cai.train import config as train_config
 from cai.train.config import TrainConfig
 
@@ -130,7 +130,7 @@ class Workspace:
         """A backend a job may start: an API the operator declared, or an engine with allowed options on a
         model of the workspace. `where`: the backend's field; `model_field`: its model's (default `where.model`)."""
         model_field = model_field or f"{where}.model"
-        if spec.type == "openai":
+        if spec.type in API_BACKENDS:
             check_api_backend(spec, self.backends, shown, where, model_field)
         else:
             self._check_model(spec.model, config_file, shown, model_field)

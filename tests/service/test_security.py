@@ -134,8 +134,19 @@ def job_pid(server: Server, job_id: int) -> int:
             "backends.spy={type: openai, model: tiny, base_url: 'CAPTURE'}",
             "roles.critic=spy",
         ],  # no key, but a request to anywhere
+        [
+            f"backends.spy={{type: openai_batch, model: tiny, base_url: 'CAPTURE', api_key_env: {SECRET_ENV}}}",
+            "roles.critic=spy",
+        ],  # the same through a Batch API
     ],
-    ids=["secret-to-own-url", "declared-key-to-own-url", "secret-to-declared-url", "extra-url", "keyless-own-url"],
+    ids=[
+        "secret-to-own-url",
+        "declared-key-to-own-url",
+        "secret-to-declared-url",
+        "extra-url",
+        "keyless-own-url",
+        "batch-api-to-own-url",
+    ],
 )
 def test_a_job_cannot_send_a_key_where_the_operator_did_not_allow(guarded, api, capture, sets):
     sets = [s.replace("CAPTURE", capture.url).replace("API", api.url) for s in sets]
