@@ -156,6 +156,12 @@ def _prepare_store(config: PipelineConfig, run_dir: Path, limit: int | None, sha
             "this run directory was made by a different pipeline, constitution or prompt set; "
             "pass another --run-dir to start a new run",
         )
+    elif "merged_from" in manifest:  # its rows live in its shards' folders: a run here would redo them all
+        raise InputError(
+            str(store.manifest_path),
+            "merged_from",
+            "this run directory was merged from shards (cai merge): rerun the shards and merge them again",
+        )
     elif manifest.get("shard") != (shard.to_dict() if shard else None):
         made = (
             f"shard {manifest['shard']['index']}/{manifest['shard']['count']}"

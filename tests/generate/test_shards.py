@@ -72,7 +72,7 @@ def lines(path: Path) -> list[dict]:
 
 
 def test_three_shards_merged_are_the_unsharded_run(runs, tmp_path, capsys):
-    _, whole, shards, _ = runs
+    pipeline, whole, shards, _ = runs
     per_shard = [{r["id"] for r in lines(d / "datasets" / "rows.jsonl")} for d in shards]
     assert all(per_shard) and sum(map(len, per_shard)) == len(set().union(*per_shard)) == 12
     merged = tmp_path / "merged"
@@ -90,6 +90,11 @@ def test_three_shards_merged_are_the_unsharded_run(runs, tmp_path, capsys):
     assert (merged / "report.html").is_file()
     manifest = json.loads((merged / "manifest.json").read_text())
     assert "shard" not in manifest and sorted(i["shard"]["index"] for i in manifest["invocations"]) == [0, 1, 2]
+    # its rows live in the shards' folders: cai run there would redo them all, so it is refused
+    capsys.readouterr()
+    assert main(["run", str(pipeline), "--run-dir", str(merged), "--quiet", *LIMIT]) == 2
+    assert "merged_from: this run directory was merged from shards" in capsys.readouterr().err
+    assert json.loads((merged / "manifest.json").read_text()) == manifest
 
 
 def test_merging_shards_that_do_not_belong_together_exits_2_naming_the_shard(runs, tmp_path, capsys):
