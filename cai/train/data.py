@@ -610,3 +610,34 @@ class Batches:
         if epoch != self._epoch:
             self._epoch, self._plan = epoch, self.plan(epoch)
         return self._plan[index]
+
+
+class PackedBatches(Batches):
+    """`Batches` for packed rows (`packing: true`): each batch is the items of `rows_per_batch` bins of
+    at most `capacity` tokens (packing.best_fit_decreasing), bin after bin. Items are shuffled before the
+    (stable) best-fit, so equal-length items change bins between epochs, and the bins are shuffled."""
+
+    def __init__(
+        self, lengths: list[int], capacity: int, rows_per_batch: int, seed: int, rank: int = 0, world_size: int = 1
+    ):
+        self.lengths, self.capacity, self.rows_per_batch, self.seed = lengths, capacity, rows_per_batch, seed
+        self.rank, self.world_size = rank, world_size
+        # the number of bins depends on the lengths only, not on the epoch's order among equal lengths
+        self.per_epoch = len(self.every_batch(0)) // world_size
+        if self.per_epoch == 0:
+            raise ValueError(f"{len(lengths)} examples make no packed batch on each of {world_size} processes")
+        self._epoch, self._plan = -1, []
+
+    def every_batch(self, epoch: int) -> list[list[int]]:
+        rng = random.Random(self.seed * 1_000_003 + epoch)
+        order = list(range(len(self.lengths)))
+        rng.shuffle(order)
+        bins = packing.best_fit_decreasing(self.lengths, order, self.capacity)
+        rng.shuffle(bins)
+        return [
+            [i for b in bins[start : start + self.rows_per_batch] for i in b]
+            for start in range(0, len(bins), self.rows_per_batch)
+        ]
+
+    def plan(self, epoch: int) -> list[list[int]]:
+        return self.every_batch(epoch)[self.rank :: self.world_size][: self.per_epoch]

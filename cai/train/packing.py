@@ -11,7 +11,6 @@ variable-length kernel on a CPU or under sdpa), so one long row would spend more
 from __future__ import annotations
 
 import bisect
-import random
 
 
 def best_fit_decreasing(lengths: list[int], order: list[int], budget: int) -> list[list[int]]:
@@ -35,41 +34,5 @@ def best_fit_decreasing(lengths: list[int], order: list[int], budget: int) -> li
 
 def rows(lengths: list[int], capacity: int) -> list[list[int]]:
     """A batch's items (indexes into `lengths`) as rows of at most `capacity` tokens, by best-fit
-    decreasing: what a trainer packs the batch PackedBatches gave it into."""
+    decreasing: what a trainer packs the batch data.PackedBatches gave it into."""
     return best_fit_decreasing(lengths, list(range(len(lengths))), capacity)
-
-
-class PackedBatches:
-    """`data.Batches` for packed rows: each batch is the items of `rows_per_batch` bins of at most
-    `capacity` tokens, a pure function of (seed, epoch) so that a resumed run gets what the uninterrupted
-    one got. Items are shuffled before the (stable) best-fit, so equal-length items change bins between
-    epochs, and the bins are shuffled; each process reads every world_size-th batch."""
-
-    def __init__(
-        self, lengths: list[int], capacity: int, rows_per_batch: int, seed: int, rank: int = 0, world_size: int = 1
-    ):
-        self.lengths, self.capacity, self.rows_per_batch = lengths, capacity, rows_per_batch
-        self.seed, self.rank, self.world_size = seed, rank, world_size
-        # the number of bins depends on the lengths only, not on the epoch's order among equal lengths
-        self.per_epoch = len(self.plan(0)) // world_size
-        if self.per_epoch == 0:
-            raise ValueError(f"{len(lengths)} examples make no packed batch on each of {world_size} processes")
-        self._epoch, self._plan = -1, []
-
-    def plan(self, epoch: int) -> list[list[int]]:
-        """Every batch of the epoch, each the items of its bins, bin after bin."""
-        rng = random.Random(self.seed * 1_000_003 + epoch)
-        order = list(range(len(self.lengths)))
-        rng.shuffle(order)
-        bins = best_fit_decreasing(self.lengths, order, self.capacity)
-        rng.shuffle(bins)
-        return [
-            [i for b in bins[start : start + self.rows_per_batch] for i in b]
-            for start in range(0, len(bins), self.rows_per_batch)
-        ]
-
-    def __call__(self, position: int) -> list[int]:
-        epoch, index = divmod(position, self.per_epoch)
-        if epoch != self._epoch:
-            self._epoch, self._plan = epoch, self.plan(epoch)[self.rank :: self.world_size][: self.per_epoch]
-        return self._plan[index]

@@ -12,7 +12,7 @@ import torch
 
 from cai.core import logs, models
 from cai.core.errors import InputError
-from cai.train import checkpoint, data, packing
+from cai.train import checkpoint, data
 from cai.train.config import TrainConfig, packed_row
 
 
@@ -163,7 +163,7 @@ def batches(config: TrainConfig, acc, lengths: list[int], bucket: bool = False) 
     """The batches of items of these token lengths (bucketed by length or not, or packed), this process's share."""
     if config.packing:
         capacity, rows = packed_row(config)
-        return packing.PackedBatches(
+        return data.PackedBatches(
             lengths, capacity, rows, config.seed, rank=acc.process_index, world_size=acc.num_processes
         )
     return data.Batches(

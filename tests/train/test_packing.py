@@ -13,8 +13,9 @@ from synthetic import preference_records, read_metrics, sft_records, write_confi
 from cai.core.errors import InputError
 from cai.train import config as train_config
 from cai.train import data, dpo, sft
+from cai.train.data import PackedBatches
 from cai.train.losses import token_logps
-from cai.train.packing import PackedBatches, best_fit_decreasing, rows
+from cai.train.packing import best_fit_decreasing, rows
 
 
 def test_best_fit_decreasing_puts_each_item_in_the_fullest_bin_it_fits():
