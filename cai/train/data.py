@@ -368,6 +368,11 @@ def shared_prompt(pair: EncodedPair) -> int:
     return n
 
 
+def packed_length(pair: EncodedPair) -> int:
+    """A pair's tokens in a packed row: its shared prompt once, then both answers."""
+    return len(pair.chosen.input_ids) + len(pair.rejected.input_ids) - shared_prompt(pair)
+
+
 def pack(rows: list[tuple[int, list[list[int]]]], pad_id: int) -> tuple[dict[str, torch.Tensor], list[list[int]]]:
     """Rows that each hold the n leading tokens their sequences share once, then every sequence's
     tokens after them: [shared, rest of sequence 1, rest of sequence 2, ..., pads]. Each sequence sits
@@ -449,7 +454,7 @@ def collate_pairs(pairs: list[EncodedPair], pad_id: int, capacity: int | None = 
     if capacity is None:
         layout = [[b] for b in range(len(pairs))]
     else:
-        layout = packing.rows([len(c) + len(r) - n for n, (c, r) in groups], capacity)
+        layout = packing.rows([packed_length(pair) for pair in pairs], capacity)
     batch, starts = pack_groups([[groups[b] for b in row] for row in layout], pad_id)
     placed = {b: (r, g) for r, row in enumerate(layout) for g, b in enumerate(row)}
     row, source, token, sequence = [], [], [], []

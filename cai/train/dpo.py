@@ -62,9 +62,10 @@ def train(config: TrainConfig, stop_after: int | None = None) -> Path:
         train_set, dropped = data.encode_pairs(tokenizer, pairs, config.max_length)
         eval_set, _ = data.encode_pairs(tokenizer, eval_pairs, config.max_length)
         what = "pairs"
-        lengths = [len(p.chosen.input_ids) + len(p.rejected.input_ids) for p in train_set]
-        if config.packing:  # a packed pair holds its prompt once
-            lengths = [n - data.shared_prompt(p) for n, p in zip(lengths, train_set)]
+        if config.packing:
+            lengths = [data.packed_length(p) for p in train_set]
+        else:
+            lengths = [len(p.chosen.input_ids) + len(p.rejected.input_ids) for p in train_set]
     if not train_set:
         raise InputError(
             str(config.train_data), None, f"no {what[:-1]} keeps an answer token within max_length {config.max_length}"
@@ -98,7 +99,7 @@ def train(config: TrainConfig, stop_after: int | None = None) -> Path:
     def pair_values(
         items: list[data.EncodedPair], indexes: list[int], split: str
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        packed = config.packing and split == "train"  # a training batch is one packed row; evaluation pads
+        packed = config.packing and split == "train"  # a training batch is packed into rows; evaluation pads
         chosen, rejected = logps(policy, items, packed)
         label_prob = torch.tensor([p.label_prob for p in items], device=acc.device) if options.use_soft_labels else None
         figures = {}
