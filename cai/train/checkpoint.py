@@ -6,6 +6,10 @@ OUTPUT/
                               (step, data position), state/ (optimizer, scheduler, RNG of every process)
   final/                      model + tokenizer (LoRA merged in)
 
+Under FSDP a checkpoint's weights are the shards each process wrote (state/pytorch_model_fsdp_N, in
+parallel, readable by any number of processes): gathering a large model whole at every checkpoint would
+take one process's memory and most of the time. Only final/ is gathered whole.
+
 Every folder is written under a temporary name and renamed into place: a kill leaves the previous
 checkpoints whole. Optimizer, scheduler and RNG state go through accelerate's save_state, which knows
 how FSDP and DeepSpeed shard them; the weights are not saved twice (save_pretrained holds them)
@@ -91,16 +95,15 @@ def save(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.unwrap_model(model).save_pretrained(
-        tmp,
-        state_dict=accelerator.get_state_dict(model),
-        is_main_process=accelerator.is_main_process,
-        safe_serialization=True,
-    )
-    for name, other in (others or {}).items():
-        accelerator.unwrap_model(other).save_pretrained(
-            tmp / name,
-            state_dict=accelerator.get_state_dict(other),
+    for folder_of, trained in [(tmp, model), *((tmp / name, other) for name, other in (others or {}).items())]:
+        unwrapped = accelerator.unwrap_model(trained)
+        if sharded(accelerator) and not hasattr(unwrapped, "peft_config"):
+            if accelerator.is_main_process:
+                unwrapped.config.save_pretrained(folder_of)
+            continue  # the weights are in state/'s shards; a LoRA adapter is small enough to keep whole
+        unwrapped.save_pretrained(
+            folder_of,
+            state_dict=accelerator.get_state_dict(trained),
             is_main_process=accelerator.is_main_process,
             safe_serialization=True,
         )
@@ -118,6 +121,26 @@ def save(
     return folder
 
 
+def sharded(accelerator) -> bool:
+    """Whether each process holds only a slice of every weight (FSDP, from `accelerate launch
+    --config_file`): whole weights are then gathered to save them or hand them to vLLM."""
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.FSDP
+
+
+def is_sharded(folder: Path) -> bool:
+    """Whether a checkpoint's weights are FSDP shards (state/pytorch_model_fsdp_0) rather than safetensors."""
+    return (folder / "state" / "pytorch_model_fsdp_0").is_dir()
+
+
+def gathered_state_dict(module) -> dict[str, Any]:
+    """An FSDP module's weights whole, gathered onto the main process's CPU (the others get an empty dict)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
 def restore(accelerator, folder: Path) -> dict[str, Any]:
     """Optimizer, scheduler and RNG state from a checkpoint (the model was built from it); returns its
     trainer state (step, data position, ...)."""
@@ -129,10 +152,10 @@ def save_final(accelerator, model, tokenizer, output_dir: Path) -> Path:
     """OUTPUT/final: a plain model any loader reads (a LoRA adapter is merged into its base)."""
     folder = output_dir / "final"
     unwrapped = accelerator.unwrap_model(model)
-    state_dict = accelerator.get_state_dict(model)  # every rank takes part in gathering it
     if hasattr(unwrapped, "merge_and_unload"):
         unwrapped = unwrapped.merge_and_unload()
-        state_dict = None
+    # under FSDP every process takes part in gathering the weights; else save_pretrained reads them
+    state_dict = gathered_state_dict(unwrapped) if sharded(accelerator) else None
     if accelerator.is_main_process:
         with replaced_folder(folder) as tmp:
             unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)

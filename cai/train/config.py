@@ -493,6 +493,10 @@ def _check_flash_attention(name: str, kind: str) -> None:
         raise InputError(name, "attn_implementation", "flash_attention_2 runs on a CUDA GPU only: use sdpa")
 
 
+# trainers that run under FSDP: every process runs the same forward passes in every step (sampling
+# included, through generate's synced_gpus), and one optimizer covers one model
+FSDP_KINDS = ("sft", "dpo", "rm", "grpo", "rloo")
+
 # trainers that pack (`packing: true`), with the sequences an example holds at most (a pair: two answers)
 PACKING_KINDS = {"sft": 1, "dpo": 2}
 

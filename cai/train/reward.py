@@ -339,13 +339,10 @@ class RewardScorer:
         self.models = {}
         for name, (path, weight) in models.items():
             tokenizer = runtime.load_tokenizer(str(path))
-            model = (
-                AutoModelForSequenceClassification.from_pretrained(
-                    path, num_labels=1, pad_token_id=data.pad_id(tokenizer)
-                )
-                .to(self.device)
-                .eval()
+            model = AutoModelForSequenceClassification.from_pretrained(
+                path, num_labels=1, pad_token_id=data.pad_id(tokenizer)
             )
+            model = runtime.loaded_everywhere(model.to(self.device).eval())
             offset_file = Path(path) / REWARD_FILE
             offset = (json.loads(offset_file.read_text())["offset"] or 0.0) if offset_file.exists() else 0.0
             self.models[name] = (model, tokenizer, float(weight), offset)

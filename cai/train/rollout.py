@@ -16,7 +16,7 @@ import torch
 from cai.core.errors import InputError
 from cai.core.seeding import derive_seed
 from cai.generate import prompts as prompt_sets
-from cai.train import data, loop, runtime
+from cai.train import checkpoint, data, loop, runtime
 from cai.train.config import TrainConfig
 from cai.train.losses import token_entropy, token_logps
 
@@ -129,6 +129,9 @@ class Sampler:
             pad_token_id=self.pad_id,
             eos_token_id=self.eos_id,
         )
+        # under FSDP every process runs each forward pass (its layers are gathered from all) until the
+        # last process's answers have ended
+        self.synced = checkpoint.sharded(acc) and acc.num_processes > 1
         self.engine = None
         if options.rollout == "vllm":
             from cai.train.vllm_rollout import VLLMRollout
@@ -146,7 +149,12 @@ class Sampler:
             model = self.acc.unwrap_model(policy)
             with torch.no_grad(), eval_mode(model):
                 cache = shared_prefill(model, batch, prompts)
-                ids = model.generate(**batch, past_key_values=cache, generation_config=self.generation)
+                ids = model.generate(
+                    **batch,
+                    past_key_values=cache,
+                    generation_config=self.generation,
+                    synced_gpus=self.synced,
+                )
         else:
             sync_seconds = self.engine.sync(self.acc.unwrap_model(policy))
             answers = self.engine.generate(

@@ -13,7 +13,7 @@ import torch
 from cai.core import logs, models
 from cai.core.errors import InputError
 from cai.train import checkpoint, data
-from cai.train.config import TrainConfig, packed_row
+from cai.train.config import FSDP_KINDS, TrainConfig, packed_row
 
 
 def note(acc, message: str) -> None:
@@ -53,9 +53,43 @@ def accelerator(config: TrainConfig):
     # cpu=True without a GPU: accelerate then takes `accelerate launch --multi_gpu` / torchrun processes
     # as one CPU run over gloo; left out, each process trains alone on all the data
     acc = Accelerator(mixed_precision="bf16" if bf16 else "no", cpu=not torch.cuda.is_available())
+    if checkpoint.sharded(acc):
+        check_sharding(config, acc)
     checkpoint.skip_model_weights(acc)
     set_seed(config.seed)
     return acc
+
+
+def full_weights(model) -> dict[str, torch.Tensor]:
+    """The model's weights whole, on the CPU in fp32, on every process (each process's vLLM engine loads
+    them). Sharded weights are gathered one at a time, so no device holds more than one whole weight
+    beyond its own slices. Tied weights appear once: safetensors refuses aliased tensors, and vLLM ties
+    them again itself."""
+    from torch.distributed.tensor import DTensor
+
+    persistent = model.state_dict().keys()
+    named = {**dict(model.named_parameters()), **{n: b for n, b in model.named_buffers() if n in persistent}}
+    return {
+        name: (t.full_tensor() if isinstance(t, DTensor) else t).detach().to("cpu", torch.float32).contiguous()
+        for name, t in named.items()
+    }
+
+
+def check_sharding(config: TrainConfig, acc) -> None:
+    """FSDP2 for the trainers whose every step runs the same collectives on every process."""
+    if not acc.is_fsdp2:
+        raise InputError(
+            "the accelerate config",
+            "fsdp_config.fsdp_version",
+            "cai shards with FSDP2 (its weights are DTensors, gathered one by one to save or sync): set it to 2",
+        )
+    if config.kind not in FSDP_KINDS:
+        raise InputError(
+            str(config.file),
+            None,
+            f"`cai train {config.kind}` does not run under FSDP yet (it runs on {', '.join(FSDP_KINDS)}); "
+            "launch it without an FSDP accelerate config (DDP: --multi_gpu)",
+        )
 
 
 def prepare_output(config: TrainConfig, acc) -> Path | None:
@@ -75,7 +109,17 @@ def prepare_output(config: TrainConfig, acc) -> Path | None:
         for stale in (config.output_dir / "checkpoints").glob(".step-*.tmp"):
             shutil.rmtree(stale)
     acc.wait_for_everyone()
-    return checkpoint.latest(config.output_dir)
+    resume = checkpoint.latest(config.output_dir)
+    if resume is not None and checkpoint.is_sharded(resume) != checkpoint.sharded(acc):
+        held, now = (
+            ("FSDP shards", "without FSDP") if checkpoint.is_sharded(resume) else ("whole weights", "under FSDP")
+        )
+        raise InputError(
+            str(config.file),
+            None,
+            f"{resume} holds {held} and this run is launched {now}: resume it the way it was launched",
+        )
+    return resume
 
 
 def model_path(config: TrainConfig, name: str | None = None) -> str:
@@ -113,7 +157,8 @@ def load_model(cls, config: TrainConfig, resume: Path | None, task_type: str, **
     holds the adapter only: it goes on top of the base model)."""
     start = model_path(config)
     kwargs = {**load_options(config), **kwargs}
-    if resume is not None and config.lora is None:
+    # a sharded checkpoint's weights are loaded into the prepared model with the optimizer (restore)
+    if resume is not None and config.lora is None and not checkpoint.is_sharded(resume):
         return checkpointed(cls.from_pretrained(resume, dtype=torch.float32, **kwargs), config)
     model = checkpointed(cls.from_pretrained(start, dtype=torch.float32, **kwargs), config)
     if config.lora is None:
@@ -145,9 +190,39 @@ def load_reference(config: TrainConfig, acc, model: str | None = None):
         return None
     dtype = torch.bfloat16 if acc.mixed_precision == "bf16" else torch.float32
     reference = AutoModelForCausalLM.from_pretrained(model_path(config, model), dtype=dtype, **load_options(config))
-    reference = reference.to(acc.device).eval()
-    reference.requires_grad_(False)
-    return reference
+    reference.eval().requires_grad_(False)
+    return shard_frozen(reference, acc) if checkpoint.sharded(acc) else reference.to(acc.device)
+
+
+def shard_frozen(model, acc):
+    """A frozen model split like the trained one under FSDP (each decoder layer a unit, moved to the
+    device slice by slice, gathered for its forward pass and freed after): a whole copy per process
+    would take the memory sharding saves. Its weights come from the first process, as accelerate.prepare
+    does for the trained model: under cpu_ram_efficient_loading (accelerate launch's default) transformers
+    loads them there only and zeros elsewhere."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from torch.distributed.fsdp import fully_shard
+
+    whole = model.state_dict() if acc.is_main_process else {}
+    layers = set(model._no_split_modules or ())
+    for module in model.modules():
+        if type(module).__name__ in layers:
+            fully_shard(module)
+    fully_shard(model)
+    set_model_state_dict(model, whole, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    return model
+
+
+def loaded_everywhere(model):
+    """A model loaded outside accelerate.prepare and kept whole, with the first process's weights on
+    every process: under FSDP's cpu_ram_efficient_loading, transformers loads them on the first process
+    only (zeros elsewhere, for prepare to broadcast)."""
+    from transformers.integrations import is_fsdp_enabled
+
+    if is_fsdp_enabled():
+        for tensor in model.state_dict().values():
+            torch.distributed.broadcast(tensor, src=0)
+    return model
 
 
 def trainable(config: TrainConfig, acc, resume: Path | None, optimizer_steps: int, cls, task_type: str, **kwargs):

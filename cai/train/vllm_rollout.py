@@ -15,10 +15,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from cai.core.seeding import derive_seed
 from cai.generate.backends.local_vllm import engine_args, shutdown
+from cai.train.runtime import full_weights
 
 
 class VLLMRollout:
@@ -36,13 +35,7 @@ class VLLMRollout:
 
         started = time.perf_counter()
         path = self.folder / "model.safetensors"
-        # Tied embeddings share storage: safetensors refuses aliased tensors, vLLM re-ties them itself.
-        state, seen = {}, set()
-        for name, tensor in policy.state_dict().items():
-            if tensor.data_ptr() not in seen:
-                seen.add(tensor.data_ptr())
-                state[name] = tensor.detach().to("cpu", torch.float32).contiguous()
-        save_file(state, str(path))
+        save_file(full_weights(policy), str(path))
         # The workers' own in-place reload: it repacks weights the way the engine's kernels want them
         # (on CPUs, load_weights into the live model fails on parameters repacked at start).
         self.llm.collective_rpc(

@@ -184,3 +184,10 @@ def judge_model(tiny_model: Path, out: Path) -> Path:
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+def one_process():
+    """What the Sampler reads of an accelerator, for one process on the CPU without accelerate's state."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(device="cpu", unwrap_model=lambda m: m, distributed_type="NO", num_processes=1)

@@ -8,7 +8,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from synthetic import group_config, read_metrics
+from synthetic import group_config, one_process, read_metrics
 
 from cai.train import grpo, runtime
 
@@ -78,9 +78,7 @@ def test_packed_groups_give_the_unpacked_log_probs(tiny_model):
     tokenizer.padding_side = "left"
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
     options = SimpleNamespace(temperature=0.7, top_p=1.0, max_new_tokens=12, rollout="hf")
-    sampler = Sampler(
-        SimpleNamespace(seed=3), options, tokenizer, SimpleNamespace(device="cpu", unwrap_model=lambda m: m), "test"
-    )
+    sampler = Sampler(SimpleNamespace(seed=3), options, tokenizer, one_process(), "test")
     prompts = [
         tokenizer.apply_chat_template(
             [{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True, return_dict=False

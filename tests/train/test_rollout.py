@@ -6,6 +6,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import pytest
+from synthetic import one_process
 from transformers import AutoTokenizer
 
 from cai.core.errors import InputError
@@ -48,7 +49,7 @@ def test_k_answers_per_prompt_prefill_each_prompt_once_and_sample_as_without(tin
     ]
     config = SimpleNamespace(seed=3, max_length=256)
     options = SimpleNamespace(temperature=1.0, top_p=1.0, max_new_tokens=12, rollout="hf")
-    acc = SimpleNamespace(device="cpu", unwrap_model=lambda m: m)
+    acc = one_process()
     sampler = rollout.Sampler(config, options, tokenizer, acc, "test-rollout")
     prefilled = []
     forward = model.forward
