@@ -236,7 +236,8 @@ def generate(
     kept, encoded = fitting_prompts(
         config, tokenizer, conversations, options.max_new_tokens, acc, what="prompt with its context"
     )
-    teacher = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).to(acc.device).eval()
+    teacher = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32, **runtime.load_options(config))
+    teacher = teacher.to(acc.device).eval()
     sampler = Sampler(config, options, tokenizer, acc, "distill-teacher")
     k, out = options.samples, []
     for batch, start in enumerate(range(0, len(kept), config.batch_size)):
@@ -347,9 +348,10 @@ def write_summary(config: TrainConfig, acc, eval_set: list[Answer], teacher_path
         "eval_answers": len(eval_set),
     }
     if eval_set:
-        teacher = AutoModelForCausalLM.from_pretrained(teacher_path, dtype=torch.float32).to(acc.device).eval()
+        loaded = {"dtype": torch.float32, **runtime.load_options(config)}
+        teacher = AutoModelForCausalLM.from_pretrained(teacher_path, **loaded).to(acc.device).eval()
         for name, path in (("start", runtime.model_path(config)), ("final", config.output_dir / "final")):
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(acc.device).eval()
+            model = AutoModelForCausalLM.from_pretrained(path, **loaded).to(acc.device).eval()
             summary[f"eval_kl_{name}"] = held_out_kl(model, teacher, eval_set, pad_id, config)
     if acc.is_main_process:
         write_atomic(config.output_dir / "distill.json", json.dumps(summary, indent=2) + "\n")

@@ -48,7 +48,14 @@ def train(config: TrainConfig, stop_after: int | None = None) -> Path:
     # --- prompts and rewards: validated before anything is written
     conversations, encoded = load_prompts(config, tokenizer, options.max_new_tokens, acc)
     rewards = Rewards(
-        options.rewards, options.gate, tokenizer, acc.device, str(config.file), f"{kind}.rewards", config.seed
+        options.rewards,
+        options.gate,
+        tokenizer,
+        acc.device,
+        str(config.file),
+        f"{kind}.rewards",
+        config.seed,
+        runtime.load_options(config),
     )
     rewards.check_prompts(conversations)
 

@@ -56,7 +56,7 @@ def train(config: TrainConfig, stop_after: int | None = None) -> Path:
 
     # --- prompts and the preference source: validated before anything is written
     conversations, encoded = load_prompts(config, tokenizer, options.max_new_tokens, acc)
-    preference = Preference(options.preference, acc.device, config.seed)
+    preference = Preference(options.preference, acc.device, config.seed, runtime.load_options(config))
 
     resume = runtime.prepare_output(config, acc)
     batches = runtime.batches(config, acc, [len(ids) for ids in encoded])

@@ -61,7 +61,7 @@ def train(config: TrainConfig, stop_after: int | None = None) -> Path:
 
     # --- prompts (trained on and held out) and the labeller: validated before anything is written
     (conversations, encoded), (held_out, held_out_ids) = prompt_splits(config, tokenizer, acc)
-    labeller = PairLabeller(options.preference, acc.device, config.seed)
+    labeller = PairLabeller(options.preference, acc.device, config.seed, runtime.load_options(config))
 
     resume = runtime.prepare_output(config, acc)
     batches = runtime.batches(config, acc, [len(ids) for ids in encoded])
@@ -313,10 +313,12 @@ class PairLabeller:
     labels are collected). `start` sends the judge its calls and returns at once; calling what it returns
     collects the Labels."""
 
-    def __init__(self, source: PairPreferenceSource, device, seed: int):
+    def __init__(self, source: PairPreferenceSource, device, seed: int, load_options: dict | None = None):
         self.seed = seed
         self.scorer = (
-            RewardScorer({"preference": (source.model, 1.0)}, device=str(device)) if source.model is not None else None
+            RewardScorer({"preference": (source.model, 1.0)}, device=str(device), load_options=load_options)
+            if source.model is not None
+            else None
         )
         self.loop = None
         if source.judge is None:

@@ -42,7 +42,15 @@ def begin(config: TrainConfig, section: str) -> tuple[list, Rewards, Path]:
     options = getattr(config, section)
     prompts = prompt_sets.load(config.train_data)[: config.limit]
     tokenizer = runtime.load_tokenizer(runtime.model_path(config))
-    rewards = Rewards(options.rewards, options.gate, tokenizer, "cpu", str(config.file), f"{section}.rewards")
+    rewards = Rewards(
+        options.rewards,
+        options.gate,
+        tokenizer,
+        "cpu",
+        str(config.file),
+        f"{section}.rewards",
+        load_options=runtime.load_options(config),
+    )
     checkpoint.record_config(config)
     return prompts, rewards, Path(runtime.model_path(config))
 

@@ -328,6 +328,7 @@ class RewardScorer:
         gate: tuple[str, float] | None = None,
         device: str | None = None,
         batch_size: int = 8,
+        load_options: dict | None = None,
     ):
         from transformers import AutoModelForSequenceClassification
 
@@ -340,7 +341,7 @@ class RewardScorer:
         for name, (path, weight) in models.items():
             tokenizer = runtime.load_tokenizer(str(path))
             model = AutoModelForSequenceClassification.from_pretrained(
-                path, num_labels=1, pad_token_id=data.pad_id(tokenizer)
+                path, num_labels=1, pad_token_id=data.pad_id(tokenizer), **(load_options or {})
             )
             model = runtime.loaded_everywhere(model.to(self.device).eval())
             offset_file = Path(path) / REWARD_FILE
@@ -507,10 +508,18 @@ class Rewards:
     does its own work meanwhile and collects the rewards with `Pending.result`."""
 
     def __init__(
-        self, sources, gate: tuple[str, float] | None, tokenizer, device, file: str, field: str, seed: int = 0
+        self,
+        sources,
+        gate: tuple[str, float] | None,
+        tokenizer,
+        device,
+        file: str,
+        field: str,
+        seed: int = 0,
+        load_options: dict | None = None,
     ):
         models = {s.name: (s.model, s.weight) for s in sources if s.model is not None}
-        self.scorer = RewardScorer(models, device=str(device)) if models else None
+        self.scorer = RewardScorer(models, device=str(device), load_options=load_options) if models else None
         self.weights = {s.name: s.weight for s in sources}
         self.gate = gate
         self.tokenizer = tokenizer
@@ -605,9 +614,11 @@ class Preference:
     probability. `start` sends the judge its calls and returns at once; calling what it returns
     collects the probabilities (a reward model computes them then)."""
 
-    def __init__(self, source: PreferenceSource, device, seed: int):
+    def __init__(self, source: PreferenceSource, device, seed: int, load_options: dict | None = None):
         self.scorer = (
-            RewardScorer({"preference": (source.model, 1.0)}, device=str(device)) if source.model is not None else None
+            RewardScorer({"preference": (source.model, 1.0)}, device=str(device), load_options=load_options)
+            if source.model is not None
+            else None
         )
         self.judge = Judge(source.judge, seed) if source.judge is not None else None
 

@@ -12,7 +12,7 @@ from synthetic import group_config, ppo_config, preference_records, read_metrics
 
 from cai.core.errors import InputError
 from cai.train import config as train_config
-from cai.train import dpo, grpo, ppo, runtime, sft
+from cai.train import dpo, grpo, ppo, reward, runtime, sft
 
 
 @pytest.fixture
@@ -110,6 +110,9 @@ def test_attention_implementation_reaches_every_model_a_training_loads(tmp_path,
     policy = runtime.load_model(AutoModelForCausalLM, eager, None, "CAUSAL_LM")
     reference = runtime.load_reference(eager, runtime.accelerator(eager))
     assert policy.config._attn_implementation == reference.config._attn_implementation == "eager"
+    # a frozen scorer too: the reward models of ppo, grpo, rejection sampling, hir and nash-md
+    scorer = reward.RewardScorer({"rm": (tiny_model, 1.0)}, load_options=runtime.load_options(eager))
+    assert scorer.models["rm"][0].config._attn_implementation == "eager"
 
     dpo.train(eager)
     dpo.train(offline_config(tmp_path, tiny_model, "dpo", "sdpa", attn_implementation="sdpa"))
