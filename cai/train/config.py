@@ -383,6 +383,7 @@ class TrainConfig:
     tensorboard: bool = False
     gradient_checkpointing: bool = False
     attn_implementation: str | None = None  # transformers' default (sdpa where the model supports it)
+    reference_offload: str | None = None  # "cpu": the frozen reference's weights kept in CPU memory
     packing: bool = False
     max_tokens_per_batch: int | None = None  # with packing; batch_size x max_length when not given
     lora: LoraOptions | None = None
@@ -508,6 +509,21 @@ def packed_row(config: "TrainConfig") -> tuple[int, int]:
     return capacity, (config.max_tokens_per_batch // capacity if config.max_tokens_per_batch else config.batch_size)
 
 
+# trainers with a frozen reference (distill: its teacher) to keep beside the trained model
+REFERENCE_KINDS = ("dpo", "ppo", "grpo", "rloo", "nash-md", "online-dpo", "distill")
+
+
+def _check_reference_offload(doc: dict[str, Any], kind: str, name: str) -> None:
+    if "reference_offload" not in doc:
+        return
+    if kind not in REFERENCE_KINDS:
+        raise InputError(name, "reference_offload", f"`cai train {kind}` loads no frozen reference to offload")
+    if "lora" in doc and kind != "distill" and not doc.get("dpo", {}).get("reference"):
+        raise InputError(
+            name, "reference_offload", "under lora the reference is the policy without its adapter: no copy to offload"
+        )
+
+
 def _check_packing(doc: dict[str, Any], kind: str, name: str) -> None:
     if doc.get("packing") and kind not in PACKING_KINDS:
         raise InputError(
@@ -607,6 +623,7 @@ def load(kind: str, path: str | Path, overrides: list[str] = ()) -> TrainConfig:
             "tensorboard",
             "gradient_checkpointing",
             "attn_implementation",
+            "reference_offload",
             "packing",
             "max_tokens_per_batch",
         )
@@ -615,6 +632,7 @@ def load(kind: str, path: str | Path, overrides: list[str] = ()) -> TrainConfig:
     if doc.get("attn_implementation") == "flash_attention_2":
         _check_flash_attention(name, kind)
     _check_packing(doc, kind, name)
+    _check_reference_offload(doc, kind, name)
     return TrainConfig(
         kind=kind,
         file=file,

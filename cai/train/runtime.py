@@ -183,7 +183,10 @@ def load_model(cls, config: TrainConfig, resume: Path | None, task_type: str, **
 def load_reference(config: TrainConfig, acc, model: str | None = None):
     """The frozen reference: `model` or the starting model, in bf16 under bf16 mixed precision (it has no
     optimizer, so it needs no fp32 master weights: half the memory), else fp32. None under LoRA when no
-    `model` is named: the policy with its adapter switched off is then the reference, with no second copy."""
+    `model` is named: the policy with its adapter switched off is then the reference, with no second copy.
+    Under `reference_offload: cpu` its weights stay in CPU memory, each layer's brought to the device for
+    its forward pass only (the policy then has the GPU's memory to itself, at the price of a transfer
+    of the reference's weights per pass)."""
     from transformers import AutoModelForCausalLM
 
     if config.lora is not None and model is None:
@@ -191,24 +194,33 @@ def load_reference(config: TrainConfig, acc, model: str | None = None):
     dtype = torch.bfloat16 if acc.mixed_precision == "bf16" else torch.float32
     reference = AutoModelForCausalLM.from_pretrained(model_path(config, model), dtype=dtype, **load_options(config))
     reference.eval().requires_grad_(False)
-    return shard_frozen(reference, acc) if checkpoint.sharded(acc) else reference.to(acc.device)
+    offload = config.reference_offload == "cpu"
+    if checkpoint.sharded(acc):
+        return shard_frozen(reference, acc, offload)
+    if offload:
+        from accelerate import cpu_offload
+
+        return cpu_offload(reference, execution_device=acc.device)
+    return reference.to(acc.device)
 
 
-def shard_frozen(model, acc):
+def shard_frozen(model, acc, offload: bool = False):
     """A frozen model split like the trained one under FSDP (each decoder layer a unit, moved to the
     device slice by slice, gathered for its forward pass and freed after): a whole copy per process
     would take the memory sharding saves. Its weights come from the first process, as accelerate.prepare
     does for the trained model: under cpu_ram_efficient_loading (accelerate launch's default) transformers
-    loads them there only and zeros elsewhere."""
+    loads them there only and zeros elsewhere. `offload`: the slices stay in CPU memory, each unit's
+    brought to the device for its forward pass."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
 
     whole = model.state_dict() if acc.is_main_process else {}
+    policy = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if offload else OffloadPolicy()
     layers = set(model._no_split_modules or ())
     for module in model.modules():
         if type(module).__name__ in layers:
-            fully_shard(module)
-    fully_shard(model)
+            fully_shard(module, offload_policy=policy)
+    fully_shard(model, offload_policy=policy)
     set_model_state_dict(model, whole, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     return model
 

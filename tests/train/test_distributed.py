@@ -2,7 +2,7 @@
 (launch_trainings.py lifts accelerate's accelerator-only check for FSDP): each process trains on its own
 shard of the data; a run stopped after a checkpoint resumes where it stopped, on both processes (under
 FSDP from its shards); sft, dpo, LoRA sft, rm and grpo (rewarded by that rm) give the same losses and
-final weights under both; and the whole weights the vLLM sync would load on every process equal the
+final weights under both (FSDP's grpo with its reference offloaded to CPU memory); and the whole weights the vLLM sync would load on every process equal the
 saved model's."""
 
 from __future__ import annotations
@@ -53,8 +53,9 @@ def launch(folder: Path, accelerate_config: str, plan: list, *flags: str) -> Non
     assert done.returncode == 0, done.stderr[-4000:]
 
 
-def configs(folder: Path, tiny_model: Path, tokens: list[str]) -> dict[str, tuple[str, Path]]:
-    """name -> (kind, config file) of the runs made under each launch, each in its own output folder."""
+def configs(folder: Path, tiny_model: Path, tokens: list[str], fsdp: bool) -> dict[str, tuple[str, Path]]:
+    """name -> (kind, config file) of the runs made under each launch, each in its own output folder;
+    under FSDP grpo's reference is also offloaded to CPU memory (the same numbers)."""
     sft = write_jsonl(folder / "sft.jsonl", sft_records(32))
     pairs = write_jsonl(folder / "pairs.jsonl", preference_records(32))
     common = {"model": str(tiny_model), "max_steps": 4, "batch_size": 2, "lr": 1e-3, "max_length": 96, "seed": 3}
@@ -78,6 +79,7 @@ def configs(folder: Path, tiny_model: Path, tokens: list[str]) -> dict[str, tupl
                     "max_new_tokens": 6,
                     "kl_beta": 0.01,
                 },
+                **({"reference_offload": "cpu"} if fsdp else {}),
             },
         ),
     }
@@ -94,7 +96,7 @@ def runs(tmp_path_factory, tiny_model, target_tokens) -> dict[str, Path]:
     folders = {"ddp": tmp_path_factory.mktemp("ddp"), "fsdp": tmp_path_factory.mktemp("fsdp")}
     plans = {}
     for mode, folder in folders.items():
-        made = configs(folder, tiny_model, target_tokens)
+        made = configs(folder, tiny_model, target_tokens, fsdp=mode == "fsdp")
         plans[mode] = [[kind, str(path), 2 if name in STOPPED else 0] for name, (kind, path) in made.items()]
         plans[mode + "-resume"] = [[kind, str(path), 0] for name, (kind, path) in made.items() if name in STOPPED]
     launch(folders["ddp"], DDP, plans["ddp"])

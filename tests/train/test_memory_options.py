@@ -1,6 +1,7 @@
 """The memory options every trainer takes: gradient checkpointing (the same losses and gradients as
 without, each layer's forward recomputed in the backward pass; online trainers still sample with a KV
-cache) and the attention implementation (passed to every model a training loads)."""
+cache), the attention implementation (passed to every model a training loads) and the reference kept
+in CPU memory."""
 
 from __future__ import annotations
 
@@ -101,6 +102,38 @@ def test_online_trainers_under_checkpointing_sample_with_a_cache_and_match(
     assert sum(grad for grad, _ in layer_calls) % 2 == 0  # each with-gradient pass recomputed once
     # sampling went token by token through the cache (in training mode, checkpointing turns it off)
     assert any(not grad and positions == 1 for grad, positions in layer_calls)
+
+
+def test_an_offloaded_reference_keeps_its_weights_off_the_device_and_gives_the_same_steps(
+    tmp_path, tiny_model, target_tokens
+):
+    def config(name, *extra):
+        made = group_config(tmp_path, tiny_model, target_tokens, "grpo", name, steps=2)
+        return train_config.load("grpo", made.file, ["batch_size=4", *extra])
+
+    offloaded = config("offloaded", "reference_offload=cpu")
+    reference = runtime.load_reference(offloaded, runtime.accelerator(offloaded))
+    assert {p.device.type for p in reference.parameters()} == {"meta"}  # between passes: in CPU memory only
+    grpo.train(config("plain"))
+    grpo.train(offloaded)
+    plain, moved = read_metrics(tmp_path / "plain"), read_metrics(tmp_path / "offloaded")
+    for step in (1, 2):
+        for key in ("loss", "kl_k3", "grad_norm", "reward"):
+            assert moved[step][key] == pytest.approx(plain[step][key], rel=1e-5, abs=1e-7), (step, key)
+    assert plain[2]["kl_k3"] > 0  # the reference was read
+
+
+@pytest.mark.parametrize(
+    ("kind", "doc", "message"),
+    [
+        ("sft", {}, "loads no frozen reference"),
+        ("dpo", {"lora": {"r": 4, "alpha": 8}}, "without its adapter"),
+    ],
+)
+def test_reference_offload_without_a_reference_names_the_field(tmp_path, tiny_model, kind, doc, message):
+    with pytest.raises(InputError, match=message) as error:
+        offline_config(tmp_path, tiny_model, kind, "bad", reference_offload="cpu", **doc)
+    assert error.value.field == "reference_offload"
 
 
 def test_attention_implementation_reaches_every_model_a_training_loads(tmp_path, tiny_model):
