@@ -499,7 +499,7 @@ def _check_flash_attention(name: str, kind: str) -> None:
 FSDP_KINDS = ("sft", "dpo", "rm", "grpo", "rloo")
 
 # trainers that pack (`packing: true`), with the sequences an example holds at most (a pair: two answers)
-PACKING_KINDS = {"sft": 1, "dpo": 2}
+PACKING_KINDS = {"sft": 1, "dpo": 2, "rm": 2}
 
 
 def packed_row(config: "TrainConfig") -> tuple[int, int]:

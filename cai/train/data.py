@@ -488,16 +488,30 @@ def shared_prefix(sequences: list[list[int]]) -> int:
     return n
 
 
-def collate_groups(groups: list[list[list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+def group_length(sequences: list[list[int]]) -> int:
+    """A group's tokens in a packed row: their shared prompt once, then each answer."""
+    n = shared_prefix(sequences)
+    return n + sum(len(s) - n for s in sequences)
+
+
+def collate_groups(groups: list[list[list[int]]], pad_id: int, capacity: int | None = None) -> dict[str, torch.Tensor]:
     """Each group (one prompt's K answers, as full token sequences) as one packed row, the prompt once
-    (`pack`). Returns `pack`'s tensors and, for every sequence in order, its `row` and `end` (the row
-    position of its last token, where a reward head reads it)."""
-    rows = [(shared_prefix(sequences), sequences) for sequences in groups]
-    batch, starts = pack(rows, pad_id)
+    (`pack`); with a `capacity` (`packing: true`), the groups one after another in rows of at most that
+    many tokens (packing.rows; a group longer than that gets a row of its own). Returns `pack`'s tensors
+    and, for every sequence in order, its `row` and `end` (the row position of its last token, where a
+    reward head reads it)."""
+    shared = [(shared_prefix(sequences), sequences) for sequences in groups]
+    if capacity is None:
+        layout = [[b] for b in range(len(groups))]
+    else:
+        layout = packing.rows([group_length(sequences) for sequences in groups], capacity)
+    batch, starts = pack_groups([[shared[b] for b in row] for row in layout], pad_id)
+    placed = {b: (r, g) for r, row in enumerate(layout) for g, b in enumerate(row)}
     row, end = [], []
-    for b, ((n, sequences), row_starts) in enumerate(zip(rows, starts)):
-        for sequence, start in zip(sequences, row_starts):
-            row.append(b)
+    for b, (n, sequences) in enumerate(shared):
+        r, g = placed[b]
+        for sequence, start in zip(sequences, starts[r][g][1]):
+            row.append(r)
             end.append(start + len(sequence) - 1 - n)
     return {**batch, "row": torch.tensor(row), "end": torch.tensor(end)}
 
@@ -517,6 +531,10 @@ class Group:
     @property
     def tokens(self) -> int:
         return sum(len(a) for a in self.answers)
+
+    @property
+    def packed_tokens(self) -> int:
+        return group_length(self.answers)
 
 
 def group_pairs(tokenizer, pairs: list[Pair], max_length: int) -> tuple[list[Group], int]:

@@ -37,7 +37,7 @@ from cai.core.errors import InputError
 from cai.core.files import canonical_json
 from cai.judge.eval_judge import length_figures, wilson_interval
 from cai.train import checkpoint, data, loop, runtime
-from cai.train.config import DataFile, JudgeSource, PreferenceSource, TrainConfig
+from cai.train.config import DataFile, JudgeSource, PreferenceSource, TrainConfig, packed_row
 from cai.train.losses import (
     bradley_terry_loss,
     length_correlation_penalty,
@@ -88,7 +88,7 @@ def train(config: TrainConfig, stop_after: int | None = None, centre: bool = Tru
         acc,
         tokenizer,
         resume,
-        [g.tokens for g in groups],
+        [g.packed_tokens if config.packing else g.tokens for g in groups],
         AutoModelForSequenceClassification,
         task_type="SEQ_CLS",
         num_labels=options.heads,
@@ -97,11 +97,18 @@ def train(config: TrainConfig, stop_after: int | None = None, centre: bool = Tru
     )
     model = training.model
 
-    def batch_values(batch: list[data.Group]) -> tuple[torch.Tensor, dict[str, float], tuple[torch.Tensor, ...]]:
+    capacity = packed_row(config)[0] if config.packing else None
+
+    def batch_values(
+        batch: list[data.Group], packed: bool = False
+    ) -> tuple[torch.Tensor, dict[str, float], tuple[torch.Tensor, ...]]:
         """Every distinct answer of the batch's prompts scored once; all pair losses from those rewards.
         With two heads (ODIN) the ranking loss reads their sum and the figures the quality head alone.
-        Also returns (chosen, rejected, token-length difference) per pair, for the held-out figures."""
-        heads = score_groups(model, [g.answers for g in batch], pad_id, acc.device, all_heads=True)
+        Also returns (chosen, rejected, token-length difference) per pair, for the held-out figures.
+        `packed`: the prompts' groups packed into rows of `capacity` tokens (training batches only)."""
+        heads = score_groups(
+            model, [g.answers for g in batch], pad_id, acc.device, all_heads=True, capacity=capacity if packed else None
+        )
         rewards = heads.sum(-1)  # one head: its reward; two: r = r^Q + r^L
         losses, chosen_all, rejected_all, diffs, start = [], [], [], [], 0
         for g in batch:
@@ -167,7 +174,7 @@ def train(config: TrainConfig, stop_after: int | None = None, centre: bool = Tru
 
     eval_result = loop.fit(
         training,
-        lambda indexes: batch_values([groups[i] for i in indexes])[:2],
+        lambda indexes: batch_values([groups[i] for i in indexes], packed=True)[:2],
         loop.evaluator(training, len(eval_groups), eval_chunk, eval_combine),
         stop_after,
     )
@@ -283,10 +290,13 @@ def pretrained(config: TrainConfig) -> TrainConfig:
     return replace(config, model=str((folder / "final").resolve()))
 
 
-def score_groups(model, groups: list[list[list[int]]], pad_id: int, device, all_heads: bool = False) -> torch.Tensor:
-    """One scalar reward per token sequence, in order (the first head's; `all_heads`: [N, heads]). Each group's sequences (one prompt's answers)
-    go in one packed row that holds their shared prompt once (data.collate_groups), and the head is read
-    at each sequence's last token: the same rewards as each sequence on its own, the prompt computed once.
+def score_groups(
+    model, groups: list[list[list[int]]], pad_id: int, device, all_heads: bool = False, capacity: int | None = None
+) -> torch.Tensor:
+    """One scalar reward per token sequence, in order (the first head's; `all_heads`: [N, heads]). Each
+    group's sequences (one prompt's answers) go in one packed row that holds their shared prompt once
+    (data.collate_groups; with a `capacity`, several groups to a row), and the head is read at each
+    sequence's last token: the same rewards as each sequence on its own, the prompt computed once.
 
     The model's own forward pools the head's output at a row's last token only; a forward hook on the
     head gets its output at every position. Going through the model's forward (not its parts) keeps
@@ -294,7 +304,7 @@ def score_groups(model, groups: list[list[list[int]]], pad_id: int, device, all_
     """
     from accelerate.utils import extract_model_from_parallel
 
-    batch = {k: v.to(device) for k, v in data.collate_groups(groups, pad_id).items()}
+    batch = {k: v.to(device) for k, v in data.collate_groups(groups, pad_id, capacity).items()}
     head = extract_model_from_parallel(model).score  # a PEFT model forwards the attribute to its base
     outputs = []
     handle = head.register_forward_hook(lambda _module, _inputs, output: outputs.append(output))

@@ -1,4 +1,4 @@
-"""Padding-free batches (`packing: true`) for SFT and DPO: best-fit decreasing bins, a plan that
+"""Padding-free batches (`packing: true`) for SFT, DPO and the reward model: best-fit decreasing bins, a plan that
 resumes, packed rows whose per-example log-probs are the unpacked ones, and the options' checks."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from synthetic import preference_records, read_metrics, sft_records, write_confi
 
 from cai.core.errors import InputError
 from cai.train import config as train_config
-from cai.train import data, dpo, sft
+from cai.train import data, dpo, reward, sft
 from cai.train.data import PackedBatches
 from cai.train.losses import token_logps
 from cai.train.packing import best_fit_decreasing, rows
@@ -108,6 +108,52 @@ def test_packed_pairs_give_their_unpacked_log_probs(tmp_path, tiny_model, attent
     assert data.collate_pairs(encoded, pad_id, capacity=128)["input_ids"].shape[0] > 1
 
 
+def test_packed_groups_give_their_unpacked_rewards(tmp_path, tiny_model):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    pad_id = data.pad_id(tokenizer)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=1, pad_token_id=pad_id)
+    pairs = data.load_preferences(write_jsonl(tmp_path / "pairs.jsonl", preference_records(6, seed=2)))
+    groups = [g.answers for g in data.group_pairs(tokenizer, pairs, 128)[0]]
+
+    with torch.no_grad():
+        padded = reward.score_groups(model, groups, pad_id, "cpu")
+        for capacity in (10_000, 256):  # every group in one row; rows of two groups or so
+            packed = reward.score_groups(model, groups, pad_id, "cpu", capacity=capacity)
+            assert torch.allclose(packed, padded, atol=1e-4), capacity
+    one_row = data.collate_groups(groups, pad_id, capacity=10_000)
+    assert one_row["input_ids"].shape[0] == 1 and (one_row["input_ids"] != pad_id).all()  # no pads at all
+    assert one_row["input_ids"].shape[1] == sum(data.group_length(g) for g in groups)
+
+
+def test_packed_rm_learns_and_resumes_exactly(tmp_path, tiny_model):
+    train = write_jsonl(tmp_path / "pairs.jsonl", preference_records(40, seed=0))
+
+    def config(name):
+        doc = {
+            "model": str(tiny_model),
+            "data": {"train": str(train), "eval_fraction": 0.2},
+            "output_dir": str(tmp_path / name),
+            "max_steps": 6,
+            "lr": 1e-3,
+            "max_length": 64,
+            "save_every": 2,
+            "packing": True,
+            "max_tokens_per_batch": 384,
+        }
+        return train_config.load("rm", write_config(tmp_path / f"{name}.yaml", **doc))
+
+    reward.train(config("straight"))
+    killed = config("killed")
+    reward.train(killed, stop_after=3)
+    reward.train(killed)
+    expected, resumed = read_metrics(tmp_path / "straight"), read_metrics(tmp_path / "killed")
+    assert all(resumed[s]["loss"] == pytest.approx(expected[s]["loss"], abs=1e-6) for s in range(1, 7))
+    evals = read_metrics(tmp_path / "straight", "eval")
+    assert evals[6]["accuracy"] > evals[0]["accuracy"]
+
+
 def packed_config(tmp_path: Path, tiny_model: Path, name: str, sets: list[str] = (), **doc):
     train = write_jsonl(tmp_path / "sft.jsonl", sft_records(40))
     base = {
@@ -170,7 +216,7 @@ def test_packed_dpo_starts_at_log_2_learns_and_resumes_exactly(tmp_path, tiny_mo
 @pytest.mark.parametrize(
     ("kind", "doc", "field", "says"),
     [
-        ("rm", {"packing": True}, "packing", "`cai train rm` cannot pack batches"),
+        ("judge", {"packing": True}, "packing", "`cai train judge` cannot pack batches"),
         ("dpo", {"packing": True, "dpo": {"loss_type": "kto"}}, "packing", "kto"),
         ("dpo", {"packing": True, "max_tokens_per_batch": 100}, "max_tokens_per_batch", "2 x max_length (128)"),
         ("dpo", {"attn_implementation": "flash_attention_2"}, "attn_implementation", "shares each prompt"),
