@@ -1,14 +1,15 @@
 """The trainers on a CUDA GPU, in a few minutes and with nothing to download: sft, dpo, rm and grpo
 steps in bf16 with gradient checkpointing, packing and sdpa (and flash attention where flash-attn is
-installed), a stopped run that resumes with the uninterrupted losses, and a one-process FSDP run
-through `accelerate launch`; one table of pass/fail, steps/s and peak memory.
+installed), a stopped run that resumes with the uninterrupted losses, and one-process FSDP2 runs of
+sft, dpo (its reference offloaded to CPU memory) and grpo through `accelerate launch`, each stopped
+after a checkpoint and resumed from its shards; one table of pass/fail, steps/s and peak memory.
 
     .venv/bin/python benchmarks/gpu_check.py [--steps 6] [--cpu]
 
 The model is the tests' tiny random Llama (tests/tiny_model.py: built in seconds from the repository's
 own text, torch and tokenizers only, no vLLM); the data the tests' synthetic records. Without a CUDA
-GPU it says so and exits 0; `--cpu` runs the same checks on the CPU in fp32 (FSDP left out), which is
-how this script itself is tested. Exit 1 when a check fails.
+GPU it says so and exits 0; `--cpu` runs the same checks on the CPU in fp32 (FSDP on 2 processes over
+gloo), which is how this script itself is tested. Exit 1 when a check fails.
 """
 
 from __future__ import annotations
@@ -28,10 +29,11 @@ sys.path[:0] = [str(_common.ROOT / "tests"), str(_common.ROOT / "tests" / "train
 
 FSDP_CONFIG = """compute_environment: LOCAL_MACHINE
 distributed_type: FSDP
-num_processes: 1
+num_processes: {processes}
 num_machines: 1
 machine_rank: 0
-mixed_precision: bf16
+mixed_precision: {precision}
+use_cpu: {cpu}
 fsdp_config:
   fsdp_version: 2
   fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP
@@ -133,22 +135,33 @@ def checks(folder: Path, steps: int, cpu: bool) -> list[tuple[str, callable]]:
                 )
         return folder / "resume-stopped"
 
-    def fsdp():
-        path = write_config(folder, "fsdp", "sft", {"train": str(sft_data), "eval_fraction": 0}, steps, cpu, **memory)
-        accelerate_config = folder / "fsdp.yaml"
-        accelerate_config.write_text(FSDP_CONFIG)
-        done = subprocess.run(
-            [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(accelerate_config)]
-            + ["-m", "cai.cli", "train", "sft", str(path)],
-            capture_output=True,
-            text=True,
-        )
-        if done.returncode != 0:
-            raise RuntimeError(done.stderr[-2000:] or done.stdout[-2000:])
-        from transformers import AutoModelForCausalLM
+    def fsdp(kind, name, data, **doc):
+        """Under FSDP2 through `accelerate launch`: one process on a GPU; on the CPU two over gloo, with
+        accelerate's accelerator-only check lifted (tests/train/launch_trainings.py). Stopped after step
+        2's checkpoint and resumed from its shards in the same launch."""
 
-        AutoModelForCausalLM.from_pretrained(folder / "fsdp" / "final")  # a full checkpoint any tool loads
-        return folder / "fsdp"
+        def go():
+            path = write_config(folder, name, kind, data, steps, cpu, **doc, **memory)
+            accelerate_config = folder / f"{name}-accelerate.yaml"
+            processes, precision = (2, "'no'") if cpu else (1, "bf16")
+            accelerate_config.write_text(FSDP_CONFIG.format(processes=processes, precision=precision, cpu=cpu))
+            (folder / f"{name}-plan.json").write_text(json.dumps([[kind, str(path), 2], [kind, str(path), 0]]))
+            command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(accelerate_config)]
+            command += [
+                str(_common.ROOT / "tests" / "train" / "launch_trainings.py"),
+                str(folder / f"{name}-plan.json"),
+            ]
+            done = subprocess.run(command + (["--fsdp-on-cpu"] if cpu else []), capture_output=True, text=True)
+            if done.returncode != 0:
+                raise RuntimeError(done.stderr[-2000:] or done.stdout[-2000:])
+            if not (folder / name / "checkpoints" / "step-2" / "state" / "pytorch_model_fsdp_0").is_dir():
+                raise AssertionError("no sharded checkpoint at step 2")
+            from transformers import AutoModelForCausalLM
+
+            AutoModelForCausalLM.from_pretrained(folder / name / "final")  # a full checkpoint any tool loads
+            return folder / name
+
+        return go
 
     out = [
         ("sft  ckpt+packing sdpa", run(sft, "sft", "sft", {"train": str(sft_data)}, packing=True, **memory)),
@@ -186,15 +199,35 @@ def checks(folder: Path, steps: int, cpu: bool) -> list[tuple[str, callable]]:
                 ),
             ),
         )
-    if not cpu:
-        out.append(("sft  FSDP2, 1 process", fsdp))
+    out += [
+        ("sft  FSDP2, stop, resume", fsdp("sft", "fsdp-sft", {"train": str(sft_data), "eval_fraction": 0})),
+        (
+            "dpo  FSDP2, ref offload",
+            fsdp("dpo", "fsdp-dpo", {"train": str(pairs), "eval_fraction": 0}, reference_offload="cpu"),
+        ),
+        (
+            "grpo FSDP2, stop, resume",
+            fsdp(
+                "grpo",
+                "fsdp-grpo",
+                {"train": str(PROMPTS)},
+                grpo={
+                    "rewards": [{"name": "share", "rule": "token_fraction", "tokens": tokens}],
+                    "samples": 4,
+                    "max_new_tokens": 8,
+                },
+            ),
+        ),
+    ]
     return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=6)
-    parser.add_argument("--cpu", action="store_true", help="the same checks on the CPU in fp32, without FSDP")
+    parser.add_argument(
+        "--cpu", action="store_true", help="the same checks on the CPU in fp32 (FSDP on 2 processes over gloo)"
+    )
     args = parser.parse_args()
     import torch
 
@@ -210,7 +243,11 @@ def main() -> None:
         folder = Path(tmp)
         build_tiny_model(folder / "tiny", corpus())
         device = "cpu" if args.cpu else torch.cuda.get_device_name()
-        print(f"{device}, {'fp32' if args.cpu else 'bf16'}, tiny Llama, {args.steps} steps a check", flush=True)
+        print(
+            f"{device}, {'fp32' if args.cpu else 'bf16'}, tiny Llama, {args.steps} steps a check; FSDP2 on "
+            f"{'2 CPU processes over gloo' if args.cpu else '1 process'}",
+            flush=True,
+        )
         for name, run in checks(folder, args.steps, args.cpu):
             clock.reset()
             peak_reset()
