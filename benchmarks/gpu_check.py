@@ -111,6 +111,11 @@ def checks(folder: Path, steps: int, cpu: bool) -> list[tuple[str, callable]]:
     sft_data = write_jsonl(folder / "sft.jsonl", sft_records(64))
     pairs = write_jsonl(folder / "pairs.jsonl", preference_records(64, seed=0))
     memory = {"gradient_checkpointing": True}
+    grpo_section = {
+        "rewards": [{"name": "share", "rule": "token_fraction", "tokens": tokens}],
+        "samples": 4,
+        "max_new_tokens": 8,
+    }
 
     def run(trainer, kind, name, data, **doc):
         def go():
@@ -174,11 +179,7 @@ def checks(folder: Path, steps: int, cpu: bool) -> list[tuple[str, callable]]:
                 "grpo",
                 "grpo",
                 {"train": str(PROMPTS)},
-                grpo={
-                    "rewards": [{"name": "share", "rule": "token_fraction", "tokens": tokens}],
-                    "samples": 4,
-                    "max_new_tokens": 8,
-                },
+                grpo=grpo_section,
                 **memory,
             ),
         ),
@@ -211,11 +212,7 @@ def checks(folder: Path, steps: int, cpu: bool) -> list[tuple[str, callable]]:
                 "grpo",
                 "fsdp-grpo",
                 {"train": str(PROMPTS)},
-                grpo={
-                    "rewards": [{"name": "share", "rule": "token_fraction", "tokens": tokens}],
-                    "samples": 4,
-                    "max_new_tokens": 8,
-                },
+                grpo=grpo_section,
             ),
         ),
     ]

@@ -47,16 +47,7 @@ def train(config: TrainConfig, stop_after: int | None = None) -> Path:
 
     # --- prompts and rewards: validated before anything is written
     conversations, encoded = load_prompts(config, tokenizer, options.max_new_tokens, acc)
-    rewards = Rewards(
-        options.rewards,
-        options.gate,
-        tokenizer,
-        acc.device,
-        str(config.file),
-        f"{kind}.rewards",
-        config.seed,
-        runtime.load_options(config),
-    )
+    rewards = Rewards.of(config, kind, tokenizer, acc.device)
     rewards.check_prompts(conversations)
 
     resume = runtime.prepare_output(config, acc)

@@ -49,16 +49,7 @@ def train(config: TrainConfig) -> Path:
     options = config.hir
     prompts = prompt_sets.load(config.train_data)[: config.limit]
     tokenizer = runtime.load_tokenizer(runtime.model_path(config))
-    rewards = Rewards(
-        options.rewards,
-        options.gate,
-        tokenizer,
-        "cpu",
-        str(config.file),
-        "hir.rewards",
-        config.seed,
-        runtime.load_options(config),
-    )
+    rewards = Rewards.of(config, "hir", tokenizer, "cpu")
     best = options.bands[-1].label
     model = Path(runtime.model_path(config))
     try:

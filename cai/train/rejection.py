@@ -39,18 +39,9 @@ def begin(config: TrainConfig, section: str) -> tuple[list, Rewards, Path]:
     """What a sample-then-fine-tune trainer (rejection sampling, ReST) starts from: the prompts, the
     rewards of its `section` (validated), and the starting model; the config is recorded first, so a
     rerun with another config is refused before anything is sampled."""
-    options = getattr(config, section)
     prompts = prompt_sets.load(config.train_data)[: config.limit]
     tokenizer = runtime.load_tokenizer(runtime.model_path(config))
-    rewards = Rewards(
-        options.rewards,
-        options.gate,
-        tokenizer,
-        "cpu",
-        str(config.file),
-        f"{section}.rewards",
-        load_options=runtime.load_options(config),
-    )
+    rewards = Rewards.of(config, section, tokenizer, "cpu")
     checkpoint.record_config(config)
     return prompts, rewards, Path(runtime.model_path(config))
 

@@ -553,6 +553,22 @@ class Rewards:
             if source.judge is not None:
                 self.judges[source.name] = (index, Judge(source.judge, seed))
 
+    @classmethod
+    def of(cls, config: TrainConfig, section: str, tokenizer, device) -> Rewards:
+        """A training's rewards: its `section`'s sources and gate, its seed, reward models loaded with the
+        trained model's load options; errors name `section.rewards` in the config file."""
+        options = getattr(config, section)
+        return cls(
+            options.rewards,
+            options.gate,
+            tokenizer,
+            device,
+            str(config.file),
+            f"{section}.rewards",
+            config.seed,
+            runtime.load_options(config),
+        )
+
     def check_prompts(self, prompts: list[data.Messages]) -> None:
         for name, (index, judge) in self.judges.items():
             judge.check_prompts(prompts, self.file, f"{self.field}[{index}].judge")

@@ -127,11 +127,13 @@ def test_packed_groups_give_their_unpacked_rewards(tmp_path, tiny_model):
     assert one_row["input_ids"].shape[1] == sum(data.group_length(g) for g in groups)
 
 
-def test_packed_rm_learns_and_resumes_exactly(tmp_path, tiny_model):
+def packed_pairs_run(tmp_path: Path, tiny_model: Path, kind: str, trainer, **doc) -> tuple[dict, dict, dict]:
+    """A packed run on preference pairs, straight and stopped after step 3 then resumed: the metrics of
+    each (train), and the straight run's held-out ones."""
     train = write_jsonl(tmp_path / "pairs.jsonl", preference_records(40, seed=0))
 
     def config(name):
-        doc = {
+        base = {
             "model": str(tiny_model),
             "data": {"train": str(train), "eval_fraction": 0.2},
             "output_dir": str(tmp_path / name),
@@ -140,17 +142,20 @@ def test_packed_rm_learns_and_resumes_exactly(tmp_path, tiny_model):
             "max_length": 64,
             "save_every": 2,
             "packing": True,
-            "max_tokens_per_batch": 384,
         }
-        return train_config.load("rm", write_config(tmp_path / f"{name}.yaml", **doc))
+        return train_config.load(kind, write_config(tmp_path / f"{name}.yaml", **base, **doc))
 
-    reward.train(config("straight"))
+    trainer.train(config("straight"))
     killed = config("killed")
-    reward.train(killed, stop_after=3)
-    reward.train(killed)
+    trainer.train(killed, stop_after=3)
+    trainer.train(killed)
     expected, resumed = read_metrics(tmp_path / "straight"), read_metrics(tmp_path / "killed")
     assert all(resumed[s]["loss"] == pytest.approx(expected[s]["loss"], abs=1e-6) for s in range(1, 7))
-    evals = read_metrics(tmp_path / "straight", "eval")
+    return expected, resumed, read_metrics(tmp_path / "straight", "eval")
+
+
+def test_packed_rm_learns_and_resumes_exactly(tmp_path, tiny_model):
+    _, _, evals = packed_pairs_run(tmp_path, tiny_model, "rm", reward, max_tokens_per_batch=384)
     assert evals[6]["accuracy"] > evals[0]["accuracy"]
 
 
@@ -185,31 +190,8 @@ def test_packed_sft_learns_and_resumes_exactly(tmp_path, tiny_model):
 
 
 def test_packed_dpo_starts_at_log_2_learns_and_resumes_exactly(tmp_path, tiny_model):
-    train = write_jsonl(tmp_path / "pairs.jsonl", preference_records(40, seed=0))
-
-    def config(name):
-        doc = {
-            "model": str(tiny_model),
-            "data": {"train": str(train), "eval_fraction": 0.2},
-            "output_dir": str(tmp_path / name),
-            "max_steps": 6,
-            "lr": 1e-3,
-            "max_length": 64,
-            "save_every": 2,
-            "packing": True,
-            "max_tokens_per_batch": 300,
-            "dpo": {"beta": 0.1},
-        }
-        return train_config.load("dpo", write_config(tmp_path / f"{name}.yaml", **doc))
-
-    dpo.train(config("straight"))
-    killed = config("killed")
-    dpo.train(killed, stop_after=3)
-    dpo.train(killed)
-    expected, resumed = read_metrics(tmp_path / "straight"), read_metrics(tmp_path / "killed")
+    expected, _, evals = packed_pairs_run(tmp_path, tiny_model, "dpo", dpo, max_tokens_per_batch=300, dpo={"beta": 0.1})
     assert expected[1]["loss"] == pytest.approx(0.6931, abs=1e-3)  # policy == reference
-    assert all(resumed[s]["loss"] == pytest.approx(expected[s]["loss"], abs=1e-6) for s in range(1, 7))
-    evals = read_metrics(tmp_path / "straight", "eval")
     assert evals[6]["reward_margin"] > evals[0]["reward_margin"]
 
 
