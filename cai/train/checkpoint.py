@@ -7,8 +7,8 @@ OUTPUT/
   final/                      model + tokenizer (LoRA merged in)
 
 Under FSDP a checkpoint's weights are the shards each process wrote (state/pytorch_model_fsdp_N, in
-parallel, readable by any number of processes): gathering a large model whole at every checkpoint would
-take one process's memory and most of the time. Only final/ is gathered whole.
+parallel): gathering a large model whole at every checkpoint would take one process's memory and much
+of the time. Only final/ is gathered whole.
 
 Every folder is written under a temporary name and renamed into place: a kill leaves the previous
 checkpoints whole. Optimizer, scheduler and RNG state go through accelerate's save_state, which knows
