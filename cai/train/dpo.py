@@ -30,7 +30,7 @@ import torch
 
 from cai.core.disk import written_atomically
 from cai.core.errors import InputError
-from cai.train import data, loop, runtime
+from cai.train import data, head, loop, runtime
 from cai.train.config import REFERENCE_FREE_LOSSES, TrainConfig, packed_row
 from cai.train.losses import cpl_loss, dpo_loss, kto_loss, orpo_loss, simpo_loss
 
@@ -213,19 +213,10 @@ def pair_logps(
     instead of sums for IPO, SimPO and ORPO. `attention`: the model's attention implementation, which
     says the mask's form (data.attention_mask)."""
     batch = data.collate_pairs(items, pad_id, capacity)
-    # logits only from the first position that predicts an answer token: the prompt's own are never read
-    first = int(batch["source"].min())
     batch = {k: v.to(device) for k, v in batch.items()}
     mask = data.attention_mask(batch["attention_mask"], attention, next(model.parameters()).dtype)
-    logits = model(
-        input_ids=batch["input_ids"],
-        attention_mask=mask,
-        position_ids=batch["position_ids"],
-        logits_to_keep=batch["input_ids"].shape[1] - first,
-    ).logits
-    picked = logits[batch["row"], batch["source"] - first]  # [trained tokens, vocab]
-    picked = picked.to(torch.promote_types(picked.dtype, torch.float32))
-    token_logps = picked.gather(1, batch["token"].unsqueeze(1)).squeeze(1) - torch.logsumexp(picked, dim=-1)
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": mask, "position_ids": batch["position_ids"]}
+    token_logps = head.picked_logps(model, inputs, batch["row"], batch["source"], batch["token"])
     values = torch.zeros(2 * len(items), dtype=token_logps.dtype, device=device).index_add(
         0, batch["sequence"], token_logps
     )

@@ -10,9 +10,8 @@ import torch
 
 from cai.core.errors import InputError
 from cai.core.files import content_hash
-from cai.train import data, loop, packing, runtime
+from cai.train import data, head, loop, packing, runtime
 from cai.train.config import TrainConfig, packed_row
-from cai.train.losses import token_logps
 
 
 def train(config: TrainConfig, stop_after: int | None = None) -> Path:
@@ -68,11 +67,10 @@ def train(config: TrainConfig, stop_after: int | None = None) -> Path:
         else:
             batch = data.collate(items, pad_id)
         batch = {k: v.to(acc.device) for k, v in batch.items()}
-        mask = batch.pop("mask")[:, 1:].float()
-        logits = training.model(**batch).logits
-        tokens = mask.sum()
-        loss = -(token_logps(logits, batch["input_ids"]) * mask).sum() / tokens
-        return loss, {"loss": loss.item(), "tokens": tokens.item()}
+        rows, positions = batch.pop("mask")[:, 1:].nonzero(as_tuple=True)  # position t predicts token t + 1
+        targets = batch["input_ids"][rows, positions + 1]
+        loss = -head.picked_logps(training.model, batch, rows, positions, targets).mean()
+        return loss, {"loss": loss.item(), "tokens": float(len(targets))}
 
     final_eval = loop.fit(
         training,
