@@ -4,20 +4,21 @@ gradient checkpointing (and, for SFT, their padding-free best-fit packing; TRL 1
 padding_free switched off since its refactor), on the same model, examples, batch size and max length.
 
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/memory_scale.py [--kinds sft,dpo] [--examples 16]
-        [--batch-size 4] [--max-length 1024] [--threads 2] [--variants ours-ckpt-pack,trl-ckpt-pack,...]
+        [--batch-size 4] [--min-length 512] [--max-length 1024] [--threads 2] [--variants ours-ckpt-pack,trl-ckpt-pack,...]
         [--hidden 1280 --layers 24 --intermediate 3456 --heads 20]
 
 The model is a Llama built from a config with random weights (0.54B parameters by default, SmolLM2's
 tokenizer and vocabulary; nothing is downloaded), fp32 weights and AdamW on both sides. The data are the
 first `--examples` HH-RLHF harmless records (../shared/data/hh-rlhf) as they come, the real length
-distribution up to max_length: for SFT each prompt with its chosen answer, for DPO the pairs. Every run
+distribution between --min-length and --max-length: for SFT each prompt with its chosen answer, for DPO the pairs. Every run
 (one process each, `--threads` torch threads) trains one epoch over exactly those examples, so both
 sides do the same work however they batch it; tokens/s is the examples' tokens (prompt and answers,
 counted once per sequence as a tokenizer renders them) over the time from the start of training to the
 end of its last step; peak memory is the process's peak RSS when training ends (on a GPU, torch's
 peak allocated memory), which here holds the weights, gradients, optimizer state and activations.
-TRL's SFT loss reads every token of a conversation (its assistant-only loss refuses SmolLM2's chat
-template), ours the assistant's: the same forward and backward passes, another mask. The table ends
+TRL's SFT trains the last answer (prompt-completion records: its assistant-only loss refuses
+SmolLM2's chat template), ours every assistant turn: as many forward and backward passes, more
+trained tokens on our side. The table ends
 with ours/TRL for the best configuration of each side.
 """
 
@@ -70,18 +71,31 @@ def build_model(args, folder: Path) -> Path:
 def write_data(args, folder: Path) -> tuple[Path, Path, dict[str, int]]:
     """The SFT conversations and the DPO pairs (TRL's formats, which ours read too) and each kind's
     tokens: what one epoch over them trains on."""
-    pairs = _common.hh_pairs()[: args.examples]
     tokenizer = smollm2_tokenizer()
+    pairs = [
+        p
+        for p in _common.hh_pairs()
+        if all(args.min_length <= n <= args.max_length for n in _common.token_lengths(tokenizer, p)[1:])
+    ][: args.examples]
+    if len(pairs) < args.examples:
+        sys.exit(f"only {len(pairs)} HH records have both answers within {args.min_length}-{args.max_length} tokens")
     sft_file, dpo_file = folder / "sft.jsonl", _common.write_pairs(pairs, folder / "pairs.jsonl")
-    with sft_file.open("w", encoding="utf-8") as f:
+    with sft_file.open("w", encoding="utf-8") as f, trl_sft_file(sft_file).open("w", encoding="utf-8") as trl:
         for p in pairs:
             f.write(json.dumps({"messages": p.prompt + p.chosen}) + "\n")
+            trl.write(json.dumps({"prompt": p.prompt, "completion": p.chosen}) + "\n")
     tokens = {"sft": 0, "dpo": 0}
     for p in pairs:
         prompt, chosen, rejected = _common.token_lengths(tokenizer, p)
-        tokens["sft"] += min(chosen, args.max_length)
-        tokens["dpo"] += min(chosen, args.max_length) + min(rejected, args.max_length)
+        tokens["sft"] += chosen
+        tokens["dpo"] += chosen + rejected
     return sft_file, dpo_file, tokens
+
+
+def trl_sft_file(sft_file: Path) -> Path:
+    """The same conversations as TRL's conversational prompt-completion records: its completion-only
+    loss then trains the last answer (its assistant-only loss refuses SmolLM2's chat template)."""
+    return sft_file.with_name("sft-trl.jsonl")
 
 
 def smollm2_tokenizer():
@@ -151,7 +165,8 @@ def run_trl(args, stamps: dict, folder: Path) -> None:
     common = {**_common.trl_common_args(settings, folder / "out"), "max_steps": -1, "num_train_epochs": 1}
     tokenizer = smollm2_tokenizer()
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
-    rows = Dataset.from_list([json.loads(line) for line in args.data.read_text().splitlines()])
+    data_file = trl_sft_file(args.data) if args.kind == "sft" else args.data
+    rows = Dataset.from_list([json.loads(line) for line in data_file.read_text().splitlines()])
     if args.kind == "sft":
         config = SFTConfig(
             **common,
@@ -183,6 +198,7 @@ def main() -> None:
     parser.add_argument("--variants", help="comma-separated, e.g. ours-ckpt-pack,trl-ckpt-pack (default: all)")
     parser.add_argument("--examples", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--min-length", type=int, default=512)
     parser.add_argument("--max-length", type=int, default=1024)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--hidden", type=int, default=1280)
@@ -210,8 +226,8 @@ def main() -> None:
         sft_file, dpo_file, tokens = write_data(args, folder)
         print(
             f"random Llama, {params / 1e9:.2f}B parameters ({args.layers} layers, hidden {args.hidden}), fp32, "
-            f"full fine-tune; {args.examples} HH records, one epoch, batch {args.batch_size}, max_length "
-            f"{args.max_length}; {args.threads} thread(s) per run",
+            f"full fine-tune; {args.examples} HH records of {args.min_length}-{args.max_length} tokens, one epoch, "
+            f"batch {args.batch_size}; {args.threads} thread(s) per run",
             flush=True,
         )
         results: dict[tuple[str, str], dict] = {}
