@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import shutil
 from pathlib import Path
 
@@ -46,6 +47,14 @@ def accelerator(config: TrainConfig):
 
     transformers_logging.disable_progress_bar()  # a bar per checkpoint write buries the training log
 
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true", "yes"):
+        # set by `accelerate launch` for a DeepSpeed config; checked before accelerate fails on it
+        raise InputError(
+            "the accelerate config",
+            "distributed_type",
+            "cai does not run under DeepSpeed (untested here: it has no CPU build); shard with FSDP2 instead "
+            "(distributed_type: FSDP, fsdp_version: 2; README, Several processes and FSDP)",
+        )
     if config.precision == "auto":
         bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     else:
