@@ -25,16 +25,28 @@ CHUNK_TOKENS = 1024
 def picked_logps(model, inputs: dict[str, Tensor], rows: Tensor, positions: Tensor, tokens: Tensor) -> Tensor:
     """log p(tokens[i] | row rows[i] up to position positions[i]) for each i, in at least fp32: `model`
     run once on `inputs` (its forward's keyword arguments), gradients flowing to it when enabled."""
+    return _picked(model, inputs, rows, positions, tokens, 1.0, None)[0]
+
+
+def picked_logps_and_entropy(
+    model, inputs: dict[str, Tensor], rows: Tensor, positions: Tensor, tokens: Tensor, temperature: float, entropy_grad: bool
+) -> tuple[Tensor, Tensor]:
+    """`picked_logps` of the logits at a sampling temperature, and the entropy of each of those
+    next-token distributions, with gradients only when `entropy_grad` (an entropy bonus in the loss)."""
+    return _picked(model, inputs, rows, positions, tokens, temperature, "grad" if entropy_grad else "metric")
+
+
+def _picked(model, inputs, rows, positions, tokens, temperature: float, entropy: str | None):
     head = _plain_head(model)
     if head is None:
         first = int(positions.min()) if positions.numel() else 0
         logits = model(**inputs, logits_to_keep=inputs["input_ids"].shape[1] - first).logits
-        return _logps(logits[rows, positions - first], tokens)
-    picked: list[Tensor] = []
+        return _stats(logits[rows, positions - first], tokens, temperature, entropy)
+    out: list[tuple[Tensor, Tensor | None]] = []
 
     def compute_on_hidden(module, args):
         hidden = args[0][rows, positions]
-        picked.append(head_logps(hidden, module.weight, module.bias, tokens))
+        out.append(head_stats(hidden, module.weight, module.bias, tokens, temperature, entropy))
         return (args[0][:, :0],)  # the model's own logits: an empty slice
 
     handle = head.register_forward_pre_hook(compute_on_hidden)
@@ -42,29 +54,43 @@ def picked_logps(model, inputs: dict[str, Tensor], rows: Tensor, positions: Tens
         model(**inputs)
     finally:
         handle.remove()
-    return picked[0]
+    return out[0]
 
 
-def head_logps(hidden: Tensor, weight: Tensor, bias: Tensor | None, tokens: Tensor) -> Tensor:
-    """log softmax(hidden @ weight^T + bias)[tokens] per row of `hidden` ([n, hidden] -> [n]), CHUNK_TOKENS
-    rows at a time; under autograd each chunk's logits are recomputed in backward, not stored."""
-    outs = []
+def head_stats(
+    hidden: Tensor, weight: Tensor, bias: Tensor | None, tokens: Tensor, temperature: float, entropy: str | None
+) -> tuple[Tensor, Tensor | None]:
+    """The tokens' log-probs (and with `entropy` the distributions' entropies) from the head's logits
+    divided by `temperature`, CHUNK_TOKENS rows at a time; under autograd each chunk's logits are
+    recomputed in backward, not stored."""
+    parts = []
     for start in range(0, hidden.shape[0], CHUNK_TOKENS):
         chunk = (hidden[start : start + CHUNK_TOKENS], weight, bias, tokens[start : start + CHUNK_TOKENS])
         if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
-            outs.append(checkpoint(_chunk_logps, *chunk, use_reentrant=False))
+            parts.append(checkpoint(_chunk_stats, *chunk, temperature, entropy, use_reentrant=False))
         else:
-            outs.append(_chunk_logps(*chunk))
-    return torch.cat(outs) if outs else hidden.new_zeros(0, dtype=torch.promote_types(hidden.dtype, torch.float32))
+            parts.append(_chunk_stats(*chunk, temperature, entropy))
+    if not parts:
+        empty = hidden.new_zeros(0, dtype=torch.promote_types(hidden.dtype, torch.float32))
+        return empty, (empty if entropy else None)
+    return torch.cat([p[0] for p in parts]), (torch.cat([p[1] for p in parts]) if entropy else None)
 
 
-def _chunk_logps(hidden: Tensor, weight: Tensor, bias: Tensor | None, tokens: Tensor) -> Tensor:
-    return _logps(torch.nn.functional.linear(hidden, weight, bias), tokens)
+def _chunk_stats(hidden, weight, bias, tokens, temperature: float, entropy: str | None):
+    return _stats(torch.nn.functional.linear(hidden, weight, bias), tokens, temperature, entropy)
 
 
-def _logps(logits: Tensor, tokens: Tensor) -> Tensor:
+def _stats(logits: Tensor, tokens: Tensor, temperature: float, entropy: str | None) -> tuple[Tensor, Tensor | None]:
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    return logits.gather(1, tokens.unsqueeze(1)).squeeze(1) - torch.logsumexp(logits, dim=-1)
+    if temperature != 1.0:
+        logits = logits / temperature
+    normaliser = torch.logsumexp(logits, dim=-1)
+    logps = logits.gather(1, tokens.unsqueeze(1)).squeeze(1) - normaliser
+    if entropy is None:
+        return logps, None
+    with torch.set_grad_enabled(entropy == "grad" and torch.is_grad_enabled()):
+        entropies = normaliser - (torch.softmax(logits, -1) * logits).sum(-1)
+    return logps, entropies
 
 
 def _plain_head(model):

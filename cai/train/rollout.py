@@ -16,9 +16,8 @@ import torch
 from cai.core.errors import InputError
 from cai.core.seeding import derive_seed
 from cai.generate import prompts as prompt_sets
-from cai.train import checkpoint, data, loop, runtime
+from cai.train import checkpoint, data, head, loop, runtime
 from cai.train.config import TrainConfig
-from cai.train.losses import token_entropy, token_logps
 
 
 def setup(config: TrainConfig, instead: str):
@@ -218,24 +217,22 @@ def shared_prefill(model, batch: dict, prompts: list[list[int]]):
 def logps_and_entropy(
     model, ids: torch.Tensor, attention: torch.Tensor, start: int, temperature: float, entropy_grad: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """log pi(token) of each answer token (logits at the sampling temperature) and the entropy there.
-
-    Only the answer's positions go through the LM head (`logits_to_keep`): over a prompt's positions
-    the [T, vocab] logits would be computed and thrown away. The entropy carries gradients only when
-    asked (an entropy bonus in the loss); as a metric its softmax would otherwise be kept for backward.
-    """
-    logits = model(
-        input_ids=ids,
-        attention_mask=attention,
-        position_ids=positions(attention),
-        logits_to_keep=ids.shape[1] - start + 1,
-    ).logits
-    if temperature != 1.0:
-        logits = logits / temperature
-    logp = token_logps(logits, ids[:, start - 1 :])  # logits at start-1 .. end-2 predict the answer's tokens
-    with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
-        entropy = token_entropy(logits)
-    return logp, entropy
+    """log pi(token) of each answer token (logits at the sampling temperature) and the entropy there,
+    [batch, answer columns]. Only the answer's positions go through the LM head (cai.train.head). The
+    entropy carries gradients only when asked (an entropy bonus in the loss)."""
+    width = ids.shape[1] - start  # position start - 1 + j predicts answer token j
+    rows = torch.arange(ids.shape[0], device=ids.device).repeat_interleave(width)
+    columns = torch.arange(start - 1, ids.shape[1] - 1, device=ids.device).repeat(ids.shape[0])
+    logp, entropy = head.picked_logps_and_entropy(
+        model,
+        {"input_ids": ids, "attention_mask": attention, "position_ids": positions(attention)},
+        rows,
+        columns,
+        ids[rows, columns + 1],
+        temperature,
+        entropy_grad,
+    )
+    return logp.view(-1, width), entropy.view(-1, width)
 
 
 def group_logps_and_entropy(
@@ -256,10 +253,6 @@ def group_logps_and_entropy(
     batch, starts = data.pack(rows, rollout.pad_id)
     device = rollout.ids.device
     batch = {key: value.to(device) for key, value in batch.items()}
-    keep = batch["input_ids"].shape[1] - (
-        min(n for n, _ in rows) - 1
-    )  # from the first position that predicts an answer token
-    offset = batch["input_ids"].shape[1] - keep
     out_row, col, row, source, token = [], [], [], [], []
     for member, b, length in placed:
         n, start = rows[b][0], starts[b][member % k]
@@ -267,26 +260,27 @@ def group_logps_and_entropy(
             out_row.append(member)
             col.append(t)
             row.append(b)
-            source.append((n - 1 if t == 0 else start + t - 1) - offset)
+            source.append(n - 1 if t == 0 else start + t - 1)
             token.append(rows[b][1][member % k][n + t])
     dtype = next(model.parameters()).dtype
-    logits = model(
-        input_ids=batch["input_ids"],
-        attention_mask=data.additive_mask(batch["attention_mask"], dtype),
-        position_ids=batch["position_ids"],
-        logits_to_keep=keep,
-    ).logits
-    picked = logits[torch.tensor(row, device=device), torch.tensor(source, device=device)].float()
-    if temperature != 1.0:
-        picked = picked / temperature
-    normaliser = torch.logsumexp(picked, -1)
-    token_logp = picked.gather(1, torch.tensor(token, device=device)[:, None]).squeeze(1) - normaliser
+    inputs = {
+        "input_ids": batch["input_ids"],
+        "attention_mask": data.additive_mask(batch["attention_mask"], dtype),
+        "position_ids": batch["position_ids"],
+    }
+    token_logp, entropies = head.picked_logps_and_entropy(
+        model,
+        inputs,
+        torch.tensor(row, device=device),
+        torch.tensor(source, device=device),
+        torch.tensor(token, device=device),
+        temperature,
+        entropy_grad,
+    )
     where = (torch.tensor(out_row, device=device), torch.tensor(col, device=device))
     shape = (len(members), rollout.mask.shape[1])
     logp = torch.zeros(shape, device=device, dtype=token_logp.dtype).index_put(where, token_logp)
-    with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
-        entropies = normaliser - (torch.softmax(picked, -1) * picked).sum(-1)
-        entropy = torch.zeros(shape, device=device, dtype=entropies.dtype).index_put(where, entropies)
+    entropy = torch.zeros(shape, device=device, dtype=entropies.dtype).index_put(where, entropies)
     return logp, entropy
 
 

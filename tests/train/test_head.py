@@ -43,7 +43,7 @@ def test_head_logps_in_chunks_match_the_full_logits(monkeypatch):
     weight = torch.randn(50, 16, generator=generator, requires_grad=True)
     bias = torch.randn(50, generator=generator, requires_grad=True)
     tokens = torch.randint(0, 50, (30,), generator=generator)
-    chunked = head.head_logps(hidden, weight, bias, tokens)
+    chunked = head.head_stats(hidden, weight, bias, tokens, 1.0, None)[0]
     got = torch.autograd.grad(chunked.sum(), (hidden, weight, bias))
     logits = hidden @ weight.T + bias
     expected = logits.log_softmax(-1).gather(1, tokens[:, None])[:, 0]
@@ -80,3 +80,19 @@ def test_a_model_with_something_after_its_head_reads_its_own_logits(llama, batch
     handle.remove()
     assert widths == [40 - int(positions.min())]
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("entropy_grad", [False, True])
+def test_logps_and_entropy_at_a_temperature_match_the_full_logits(llama, batch, monkeypatch, entropy_grad):
+    monkeypatch.setattr(head, "CHUNK_TOKENS", 16)
+    inputs, rows, positions, tokens = batch
+    logits = llama(**inputs).logits[rows, positions].float() / 0.7
+    expected = logits.log_softmax(-1).gather(1, tokens[:, None])[:, 0]
+    expected_entropy = -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1)
+    want = grads(llama, expected + (expected_entropy if entropy_grad else 0))
+    got, entropy = head.picked_logps_and_entropy(llama, inputs, rows, positions, tokens, 0.7, entropy_grad)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(entropy, expected_entropy, rtol=1e-5, atol=1e-5)
+    assert entropy.requires_grad == entropy_grad
+    for name, grad in grads(llama, got + entropy).items():
+        torch.testing.assert_close(grad, want[name], rtol=1e-4, atol=1e-6, msg=name)
