@@ -139,6 +139,23 @@ def trl_lora(args, task_type: str):
     return LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear", task_type=task_type)
 
 
+def our_doc(model: str, data: Path, output_dir: Path, batch_size: int, max_length: int, **more) -> dict:
+    """A benchmark's training config: fp32, lr 1e-6 from the first step, no held-out split, no checkpoint."""
+    return {
+        "model": model,
+        "data": {"train": str(data), "eval_fraction": 0},
+        "output_dir": str(output_dir),
+        "seed": 1234,
+        "batch_size": batch_size,
+        "lr": 1e-6,
+        "warmup_steps": 0,
+        "max_length": max_length,
+        "precision": "fp32",
+        "save_every": 10**6,
+        **more,
+    }
+
+
 def our_config(kind: str, doc: dict, folder: Path):
     """A TrainConfig through the same loader and schema as `cai train KIND CONFIG.yaml`."""
     import yaml

@@ -125,21 +125,16 @@ def run_ours(args, stamps: dict, folder: Path) -> None:
         return save_final(*a, **k)
 
     MetricsLog.open, checkpoint.save_final = staticmethod(started), ended
-    doc = {
-        "model": str(args.model),
-        "data": {"train": str(args.data), "eval_fraction": 0},
-        "output_dir": str(folder / "out"),
-        "seed": 1234,
-        "epochs": 1,
-        "batch_size": args.batch_size,
-        "lr": 1e-6,
-        "warmup_steps": 0,
-        "max_length": args.max_length,
-        "precision": "fp32",
-        "save_every": 10**6,
-        "gradient_checkpointing": "ckpt" in args.variant,
-        "packing": "pack" in args.variant,
-    }
+    doc = _common.our_doc(
+        str(args.model),
+        args.data,
+        folder / "out",
+        args.batch_size,
+        args.max_length,
+        epochs=1,
+        gradient_checkpointing="ckpt" in args.variant,
+        packing="pack" in args.variant,
+    )
     if args.kind == "dpo":
         doc["dpo"] = {"beta": 0.1}
     (sft if args.kind == "sft" else dpo).train(_common.our_config(args.kind, doc, folder))

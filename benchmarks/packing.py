@@ -53,20 +53,15 @@ def run_layout(args) -> None:
 
     MetricsLog.log = timed
     with tempfile.TemporaryDirectory() as tmp:
-        doc = {
-            "model": "smollm2",
-            "data": {"train": str(args.data), "eval_fraction": 0},
-            "output_dir": str(Path(tmp) / "out"),
-            "seed": 1234,
-            "max_steps": args.warmup + args.steps,
-            "batch_size": args.batch_size,
-            "lr": 1e-6,
-            "warmup_steps": 0,
-            "max_length": args.max_length,
-            "precision": "fp32",
-            "save_every": 10**6,
-            "sft": {"bucket_by_length": args.layout == "bucketed"},
-        }
+        doc = _common.our_doc(
+            "smollm2",
+            args.data,
+            Path(tmp) / "out",
+            args.batch_size,
+            args.max_length,
+            max_steps=args.warmup + args.steps,
+            sft={"bucket_by_length": args.layout == "bucketed"},
+        )
         if args.layout == "packed":
             doc["packing"] = True
         sft.train(_common.our_config("sft", doc, Path(tmp)))

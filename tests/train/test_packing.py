@@ -133,17 +133,7 @@ def packed_pairs_run(tmp_path: Path, tiny_model: Path, kind: str, trainer, **doc
     train = write_jsonl(tmp_path / "pairs.jsonl", preference_records(40, seed=0))
 
     def config(name):
-        base = {
-            "model": str(tiny_model),
-            "data": {"train": str(train), "eval_fraction": 0.2},
-            "output_dir": str(tmp_path / name),
-            "max_steps": 6,
-            "lr": 1e-3,
-            "max_length": 64,
-            "save_every": 2,
-            "packing": True,
-        }
-        return train_config.load(kind, write_config(tmp_path / f"{name}.yaml", **base, **doc))
+        return packed_config(tmp_path, tiny_model, name, kind=kind, train=train, max_steps=6, **doc)
 
     trainer.train(config("straight"))
     killed = config("killed")
@@ -159,11 +149,14 @@ def test_packed_rm_learns_and_resumes_exactly(tmp_path, tiny_model):
     assert evals[6]["accuracy"] > evals[0]["accuracy"]
 
 
-def packed_config(tmp_path: Path, tiny_model: Path, name: str, sets: list[str] = (), **doc):
-    train = write_jsonl(tmp_path / "sft.jsonl", sft_records(40))
+def packed_config(
+    tmp_path: Path, tiny_model: Path, name: str, sets: list[str] = (), kind: str = "sft", train: Path | None = None, **doc
+):
+    """A packed training of the tiny model (sft on 40 records unless `train` says otherwise), a held-out
+    fifth, a checkpoint every 2 steps."""
     base = {
         "model": str(tiny_model),
-        "data": {"train": str(train), "eval_fraction": 0.2},
+        "data": {"train": str(train or write_jsonl(tmp_path / "sft.jsonl", sft_records(40))), "eval_fraction": 0.2},
         "output_dir": str(tmp_path / name),
         "max_steps": 8,
         "lr": 1e-3,
@@ -173,7 +166,7 @@ def packed_config(tmp_path: Path, tiny_model: Path, name: str, sets: list[str] =
         "max_tokens_per_batch": 160,
         **doc,
     }
-    return train_config.load("sft", write_config(tmp_path / f"{name}.yaml", **base), list(sets))
+    return train_config.load(kind, write_config(tmp_path / f"{name}.yaml", **base), list(sets))
 
 
 def test_packed_sft_learns_and_resumes_exactly(tmp_path, tiny_model):
