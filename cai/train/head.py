@@ -7,7 +7,8 @@ gradient). Trainers read one entry per trained token. For models whose output is
 pass (a pre-hook on the output embeddings, so DDP and FSDP see an ordinary forward), on the trained
 positions only, in chunks whose logits are recomputed during backward instead of kept: memory of one
 chunk's logits instead of the batch's. Other models (a final soft-capping or logit scale after the
-head) get their full logits and the same arithmetic."""
+head), and a reference offloaded by accelerate (which reads no gradient: its logits are not kept for a
+backward pass), get their full logits from the first trained position on, and the same arithmetic."""
 
 from __future__ import annotations
 
@@ -94,10 +95,12 @@ def _stats(logits: Tensor, tokens: Tensor, temperature: float, entropy: str | No
 
 
 def _plain_head(model):
-    """The output embeddings of a HEAD_ONLY_TYPES model (through DDP, FSDP and PEFT wrappers), else None."""
+    """The output embeddings of a HEAD_ONLY_TYPES model (through DDP, FSDP and PEFT wrappers), else None.
+    None too for a head under accelerate's offload hooks (reference_offload): its weights reach the
+    device inside its own forward, after a pre-hook has run."""
     inner = getattr(model, "module", model)  # DDP
     config = getattr(inner, "config", None)
     if getattr(config, "model_type", None) not in HEAD_ONLY_TYPES:
         return None
     head = inner.get_output_embeddings()
-    return head if isinstance(head, torch.nn.Linear) else None
+    return head if isinstance(head, torch.nn.Linear) and not hasattr(head, "_hf_hook") else None
