@@ -184,19 +184,16 @@ def test_fsdp_refuses_trainers_it_cannot_run_and_fsdp1(tmp_path, tiny_model, kin
         runtime.check_sharding(config, SimpleNamespace(is_fsdp2=fsdp2))
 
 
-def test_a_deepspeed_launch_exits_2_naming_the_field(tmp_path, tiny_model):
-    """`accelerate launch` with a DeepSpeed config sets ACCELERATE_USE_DEEPSPEED; cai refuses it in one
-    line instead of accelerate's import traceback (no DeepSpeed build runs here to test it under)."""
+def test_a_deepspeed_launch_is_refused_naming_the_field(tmp_path, tiny_model, monkeypatch):
+    """`accelerate launch` with a DeepSpeed config sets ACCELERATE_USE_DEEPSPEED; cai refuses it as bad
+    input (one line, exit 2) instead of accelerate's import traceback (no DeepSpeed build runs here)."""
+    from cai.core.errors import InputError
+    from cai.train import config as train_config
+    from cai.train import runtime
+
     data = write_jsonl(tmp_path / "sft.jsonl", sft_records(4))
     path = write_config(tmp_path / "c.yaml", model=str(tiny_model), data={"train": str(data)}, output_dir="out")
-    done = subprocess.run(
-        [sys.executable, "-m", "cai.cli", "train", "sft", str(path)],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        env={**os.environ, "ACCELERATE_USE_DEEPSPEED": "true"},
-    )
-    assert done.returncode == 2, done.stderr
-    assert "distributed_type" in done.stderr and "DeepSpeed" in done.stderr
-    assert len(done.stderr.strip().splitlines()) == 1
-    assert not (tmp_path / "out").exists()
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    with pytest.raises(InputError, match="DeepSpeed") as error:
+        runtime.accelerator(train_config.load("sft", path))
+    assert error.value.field == "distributed_type"
