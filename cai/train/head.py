@@ -30,7 +30,13 @@ def picked_logps(model, inputs: dict[str, Tensor], rows: Tensor, positions: Tens
 
 
 def picked_logps_and_entropy(
-    model, inputs: dict[str, Tensor], rows: Tensor, positions: Tensor, tokens: Tensor, temperature: float, entropy_grad: bool
+    model,
+    inputs: dict[str, Tensor],
+    rows: Tensor,
+    positions: Tensor,
+    tokens: Tensor,
+    temperature: float,
+    entropy_grad: bool,
 ) -> tuple[Tensor, Tensor]:
     """`picked_logps` of the logits at a sampling temperature, and the entropy of each of those
     next-token distributions, with gradients only when `entropy_grad` (an entropy bonus in the loss)."""

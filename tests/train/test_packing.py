@@ -150,7 +150,13 @@ def test_packed_rm_learns_and_resumes_exactly(tmp_path, tiny_model):
 
 
 def packed_config(
-    tmp_path: Path, tiny_model: Path, name: str, sets: list[str] = (), kind: str = "sft", train: Path | None = None, **doc
+    tmp_path: Path,
+    tiny_model: Path,
+    name: str,
+    sets: list[str] = (),
+    kind: str = "sft",
+    train: Path | None = None,
+    **doc,
 ):
     """A packed training of the tiny model (sft on 40 records unless `train` says otherwise), a held-out
     fifth, a checkpoint every 2 steps."""
