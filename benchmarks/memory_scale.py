@@ -9,8 +9,9 @@ padding_free switched off since its refactor), on the same model, examples, batc
 
 The model is a Llama built from a config with random weights (0.54B parameters by default, SmolLM2's
 tokenizer and vocabulary; nothing is downloaded), fp32 weights and AdamW on both sides. The data are the
-first `--examples` HH-RLHF harmless records (../shared/data/hh-rlhf) as they come, the real length
-distribution between --min-length and --max-length: for SFT each prompt with its chosen answer, for DPO the pairs. Every run
+first `--examples` HH-RLHF harmless records (../shared/data/hh-rlhf) whose conversations, prompt and
+answer, take --min-length to --max-length tokens with either answer (26 of the 1,000 at 512-1024): for
+SFT each prompt with its chosen answer, for DPO the pairs. Every run
 (one process each, `--threads` torch threads) trains one epoch over exactly those examples, so both
 sides do the same work however they batch it; tokens/s is the examples' tokens (prompt and answers,
 counted once per sequence as a tokenizer renders them) over the time from the start of training to the
@@ -18,8 +19,8 @@ end of its last step; peak memory is the process's peak RSS when training ends (
 peak allocated memory), which here holds the weights, gradients, optimizer state and activations.
 TRL's SFT trains the last answer (prompt-completion records: its assistant-only loss refuses
 SmolLM2's chat template), ours every assistant turn: as many forward and backward passes, more
-trained tokens on our side. The table ends
-with ours/TRL for each side's configuration that took the least memory.
+trained tokens on our side. The table ends with ours/TRL for each side's configuration that took the
+least memory.
 """
 
 from __future__ import annotations
