@@ -90,6 +90,7 @@ class RewardOptions:
     center_coef: float = 0.0  # Eisenstein et al.: coef * (r_c + r_r)^2
     length_balance: bool = False  # chosen-longer and chosen-shorter pairs weigh the same in total
     length_coef: float = 0.0  # heads 1: coef * |corr(r_c - r_r, length difference)|; heads 2: ODIN's length loss
+    length_window: int = 0  # heads 1: the correlation also over this many pairs before the batch (0: the batch's)
     heads: int = 1  # 2: ODIN's quality and length heads; the quality head alone is kept
     orthogonal_coef: float = 1.0  # heads 2: ODIN's |w_quality . w_length|
     pretrain: PretrainOptions | None = None
@@ -335,6 +336,7 @@ class JudgeTrainOptions:
     lm_coef: float = 0.1
     length_balance: bool = False  # chosen-longer and chosen-shorter pairs weigh the same in total
     length_coef: float = 0.0  # coef * |corr(z_chosen - z_rejected, length difference)| per batch
+    length_window: int = 0  # the correlation also over this many pairs before the batch (0: the batch's)
 
 
 @dataclass(frozen=True)
@@ -593,12 +595,18 @@ def load(kind: str, path: str | Path, overrides: list[str] = ()) -> TrainConfig:
         raise InputError(
             name, "rm.orthogonal_coef", "an option of rm.heads 2: one head has nothing to be orthogonal to"
         )
+    if rm.heads == 2 and "length_window" in rm_doc:
+        raise InputError(name, "rm.length_window", "an option of rm.heads 1: ODIN's length loss is over each batch")
     for section in ("rm", "judge"):
-        if doc.get(section, {}).get("length_coef", 0) > 0 and doc.get("batch_size", 8) < MIN_CORRELATION_BATCH:
+        options = doc.get(section, {})
+        if "length_window" in options and not options.get("length_coef"):
+            raise InputError(name, f"{section}.length_window", f"an option of {section}.length_coef, which is 0")
+        pairs = doc.get("batch_size", 8) + options.get("length_window", 0)
+        if options.get("length_coef", 0) > 0 and pairs < MIN_CORRELATION_BATCH:
             raise InputError(
                 name,
                 f"{section}.length_coef",
-                f"a correlation over each batch: batch_size must be at least {MIN_CORRELATION_BATCH} (is {doc['batch_size']})",
+                f"a correlation over each batch: batch_size plus {section}.length_window must be at least {MIN_CORRELATION_BATCH} (is {pairs})",
             )
 
     scalars = {

@@ -20,8 +20,8 @@ accuracy swap-averaged and per order, position consistency, with Wilson interval
 chosen-longer and chosen-shorter pairs (their mean: the length-balanced accuracy).
 
 Against the length shortcut: each pair's loss carries a weight (its data.train file's, made
-length-balanced with `length_balance`), and `length_coef` adds the batch's |corr(z_chosen - z_rejected,
-token-length difference)| (losses.length_correlation_penalty).
+length-balanced with `length_balance`), and `length_coef` adds |corr(z_chosen - z_rejected, token-length
+difference)| over the batch and the `length_window` pairs before it (losses.length_correlation_penalty).
 
 OUTPUT/
   checkpoints/, metrics.jsonl, curves.png
@@ -50,7 +50,7 @@ from cai.generate.stages.compare import ANSWER_INSTRUCTION, OPTIONS, conversatio
 from cai.judge.eval_judge import agreement_figures
 from cai.train import data, loop, runtime
 from cai.train.config import TrainConfig
-from cai.train.losses import judge_choice_loss, length_correlation_penalty, pairwise_credit, pearson_correlation
+from cai.train.losses import CorrelationWindow, judge_choice_loss, pairwise_credit, pearson_correlation
 
 JUDGE_FILE = "judge.json"
 BEFORE_FILE = "judge-before.json"
@@ -121,6 +121,7 @@ def train(config: TrainConfig, stop_after: int | None = None) -> Path:
     model = training.model
     pad_id = data.pad_id(tokenizer)
     letters = letters.to(acc.device)
+    window = CorrelationWindow(options.length_window)
 
     def batch_values(items: list[Judged]) -> tuple[torch.Tensor, dict[str, float]]:
         logits = option_logits(model, items, pad_id, acc.device)  # pair i's order (A) at 2i, order (B) at 2i + 1
@@ -132,7 +133,7 @@ def train(config: TrainConfig, stop_after: int | None = None) -> Path:
         preference = (logits.gather(1, right[:, None]) - logits.gather(1, wrong[:, None])).view(-1, 2).mean(1)
         length_diff = torch.tensor([float(j.length_diff) for j in items], device=acc.device)
         if options.length_coef:
-            loss = loss + length_correlation_penalty(preference, length_diff, options.length_coef)
+            loss = loss + window.penalty(preference, length_diff, options.length_coef)
         probs = logits.softmax(-1)
         p_right = probs.gather(1, right[:, None])[:, 0] / probs[:, letters].sum(-1)
         return loss, {

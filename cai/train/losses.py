@@ -664,17 +664,63 @@ def pearson_correlation(x: Tensor, y: Tensor, eps: float = 1e-8) -> Tensor:
     return (x * y).sum() / torch.sqrt((x * x).sum() * (y * y).sum() + eps)
 
 
-def length_correlation_penalty(preference: Tensor, length_diff: Tensor, coefficient: float) -> Tensor:
+def length_correlation_penalty(
+    preference: Tensor,
+    length_diff: Tensor,
+    coefficient: float,
+    past_preference: Tensor | None = None,
+    past_length_diff: Tensor | None = None,
+) -> Tensor:
     """The length-decorrelation term (after ODIN, Chen et al. 2024), over a batch of pairs:
 
         coefficient * |rho(s_chosen - s_rejected, len(chosen) - len(rejected))|
 
     `preference`: the model's score difference per pair (a reward model's r_c - r_r, a judge's logit
     difference z_chosen - z_rejected); `length_diff`: the answers' token-length difference. Zero for a
-    batch of fewer than two pairs (no correlation to measure)."""
-    if preference.numel() < 2:
+    batch of fewer than two pairs (no correlation to measure).
+
+    With `past_*`, the detached values of the pairs before this batch (N pairs in all with the batch's b),
+    rho is measured over all N and its gradient scaled by N / b. Pair i of the batch then pulls with
+
+        coefficient * sign(rho) * (l~_i - rho s~_i) / (b sigma_s)
+
+    (s~, l~ standardized over the N pairs): the batch's own Pearson gradient when there is no past, the
+    population rho's per-pair gradient estimated from N points instead of b. Over 4 pairs |rho| is mostly
+    noise, and its gradient with it."""
+    if past_preference is not None and past_preference.numel():
+        preference_all = torch.cat([past_preference.to(preference.dtype), preference])
+        length_all = torch.cat([past_length_diff.to(length_diff.dtype), length_diff])
+    else:
+        preference_all, length_all = preference, length_diff
+    if preference_all.numel() < 2:
         return preference.sum() * 0.0
-    return coefficient * pearson_correlation(preference, length_diff).abs()
+    rho = pearson_correlation(preference_all, length_all).abs()
+    scale = preference_all.numel() / preference.numel()
+    return coefficient * (rho.detach() + scale * (rho - rho.detach()))
+
+
+class CorrelationWindow:
+    """The detached preference and length differences of the last `size` pairs trained on, the past of
+    length_correlation_penalty. Not checkpointed: after a resume it refills within size / batch pairs."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self.preference = torch.empty(0)
+        self.length_diff = torch.empty(0)
+
+    def penalty(self, preference: Tensor, length_diff: Tensor, coefficient: float) -> Tensor:
+        """This batch's term over the window and the batch, then the batch joins the window."""
+        term = length_correlation_penalty(
+            preference,
+            length_diff,
+            coefficient,
+            self.preference.to(preference.device),
+            self.length_diff.to(length_diff.device),
+        )
+        if self.size:
+            self.preference = torch.cat([self.preference, preference.detach().float().cpu()])[-self.size :]
+            self.length_diff = torch.cat([self.length_diff, length_diff.float().cpu()])[-self.size :]
+        return term
 
 
 def odin_length_loss(quality: Tensor, length_rewards: Tensor, lengths: Tensor) -> Tensor:

@@ -14,8 +14,8 @@ same, however many pairs it has). A prompt's K answers share one packed row that
 stored as an offset (final/reward.json) that RewardScorer subtracts, so rewards are centred at 0.
 
 Against the length shortcut: each pair's loss carries a weight (its data.train file's, made
-length-balanced with `length_balance`); `length_coef` adds the batch's |corr(r_c - r_r, length
-difference)|; `heads: 2` is ODIN (a quality and a length head, the ranking loss on their sum, the
+length-balanced with `length_balance`); `length_coef` adds |corr(r_c - r_r, length
+difference)| over the batch and the `length_window` pairs before it; `heads: 2` is ODIN (a quality and a length head, the ranking loss on their sum, the
 decorrelation and orthogonality terms), and final/ keeps the quality head alone. The held-out figures
 include the accuracy on chosen-longer and chosen-shorter pairs (eval_judge.length_figures).
 """
@@ -39,6 +39,7 @@ from cai.judge.eval_judge import length_figures, wilson_interval
 from cai.train import checkpoint, data, loop, runtime
 from cai.train.config import DataFile, JudgeSource, PreferenceSource, TrainConfig, packed_row
 from cai.train.losses import (
+    CorrelationWindow,
     bradley_terry_loss,
     length_correlation_penalty,
     odin_length_loss,
@@ -98,16 +99,23 @@ def train(config: TrainConfig, stop_after: int | None = None, centre: bool = Tru
     model = training.model
 
     capacity = packed_row(config)[0] if config.packing else None
+    window = CorrelationWindow(options.length_window)
 
     def batch_values(
-        batch: list[data.Group], packed: bool = False
+        batch: list[data.Group], training: bool = False
     ) -> tuple[torch.Tensor, dict[str, float], tuple[torch.Tensor, ...]]:
         """Every distinct answer of the batch's prompts scored once; all pair losses from those rewards.
         With two heads (ODIN) the ranking loss reads their sum and the figures the quality head alone.
         Also returns (chosen, rejected, token-length difference) per pair, for the held-out figures.
-        `packed`: the prompts' groups packed into rows of `capacity` tokens (training batches only)."""
+        `training`: a training batch, its prompts' groups packed into rows of `capacity` tokens and its
+        pairs joining the length window."""
         heads = score_groups(
-            model, [g.answers for g in batch], pad_id, acc.device, all_heads=True, capacity=capacity if packed else None
+            model,
+            [g.answers for g in batch],
+            pad_id,
+            acc.device,
+            all_heads=True,
+            capacity=capacity if training else None,
         )
         rewards = heads.sum(-1)  # one head: its reward; two: r = r^Q + r^L
         losses, chosen_all, rejected_all, diffs, start = [], [], [], [], 0
@@ -141,7 +149,8 @@ def train(config: TrainConfig, stop_after: int | None = None, centre: bool = Tru
             loss = loss + options.length_coef * odin + options.orthogonal_coef * orthogonal
             figures = {"length_loss": odin.item(), "orthogonality": orthogonal.item()}
         elif options.length_coef:
-            loss = loss + length_correlation_penalty(chosen - rejected, length_diff, options.length_coef)
+            penalty = window.penalty if training else length_correlation_penalty
+            loss = loss + penalty(chosen - rejected, length_diff, options.length_coef)
         return (
             loss,
             {
@@ -174,7 +183,7 @@ def train(config: TrainConfig, stop_after: int | None = None, centre: bool = Tru
 
     eval_result = loop.fit(
         training,
-        lambda indexes: batch_values([groups[i] for i in indexes], packed=True)[:2],
+        lambda indexes: batch_values([groups[i] for i in indexes], training=True)[:2],
         loop.evaluator(training, len(eval_groups), eval_chunk, eval_combine),
         stop_after,
     )

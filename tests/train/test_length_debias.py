@@ -19,6 +19,7 @@ from cai.cli import EXIT_BAD_INPUT, main
 from cai.train import config as train_config
 from cai.train import data, reward
 from cai.train.losses import (
+    CorrelationWindow,
     length_balance_weights,
     length_correlation_penalty,
     odin_length_loss,
@@ -66,6 +67,46 @@ def test_correlation_penalty_by_hand() -> None:
     flat.backward()
     assert flat.item() == 0.0 and torch.isfinite(constant.grad).all()
     assert length_correlation_penalty(torch.tensor([3.0]), torch.tensor([1.0]), 1.0).item() == 0.0
+
+
+def test_windowed_correlation_penalty_by_hand() -> None:
+    past_preference, past_lengths = torch.tensor([0.0, 3.0]), torch.tensor([0.0, 2.0])
+    preference = torch.tensor([1.0, 2.0], requires_grad=True)
+    lengths = torch.tensor([2.0, 0.0])
+    # over the 4 pairs: s = (0, 3, 1, 2), l = (0, 2, 2, 0), centred (-1.5, 1.5, -0.5, 0.5) and (-1, 1, 1, -1):
+    # sum sl = 2, sum s^2 = 5, sum l^2 = 4, rho = 2 / sqrt(20); sigma_s = sqrt(5 / 4), sigma_l = 1
+    rho = 2 / 20**0.5
+    penalty = length_correlation_penalty(preference, lengths, 0.5, past_preference, past_lengths)
+    assert penalty.item() == pytest.approx(0.5 * rho, rel=1e-5)
+    penalty.backward()
+    # pair i pulls with coef * sign(rho) * (l~_i - rho s~_i) / (b sigma_s), b = 2 pairs in the batch
+    sigma = (5 / 4) ** 0.5
+    standard_s, standard_l = torch.tensor([-0.5, 0.5]) / sigma, torch.tensor([1.0, -1.0])
+    expected = 0.5 * (standard_l - rho * standard_s) / (2 * sigma)
+    assert preference.grad.tolist() == pytest.approx(expected.tolist(), rel=1e-5)
+    # no past: the batch's own Pearson term, value and gradient
+    alone = torch.tensor([1.0, 2.0, 4.0], requires_grad=True)
+    batch = torch.tensor([1.0, 3.0, 2.0])
+    length_correlation_penalty(alone, batch, 0.5, torch.empty(0), torch.empty(0)).backward()
+    reference = alone.detach().clone().requires_grad_()
+    (0.5 * pearson_correlation(reference, batch).abs()).backward()
+    assert alone.grad.tolist() == pytest.approx(reference.grad.tolist())
+
+
+def test_correlation_window_keeps_the_last_pairs() -> None:
+    window = CorrelationWindow(3)
+    for start in (0.0, 2.0, 4.0):
+        preference = torch.tensor([start, start + 1], requires_grad=True)
+        window.penalty(preference, torch.tensor([start, -start]), 1.0)
+    assert window.preference.tolist() == [3.0, 4.0, 5.0] and not window.preference.requires_grad
+    assert window.length_diff.tolist() == [-2.0, 4.0, -4.0]
+    # the batch is measured with the window's three pairs before it
+    preference, lengths = torch.tensor([6.0, 7.0]), torch.tensor([1.0, 0.0])
+    expected = length_correlation_penalty(preference, lengths, 1.0, window.preference, window.length_diff)
+    assert window.penalty(preference, lengths, 1.0).item() == pytest.approx(expected.item())
+    none = CorrelationWindow(0)  # the batch alone
+    none.penalty(torch.tensor([1.0, 2.0]), torch.tensor([1.0, 3.0]), 1.0)
+    assert none.preference.numel() == 0
 
 
 def test_odin_terms_by_hand() -> None:
@@ -144,7 +185,9 @@ def test_plain_reward_model_learns_the_length_rule(plain) -> None:
     assert final_eval["length_correlation"] > 0.5  # its reward margin follows the length difference
 
 
-@pytest.mark.parametrize("remedy", [{"length_balance": True}, {"length_coef": 1.0}], ids=["balance", "correlation"])
+@pytest.mark.parametrize(
+    "remedy", [{"length_balance": True}, {"length_coef": 1.0, "length_window": 32}], ids=["balance", "correlation"]
+)
 def test_debiased_reward_model_learns_the_marker(remedy, plain, tmp_path: Path, tiny_model: Path, task) -> None:
     cfg = rm_config(tmp_path, tiny_model, task, "debiased", remedy)
     reward.train(cfg)
@@ -214,6 +257,9 @@ def test_weighted_list_of_files(tmp_path: Path, tiny_model: Path, task) -> None:
         ("rm", {"rm": {"length_coef": -1}}, "rm.length_coef"),
         ("rm", {"rm": {"orthogonal_coef": 1.0}}, "rm.orthogonal_coef"),
         ("rm", {"rm": {"length_coef": 0.5}, "batch_size": 2}, "rm.length_coef"),
+        ("rm", {"rm": {"length_window": 16}}, "rm.length_window"),
+        ("rm", {"rm": {"heads": 2, "length_coef": 1.0, "length_window": 16}}, "rm.length_window"),
+        ("judge", {"judge": {"length_coef": 1.0, "length_window": -1}}, "judge.length_window"),
         ("judge", {"judge": {"length_balance": "yes"}}, "judge.length_balance"),
         ("judge", {"judge": {"length_coef": 1.0}, "batch_size": 3}, "judge.length_coef"),
         ("rm", {"data": {"train": [{"path": "missing.jsonl"}]}}, "data.train[0].path"),
@@ -225,6 +271,9 @@ def test_weighted_list_of_files(tmp_path: Path, tiny_model: Path, task) -> None:
         "length-coef",
         "orthogonal-one-head",
         "corr-batch",
+        "window-without-coef",
+        "window-two-heads",
+        "window-negative",
         "balance-type",
         "judge-batch",
         "missing-file",
@@ -245,3 +294,15 @@ def test_bad_keys_exit_2_naming_the_field(
     assert err.startswith(f"train.yaml: {field}"), err
     assert len(err.splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_a_window_measures_the_correlation_beyond_a_small_batch(tmp_path: Path, tiny_model: Path) -> None:
+    write_jsonl(tmp_path / "train.jsonl", training_pairs(4))
+    doc = {
+        "model": str(tiny_model),
+        "data": {"train": str(tmp_path / "train.jsonl")},
+        "output_dir": str(tmp_path / "out"),
+    }
+    judge = {"length_coef": 0.5, "length_window": 62}
+    cfg = train_config.load("judge", write_config(tmp_path / "judge.yaml", **doc, batch_size=2, judge=judge))
+    assert (cfg.judge.length_coef, cfg.judge.length_window) == (0.5, 62)
