@@ -133,13 +133,20 @@ def wait_for_rows(run_dir: Path, stage: str, at_least: int, proc: subprocess.Pop
     pytest.fail(f"no {at_least} {stage} rows within {timeout} s")
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["kill-9", "ctrl-c"])
-def test_resume_after_interruption_matches_an_uninterrupted_run(tiny_model, tmp_path, sig):
-    pipeline = tiny_pipeline(tmp_path, tiny_model)
-    reference, interrupted = tmp_path / "reference", tmp_path / "interrupted"
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_model, tmp_path_factory) -> tuple[Path, Path]:
+    """The pipeline both interruption tests run, and its uninterrupted run's folder."""
+    root = tmp_path_factory.mktemp("uninterrupted")
+    pipeline, reference = tiny_pipeline(root, tiny_model), root / "reference"
     proc = run_cli(pipeline, reference, 16)
     assert proc.wait(timeout=600) == 0, proc.stderr.read()[-2000:]
+    return pipeline, reference
 
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["kill-9", "ctrl-c"])
+def test_resume_after_interruption_matches_an_uninterrupted_run(uninterrupted, tmp_path, sig):
+    pipeline, reference = uninterrupted
+    interrupted = tmp_path / "interrupted"
     proc = run_cli(pipeline, interrupted, 16)
     wait_for_rows(interrupted, "critique_revise", 4, proc)  # mid-stage: one batch of four written
     os.killpg(proc.pid, sig) if sig == signal.SIGKILL else proc.send_signal(sig)
