@@ -132,8 +132,11 @@ def train(config: TrainConfig, stop_after: int | None = None) -> Path:
         # z_chosen - z_rejected per pair, the two orders averaged: the preference without its position part
         preference = (logits.gather(1, right[:, None]) - logits.gather(1, wrong[:, None])).view(-1, 2).mean(1)
         length_diff = torch.tensor([float(j.length_diff) for j in items], device=acc.device)
+        # over the length window when there is one: over a batch of 2 pairs the correlation is +-1
+        correlation = pearson_correlation(preference, length_diff).item()
         if options.length_coef:
-            loss = loss + window.penalty(preference, length_diff, options.length_coef)
+            term, correlation = window.penalty(preference, length_diff, options.length_coef)
+            loss = loss + term
         probs = logits.softmax(-1)
         p_right = probs.gather(1, right[:, None])[:, 0] / probs[:, letters].sum(-1)
         return loss, {
@@ -141,7 +144,7 @@ def train(config: TrainConfig, stop_after: int | None = None) -> Path:
             "accuracy": pairwise_credit(p_right, 0.5).mean().item(),  # per order
             "p_right": p_right.mean().item(),
             "letter_mass": probs[:, letters].sum(-1).mean().item(),  # P(A) + P(B) over the vocabulary
-            "length_correlation": pearson_correlation(preference, length_diff).item(),
+            "length_correlation": correlation,
         }
 
     reports: dict[str, dict[str, Any]] = {}

@@ -708,19 +708,22 @@ class CorrelationWindow:
         self.preference = torch.empty(0)
         self.length_diff = torch.empty(0)
 
-    def penalty(self, preference: Tensor, length_diff: Tensor, coefficient: float) -> Tensor:
-        """This batch's term over the window and the batch, then the batch joins the window."""
-        term = length_correlation_penalty(
-            preference,
-            length_diff,
-            coefficient,
+    def penalty(self, preference: Tensor, length_diff: Tensor, coefficient: float) -> tuple[Tensor, float]:
+        """This batch's term over the window and the batch, and the signed correlation it measured (the
+        figure to log); then the batch joins the window."""
+        past_preference, past_length_diff = (
             self.preference.to(preference.device),
             self.length_diff.to(length_diff.device),
         )
+        term = length_correlation_penalty(preference, length_diff, coefficient, past_preference, past_length_diff)
+        correlation = pearson_correlation(
+            torch.cat([past_preference, preference.detach().float()]),
+            torch.cat([past_length_diff, length_diff.float()]),
+        ).item()
         if self.size:
             self.preference = torch.cat([self.preference, preference.detach().float().cpu()])[-self.size :]
             self.length_diff = torch.cat([self.length_diff, length_diff.float().cpu()])[-self.size :]
-        return term
+        return term, correlation
 
 
 def odin_length_loss(quality: Tensor, length_rewards: Tensor, lengths: Tensor) -> Tensor:

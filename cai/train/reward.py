@@ -142,15 +142,19 @@ def train(config: TrainConfig, stop_after: int | None = None, centre: bool = Tru
         if options.center_coef:
             loss = loss + reward_centering_loss(chosen, rejected, options.center_coef)
         figures = {}
+        # over the length window when training with one: a batch's few pairs say little
+        correlation = pearson_correlation(chosen - rejected, length_diff).item()
         if options.heads == 2:
             lengths = torch.tensor([float(n) for g in batch for n in answer_lengths(g)], device=acc.device)
             odin = odin_length_loss(heads[:, 0], heads[:, 1], lengths)
             orthogonal = orthogonality_loss(*head_weight(model)[:2])
             loss = loss + options.length_coef * odin + options.orthogonal_coef * orthogonal
             figures = {"length_loss": odin.item(), "orthogonality": orthogonal.item()}
+        elif options.length_coef and training:
+            term, correlation = window.penalty(chosen - rejected, length_diff, options.length_coef)
+            loss = loss + term
         elif options.length_coef:
-            penalty = window.penalty if training else length_correlation_penalty
-            loss = loss + penalty(chosen - rejected, length_diff, options.length_coef)
+            loss = loss + length_correlation_penalty(chosen - rejected, length_diff, options.length_coef)
         return (
             loss,
             {
@@ -158,7 +162,7 @@ def train(config: TrainConfig, stop_after: int | None = None, centre: bool = Tru
                 "accuracy": pairwise_credit(chosen, rejected).mean().item(),
                 "reward_margin": (chosen - rejected).mean().item(),
                 "mean_reward": heads[:, 0].mean().item(),
-                "length_correlation": pearson_correlation(chosen - rejected, length_diff).item(),
+                "length_correlation": correlation,
                 **figures,
             },
             (chosen.detach(), rejected.detach(), length_diff),

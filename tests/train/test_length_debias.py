@@ -103,7 +103,11 @@ def test_correlation_window_keeps_the_last_pairs() -> None:
     # the batch is measured with the window's three pairs before it
     preference, lengths = torch.tensor([6.0, 7.0]), torch.tensor([1.0, 0.0])
     expected = length_correlation_penalty(preference, lengths, 1.0, window.preference, window.length_diff)
-    assert window.penalty(preference, lengths, 1.0).item() == pytest.approx(expected.item())
+    # the signed correlation over the five pairs, the figure a trainer logs
+    signed = pearson_correlation(torch.tensor([3.0, 4.0, 5.0, 6.0, 7.0]), torch.tensor([-2.0, 4.0, -4.0, 1.0, 0.0]))
+    term, correlation = window.penalty(preference, lengths, 1.0)
+    assert term.item() == pytest.approx(expected.item()) == pytest.approx(abs(signed.item()))
+    assert correlation == pytest.approx(signed.item())
     none = CorrelationWindow(0)  # the batch alone
     none.penalty(torch.tensor([1.0, 2.0]), torch.tensor([1.0, 3.0]), 1.0)
     assert none.preference.numel() == 0
