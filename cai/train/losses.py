@@ -679,14 +679,14 @@ def length_correlation_penalty(
     difference z_chosen - z_rejected); `length_diff`: the answers' token-length difference. Zero for a
     batch of fewer than two pairs (no correlation to measure).
 
-    With `past_*`, the detached values of the pairs before this batch (N pairs in all with the batch's b),
-    rho is measured over all N and its gradient scaled by N / b. Pair i of the batch then pulls with
+    With `past_*`, the detached values of the N pairs before this batch of b, rho is measured over all
+    N + b and its gradient scaled by (N + b) / b. Pair i of the batch then pulls with
 
         coefficient * sign(rho) * (l~_i - rho s~_i) / (b sigma_s)
 
-    (s~, l~ standardized over the N pairs): the batch's own Pearson gradient when there is no past, the
-    population rho's per-pair gradient estimated from N points instead of b. Over 4 pairs |rho| is mostly
-    noise, and its gradient with it."""
+    (s~, l~ standardized over the N + b pairs): the batch's own Pearson gradient when there is no past,
+    the population rho's per-pair gradient estimated from N + b points instead of b. Over 4 pairs |rho|
+    is mostly noise, and its gradient with it."""
     if past_preference is not None and past_preference.numel():
         preference_all = torch.cat([past_preference.to(preference.dtype), preference])
         length_all = torch.cat([past_length_diff.to(length_diff.dtype), length_diff])
