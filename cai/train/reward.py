@@ -14,9 +14,10 @@ same, however many pairs it has). A prompt's K answers share one packed row that
 stored as an offset (final/reward.json) that RewardScorer subtracts, so rewards are centred at 0.
 
 Against the length shortcut: each pair's loss carries a weight (its data.train file's, made
-length-balanced with `length_balance`); `length_coef` adds |corr(r_c - r_r, length
-difference)| over the batch and the `length_window` pairs before it; `heads: 2` is ODIN (a quality and a length head, the ranking loss on their sum, the
-decorrelation and orthogonality terms), and final/ keeps the quality head alone. The held-out figures
+length-balanced with `length_balance`); `length_coef` adds |corr(r_c - r_r, length difference)| over
+the batch and the `length_window` pairs before it; `heads: 2` is ODIN (a quality and a length head,
+the ranking loss on their sum, the decorrelation and orthogonality terms), and final/ keeps the
+quality head alone. The held-out figures
 include the accuracy on chosen-longer and chosen-shorter pairs (eval_judge.length_figures).
 """
 
