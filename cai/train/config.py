@@ -595,12 +595,16 @@ def load(kind: str, path: str | Path, overrides: list[str] = ()) -> TrainConfig:
         raise InputError(
             name, "rm.orthogonal_coef", "an option of rm.heads 2: one head has nothing to be orthogonal to"
         )
-    if rm.heads == 2 and "length_window" in rm_doc:
-        raise InputError(name, "rm.length_window", "an option of rm.heads 1: ODIN's length loss is over each batch")
+    if rm.heads == 2 and rm.length_window:
+        raise InputError(
+            name, "rm.length_window", "an option of rm.heads 1 (ODIN's length loss is over each batch): set it to 0"
+        )
     for section in ("rm", "judge"):
         options = doc.get(section, {})
-        if "length_window" in options and not options.get("length_coef"):
-            raise InputError(name, f"{section}.length_window", f"an option of {section}.length_coef, which is 0")
+        if options.get("length_window") and not options.get("length_coef"):
+            raise InputError(
+                name, f"{section}.length_window", f"an option of {section}.length_coef, which is 0: set it to 0 too"
+            )
         pairs = doc.get("batch_size", 8) + options.get("length_window", 0)
         if options.get("length_coef", 0) > 0 and pairs < MIN_CORRELATION_BATCH:
             raise InputError(

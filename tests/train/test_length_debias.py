@@ -310,3 +310,7 @@ def test_a_window_measures_the_correlation_beyond_a_small_batch(tmp_path: Path, 
     judge = {"length_coef": 0.5, "length_window": 62}
     cfg = train_config.load("judge", write_config(tmp_path / "judge.yaml", **doc, batch_size=2, judge=judge))
     assert (cfg.judge.length_coef, cfg.judge.length_window) == (0.5, 62)
+    # a config that turns a demo's term off sets both to 0
+    off = {"length_coef": 0, "length_window": 0}
+    cfg = train_config.load("judge", write_config(tmp_path / "off.yaml", **doc, batch_size=2, judge=off))
+    assert (cfg.judge.length_coef, cfg.judge.length_window) == (0, 0)
