@@ -132,11 +132,11 @@ def train(config: TrainConfig, stop_after: int | None = None) -> Path:
         # z_chosen - z_rejected per pair, the two orders averaged: the preference without its position part
         preference = (logits.gather(1, right[:, None]) - logits.gather(1, wrong[:, None])).view(-1, 2).mean(1)
         length_diff = torch.tensor([float(j.length_diff) for j in items], device=acc.device)
-        # over the length window when there is one: over a batch of 2 pairs the correlation is +-1
-        correlation = pearson_correlation(preference, length_diff).item()
-        if options.length_coef:
+        if options.length_coef:  # the figure over the window: over a batch of 2 pairs it is +-1
             term, correlation = window.penalty(preference, length_diff, options.length_coef)
             loss = loss + term
+        else:
+            correlation = pearson_correlation(preference, length_diff).item()
         probs = logits.softmax(-1)
         p_right = probs.gather(1, right[:, None])[:, 0] / probs[:, letters].sum(-1)
         return loss, {

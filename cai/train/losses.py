@@ -664,25 +664,22 @@ def pearson_correlation(x: Tensor, y: Tensor, eps: float = 1e-8) -> Tensor:
     return (x * y).sum() / torch.sqrt((x * x).sum() * (y * y).sum() + eps)
 
 
-def length_correlation_penalty(
+def length_correlation(
     preference: Tensor,
     length_diff: Tensor,
-    coefficient: float,
     past_preference: Tensor | None = None,
     past_length_diff: Tensor | None = None,
 ) -> Tensor:
-    """The length-decorrelation term (after ODIN, Chen et al. 2024), over a batch of pairs:
-
-        coefficient * |rho(s_chosen - s_rejected, len(chosen) - len(rejected))|
+    """rho(s_chosen - s_rejected, len(chosen) - len(rejected)) over a batch of pairs, signed.
 
     `preference`: the model's score difference per pair (a reward model's r_c - r_r, a judge's logit
-    difference z_chosen - z_rejected); `length_diff`: the answers' token-length difference. Zero for a
-    batch of fewer than two pairs (no correlation to measure).
+    difference z_chosen - z_rejected); `length_diff`: the answers' token-length difference. Zero for
+    fewer than two pairs (no correlation to measure).
 
     With `past_*`, the detached values of the N pairs before this batch of b, rho is measured over all
-    N + b and its gradient scaled by (N + b) / b. Pair i of the batch then pulls with
+    N + b and its gradient scaled by (N + b) / b. Pair i of the batch then pulls |rho| with
 
-        coefficient * sign(rho) * (l~_i - rho s~_i) / (b sigma_s)
+        sign(rho) * (l~_i - rho s~_i) / (b sigma_s)
 
     (s~, l~ standardized over the N + b pairs): the batch's own Pearson gradient when there is no past,
     the population rho's per-pair gradient estimated from N + b points instead of b. Over 4 pairs |rho|
@@ -694,14 +691,28 @@ def length_correlation_penalty(
         preference_all, length_all = preference, length_diff
     if preference_all.numel() < 2:
         return preference.sum() * 0.0
-    rho = pearson_correlation(preference_all, length_all).abs()
+    rho = pearson_correlation(preference_all, length_all)
     scale = preference_all.numel() / preference.numel()
-    return coefficient * (rho.detach() + scale * (rho - rho.detach()))
+    return rho.detach() + scale * (rho - rho.detach())
+
+
+def length_correlation_penalty(
+    preference: Tensor,
+    length_diff: Tensor,
+    coefficient: float,
+    past_preference: Tensor | None = None,
+    past_length_diff: Tensor | None = None,
+) -> Tensor:
+    """The length-decorrelation term (after ODIN, Chen et al. 2024), over a batch of pairs (and the
+    pairs before it, `length_correlation`):
+
+        coefficient * |rho(s_chosen - s_rejected, len(chosen) - len(rejected))|"""
+    return coefficient * length_correlation(preference, length_diff, past_preference, past_length_diff).abs()
 
 
 class CorrelationWindow:
     """The detached preference and length differences of the last `size` pairs trained on, the past of
-    length_correlation_penalty. Not checkpointed: after a resume it refills within size / batch pairs."""
+    length_correlation. Not checkpointed: after a resume it refills within size / batch pairs."""
 
     def __init__(self, size: int):
         self.size = size
@@ -711,19 +722,13 @@ class CorrelationWindow:
     def penalty(self, preference: Tensor, length_diff: Tensor, coefficient: float) -> tuple[Tensor, float]:
         """This batch's term over the window and the batch, and the signed correlation it measured (the
         figure to log); then the batch joins the window."""
-        past_preference, past_length_diff = (
-            self.preference.to(preference.device),
-            self.length_diff.to(length_diff.device),
+        rho = length_correlation(
+            preference, length_diff, self.preference.to(preference.device), self.length_diff.to(length_diff.device)
         )
-        term = length_correlation_penalty(preference, length_diff, coefficient, past_preference, past_length_diff)
-        correlation = pearson_correlation(
-            torch.cat([past_preference, preference.detach().float()]),
-            torch.cat([past_length_diff, length_diff.float()]),
-        ).item()
         if self.size:
             self.preference = torch.cat([self.preference, preference.detach().float().cpu()])[-self.size :]
             self.length_diff = torch.cat([self.length_diff, length_diff.float().cpu()])[-self.size :]
-        return term, correlation
+        return coefficient * rho.abs(), rho.item()
 
 
 def odin_length_loss(quality: Tensor, length_rewards: Tensor, lengths: Tensor) -> Tensor:
