@@ -16,9 +16,11 @@ demo-train: setup
 	$(VENV)/bin/cai models prepare smollm2
 	$(VENV)/bin/cai run pipelines/demo_train.yaml
 
-# Lint and format check (settings in pyproject.toml), then the whole test suite, slow end-to-end tests included.
+# Lint and format check (settings in pyproject.toml), then the whole test suite, slow end-to-end tests included,
+# in TEST_WORKERS processes, each test file's tests in one of them (module fixtures are built once).
+TEST_WORKERS ?= 2
 test: lint
-	$(VENV)/bin/python -m pytest -q
+	$(VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 lint: setup
 	$(VENV)/bin/ruff check cai tests benchmarks scripts
