@@ -302,11 +302,15 @@ def cmd_export(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+PREPARE_LOG = "prepare.log"  # in $CAI_HOME/models: transformers' output while a model is converted
+
+
 def cmd_models_prepare(args: argparse.Namespace) -> int:
-    from cai.core.models import ModelError, prepare
+    from cai.core.models import ModelError, models_dir, prepare
 
     try:
-        path = prepare(args.name)
+        with logs.redirected(models_dir() / PREPARE_LOG):
+            path = prepare(args.name)
     except ModelError as exc:
         print(f"cai models prepare: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -25,8 +25,12 @@ def cai_home() -> Path:
     return Path(os.environ.get("CAI_HOME") or Path.home() / ".cache" / "cai")
 
 
+def models_dir() -> Path:
+    return cai_home() / "models"
+
+
 def embedded_path(name: str) -> Path:
-    return cai_home() / "models" / name
+    return models_dir() / name
 
 
 def _gguf_file(name: str) -> Path:
