@@ -114,9 +114,11 @@ def eval_server(eval_api, tmp_path_factory):
     server.stop()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def finished_eval(eval_server) -> dict:
-    """eval.yaml run to its end as a job, on the first prompt of each axis: the finished job's detail."""
+    """eval.yaml run to its end as a job, on the first prompt of each axis: the finished job's detail.
+    One per test file: a later job on the same run directory (test_eval_jobs resubmits it) takes the
+    ratings over, and the dashboard's leaderboards must not depend on which file ran first."""
     job = eval_server.submit_eval(limit=1)
     job = eval_server.wait_ended(job["id"], timeout=300)
     assert job["status"] == "finished", eval_server.client().get(f"/api/jobs/{job['id']}/log").text[-3000:]
