@@ -8,14 +8,11 @@ from locations import ROOT
 
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 
-# vLLM sets up its log handler once per process, on the first engine, with the sys.stdout of that moment.
-# Set up here, that is pytest's capture for the whole session; set up first inside a test that reads capsys,
-# it would be that test's stream, closed after it, and each later vLLM warning would print "--- Logging
-# error ---" on the stderr of whichever test runs then (seen when xdist ran another file's tests first).
-from vllm.config.logging import LoggingConfig  # noqa: E402
-from vllm.logger import configure_logging_if_needed  # noqa: E402
-
-configure_logging_if_needed(LoggingConfig())
+# vLLM sets up its log handler once per process, on the first engine, with the stream that names then. As
+# sys.stdout, inside a test that reads capsys, that would be the test's stream, closed after it, and each later
+# vLLM warning would print "--- Logging error ---" on the stderr of whichever test runs then (seen when xdist
+# ran another file's tests first). sys.__stdout__ is never swapped or closed; pytest still captures its fd.
+os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.__stdout__")
 
 
 def corpus() -> list[str]:
