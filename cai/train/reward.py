@@ -178,13 +178,20 @@ def train(config: TrainConfig, stop_after: int | None = None, centre: bool = Tru
         return figures
 
     def eval_combine(chunks: list[dict[str, float]]) -> dict[str, float]:
-        """The chunks' mean loss and figures, and the split accuracies over all held-out pairs at once."""
+        """The chunks' mean loss; the pair figures over all held-out pairs at once, as final/reward.json
+        gives them (chunks hold whole prompts' groups, so a mean over chunks would weigh pairs unevenly)."""
         chosen, rejected, diff = (torch.cat(parts).cpu() for parts in zip(*held))
         held.clear()
         final_figures.clear()
         # token lengths: cut at 0 they only say which answer is the longer
         final_figures.update(pair_figures(chosen, rejected, diff.clamp(min=0).tolist(), (-diff).clamp(min=0).tolist()))
-        return {**mean(chunks), **{k: final_figures[k] for k in SPLIT_FIGURES if final_figures[k] is not None}}
+        pooled = {
+            "accuracy": final_figures["accuracy"],
+            "reward_margin": final_figures["mean_margin"],
+            "length_correlation": pearson_correlation(chosen - rejected, diff).item(),
+        }
+        splits = {k: final_figures[k] for k in SPLIT_FIGURES if final_figures[k] is not None}
+        return {**mean(chunks), **pooled, **splits}
 
     eval_result = loop.fit(
         training,

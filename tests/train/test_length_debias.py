@@ -174,7 +174,8 @@ def held_out(cfg) -> dict:
 
 @pytest.fixture(scope="module")
 def plain(tmp_path_factory, tiny_model: Path, task):
-    cfg = rm_config(tmp_path_factory.mktemp("rm-plain"), tiny_model, task, "plain")
+    # held-out chunks of 16, 16 and 8 pairs: the logged figures must still be the pooled ones
+    cfg = rm_config(tmp_path_factory.mktemp("rm-plain"), tiny_model, task, "plain", eval_batch_size=16)
     reward.train(cfg)
     return cfg
 
@@ -186,6 +187,8 @@ def test_plain_reward_model_learns_the_length_rule(plain) -> None:
     assert figures["length_balanced_accuracy"] <= 0.7
     final_eval = read_metrics(plain.output_dir, "eval")[STEPS]  # the split figures are in metrics.jsonl too
     assert final_eval["length_balanced_accuracy"] == pytest.approx(figures["length_balanced_accuracy"])
+    assert final_eval["accuracy"] == pytest.approx(figures["accuracy"])
+    assert final_eval["reward_margin"] == pytest.approx(figures["mean_margin"])
     assert final_eval["length_correlation"] > 0.5  # its reward margin follows the length difference
 
 
