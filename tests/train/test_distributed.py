@@ -139,10 +139,13 @@ def test_fsdp_trains_as_ddp_does_and_checkpoints_shards(runs, tiny_model, name):
     assert whole.keys() == reference.keys()
     for key in reference:
         # the same training up to float rounding (summed in another order), which Adam's first steps
-        # can scale up to a fraction of the learning rate where a gradient is near zero: next to how far
-        # the weights moved, a difference that is not rounding would show
-        moved = (reference[key] - start[key]).abs().max() if key in start else reference[key].abs().max()
-        assert (whole[key] - reference[key]).abs().max() <= 0.01 * moved + 1e-6, key
+        # can scale up to a fraction of the learning rate in a lone weight whose gradient is near zero
+        # (grpo: one o_proj entry off by 2% of the largest move): next to how far the weights moved, a
+        # difference that is not rounding would show in the largest entry and across the tensor alike
+        moved = (reference[key] - start[key]).abs() if key in start else reference[key].abs()
+        off = (whole[key] - reference[key]).abs()
+        assert off.max() <= 0.05 * moved.max() + 1e-6, key
+        assert off.mean() <= 1e-3 * moved.mean() + 1e-7, key
 
 
 @pytest.mark.parametrize("name", ["sft", "grpo"])

@@ -36,6 +36,14 @@ def grads(model, logps):
     return {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
+def assert_grads_close(got: dict, want: dict) -> None:
+    """Each parameter's gradient within float32 rounding of the reference's: the chunks sum in another
+    order, so an entry's error scales with the tensor's largest entries (an embedding row gathers many
+    positions), not with the entry itself."""
+    for name, grad in got.items():
+        torch.testing.assert_close(grad, want[name], rtol=1e-4, atol=1e-6 * want[name].abs().max().item(), msg=name)
+
+
 def test_head_logps_in_chunks_match_the_full_logits(monkeypatch):
     monkeypatch.setattr(head, "CHUNK_TOKENS", 7)
     generator = torch.Generator().manual_seed(1)
@@ -64,8 +72,7 @@ def test_a_llama_never_builds_its_full_logits_and_gets_the_same_values_and_gradi
     handle.remove()
     assert widths == [0]  # the model's own logits: none
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
-    for name, grad in grads(llama, got).items():
-        torch.testing.assert_close(grad, want[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert_grads_close(grads(llama, got), want)
 
 
 def test_a_model_with_something_after_its_head_reads_its_own_logits(llama, batch):
@@ -94,5 +101,4 @@ def test_logps_and_entropy_at_a_temperature_match_the_full_logits(llama, batch, 
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(entropy, expected_entropy, rtol=1e-5, atol=1e-5)
     assert entropy.requires_grad == entropy_grad
-    for name, grad in grads(llama, got + entropy).items():
-        torch.testing.assert_close(grad, want[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert_grads_close(grads(llama, got + entropy), want)
