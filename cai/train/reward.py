@@ -179,7 +179,8 @@ def train(config: TrainConfig, stop_after: int | None = None, centre: bool = Tru
 
     def eval_combine(chunks: list[dict[str, float]]) -> dict[str, float]:
         """The chunks' mean loss; the pair figures over all held-out pairs at once, as final/reward.json
-        gives them (chunks hold whole prompts' groups, so a mean over chunks would weigh pairs unevenly)."""
+        gives them (a mean over chunks would weigh pairs unevenly: the last chunk is smaller, and a chunk
+        holds whole prompts' groups of pairs)."""
         chosen, rejected, diff = (torch.cat(parts).cpu() for parts in zip(*held))
         held.clear()
         final_figures.clear()
