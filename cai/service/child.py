@@ -20,6 +20,9 @@ def main() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
         if os.getppid() != server_pid:  # the server died before the line above: nobody will signal us
             sys.exit(137)
+    # The server cancels and stops a job with SIGINT (the job keeps its rows and exits 130). A server started
+    # in the background of a script (`nohup cai serve &`) has SIGINT ignored, which its jobs would inherit.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
     os.execv(sys.executable, [sys.executable, "-m", "cai.cli", *args])
 
 
