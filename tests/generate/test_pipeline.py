@@ -150,7 +150,11 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(uninterrupted, t
     proc = run_cli(pipeline, interrupted, 16)
     wait_for_rows(interrupted, "critique_revise", 4, proc)  # mid-stage: one batch of four written
     os.killpg(proc.pid, sig) if sig == signal.SIGKILL else proc.send_signal(sig)
-    code = proc.wait(timeout=120)
+    try:
+        code = proc.wait(timeout=120)
+    except subprocess.TimeoutExpired:  # no engine left running beside the rest of the suite
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
     if sig == signal.SIGKILL:
         os.killpg(proc.pid, signal.SIGKILL) if _group_alive(proc.pid) else None
     else:

@@ -155,7 +155,11 @@ def test_a_million_line_prompt_file_starts_at_once_and_holds_flat_memory(tmp_pat
                 time.sleep(0.2)
         finally:
             proc.send_signal(signal.SIGINT)
-            proc.wait(timeout=60)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:  # a run that ignored it would go on through its million rows
+                os.killpg(proc.pid, signal.SIGKILL)
+                raise
     assert set(samples) == {200, 1000}, f"rows did not flow: {proc.stderr.read()[-2000:]}"
     assert samples[1000] - samples[200] < 30 * 1024, samples  # KiB: the 800 rows between hold no memory
 
