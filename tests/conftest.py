@@ -15,7 +15,7 @@ os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 # ran another file's tests first). sys.__stdout__ is never swapped or closed; pytest still captures its fd.
 os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.__stdout__")
 
-# A suite started in the background of a script (`make test &`, nohup) has SIGINT ignored, and so would the
+# A suite started in the background of a script (`make test &` there) has SIGINT ignored, and so would the
 # `cai` processes the Ctrl-C tests interrupt: they would run on. A handled signal is back to the default at exec.
 if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
