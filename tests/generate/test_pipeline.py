@@ -122,6 +122,16 @@ def run_cli(pipeline: Path, run_dir: Path, limit: int) -> subprocess.Popen:
     )
 
 
+def wait_or_kill(proc: subprocess.Popen, timeout: float) -> int:
+    """The process's exit code; one that outlives the wait has its group killed, not left running (an
+    engine, or a million-row run) beside the rest of the suite."""
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+
+
 def wait_for_rows(run_dir: Path, stage: str, at_least: int, proc: subprocess.Popen, timeout: float = 300) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -150,11 +160,7 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(uninterrupted, t
     proc = run_cli(pipeline, interrupted, 16)
     wait_for_rows(interrupted, "critique_revise", 4, proc)  # mid-stage: one batch of four written
     os.killpg(proc.pid, sig) if sig == signal.SIGKILL else proc.send_signal(sig)
-    try:
-        code = proc.wait(timeout=120)
-    except subprocess.TimeoutExpired:  # no engine left running beside the rest of the suite
-        os.killpg(proc.pid, signal.SIGKILL)
-        raise
+    code = wait_or_kill(proc, 120)
     if sig == signal.SIGKILL:
         os.killpg(proc.pid, signal.SIGKILL) if _group_alive(proc.pid) else None
     else:

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 from canned_server import MODEL, CannedServer
+from generate.test_pipeline import wait_or_kill
 from locations import ROOT
 
 from cai.generate.backends.base import BackendSpec, ChatRequest, start
@@ -155,11 +156,7 @@ def test_a_million_line_prompt_file_starts_at_once_and_holds_flat_memory(tmp_pat
                 time.sleep(0.2)
         finally:
             proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:  # a run that ignored it would go on through its million rows
-                os.killpg(proc.pid, signal.SIGKILL)
-                raise
+            wait_or_kill(proc, 60)
     assert set(samples) == {200, 1000}, f"rows did not flow: {proc.stderr.read()[-2000:]}"
     assert samples[1000] - samples[200] < 30 * 1024, samples  # KiB: the 800 rows between hold no memory
 

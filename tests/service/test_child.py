@@ -8,12 +8,10 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 from canned_server import CannedServer
+from generate.test_pipeline import wait_for_rows
 from generate.test_streaming import api_pipeline, write_prompts
-
-from cai.generate.store import read_shards
 
 # the server's side of the exec: SIGINT ignored, as a background job of a shell script has it
 IGNORING_SIGINT = (
@@ -36,10 +34,7 @@ def test_a_job_stops_on_sigint_when_its_server_ignores_it(tmp_path):
             start_new_session=True,
         )
         try:
-            deadline = time.monotonic() + 120
-            while sum(1 for _ in read_shards(run_dir / "critique_revise")) < 8:
-                assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-2000:]
-                time.sleep(0.2)
+            wait_for_rows(run_dir, "critique_revise", 8, proc)
             proc.send_signal(signal.SIGINT)
             code = proc.wait(timeout=60)
         finally:
