@@ -143,12 +143,18 @@ def wait_for_rows(run_dir: Path, stage: str, at_least: int, proc: subprocess.Pop
     pytest.fail(f"no {at_least} {stage} rows within {timeout} s")
 
 
+# All 48 shipped prompts through four critique rounds: the rows after the fourth take about 5 s here, so the
+# signal lands mid-stage also when the suite's load delays the test's poll (16 rows of two rounds took 0.5 s,
+# and CI once saw all of them written before the kill).
+INTERRUPTED_ROWS = 48
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tiny_model, tmp_path_factory) -> tuple[Path, Path]:
     """The pipeline both interruption tests run, and its uninterrupted run's folder."""
     root = tmp_path_factory.mktemp("uninterrupted")
-    pipeline, reference = tiny_pipeline(root, tiny_model), root / "reference"
-    proc = run_cli(pipeline, reference, 16)
+    pipeline, reference = tiny_pipeline(root, tiny_model, rounds=4), root / "reference"
+    proc = run_cli(pipeline, reference, INTERRUPTED_ROWS)
     assert proc.wait(timeout=600) == 0, proc.stderr.read()[-2000:]
     return pipeline, reference
 
@@ -157,7 +163,7 @@ def uninterrupted(tiny_model, tmp_path_factory) -> tuple[Path, Path]:
 def test_resume_after_interruption_matches_an_uninterrupted_run(uninterrupted, tmp_path, sig):
     pipeline, reference = uninterrupted
     interrupted = tmp_path / "interrupted"
-    proc = run_cli(pipeline, interrupted, 16)
+    proc = run_cli(pipeline, interrupted, INTERRUPTED_ROWS)
     wait_for_rows(interrupted, "critique_revise", 4, proc)  # mid-stage: one batch of four written
     os.killpg(proc.pid, sig) if sig == signal.SIGKILL else proc.send_signal(sig)
     code = wait_or_kill(proc, 120)
@@ -166,12 +172,12 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(uninterrupted, t
     else:
         assert code == 130 and "rerun the same command to resume" in proc.stderr.read()
     partial = sum(1 for _ in read_shards(interrupted / "critique_revise"))
-    assert 4 <= partial < 16
+    assert 4 <= partial < INTERRUPTED_ROWS
 
-    proc = run_cli(pipeline, interrupted, 16)
+    proc = run_cli(pipeline, interrupted, INTERRUPTED_ROWS)
     assert proc.wait(timeout=600) == 0, proc.stderr.read()[-2000:]
     ids = [r["id"] for r in read_shards(interrupted / "critique_revise")]
-    assert len(ids) == 16 and not [i for i, n in Counter(ids).items() if n > 1]
+    assert len(ids) == INTERRUPTED_ROWS and not [i for i, n in Counter(ids).items() if n > 1]
     for name in ("rows.jsonl", "sft.jsonl"):
         assert (interrupted / "datasets" / name).read_text() == (reference / "datasets" / name).read_text()
 
