@@ -47,9 +47,7 @@ def test_prepare_converts_once(cai_home):
     assert config["model_type"] == "llama" and "quantization_config" not in config
     assert (path / "model.safetensors").stat().st_size > 400e6  # fp32 weights, not the 4-bit file
     stamp = (path / "model.safetensors").stat().st_mtime
-    started = time.monotonic()
-    assert prepare("smollm2") == path
-    assert time.monotonic() - started < 5 and (path / "model.safetensors").stat().st_mtime == stamp
+    assert prepare("smollm2") == path and (path / "model.safetensors").stat().st_mtime == stamp
 
 
 def test_checkpoint_loads_with_transformers(cai_home):
