@@ -17,7 +17,7 @@ from cai.core.disk import write_atomic
 from cai.core.errors import InputError
 from cai.judge import agreement
 from cai.service import label_data
-from cai.service.labeling import CHOICES, Answered, LabelStore, NewTask, NotYours, may_label
+from cai.service.labeling import CHOICES, HOLD_S, Answered, LabelStore, NewTask, NotYours, may_label
 from cai.service.tokens import LABEL, Principal
 from cai.service.workspace import Workspace
 
@@ -33,6 +33,12 @@ class TaskRequest(BaseModel):
     seed: int = 0
     limit: int | None = Field(default=None, ge=1, description="only the first N pairs of the source")
     labelers: list[str] = Field(default_factory=list, description="who may label it (empty: every labeler)")
+    hold_minutes: float = Field(
+        default=HOLD_S / 60,
+        gt=0,
+        le=7 * 24 * 60,
+        description="how long a pair shown but not answered stays the labeler's",
+    )
 
 
 class AnswerRequest(BaseModel):
@@ -70,7 +76,15 @@ def router(ws: Workspace, store: LabelStore) -> APIRouter:
     def create_task(body: TaskRequest) -> dict[str, Any]:
         source = ws.resolve(body.source, "source")
         items, left_out = label_data.load_items(source, body.source, body.limit, eval_prompts)
-        task = NewTask(body.name, body.question, ws.relative(source), body.overlap, body.seed, body.labelers)
+        task = NewTask(
+            body.name,
+            body.question,
+            ws.relative(source),
+            body.overlap,
+            body.seed,
+            body.labelers,
+            body.hold_minutes * 60,
+        )
         return store.create(task, items, left_out)
 
     @api.get("/api/tasks", summary="Labeling tasks with their progress (a labeler: the ones it may label)")
@@ -94,7 +108,9 @@ def router(ws: Workspace, store: LabelStore) -> APIRouter:
         try:
             return store.answer(assignment_id, principal(request).name, body.choice, body.note)
         except KeyError:
-            raise HTTPException(404, f"no assignment {assignment_id}") from None
+            raise HTTPException(
+                404, f"no assignment {assignment_id} (one left unanswered past its task's hold goes to others)"
+            ) from None
         except NotYours as exc:
             raise HTTPException(403, str(exc)) from None
         except Answered as exc:

@@ -4,7 +4,9 @@ assignments and answers, with the order the pair was shown in, when, and the sec
 Assignment is one write transaction (BEGIN IMMEDIATE: the database's write lock, taken before the
 pair is chosen), so however many labelers ask at once, a pair never has more live assignments than the
 task's overlap, and (a unique index) never two of one labeler. A skipped pair frees its place for
-someone else; an assignment not answered yet holds it (the labeler gets it back on reload)."""
+someone else; an assignment not answered yet holds it (the labeler gets it back on reload) for the
+task's `hold_s`, then goes back to the pool: a labeler who leaves mid-task does not keep pairs from the
+others for good."""
 
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from typing import Any
 from cai.service import database
 
 SKIP = "skip"
+HOLD_S = 3600.0  # an hour: a pair left open longer than that goes to someone else
 CHOICES = ("left", "right", "tie", SKIP)  # what a labeler presses, in the order shown
 
 _SCHEMA = """
@@ -31,7 +34,8 @@ CREATE TABLE IF NOT EXISTS label_tasks (
     seed INTEGER NOT NULL,           -- the order pairs come in, and each one's left/right order
     labelers TEXT NOT NULL,          -- JSON list of labeler names; empty: every labeler
     left_out TEXT NOT NULL,          -- JSON: source pairs not made items, by reason
-    created REAL NOT NULL
+    created REAL NOT NULL,
+    hold_s REAL NOT NULL             -- seconds an unanswered assignment keeps its pair
 );
 CREATE TABLE IF NOT EXISTS label_items (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -69,6 +73,7 @@ class NewTask:
     overlap: int
     seed: int
     labelers: list[str]
+    hold_s: float = HOLD_S
 
 
 class NotYours(Exception):
@@ -83,6 +88,9 @@ class LabelStore:
     def __init__(self, path: Path):
         self.path = path
         database.create(path, _SCHEMA)
+        with self._db() as db:  # a file from before holds could lapse: its tasks get the default hold
+            if "hold_s" not in {row["name"] for row in db.execute("PRAGMA table_info(label_tasks)")}:
+                db.execute(f"ALTER TABLE label_tasks ADD COLUMN hold_s REAL NOT NULL DEFAULT {HOLD_S}")
 
     def _db(self):
         return database.connect(self.path)
@@ -95,7 +103,8 @@ class LabelStore:
         with self._db() as db:
             db.execute("BEGIN IMMEDIATE")
             cur = db.execute(
-                "INSERT INTO label_tasks (name, question, source, overlap, seed, labelers, left_out, created) VALUES (?,?,?,?,?,?,?,?)",
+                "INSERT INTO label_tasks (name, question, source, overlap, seed, labelers, left_out, created, hold_s) "
+                "VALUES (?,?,?,?,?,?,?,?,?)",
                 (
                     task.name,
                     task.question,
@@ -105,6 +114,7 @@ class LabelStore:
                     json.dumps(task.labelers),
                     json.dumps(left_out),
                     time.time(),
+                    task.hold_s,
                 ),
             )
             task_id = cur.lastrowid
@@ -164,10 +174,14 @@ class LabelStore:
     def next(self, task: dict[str, Any], labeler: str) -> dict[str, Any] | None:
         """The labeler's open assignment in the task, else a new one on the first pair (in the task's
         order) that it has not seen and that has fewer live assignments than the overlap; None when
-        no pair is left for it."""
+        no pair is left for it. Assignments left open past the task's hold are dropped first."""
         with self._db() as db:
             db.execute("BEGIN IMMEDIATE")
             try:
+                db.execute(
+                    "DELETE FROM label_assignments WHERE task_id = ? AND label IS NULL AND shown < ?",
+                    (task["id"], time.time() - task["hold_s"]),
+                )
                 open_one = db.execute(
                     "SELECT id FROM label_assignments WHERE task_id = ? AND labeler = ? AND label IS NULL",
                     (task["id"], labeler),

@@ -9,6 +9,8 @@ from collections import Counter
 import pytest
 from pipeline_files import ROOT
 
+from cai.service import database
+from cai.service.workspace import STATE_DIR
 from service.labeling_files import LABELERS, label_run_pairs
 from service.serving import LIMIT, READ_TOKEN, TOKEN
 
@@ -283,6 +285,29 @@ def test_labelers_label_with_the_keyboard_and_hostile_text_stays_text(label_serv
     browser.get(f"{label_server.url}/#/tasks/{run['id']}")
     assert figure("percent") == "50.0%"
     assert not browser.find_elements(By.ID, "export-form")
+
+
+def test_a_label_sent_after_the_hold_ran_out_moves_the_page_on(label_server, browser):
+    """The pair on a labeler's page went to someone else when its hold ran out: the key press is refused
+    with the reason, and the page shows the next pair instead of staying on the lost one."""
+    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    body = {"name": "lapsed", "source": "pairs.jsonl", "limit": 2, "labelers": ["alice", "bob"]}
+    task = label_server.client().post("/api/tasks", json=body).json()
+    wait = WebDriverWait(browser, 60, poll_frequency=0.1, ignored_exceptions=(StaleElementReferenceException,))
+    browser.get(f"{label_server.url}/?token={LABELERS['alice']}")
+    browser.get(f"{label_server.url}/#/tasks/{task['id']}/label")
+    shown = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".answers[data-assignment]"))
+    lost = shown[0].get_attribute("data-assignment")
+    with database.connect(label_server.workspace / STATE_DIR / "jobs.sqlite") as db:  # 61 minutes later
+        db.execute("UPDATE label_assignments SET shown = shown - 61 * 60 WHERE id = ?", (int(lost),))
+    assert label_server.client(LABELERS["bob"]).post(f"/api/tasks/{task['id']}/next").status_code == 200
+    browser.find_element(By.TAG_NAME, "body").send_keys("1")
+    wait.until(lambda d: d.find_element(By.CSS_SELECTOR, ".answers").get_attribute("data-assignment") != lost)
+    assert "past its task's hold" in browser.find_element(By.ID, "label-error").text
+    assert label_server.client().get(f"/api/tasks/{task['id']}/labels").json() == []
 
 
 def keep_screenshot(browser, path) -> None:

@@ -14,6 +14,9 @@ from pipeline_files import ROOT
 
 from cai.cli import main
 from cai.generate.importers import load_pairs
+from cai.service import database
+from cai.service.labeling import HOLD_S, LabelStore
+from cai.service.workspace import STATE_DIR
 from service.fake_api import MODEL, FakeAPI
 from service.labeling_files import LABELERS, RUN_LABELS, label_run_pairs
 from service.serving import READ_TOKEN
@@ -109,6 +112,50 @@ def test_concurrent_labelers_never_exceed_the_overlap(label_server):
     assert all(label["seconds"] >= 0 and label["answered"] for label in labels)
     listed = next(t for t in label_server.client().get("/api/tasks").json() if t["id"] == task["id"])
     assert listed["labels_done"] == listed["labels_target"] == 24
+
+
+def test_a_pair_left_open_past_the_hold_goes_to_the_next_labeler(label_server):
+    task = create(label_server, name="held", source="pairs.jsonl", limit=2, hold_minutes=30)
+    assert task["hold_s"] == 30 * 60
+    alice, bob, carol = (label_server.client(LABELERS[name]) for name in ("alice", "bob", "carol"))
+    left_open = alice.post(f"/api/tasks/{task['id']}/next").json()  # alice looks at the first pair and leaves
+    held = bob.post(f"/api/tasks/{task['id']}/next").json()
+    assert held["assignment"] != left_open["assignment"] and held["left"] not in (left_open["left"], left_open["right"])
+    assert bob.post(f"/api/assignments/{held['assignment']}", json={"choice": "left"}).status_code == 200
+    assert carol.post(f"/api/tasks/{task['id']}/next").status_code == 204  # alice's pair is still hers
+    assert alice.post(f"/api/tasks/{task['id']}/next").json() == left_open  # and comes back on her reload
+
+    with database.connect(label_server.workspace / STATE_DIR / "jobs.sqlite") as db:  # 31 minutes later
+        db.execute("UPDATE label_assignments SET shown = shown - 31 * 60 WHERE id = ?", (left_open["assignment"],))
+    taken = carol.post(f"/api/tasks/{task['id']}/next")
+    assert taken.status_code == 200, "the lapsed pair was not handed on"
+    taken = taken.json()
+    assert (taken["prompt"], {taken["left"], taken["right"]}) == (
+        left_open["prompt"],
+        {left_open["left"], left_open["right"]},
+    )
+    late = alice.post(f"/api/assignments/{left_open['assignment']}", json={"choice": "left"})
+    assert late.status_code == 404 and "past its task's hold" in late.json()["detail"]
+    assert alice.post(f"/api/tasks/{task['id']}/next").status_code == 204  # carol holds it now: the overlap is 1
+    assert carol.post(f"/api/assignments/{taken['assignment']}", json={"choice": "tie"}).status_code == 200
+    listed = next(t for t in label_server.client().get("/api/tasks").json() if t["id"] == task["id"])
+    assert listed["labels_done"] == listed["labels_target"] == 2
+    bad = label_server.client().post("/api/tasks", json={"name": "x", "source": "pairs.jsonl", "hold_minutes": 0})
+    assert bad.status_code == 422
+
+
+def test_a_server_file_from_before_holds_gets_the_default_hold(tmp_path):
+    path = tmp_path / "jobs.sqlite"
+    with database.connect(path) as db:
+        db.execute(
+            "CREATE TABLE label_tasks (id INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT NOT NULL, question TEXT NOT NULL, "
+            "source TEXT NOT NULL, overlap INTEGER NOT NULL, seed INTEGER NOT NULL, labelers TEXT NOT NULL, "
+            "left_out TEXT NOT NULL, created REAL NOT NULL)"
+        )
+        db.execute("INSERT INTO label_tasks VALUES (1, 'old', 'q?', 'pairs.jsonl', 1, 0, '[]', '{}', 0)")
+    store = LabelStore(path)
+    assert store.task(1)["hold_s"] == HOLD_S == 3600
+    assert LabelStore(path).task(1)["name"] == "old"  # opening it again changes nothing
 
 
 @pytest.fixture(scope="module")

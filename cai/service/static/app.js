@@ -384,7 +384,10 @@ async function labelPage(view, id) {
       note.value = "";
       if (choice !== "skip") done.textContent = String(Number(done.textContent) + 1);
       await load();
-    } catch (e) { message.textContent = e.message; }
+    } catch (e) {
+      message.textContent = e.message;
+      await load().catch(() => {});  // a pair held past the task's hold went to others: show the next one
+    }
     finally { busy = false; }
   }
   function onKey(event) {
