@@ -188,7 +188,7 @@ def test_labelers_label_with_the_keyboard_and_hostile_text_stays_text(label_serv
     browser.get(f"{label_server.url}/?token={TOKEN}")
     browser.get(f"{label_server.url}/#/tasks")
     wait.until(lambda d: d.find_elements(By.ID, "task-form"))
-    for field, value in (("name", "keyboard"), ("source", "pairs.jsonl"), ("labelers", "alice, bob")):
+    for field, value in (("name", "keyboard"), ("source", "pairs.jsonl"), ("labelers", "alice, bob"), ("hold", "90")):
         browser.find_element(By.ID, f"task-{field}").send_keys(value)
     overlap = browser.find_element(By.ID, "task-overlap")
     overlap.clear()
@@ -197,6 +197,7 @@ def test_labelers_label_with_the_keyboard_and_hostile_text_stays_text(label_serv
     browser.find_element(By.ID, "task-create").click()
     wait.until(lambda d: {t["id"] for t in label_server.client().get("/api/tasks").json()} - before)
     (task_id,) = {t["id"] for t in label_server.client().get("/api/tasks").json()} - before
+    assert label_server.client().get(f"/api/tasks/{task_id}").json()["hold_s"] == 90 * 60
 
     browser.delete_all_cookies()
     labelers = {"alice": browser, "bob": second_browser}

@@ -318,6 +318,7 @@ async function tasksPage(view) {
       seed: el("input", { id: "task-seed", type: "number", value: "0" }),
       limit: el("input", { id: "task-limit", type: "number", min: "1", placeholder: "all pairs" }),
       labelers: el("input", { id: "task-labelers", placeholder: "names, comma-separated (empty: every labeler)" }),
+      hold_minutes: el("input", { id: "task-hold", type: "number", min: "1", placeholder: "60: then a pair left open goes to someone else" }),
     };
     const form = el("form", { id: "task-form", onsubmit: async (event) => {
       event.preventDefault();
@@ -326,6 +327,7 @@ async function tasksPage(view) {
         labelers: fields.labelers.value.split(",").map((s) => s.trim()).filter(Boolean) };
       if (fields.question.value) body.question = fields.question.value;
       if (fields.limit.value) body.limit = Number(fields.limit.value);
+      if (fields.hold_minutes.value) body.hold_minutes = Number(fields.hold_minutes.value);
       try { await api("/api/tasks", { method: "POST", body: JSON.stringify(body) }); await refresh(); }
       catch (e) { message.textContent = e.message; }
     } }, ...Object.entries(fields).flatMap(([name, input]) => [el("label", { for: input.id }, name), input]),
