@@ -10,6 +10,9 @@ from pathlib import Path
 import yaml
 from pipeline_files import ROOT
 
+from cai.service import database
+from cai.service.workspace import STATE_DIR
+
 LABELERS = {name: f"label-{name}-0123456789abcdef" for name in ("alice", "bob", "carol", "dave")}
 LABEL_TOKENS = ",".join(f"{name}={token}" for name, token in LABELERS.items())
 
@@ -157,3 +160,9 @@ def label_run_pairs(server, task_id: int, labeler: str) -> list[dict]:
         )
         assert answered.status_code == 200, answered.text
         out.append(answered.json())
+
+
+def age_assignment(server, assignment_id: int, minutes: float) -> None:
+    """Move an assignment's showing `minutes` into the past, as if the labeler had left it open that long."""
+    with database.connect(server.workspace / STATE_DIR / "jobs.sqlite") as db:
+        db.execute("UPDATE label_assignments SET shown = shown - ? WHERE id = ?", (minutes * 60, assignment_id))

@@ -9,9 +9,7 @@ from collections import Counter
 import pytest
 from pipeline_files import ROOT
 
-from cai.service import database
-from cai.service.workspace import STATE_DIR
-from service.labeling_files import LABELERS, label_run_pairs
+from service.labeling_files import LABELERS, age_assignment, label_run_pairs
 from service.serving import LIMIT, READ_TOKEN, TOKEN
 
 ARTIFACTS = ROOT / "tests" / "artifacts"  # ignored by git; CI keeps it
@@ -302,8 +300,7 @@ def test_a_label_sent_after_the_hold_ran_out_moves_the_page_on(label_server, bro
     browser.get(f"{label_server.url}/#/tasks/{task['id']}/label")
     shown = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".answers[data-assignment]"))
     lost = shown[0].get_attribute("data-assignment")
-    with database.connect(label_server.workspace / STATE_DIR / "jobs.sqlite") as db:  # 61 minutes later
-        db.execute("UPDATE label_assignments SET shown = shown - 61 * 60 WHERE id = ?", (int(lost),))
+    age_assignment(label_server, int(lost), 61)
     assert label_server.client(LABELERS["bob"]).post(f"/api/tasks/{task['id']}/next").status_code == 200
     browser.find_element(By.TAG_NAME, "body").send_keys("1")
     wait.until(lambda d: d.find_element(By.CSS_SELECTOR, ".answers").get_attribute("data-assignment") != lost)

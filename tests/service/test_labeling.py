@@ -16,9 +16,8 @@ from cai.cli import main
 from cai.generate.importers import load_pairs
 from cai.service import database
 from cai.service.labeling import HOLD_S, LabelStore
-from cai.service.workspace import STATE_DIR
 from service.fake_api import MODEL, FakeAPI
-from service.labeling_files import LABELERS, RUN_LABELS, label_run_pairs
+from service.labeling_files import LABELERS, RUN_LABELS, age_assignment, label_run_pairs
 from service.serving import READ_TOKEN
 
 
@@ -125,8 +124,7 @@ def test_a_pair_left_open_past_the_hold_goes_to_the_next_labeler(label_server):
     assert carol.post(f"/api/tasks/{task['id']}/next").status_code == 204  # alice's pair is still hers
     assert alice.post(f"/api/tasks/{task['id']}/next").json() == left_open  # and comes back on her reload
 
-    with database.connect(label_server.workspace / STATE_DIR / "jobs.sqlite") as db:  # 31 minutes later
-        db.execute("UPDATE label_assignments SET shown = shown - 31 * 60 WHERE id = ?", (left_open["assignment"],))
+    age_assignment(label_server, left_open["assignment"], 31)
     taken = carol.post(f"/api/tasks/{task['id']}/next")
     assert taken.status_code == 200, "the lapsed pair was not handed on"
     taken = taken.json()
